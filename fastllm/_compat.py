@@ -1,0 +1,117 @@
+"""Every version gate and feature probe lives here (torch, triton, transformers, peft, bitsandbytes).
+
+Nothing here imports triton at module import: ``triton_available()`` does it lazily, so that
+``TRITON_INTERPRET`` set by a test or a user before the first call is honoured.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True if triton imports (it may still lack a GPU: see ``triton_usable``)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken triton install must not break the torch fallbacks
+        return False
+    return True
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_usable(device: torch.device | str | None = None) -> bool:
+    """Can a Triton kernel run for tensors on ``device``?
+
+    CUDA devices need triton; CPU tensors only run through the interpreter.
+    """
+    if not triton_available():
+        return False
+    dev = torch.device(device) if device is not None else None
+    if triton_interpret():
+        return True
+    if dev is None:
+        return torch.cuda.is_available()
+    return dev.type == "cuda"
+
+
+def require_triton(device: torch.device | str) -> None:
+    """Raise a clear error when ``backend="triton"`` is asked for where it cannot run."""
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the `triton` package: pip install triton, "
+                           "or use backend='auto' / 'torch'.")
+    if not triton_usable(device):
+        raise RuntimeError(f"backend='triton' needs a CUDA tensor (got device {device}); on the CPU use "
+                           "backend='auto' or 'torch', or set TRITON_INTERPRET=1 before importing triton "
+                           "to run the kernel through the Triton interpreter (slow, for tests).")
+
+
+def pick_backend(backend: str, device: torch.device | str) -> str:
+    """Resolve ``"auto" | "triton" | "torch"`` for tensors on ``device``.
+
+    "auto" takes Triton on CUDA and the torch fallback elsewhere (never the interpreter: it is
+    for tests, thousands of times slower).
+    """
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if backend == "triton":
+        require_triton(device)
+        return "triton"
+    dev = torch.device(device)
+    return "triton" if dev.type == "cuda" and triton_available() else "torch"
+
+
+def bf16_supported(device: torch.device | str | None = None) -> bool:
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def bnb():
+    """The bitsandbytes module, or None when it is not installed."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None
+    import bitsandbytes
+
+    return bitsandbytes
+
+
+def is_linear4bit(module) -> bool:
+    b = bnb()
+    return b is not None and isinstance(module, b.nn.Linear4bit)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the stack, stamped on benchmark rows and reports."""
+    out = {"torch": torch.__version__}
+    for name in ("triton", "transformers", "peft", "bitsandbytes", "trl"):
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            out[name] = "missing"
+            continue
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name)
+        except Exception:
+            out[name] = "unknown"
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    return out

@@ -1,0 +1,1 @@
+"""Benchmarks (`fastllm bench ...`): GPU timings as ratios against eager and peers in one run."""

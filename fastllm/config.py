@@ -1,0 +1,73 @@
+"""Patch options: one frozen dataclass, validated at construction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+_LOSS_NAMES = ("cross_entropy", "focal")
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True, init=False)
+class PatchConfig:
+    """Which fastllm patches to apply to a Llama model.
+
+    ``None`` means "auto": on where it pays on this machine (CUDA), off elsewhere.
+
+    - ``rms_norm``: fused RMSNorm (Triton on CUDA, torch elsewhere).
+    - ``mlp``: SwiGLU MLP with a fused ``silu(gate) * up`` (projections stay module calls).
+    - ``nf4_linear``: bitsandbytes ``Linear4bit`` forward through fastllm's NF4 dequant + matmul.
+    - ``loss``: chunked lm_head + loss that never materialises the logits in training.
+      ``True`` / ``"cross_entropy"``, ``"focal"``, or a callable ``(logits_fp32 [n, V], labels [n]) -> [n]``.
+    - ``compile``: ``torch.compile`` the decoder layer's regions.
+    - ``compile_mode``: passed to ``torch.compile`` (e.g. ``"max-autotune"``).
+    - ``gradient_checkpointing``: ``None`` keeps the model's own setting (made non-reentrant when on),
+      ``True`` turns it on, ``"offload"`` also keeps the checkpointed activations in pinned CPU memory
+      (GPU only; a logged no-op on the CPU), ``False`` leaves checkpointing alone.
+    - ``max_seq_length``: when set, inputs longer than this raise a clear error.
+    """
+
+    rms_norm: bool = True
+    mlp: bool = True
+    nf4_linear: bool | None = None
+    loss: bool | str | Callable | None = None
+    compile: bool | None = None
+    compile_mode: str = "default"
+    gradient_checkpointing: bool | str | None = None
+    max_seq_length: int | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        names = [f.name for f in fields(self)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise TypeError(f"PatchConfig got unknown option(s) {unknown}; valid options are: {', '.join(names)}")
+        for f in fields(self):
+            object.__setattr__(self, f.name, kwargs.get(f.name, f.default))
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("rms_norm", "mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"PatchConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("nf4_linear", "compile"):
+            if getattr(self, name) not in (None, True, False):
+                raise TypeError(f"PatchConfig.{name} must be None (auto), True or False, got {getattr(self, name)!r}")
+        if not (self.loss in (None, True, False) or self.loss in _LOSS_NAMES or callable(self.loss)):
+            raise ValueError(f"PatchConfig.loss must be None, a bool, one of {_LOSS_NAMES} or a callable, "
+                             f"got {self.loss!r}")
+        if self.compile_mode not in _COMPILE_MODES:
+            raise ValueError(f"PatchConfig.compile_mode must be one of {_COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.gradient_checkpointing not in (None, True, False, "offload"):
+            raise ValueError("PatchConfig.gradient_checkpointing must be None, True, False or 'offload', "
+                             f"got {self.gradient_checkpointing!r}")
+        if self.max_seq_length is not None and (not isinstance(self.max_seq_length, int) or self.max_seq_length < 1):
+            raise ValueError(f"PatchConfig.max_seq_length must be a positive int, got {self.max_seq_length!r}")
+
+    def replace(self, **changes: Any) -> PatchConfig:
+        """A copy with ``changes`` applied (validated like the constructor)."""
+        return PatchConfig(**{**self.asdict(), **changes})
+
+    def asdict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

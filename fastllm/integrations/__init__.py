@@ -1,0 +1,1 @@
+"""Glue with PEFT, gradient checkpointing, FSDP2 and trainers."""

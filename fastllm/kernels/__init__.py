@@ -1,0 +1,1 @@
+"""Layer 1: Triton kernels and their host launchers (torch/triton imports only)."""
