@@ -1,0 +1,117 @@
+"""bitsandbytes NF4 dequantization in one Triton kernel (double quant included).
+
+bitsandbytes stores a weight ``W`` of ``n = numel`` elements as ``ceil(n / 2)`` packed bytes; byte
+``b`` holds element ``2b`` in its high nibble and ``2b + 1`` in its low nibble. Element ``e`` belongs
+to quantization block ``k = e // blocksize`` and decodes as::
+
+    W[e] = code[nibble(e)] * absmax[k]                         (fp32 product, rounded once to out dtype)
+
+With double quant (``quant_state.nested``) the per-block ``absmax`` is itself 8-bit quantized in
+blocks of ``blocksize2`` (256) with the 256-entry table ``state2.code``::
+
+    absmax[k] = state2.code[qabsmax[k]] * state2.absmax[k // blocksize2] + offset
+
+Both products and the ``+ offset`` are done in fp32 in exactly bitsandbytes' order (its CUDA path
+runs them as separate kernels, so nothing is fused: the kernel is compiled with fp fusion off, or
+``a * b + c`` would become one FMA and differ in the last bit). The result is then bit-identical to
+``bitsandbytes.functional.dequantize_4bit``.
+
+One launch reads the packed bytes, the 8-bit absmax and the second-level state and writes the output;
+no absmax buffer is materialised. Each program owns ``TILE`` consecutive packed bytes laid out as a
+(ROWS, COLS) tile with ``COLS = min(blocksize / 2, TILE)``, so a tile row never straddles two blocks
+and the absmax chain is computed once per row (not per element) and broadcast.
+
+Reference: Dettmers et al. 2023, "QLoRA" (NF4, double quantization); bitsandbytes ``kDequantizeBlockwise``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _nf4_dequant_fwd_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, n_elements, n_bytes,
+                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                            ROWS: tl.constexpr, COLS: tl.constexpr):
+    """out[2b + j] = code[nib_j(packed[b])] * absmax[(2b) // BLOCKSIZE], j = 0 (high), 1 (low)."""
+    pid = tl.program_id(0).to(tl.int64)
+    row_start = pid * (ROWS * COLS) + tl.arange(0, ROWS) * COLS  # (ROWS,) first byte of each tile row
+    byte = row_start[:, None] + tl.arange(0, COLS)[None, :]  # (ROWS, COLS)
+    q = tl.load(PACKED + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+
+    blk = row_start // (BLOCKSIZE // 2)  # (ROWS,) quantization block of each tile row
+    row_ok = row_start < n_bytes
+    if NESTED:
+        qa = tl.load(ABSMAX + blk, mask=row_ok, other=0).to(tl.int32)
+        a2 = tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=row_ok, other=0.0)
+        # Product and sum as two rounded fp32 ops (fp fusion is off at launch), like bitsandbytes.
+        scale = tl.load(CODE2 + qa) * a2 + tl.load(OFFSET)
+    else:
+        scale = tl.load(ABSMAX + blk, mask=row_ok, other=0.0)
+    scale = scale[:, None]  # (ROWS, 1)
+
+    # The 16-entry NF4 table is 64 bytes: the gathers hit L1 and stay one wavefront per warp.
+    hi = tl.load(CODE + (q >> 4)) * scale
+    lo = tl.load(CODE + (q & 15)) * scale
+    vals = tl.reshape(tl.join(hi, lo), (ROWS, 2 * COLS))  # (ROWS, 2*COLS): byte b -> 2b, 2b+1
+    elem = 2 * row_start[:, None] + tl.arange(0, 2 * COLS)[None, :]
+    # Compute stays fp32 and is cast once on store (the interpreter mishandles bf16 arithmetic).
+    tl.store(OUT + elem, vals.to(OUT.dtype.element_ty), mask=elem < n_elements)
+
+
+# Bytes per program and warps, tuned on an H100 (see fastllm/bench/dequant.py): large tiles amortise
+# the per-row absmax chain and keep bytes in flight; small weights get smaller tiles so that there are
+# still a few programs per SM (132 SMs on an H100).
+_TILE_BYTES = 4096
+_NUM_WARPS = 8
+_MIN_PROGRAMS = 528
+
+
+def launch_config(n_bytes: int, blocksize: int, tile_bytes: int | None = None,
+                  num_warps: int | None = None) -> tuple[int, int, int, int]:
+    """The one place that maps a problem to (ROWS, COLS, num_warps, grid)."""
+    tile = tile_bytes or _TILE_BYTES
+    if tile_bytes is None:
+        while tile > 512 and triton.cdiv(n_bytes, tile) < _MIN_PROGRAMS:
+            tile //= 2
+    cols = min(blocksize // 2, tile)
+    rows = tile // cols
+    warps = num_warps or max(1, min(_NUM_WARPS, tile // 512))
+    return rows, cols, warps, triton.cdiv(n_bytes, tile)
+
+
+def nf4_dequant_fwd(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                    out: torch.Tensor, code2: torch.Tensor | None = None, absmax2: torch.Tensor | None = None,
+                    offset: torch.Tensor | None = None, blocksize2: int = 256, *,
+                    tile_bytes: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """Dequantize into ``out`` (any shape, contiguous, bf16/fp16/fp32) and return it.
+
+    packed: ``ceil(out.numel() / 2)`` bytes (any storage dtype, viewed as uint8); absmax: fp32
+    (nblocks,) or, when ``code2`` is given (nested), uint8 (nblocks,) with fp32 ``code2`` (256,),
+    ``absmax2`` (ceil(nblocks / blocksize2),) and a one-element fp32 ``offset`` tensor (read on the
+    device: no host sync).
+    """
+    if not out.is_contiguous():
+        raise ValueError("nf4_dequant_fwd writes a contiguous output")
+    if blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two >= 2, got {blocksize}")
+    if packed.dtype != torch.uint8:
+        packed = packed.view(torch.uint8)  # bnb's quant_storage may be bf16/fp32 etc. (FSDP)
+    n = out.numel()
+    n_bytes = (n + 1) // 2
+    if packed.numel() < n_bytes:
+        raise ValueError(f"packed has {packed.numel()} bytes, {n_bytes} needed for {n} elements")
+    if n == 0:
+        return out
+    nested = code2 is not None
+    if nested and (absmax2 is None or offset is None):
+        raise ValueError("nested NF4 needs code2, absmax2 and offset")
+    rows, cols, warps, grid = launch_config(n_bytes, blocksize, tile_bytes, num_warps)
+    _nf4_dequant_fwd_kernel[(grid,)](
+        packed, absmax, code, code2 if nested else code, absmax2 if nested else absmax,
+        offset if nested else absmax, out, n, n_bytes,
+        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested,
+        ROWS=rows, COLS=cols, num_warps=warps, enable_fp_fusion=False)
+    return out

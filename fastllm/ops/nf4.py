@@ -1,0 +1,250 @@
+"""NF4 dequantization and the frozen NF4 linear (QLoRA base layer), with torch fallbacks.
+
+``dequantize_nf4(packed, quant_state)`` returns ``W`` of ``quant_state.shape`` (N, K) equal to
+``bitsandbytes.functional.dequantize_4bit``; see ``fastllm.kernels.nf4`` for the maths.
+
+``nf4_linear(x, weight)`` with ``W = dequant(weight)`` of shape (N, K)::
+
+    forward   y  = x @ W.T + b                       x: (..., K) -> y: (..., N)
+    backward  dx = dy @ W      (W dequantized again)  db = sum over rows of dy
+
+Only the **packed** 4-bit weight is saved for backward; the base weight is frozen, so there is no
+weight gradient. The dense ``W`` lives in one reusable workspace per (device, dtype), grown to the
+largest weight seen, so no dense copy outlives the op and no per-call allocation happens. Work is
+stream-ordered: one op finishes reading the workspace before the next dequant overwrites it on the
+same stream (do not share these ops across concurrent streams).
+
+Under ``torch.compile`` the same maths runs through the custom ops ``fastllm::nf4_dequantize`` and
+``fastllm::nf4_linear`` (with fake implementations and a registered autograd formula), so dynamo
+traces through them without a graph break.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._compat import pick_backend
+
+__all__ = ["dequantize_nf4", "nf4_linear", "NF4LinearFunction"]
+
+
+# ---- quant-state plumbing --------------------------------------------------------------------
+
+def _state_args(quant_state) -> tuple:
+    """Flatten a bnb QuantState to the custom ops' arguments (tensors stay on their device).
+
+    Returns (absmax, code, code2, absmax2, offset, blocksize, blocksize2, shape).
+    """
+    qs = quant_state
+    if getattr(qs, "quant_type", "nf4") != "nf4":
+        raise ValueError(f"dequantize_nf4 handles NF4 only, got quant_type={qs.quant_type!r}")
+    if qs.nested:
+        offset = qs.offset
+        if not isinstance(offset, torch.Tensor):  # states rebuilt by hand may carry a float
+            offset = torch.tensor(float(offset), dtype=torch.float32, device=qs.absmax.device)
+        return (qs.absmax, qs.code, qs.state2.code, qs.state2.absmax, offset.reshape(1).float(),
+                int(qs.blocksize), int(qs.state2.blocksize), list(qs.shape))
+    return (qs.absmax, qs.code, None, None, None, int(qs.blocksize), 0, list(qs.shape))
+
+
+def _absmax_torch(absmax, code2, absmax2, offset, blocksize2) -> torch.Tensor:
+    """Per-block fp32 absmax (nblocks,), undoing double quant as two rounded fp32 ops like bnb."""
+    if code2 is None:
+        return absmax.float()
+    nb = absmax.numel()
+    a2 = absmax2.float().repeat_interleave(blocksize2)[:nb]  # (nblocks,)
+    return code2[absmax.long()] * a2 + offset  # mul then add, separately rounded: bit-equal to bnb
+
+
+def _dequant_torch(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, out) -> None:
+    """Pure-torch NF4 decode into ``out`` (the CPU fallback and the reference maths)."""
+    n = out.numel()
+    q = packed.reshape(-1).view(torch.uint8)[: (n + 1) // 2]
+    scale = _absmax_torch(absmax, code2, absmax2, offset, blocksize2)  # (nblocks,)
+    nb = scale.numel()
+    idx = torch.stack((q >> 4, q & 15), dim=-1).reshape(-1).long()  # high nibble first
+    idx = torch.nn.functional.pad(idx, (0, nb * blocksize - idx.numel()))
+    vals = code.float()[idx].view(nb, blocksize) * scale[:, None]  # (nblocks, blocksize) fp32
+    out.view(-1).copy_(vals.view(-1)[:n])
+
+
+def _dequant_into(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, out,
+                  backend: str = "auto") -> torch.Tensor:
+    if pick_backend(backend, packed.device) == "triton":
+        from ..kernels.nf4 import nf4_dequant_fwd
+
+        return nf4_dequant_fwd(packed, absmax, code, blocksize, out, code2, absmax2, offset,
+                               blocksize2 or 256)
+    _dequant_torch(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, out)
+    return out
+
+
+# ---- workspace -------------------------------------------------------------------------------
+
+_WORKSPACES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _workspace(device: torch.device, dtype: torch.dtype, shape) -> torch.Tensor:
+    """A (shape) view into the one dense-weight buffer of (device, dtype), grown on demand."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    key = (torch.device(device), dtype)
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        _WORKSPACES.pop(key, None)  # free the old buffer before taking a larger one
+        buf = torch.empty(numel, dtype=dtype, device=device)
+        _WORKSPACES[key] = buf
+    return buf[:numel].view(shape)
+
+
+def clear_workspaces() -> None:
+    """Release the cached dense-weight buffers (e.g. before measuring memory)."""
+    _WORKSPACES.clear()
+
+
+# ---- shared forward / backward maths ---------------------------------------------------------
+
+def _linear_fwd(x, packed, state: tuple, bias, backend: str) -> torch.Tensor:
+    absmax, code, code2, absmax2, offset, bs, bs2, shape = state
+    w = _dequant_into(packed, absmax, code, code2, absmax2, offset, bs, bs2,
+                      _workspace(x.device, x.dtype, shape), backend)  # (N, K) in x.dtype
+    # Computed in x's dtype, as bnb does after Linear4bit.forward cast x to compute_dtype.
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _linear_bwd_input(dy, packed, state: tuple, backend: str) -> torch.Tensor:
+    absmax, code, code2, absmax2, offset, bs, bs2, shape = state
+    w = _dequant_into(packed, absmax, code, code2, absmax2, offset, bs, bs2,
+                      _workspace(dy.device, dy.dtype, shape), backend)  # (N, K)
+    with torch.autocast(dy.device.type, enabled=False):
+        return dy @ w  # (..., N) @ (N, K) -> (..., K)
+
+
+def _bias_grad(dy, bias_dtype) -> torch.Tensor:
+    return dy.reshape(-1, dy.shape[-1]).sum(0).to(bias_dtype)  # (N,)
+
+
+# ---- eager autograd Function -----------------------------------------------------------------
+
+class NF4LinearFunction(torch.autograd.Function):
+    """y = x @ dequant(W).T + b; saves the packed weight (and quant-state object) only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, backend):
+        state = _state_args(weight.quant_state)
+        ctx.save_for_backward(weight)  # packed uint8 (or quant_storage) bytes, never a dense copy
+        ctx.quant_state, ctx.backend, ctx.x_dtype = weight.quant_state, backend, x.dtype
+        ctx.bias_needs_grad = bias is not None and bias.requires_grad
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _linear_fwd(x, weight, state, bias, backend)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (weight,) = ctx.saved_tensors
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _linear_bwd_input(dy, weight, _state_args(ctx.quant_state), ctx.backend).to(ctx.x_dtype)
+        if ctx.bias_needs_grad:
+            db = _bias_grad(dy, ctx.bias_dtype)
+        return dx, None, db, None
+
+
+# ---- custom ops (torch.compile) --------------------------------------------------------------
+
+@torch.library.custom_op("fastllm::nf4_dequantize", mutates_args=())
+def _nf4_dequantize_op(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                       code2: torch.Tensor | None, absmax2: torch.Tensor | None, offset: torch.Tensor | None,
+                       blocksize: int, blocksize2: int, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    return _dequant_into(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, out)
+
+
+@_nf4_dequantize_op.register_fake
+def _(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("fastllm::nf4_linear", mutates_args=())
+def _nf4_linear_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                   code2: torch.Tensor | None, absmax2: torch.Tensor | None, offset: torch.Tensor | None,
+                   bias: torch.Tensor | None, blocksize: int, blocksize2: int,
+                   shape: list[int]) -> torch.Tensor:
+    state = (absmax, code, code2, absmax2, offset, blocksize, blocksize2, shape)
+    return _linear_fwd(x, packed, state, bias, "auto")
+
+
+@_nf4_linear_op.register_fake
+def _(x, packed, absmax, code, code2, absmax2, offset, bias, blocksize, blocksize2, shape):
+    return x.new_empty((*x.shape[:-1], shape[0]))
+
+
+@torch.library.custom_op("fastllm::nf4_linear_backward", mutates_args=())
+def _nf4_linear_bwd_op(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                       code2: torch.Tensor | None, absmax2: torch.Tensor | None, offset: torch.Tensor | None,
+                       blocksize: int, blocksize2: int, shape: list[int]) -> torch.Tensor:
+    state = (absmax, code, code2, absmax2, offset, blocksize, blocksize2, shape)
+    return _linear_bwd_input(dy, packed, state, "auto")
+
+
+@_nf4_linear_bwd_op.register_fake
+def _(dy, packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, shape):
+    return dy.new_empty((*dy.shape[:-1], shape[1]))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, packed, absmax, code, code2, absmax2, offset, bias, bs, bs2, shape = inputs
+    ctx.save_for_backward(packed, absmax, code, code2, absmax2, offset)
+    ctx.meta = (bs, bs2, shape, x.dtype, None if bias is None else bias.dtype)
+
+
+def _linear_backward(ctx, dy):
+    packed, absmax, code, code2, absmax2, offset = ctx.saved_tensors
+    bs, bs2, shape, x_dtype, bias_dtype = ctx.meta
+    dx = db = None
+    if ctx.needs_input_grad[0]:
+        dx = _nf4_linear_bwd_op(dy, packed, absmax, code, code2, absmax2, offset, bs, bs2, shape).to(x_dtype)
+    if ctx.needs_input_grad[7]:
+        db = _bias_grad(dy, bias_dtype)
+    return dx, None, None, None, None, None, None, db, None, None, None
+
+
+_nf4_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+# ---- public functions ------------------------------------------------------------------------
+
+def dequantize_nf4(packed: torch.Tensor, quant_state, *, out: torch.Tensor | None = None,
+                   backend: str = "auto") -> torch.Tensor:
+    """Dense ``W`` (quant_state.shape, quant_state.dtype) from bnb NF4 ``packed`` bytes.
+
+    Equals ``bitsandbytes.functional.dequantize_4bit(packed, quant_state)``. ``out`` (contiguous,
+    that shape, any of bf16/fp16/fp32) is written in place and returned when given; its dtype then
+    picks the output precision. backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    """
+    absmax, code, code2, absmax2, offset, bs, bs2, shape = _state_args(quant_state)
+    if torch.compiler.is_compiling():
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        w = _nf4_dequantize_op(packed, absmax, code, code2, absmax2, offset, bs, bs2, shape,
+                               quant_state.dtype if out is None else out.dtype)
+        return w if out is None else out.copy_(w)
+    if out is None:
+        out = torch.empty(shape, dtype=quant_state.dtype, device=packed.device)
+    elif list(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    return _dequant_into(packed, absmax, code, code2, absmax2, offset, bs, bs2, out, backend)
+
+
+def nf4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *,
+               backend: str = "auto") -> torch.Tensor:
+    """``x @ dequant(weight).T + bias`` for a bnb ``Params4bit`` weight (quant_state.shape (N, K)).
+
+    x: (..., K) in the compute dtype; returns (..., N) in x.dtype. Differentiable in x and bias only.
+    """
+    qs = weight.quant_state
+    if torch.compiler.is_compiling():
+        absmax, code, code2, absmax2, offset, bs, bs2, shape = _state_args(qs)
+        return _nf4_linear_op(x, weight, absmax, code, code2, absmax2, offset, bias, bs, bs2, shape)
+    return NF4LinearFunction.apply(x, weight, bias, backend)
