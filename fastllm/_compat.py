@@ -16,7 +16,7 @@ SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True if triton imports (it may still lack a GPU: see ``triton_usable``)."""
     if importlib.util.find_spec("triton") is None:
@@ -83,7 +83,7 @@ def bf16_supported(device: torch.device | str | None = None) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bnb():
     """The bitsandbytes module, or None when it is not installed."""
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -115,3 +115,12 @@ def versions() -> dict[str, str]:
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
     return out
+
+
+def enable_hf_checkpointing(model) -> None:
+    """transformers' own non-reentrant gradient checkpointing switch, across 5.x renames."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

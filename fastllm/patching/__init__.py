@@ -1,1 +1,6 @@
 """Layer 4: the only code that mutates objects: patch specs, the registry, reports."""
+
+from .api import eager, find_base, is_patched, patch, patch_config, patch_report, unpatch
+from .report import PatchReport
+
+__all__ = ["PatchReport", "eager", "find_base", "is_patched", "patch", "patch_config", "patch_report", "unpatch"]

@@ -1,0 +1,13 @@
+"""fastllm: faster, lighter QLoRA / LoRA fine-tuning of Llama-family models, drop-in.
+
+Importing fastllm patches nothing and prints nothing: ``FastLlama.from_pretrained`` and ``patch`` do.
+"""
+
+from .config import PatchConfig
+from .loader import DEFAULT, FastLlama
+from .patching import PatchReport, eager, is_patched, patch, patch_report, unpatch
+
+__version__ = "0.1.0"
+
+__all__ = ["DEFAULT", "FastLlama", "PatchConfig", "PatchReport", "eager", "is_patched", "patch", "patch_report",
+           "unpatch", "__version__"]

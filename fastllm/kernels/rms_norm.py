@@ -1,0 +1,104 @@
+"""RMSNorm forward and backward Triton kernels (Llama / T5 flavour).
+
+Forward, per row ``x`` of width N (computed in fp32, as transformers does)::
+
+    rstd = 1 / sqrt(mean(x^2) + eps)
+    y    = w * cast(x * rstd, x.dtype)
+
+Backward, with ``xhat = x * rstd`` and ``g = dy * w``::
+
+    dx = rstd * (g - xhat * mean(g * xhat))
+    dw = sum_rows(dy * xhat)              (only when the weight needs a gradient)
+
+``rstd`` is saved per row (4 bytes a row) so backward re-reads ``x`` instead of a normalised copy.
+References: Zhang & Sennrich 2019 (RMSNorm); Liger-Kernel's rms_norm for the partial-dW layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
+    """One program per row: y = w * cast(x * rstd); rstd stored for backward."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    # Round the normalised row to the input dtype before the weight multiply, like transformers.
+    xhat = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (w * xhat).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, M, N,
+                         ROWS_PER_PROG: tl.constexpr, BLOCK: tl.constexpr, HAS_DW: tl.constexpr):
+    """Each program walks ROWS_PER_PROG rows: dx per row, and one partial dW row per program."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(ROWS_PER_PROG):
+        row = (pid * ROWS_PER_PROG + i).to(tl.int64)
+        if row < M:
+            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            xhat = x * rstd
+            g = dy * w
+            dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / N))
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_DW:
+                dw_acc += dy * xhat
+    if HAS_DW:
+        tl.store(DW_PART + pid * N + cols, dw_acc, mask=mask)
+
+
+def _launch_config(n: int) -> tuple[int, int]:
+    """The one place that maps a row width to (BLOCK, num_warps)."""
+    block = triton.next_power_of_2(n)
+    if block > 65536:
+        raise ValueError(f"rms_norm Triton kernel supports rows up to 65536 wide, got {n}")
+    num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
+    return block, num_warps
+
+
+def rms_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2d: (M, N) with unit last stride. Returns y (M, N) in result_type(x, w) and rstd (M,) fp32."""
+    m, n = x2d.shape
+    y = torch.empty((m, n), dtype=torch.result_type(x2d, weight), device=x2d.device)
+    rstd = torch.empty(m, dtype=torch.float32, device=x2d.device)
+    block, num_warps = _launch_config(n)
+    _rms_norm_fwd_kernel[(m,)](x2d, weight, y, rstd, x2d.stride(0), y.stride(0), n, eps,
+                               BLOCK=block, num_warps=num_warps)
+    return y, rstd
+
+
+def rms_norm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                 need_dw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns dx (M, N) in x's dtype and dw (N,) in w's dtype (or None)."""
+    m, n = x2d.shape
+    dy2d = dy2d.contiguous()
+    dx = torch.empty_like(x2d)
+    block, num_warps = _launch_config(n)
+    if x2d.is_cuda:
+        sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
+        programs = min(m, 4 * sms)
+    else:
+        programs = min(m, 8)
+    programs = max(programs, 1)
+    rows_per_prog = triton.cdiv(m, programs)
+    programs = triton.cdiv(m, rows_per_prog)
+    dw_part = torch.empty((programs, n), dtype=torch.float32, device=x2d.device) if need_dw else dx
+    _rms_norm_bwd_kernel[(programs,)](dy2d, x2d, weight, rstd, dx, dw_part, dy2d.stride(0), x2d.stride(0),
+                                      dx.stride(0), m, n, ROWS_PER_PROG=rows_per_prog, BLOCK=block,
+                                      HAS_DW=need_dw, num_warps=num_warps)
+    dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
+    return dx, dw

@@ -1,0 +1,244 @@
+"""``FastLlama``: load a Llama checkpoint (4-bit NF4 or 16-bit), patch it, and add LoRA adapters.
+
+Orchestration only: each step is a short function; the patching itself lives in ``fastllm.patching``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+
+import torch
+from torch import nn
+
+from . import defaults
+from ._compat import SUPPORTED_DTYPES, SUPPORTED_MODEL_TYPES, bf16_supported, bnb, enable_hf_checkpointing
+from .config import PatchConfig
+from .patching import find_base, patch_config
+from .patching import patch as apply_patch
+
+logger = logging.getLogger("fastllm")
+
+DEFAULT = defaults.DEFAULT_MODEL
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if bf16_supported(device) else torch.float16
+    if isinstance(dtype, str):
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)}")
+        dtype = _DTYPE_NAMES[dtype]
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype}; use torch.bfloat16, torch.float16 or torch.float32")
+    return dtype
+
+
+def _target_device(device_map) -> torch.device:
+    if device_map is None:
+        if torch.cuda.is_available():
+            # Under torchrun each rank loads onto its own GPU.
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        return torch.device("cpu")
+    if isinstance(device_map, (str, torch.device, int)) and str(device_map) not in ("auto", "balanced"):
+        return torch.device(device_map) if not isinstance(device_map, int) else torch.device("cuda", device_map)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _split_gguf(name_or_path: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """(directory or id, gguf file name or None)."""
+    if name_or_path == DEFAULT:
+        path = defaults.default_model_gguf()
+        return os.path.dirname(path), os.path.basename(path)
+    if gguf_file is None and str(name_or_path).endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(name_or_path)), os.path.basename(name_or_path)
+    return name_or_path, gguf_file
+
+
+def _check_exists(path: str, gguf_file: str | None) -> None:
+    if gguf_file is not None:
+        full = os.path.join(path, gguf_file)
+        if not os.path.isfile(full):
+            raise FileNotFoundError(f"GGUF file not found: {full}")
+        return
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path} has no config.json: pass a Hugging Face checkpoint directory, a "
+                                    f".gguf file, or nothing for the embedded default ({DEFAULT})")
+        return
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise FileNotFoundError(f"no such checkpoint: {path!r}; pass a Hugging Face checkpoint directory, a "
+                                f".gguf file, or nothing for the embedded default ({DEFAULT})")
+
+
+def _check_model_type(path: str, gguf_file: str | None):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, gguf_file=gguf_file) if gguf_file else AutoConfig.from_pretrained(path)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"FastLlama supports model_type {SUPPORTED_MODEL_TYPES}; {path} is "
+                         f"{config.model_type!r}. Load it with plain transformers instead.")
+    return config
+
+
+def _gguf_cache_dir(path: str, gguf_file: str) -> str:
+    st = os.stat(os.path.join(path, gguf_file))
+    key = hashlib.sha1(f"{os.path.abspath(os.path.join(path, gguf_file))}:{st.st_size}:{st.st_mtime_ns}"
+                       .encode()).hexdigest()[:12]
+    return os.path.join(defaults.cache_dir(), f"{os.path.splitext(gguf_file)[0]}-bf16-{key}")
+
+
+def convert_gguf(path: str, gguf_file: str) -> str:
+    """Dequantize a GGUF checkpoint once into a bf16 safetensors directory (cached); returns that directory.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model until its quantizer and the config's
+    ``quantization_config`` are dropped. The directory is written beside and renamed into place, so a
+    concurrent or interrupted run never sees half a checkpoint.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = _gguf_cache_dir(path, gguf_file)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    logger.info("fastllm: converting %s to a bf16 checkpoint in %s (once)", gguf_file, out)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.bfloat16)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(out))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except OSError:
+        if not os.path.isfile(os.path.join(out, "config.json")):
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _quant_config(dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if bnb() is None:
+        raise ImportError("load_in_4bit=True needs bitsandbytes: pip install bitsandbytes")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype)
+
+
+def _fix_bnb_cpu(model: nn.Module) -> int:
+    """Stop bitsandbytes' AVX512-BF16 CPU path from repacking 4-bit weights on an eval forward.
+
+    On such CPUs an eval/no-grad forward rewrites the weight into an inference-only layout that
+    ``.train()`` never undoes; gradients through the frozen layers are then ~10x too small.
+    """
+    n = 0
+    b = bnb()
+    for m in model.modules():
+        if b is not None and isinstance(m, b.nn.Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def _load_tokenizer(path: str, max_seq_length: int):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        logger.info("fastllm: no tokenizer in %s (%s); returning None", path, err)
+        return None
+    tokenizer.model_max_length = max_seq_length
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class FastLlama:
+    """Load, patch and LoRA-wrap Llama-family models (see the README for the whole API)."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str = DEFAULT, *, load_in_4bit: bool = True, max_seq_length: int = 2048,
+                        dtype=None, device_map=None, gguf_file: str | None = None,
+                        patch: bool | PatchConfig = True, **kwargs):
+        """Returns ``(model, tokenizer)``; tokenizer is None when the checkpoint has none.
+
+        ``name_or_path``: a local Hugging Face checkpoint directory, a ``.gguf`` file (or a directory with
+        ``gguf_file=``), or the embedded default. ``load_in_4bit`` means bitsandbytes NF4 with double quant
+        and ``dtype`` compute (bf16, fp16 where bf16 is unsupported). ``patch``: True, False or a PatchConfig.
+        Extra ``kwargs`` go to transformers' ``from_pretrained``.
+        """
+        from transformers import AutoModelForCausalLM
+
+        if not isinstance(max_seq_length, int) or max_seq_length < 1:
+            raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
+        if not isinstance(patch, (bool, PatchConfig)):
+            raise TypeError(f"patch must be True, False or a fastllm.PatchConfig, got {type(patch).__name__}")
+        device = _target_device(device_map)
+        dtype = _resolve_dtype(dtype, device)
+        path, gguf = _split_gguf(str(name_or_path), gguf_file)
+        _check_exists(path, gguf)
+        config = _check_model_type(path, gguf)
+        if gguf is not None:
+            path = convert_gguf(path, gguf)
+        if max_seq_length > getattr(config, "max_position_embeddings", max_seq_length):
+            logger.warning("fastllm: max_seq_length=%d is over the model's max_position_embeddings=%d",
+                           max_seq_length, config.max_position_embeddings)
+        load_kwargs = dict(dtype=dtype, **kwargs)
+        if load_in_4bit:
+            load_kwargs["quantization_config"] = _quant_config(dtype)
+        if device.type == "cuda":
+            load_kwargs["device_map"] = {"": device} if device_map is None else device_map
+        model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+        _fix_bnb_cpu(model)
+        tokenizer = _load_tokenizer(path, max_seq_length)
+        if patch is not False:
+            cfg = patch if isinstance(patch, PatchConfig) else PatchConfig()
+            if cfg.max_seq_length is None:
+                cfg = cfg.replace(max_seq_length=max_seq_length)
+            apply_patch(model, cfg)
+        return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(model: nn.Module, r: int = 16, lora_alpha: int = 16, lora_dropout: float = 0.0,
+                       target_modules=LLAMA_LINEARS, use_gradient_checkpointing: bool | str = True, **lora_kwargs):
+        """Wrap ``model`` in a normal ``peft.PeftModel`` with LoRA on ``target_modules`` (all 7 Llama linears).
+
+        ``use_gradient_checkpointing``: True (non-reentrant), "offload" (checkpointed inputs in pinned CPU
+        memory; needs a fastllm-patched model), or False. Unlike PEFT's ``prepare_model_for_kbit_training``,
+        nothing is cast to fp32: non-reentrant checkpointing needs no input gradients.
+        """
+        import peft
+
+        base = find_base(model)
+        if isinstance(model, peft.PeftModel):
+            raise ValueError("model already has LoRA adapters; add another with model.add_adapter(name, config)")
+        if use_gradient_checkpointing not in (True, False, "offload"):
+            raise ValueError(f"use_gradient_checkpointing must be True, False or 'offload', "
+                             f"got {use_gradient_checkpointing!r}")
+        lora_kwargs.setdefault("task_type", "CAUSAL_LM")
+        lora_kwargs.setdefault("bias", "none")
+        config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                 target_modules=list(target_modules) if not isinstance(target_modules, str)
+                                 else target_modules, **lora_kwargs)
+        current = patch_config(base)
+        if use_gradient_checkpointing == "offload" and current is None:
+            raise ValueError("use_gradient_checkpointing='offload' needs a fastllm-patched model: load it with "
+                             "FastLlama.from_pretrained(..., patch=True) or call fastllm.patch(model) first")
+        peft_model = peft.get_peft_model(model, config)
+        if use_gradient_checkpointing:
+            enable_hf_checkpointing(base)
+            if current is not None:
+                apply_patch(peft_model, current.replace(gradient_checkpointing=use_gradient_checkpointing))
+        return peft_model

@@ -1,0 +1,57 @@
+"""SwiGLU elementwise op ``silu(g) * u`` that saves g and u (not silu(g)) for backward.
+
+g, u: same shape and dtype, e.g. (B, T, I). Triton kernels on CUDA; the same closed form in torch
+elsewhere (fp32 inside, cast on output), so both backends agree with eager ``F.silu(g) * u``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._compat import pick_backend
+
+
+def _fwd_torch(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    gf = g.float()
+    return (gf * torch.sigmoid(gf) * u.float()).to(g.dtype)
+
+
+def _bwd_torch(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gf, uf, dhf = g.float(), u.float(), dh.float()
+    s = torch.sigmoid(gf)
+    dg = dhf * uf * s * (1 + gf * (1 - s))
+    du = dhf * gf * s
+    return dg.to(g.dtype), du.to(u.dtype)
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, u: torch.Tensor, use_triton: bool) -> torch.Tensor:
+        g, u = g.contiguous(), u.contiguous()
+        ctx.save_for_backward(g, u)
+        ctx.use_triton = use_triton
+        if use_triton:
+            from ..kernels.swiglu import swiglu_fwd
+
+            return swiglu_fwd(g, u)
+        return _fwd_torch(g, u)
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        g, u = ctx.saved_tensors
+        if ctx.use_triton:
+            from ..kernels.swiglu import swiglu_bwd
+
+            dg, du = swiglu_bwd(dh, g, u)
+        else:
+            dg, du = _bwd_torch(dh, g, u)
+        return dg, du, None
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``silu(g) * u``; ``backend`` is "auto" (Triton on CUDA), "triton" or "torch"."""
+    if g.shape != u.shape or g.dtype != u.dtype:
+        raise ValueError(f"swiglu needs g and u of one shape and dtype, got {tuple(g.shape)} {g.dtype} "
+                         f"and {tuple(u.shape)} {u.dtype}")
+    use_triton = pick_backend(backend, g.device) == "triton"
+    return _SwiGLUFunction.apply(g, u, use_triton)

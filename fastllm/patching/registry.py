@@ -1,0 +1,86 @@
+"""The patch registry: every change fastllm makes to a model, recorded so it can be undone exactly.
+
+Patches are per instance: a method is bound with ``types.MethodType`` into the module's ``__dict__``
+so an eager twin of the same class in the same process is untouched. Revert is LIFO: attributes the
+instance owned before get their original object back; the rest are deleted, so the class attribute
+shows through again and no instance attribute is left behind.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from ..config import PatchConfig
+from .report import PatchReport
+
+
+@dataclass(frozen=True)
+class PatchRecord:
+    owner: object      # the module instance we changed
+    attr: str
+    original: object   # vars(owner)[attr] if it was owned there, else None
+    owned: bool        # was attr in owner.__dict__ before we patched?
+    spec: str          # which patch, for reports
+
+
+@dataclass
+class ModelState:
+    """What fastllm did to one model: its config, the records (in order), hooks, and the report."""
+
+    config: PatchConfig
+    report: PatchReport
+    records: list[PatchRecord] = field(default_factory=list)
+    hooks: list[RemovableHandle] = field(default_factory=list)
+
+    def set_attr(self, owner: object, attr: str, value: object, spec: str) -> None:
+        """Set ``owner.attr = value`` and remember how to undo it."""
+        d = vars(owner)
+        owned = attr in d
+        self.records.append(PatchRecord(owner, attr, d.get(attr), owned, spec))
+        if isinstance(owner, nn.Module):
+            # Bypass nn.Module.__setattr__'s parameter/buffer/submodule routing: we only ever store
+            # plain attributes (bound methods, flags, functions).
+            object.__setattr__(owner, attr, value)
+        else:
+            setattr(owner, attr, value)
+
+    def revert(self) -> int:
+        """Undo every record, newest first; returns how many were undone."""
+        n = 0
+        for handle in reversed(self.hooks):
+            handle.remove()
+            n += 1
+        self.hooks.clear()
+        for rec in reversed(self.records):
+            if rec.owned:
+                object.__setattr__(rec.owner, rec.attr, rec.original)
+            else:
+                object.__delattr__(rec.owner, rec.attr)
+            n += 1
+        self.records.clear()
+        return n
+
+
+# Keyed by the transformers model (LlamaForCausalLM / LlamaModel), weakly: a model that is dropped
+# leaves the registry by itself.
+_STATES: weakref.WeakKeyDictionary[nn.Module, ModelState] = weakref.WeakKeyDictionary()
+
+
+def get_state(base: nn.Module) -> ModelState | None:
+    return _STATES.get(base)
+
+
+def set_state(base: nn.Module, state: ModelState) -> None:
+    _STATES[base] = state
+
+
+def pop_state(base: nn.Module) -> ModelState | None:
+    return _STATES.pop(base, None)
+
+
+def patched_models() -> list[nn.Module]:
+    return list(_STATES.keys())

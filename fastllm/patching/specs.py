@@ -1,0 +1,124 @@
+"""The declarative table of patches: which modules each one matches, and what replaces their forward.
+
+A spec never mutates anything itself; ``patching.api`` walks the model and records every change in
+the registry. Replacement forwards come from ``fastllm.modules`` and keep the originals' signatures.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._compat import is_linear4bit, pick_backend, triton_available
+from ..config import PatchConfig
+from ..modules.mlp import fast_mlp_forward, mlp_eligible
+from ..modules.rms_norm import fast_rms_norm_forward, rms_norm_eligible
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    name: str                                          # report name
+    option: str                                        # the PatchConfig field that turns it on
+    matches: Callable[[nn.Module], bool]
+    eligible: Callable[[nn.Module], str | None]        # reason it cannot apply, or None
+    forward: Callable[[PatchConfig], Callable]         # the replacement forward for this config
+
+
+def _llama_classes():
+    from transformers.models.llama import modeling_llama as ml
+
+    return ml
+
+
+def _is(cls_name: str) -> Callable[[nn.Module], bool]:
+    return lambda m: isinstance(m, getattr(_llama_classes(), cls_name))
+
+
+def _optional(module: str, attr: str):
+    """A replacement that lives in a module another part of fastllm provides, or None if absent."""
+    try:
+        return getattr(importlib.import_module(module, __package__), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _nf4_forward(_cfg: PatchConfig):
+    return _optional("..modules.nf4_linear", "nf4_linear4bit_forward")
+
+
+def _nf4_eligible(module: nn.Module) -> str | None:
+    check = _optional("..modules.nf4_linear", "nf4_linear_eligible")
+    return check(module) if check is not None else None
+
+
+def _loss_forward(cfg: PatchConfig):
+    make = _optional("..modules.causal_lm", "make_causal_lm_forward")
+    if make is None:
+        return None
+    loss = "cross_entropy" if cfg.loss is True else cfg.loss
+    return make(loss)
+
+
+def _loss_eligible(module: nn.Module) -> str | None:
+    check = _optional("..modules.causal_lm", "causal_lm_eligible")
+    return check(module) if check is not None else None
+
+
+SPECS: tuple[PatchSpec, ...] = (
+    PatchSpec("rms_norm", "rms_norm", _is("LlamaRMSNorm"), rms_norm_eligible, lambda cfg: fast_rms_norm_forward),
+    PatchSpec("mlp", "mlp", _is("LlamaMLP"), mlp_eligible, lambda cfg: fast_mlp_forward),
+    PatchSpec("nf4_linear", "nf4_linear", is_linear4bit, _nf4_eligible, _nf4_forward),
+    PatchSpec("loss", "loss", _is("LlamaForCausalLM"), _loss_eligible, _loss_forward),
+)
+
+
+def resolve(cfg: PatchConfig, device: torch.device) -> tuple[dict[str, bool], dict[str, str]]:
+    """Turn the config's auto (None) options into on/off for a model on ``device``.
+
+    Returns (on, why_off): ``why_off`` explains every option that ends up off, for the report.
+    """
+    on: dict[str, bool] = {}
+    why: dict[str, str] = {}
+    cuda = device.type == "cuda"
+
+    on["rms_norm"], on["mlp"] = cfg.rms_norm, cfg.mlp
+    if _nf4_forward(cfg) is None:
+        on["nf4_linear"] = False
+        if cfg.nf4_linear is not False:
+            why["nf4_linear"] = "not available in this build"
+    elif cfg.nf4_linear is None:
+        on["nf4_linear"] = cuda and triton_available()
+        if not on["nf4_linear"]:
+            why["nf4_linear"] = "auto: on for CUDA with triton only (bitsandbytes' CPU path is faster there)"
+    else:
+        on["nf4_linear"] = cfg.nf4_linear
+    if cfg.loss is False:
+        on["loss"] = False
+    elif _loss_forward(cfg.replace(loss=True if cfg.loss is None else cfg.loss)) is None:
+        on["loss"] = False
+        why["loss"] = "not available in this build"
+    else:
+        on["loss"] = True
+    if cfg.compile:
+        why["compile"] = "torch.compile of the decoder layer is not available in this build yet"
+    on["compile"] = False
+    for name, value in (("rms_norm", cfg.rms_norm), ("mlp", cfg.mlp), ("nf4_linear", cfg.nf4_linear),
+                        ("loss", cfg.loss)):
+        if value is False:
+            why[name] = "disabled by PatchConfig"
+    return on, why
+
+
+def backend_of(spec: str, device: torch.device) -> str:
+    """Which implementation a patch runs on ``device``, for the report."""
+    if spec in ("rms_norm", "mlp"):
+        return pick_backend("auto", device)
+    if spec == "nf4_linear":
+        return "triton" if device.type == "cuda" else "torch"
+    if spec == "loss":
+        return "chunked-" + pick_backend("auto", device)
+    return "torch"
