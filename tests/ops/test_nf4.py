@@ -1,0 +1,169 @@
+"""fastllm.ops.nf4: dequantize_nf4 backends, nf4_linear forward/backward, workspace, torch.compile.
+
+bitsandbytes' CPU ``dequantize_4bit`` is a reference at blocksize 64 on shapes where it is right
+(see tests/kernels/test_nf4_dequant.py for its CPU trap); other blocksizes use a float64 decode.
+"""
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+F = bnb.functional
+
+from fastllm.ops import nf4 as nf4_ops  # noqa: E402
+from fastllm.ops.nf4 import dequantize_nf4, nf4_linear  # noqa: E402
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def quantized_param(shape, blocksize=64, nested=True, dtype=torch.float32, device="cpu"):
+    """A real bnb Params4bit quantized from a random (N, K) weight."""
+    w = torch.randn(shape, dtype=torch.float32).to(dtype)
+    p = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", blocksize=blocksize,
+                          compress_statistics=nested)
+    return p.to(device)
+
+
+def reference_f64(packed, qs):
+    n = qs.shape.numel()
+    q = packed.reshape(-1).view(torch.uint8).long()
+    nib = torch.stack((q >> 4, q & 15), dim=-1).reshape(-1)[:n]
+    absmax = qs.absmax.double()
+    if qs.nested:
+        a2 = qs.state2.absmax.double().repeat_interleave(qs.state2.blocksize)[: qs.absmax.numel()]
+        absmax = qs.state2.code.double()[qs.absmax.long()] * a2 + qs.offset.double()
+    return (qs.code.double()[nib] * absmax.repeat_interleave(qs.blocksize)[:n]).reshape(qs.shape)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 123), (333, 77), (64, 256)])
+def test_torch_backend_bit_equal_to_bitsandbytes(shape, dtype, nested):
+    w = quantized_param(shape, 64, nested, dtype)
+    got = dequantize_nf4(w, w.quant_state, backend="torch")
+    torch.testing.assert_close(got, F.dequantize_4bit(w, w.quant_state), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("blocksize", [32, 128, 256, 512, 1024, 2048, 4096])
+def test_torch_backend_every_blocksize(blocksize, nested):
+    w = quantized_param((41, 97), blocksize, nested)
+    want = reference_f64(w, w.quant_state)
+    torch.testing.assert_close(dequantize_nf4(w, w.quant_state, backend="torch").double(), want,
+                               rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_triton_backend_matches_torch_backend(blocksize, nested):
+    w = quantized_param((33, 71), blocksize, nested)
+    for dtype in DTYPES:
+        out = torch.empty(33, 71, dtype=dtype)
+        got = dequantize_nf4(w, w.quant_state, out=out, backend="triton")
+        assert got is out
+        want = dequantize_nf4(w, w.quant_state, out=torch.empty_like(out), backend="torch")
+        exact = {"rtol": 0, "atol": 0}
+        torch.testing.assert_close(got, want, **({} if dtype == torch.bfloat16 else exact))
+
+
+def test_default_dtype_and_errors(monkeypatch):
+    w = quantized_param((8, 64), dtype=torch.bfloat16)
+    got = dequantize_nf4(w, w.quant_state)
+    assert got.dtype == torch.bfloat16 and got.shape == (8, 64)
+    with pytest.raises(ValueError, match="shape"):
+        dequantize_nf4(w, w.quant_state, out=torch.empty(64, 8))
+    with pytest.raises(ValueError, match="backend"):
+        dequantize_nf4(w, w.quant_state, backend="cuda")
+    fp4 = bnb.nn.Params4bit(torch.randn(8, 64), requires_grad=False, quant_type="fp4").to("cpu")
+    with pytest.raises(ValueError, match="nf4"):
+        dequantize_nf4(fp4, fp4.quant_state)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            dequantize_nf4(w, w.quant_state, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_linear_fwd_bwd_matches_dense(dtype, backend):
+    w = quantized_param((48, 96), 64, True)
+    bias = torch.randn(48, dtype=dtype, requires_grad=True)
+    x = torch.randn(2, 5, 96, dtype=dtype, requires_grad=True)
+    dy = torch.randn(2, 5, 48, dtype=dtype)
+
+    y = nf4_linear(x, w, bias, backend=backend)
+    dx, db = torch.autograd.grad(y, (x, bias), dy)
+
+    # Same backend for the dense reference: the interpreter's bf16 cast can differ by one ulp.
+    dense = dequantize_nf4(w, w.quant_state, out=torch.empty(48, 96, dtype=dtype), backend=backend)
+    y_ref = torch.nn.functional.linear(x, dense, bias)
+    dx_ref, db_ref = torch.autograd.grad(y_ref, (x, bias), dy)
+    tols = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    assert y.dtype == dtype and y.shape == (2, 5, 48)
+    torch.testing.assert_close(y, y_ref, **tols)
+    torch.testing.assert_close(dx, dx_ref, **tols)
+    torch.testing.assert_close(db, db_ref, **tols)
+    assert w.grad is None
+
+
+def test_nf4_linear_saves_only_packed_weight_and_reuses_workspace():
+    w = quantized_param((64, 128), 64, True)
+    x = torch.randn(3, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = nf4_linear(x, w)
+    assert saved and all(t.dtype == torch.uint8 and t.numel() == 64 * 128 // 2 for t in saved)
+    ws = nf4_ops._workspace(x.device, x.dtype, (64, 128))
+    ptr = ws.data_ptr()
+    y.sum().backward()
+    nf4_linear(x, w)
+    assert nf4_ops._workspace(x.device, x.dtype, (64, 128)).data_ptr() == ptr
+    assert nf4_ops._workspace(x.device, x.dtype, (8, 16)).data_ptr() == ptr  # smaller shapes share it
+
+
+def test_torch_compile_has_no_graph_break():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    w = quantized_param((24, 64), 64, True)
+    bias = torch.randn(24, requires_grad=True)
+
+    def f(x):
+        h = nf4_linear(x, w, bias)
+        return (h.square().sum() + dequantize_nf4(w, w.quant_state).sum()).float()
+
+    x = torch.randn(4, 64, requires_grad=True)
+    loss = torch.compile(f, backend="inductor", fullgraph=True)(x)
+    dx, db = torch.autograd.grad(loss, (x, bias))
+    loss_ref = f(x)
+    dx_ref, db_ref = torch.autograd.grad(loss_ref, (x, bias))
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(loss, loss_ref)
+    torch.testing.assert_close(dx, dx_ref)
+    torch.testing.assert_close(db, db_ref)
+
+
+def test_custom_op_schema():
+    for op in (torch.ops.fastllm.nf4_dequantize, torch.ops.fastllm.nf4_linear, torch.ops.fastllm.nf4_linear_backward):
+        assert op.default._schema.name.startswith("fastllm::")
+    w = quantized_param((8, 64), 64, False)
+    args = nf4_ops._state_args(w.quant_state)
+    torch.library.opcheck(torch.ops.fastllm.nf4_dequantize.default, (w, *args, torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_nf4_linear_matches_bitsandbytes(dtype):
+    w = quantized_param((1024, 4096), 64, True, device="cuda")
+    x = torch.randn(4, 256, 4096, dtype=dtype, device="cuda", requires_grad=True)
+    dy = torch.randn(4, 256, 1024, dtype=dtype, device="cuda")
+    y = nf4_linear(x, w)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    y_ref = bnb.matmul_4bit(x, w.t(), quant_state=w.quant_state)
+    (dx_ref,) = torch.autograd.grad(y_ref, x, dy)
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dx, dx_ref, rtol=2e-2, atol=2e-2)
+    dense = F.dequantize_4bit(w, w.quant_state).to(dtype)
+    assert torch.equal(dequantize_nf4(w, w.quant_state, out=torch.empty_like(dense)), dense)
