@@ -8,11 +8,13 @@ from fastllm.losses import cross_entropy, focal_loss
 from fastllm.ops.chunked_linear_loss import chunked_linear_loss, linear_log_probs
 from fastllm.ops.linear_cross_entropy import auto_chunk_size, linear_cross_entropy
 
+# Real kernels on a GPU machine; on the CPU, "triton" runs through the interpreter (conftest).
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # dtype -> (rtol, atol) for loss / grads against the fp32-upcast materialised reference
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 
 
-def _inputs(n=37, hidden=48, vocab=1001, dtype=torch.float32, bias=False, device="cpu"):
+def _inputs(n=37, hidden=48, vocab=1001, dtype=torch.float32, bias=False, device=DEV):
     h = torch.randn(n, hidden, device=device).to(dtype).requires_grad_(True)
     W = (torch.randn(vocab, hidden, device=device) * hidden**-0.5).to(dtype).requires_grad_(True)
     b = (torch.randn(vocab, device=device) * 0.1).to(dtype).requires_grad_(True) if bias else None
@@ -36,7 +38,7 @@ def _reference(h, W, b, y, reduction="mean", label_smoothing=0.0, z_loss=0.0, lo
 def _check(out, ref, params, tol):
     rtol, atol = tol
     torch.testing.assert_close(out.float(), ref.float(), rtol=rtol, atol=atol)
-    g = torch.randn_like(out) if out.dim() else torch.tensor(1.7)
+    g = torch.randn_like(out) if out.dim() else torch.tensor(1.7, device=out.device)
     got = torch.autograd.grad(out, params, g)
     want = torch.autograd.grad(ref, params, g)
     for a, b_ in zip(got, want):
@@ -88,7 +90,7 @@ def test_all_ignored_is_zero_with_zero_grads(backend):
 
 def test_auto_chunk_size():
     assert auto_chunk_size(16384, 4096, 128256, torch.bfloat16, torch.device("cpu")) == 512
-    assert auto_chunk_size(10, 48, 1001, torch.float32, torch.device("cpu")) == 10
+    assert auto_chunk_size(10, 48, 1001, torch.float32, torch.device(DEV)) == 10
     h, W, _, y = _inputs()
     torch.testing.assert_close(linear_cross_entropy(h, W, y), _reference(h, W, None, y))
 
@@ -111,7 +113,7 @@ def test_chunked_linear_loss_cross_entropy_and_num_items():
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_linear_log_probs(temperature):
     h, W, _, _ = _inputs(n=12, vocab=501)
-    ids = torch.randint(0, 501, (3, 4))
+    ids = torch.randint(0, 501, (3, 4), device=DEV)
     h3 = h.reshape(3, 4, 48)
     logp, ent = linear_log_probs(h3, W, ids, temperature=temperature, chunk_size=5, return_entropy=True)
     ref_lp = torch.log_softmax((h3 @ W.t()).float() / temperature, -1)
