@@ -33,3 +33,60 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def _tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    # Odd intermediate size (160, not a multiple of 64) to exercise the 4-bit layout edge cases.
+    cfg = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=320, max_position_embeddings=2048, rms_norm_eps=1e-5,
+               tie_word_embeddings=False)
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def _save_tiny(path, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(_tiny_llama_config(**overrides))
+    # Non-trivial norm weights so a wrong RMSNorm weight path cannot pass by accident.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random Llama checkpoint (no tokenizer) saved to a temp dir."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tied_dir(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("tiny_llama_tied"), tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=64)).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The embedded SmolLM2-135M converted once to the bf16 cache; skips clearly if its package is missing."""
+    from fastllm.defaults import default_model_gguf
+    from fastllm.loader import convert_gguf
+
+    path = default_model_gguf()
+    import os
+
+    return convert_gguf(os.path.dirname(path), os.path.basename(path))

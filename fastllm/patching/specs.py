@@ -6,6 +6,7 @@ the registry. Replacement forwards come from ``fastllm.modules`` and keep the or
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,12 +56,15 @@ def _nf4_eligible(module: nn.Module) -> str | None:
     return check(module) if check is not None else None
 
 
-def _loss_forward(cfg: PatchConfig):
+@functools.cache
+def _causal_lm_forward(loss):
+    """One replacement function per loss, so two models patched alike share the same forward."""
     make = _optional("..modules.causal_lm", "make_causal_lm_forward")
-    if make is None:
-        return None
-    loss = "cross_entropy" if cfg.loss is True else cfg.loss
-    return make(loss)
+    return make(loss) if make is not None else None
+
+
+def _loss_forward(cfg: PatchConfig):
+    return _causal_lm_forward("cross_entropy" if cfg.loss in (None, True) else cfg.loss)
 
 
 def _loss_eligible(module: nn.Module) -> str | None:
