@@ -36,13 +36,20 @@ def _nf4_dequant_fwd_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, n
                             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                             ROWS: tl.constexpr, COLS: tl.constexpr):
     """out[2b + j] = code[nib_j(packed[b])] * absmax[(2b) // BLOCKSIZE], j = 0 (high), 1 (low)."""
-    pid = tl.program_id(0).to(tl.int64)
-    row_start = pid * (ROWS * COLS) + tl.arange(0, ROWS) * COLS  # (ROWS,) first byte of each tile row
-    byte = row_start[:, None] + tl.arange(0, COLS)[None, :]  # (ROWS, COLS)
-    q = tl.load(PACKED + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+    HALF: tl.constexpr = BLOCKSIZE // 2  # packed bytes per quantization block
+    # 64-bit only in the scalar tile base (a 128256x4096 weight has 2^29 elements); per-element
+    # offsets stay 32-bit, which halves the integer work of the address maths.
+    base = tl.program_id(0).to(tl.int64) * (ROWS * COLS)
+    left_bytes = tl.minimum(n_bytes - base, ROWS * COLS).to(tl.int32)
+    left_elems = tl.minimum(n_elements - 2 * base, 2 * ROWS * COLS).to(tl.int32)
 
-    blk = row_start // (BLOCKSIZE // 2)  # (ROWS,) quantization block of each tile row
-    row_ok = row_start < n_bytes
+    row = tl.arange(0, ROWS) * COLS  # (ROWS,) first byte of each tile row, relative to base
+    byte = row[:, None] + tl.arange(0, COLS)[None, :]  # (ROWS, COLS)
+    q = tl.load(PACKED + base + byte, mask=byte < left_bytes, other=0).to(tl.int32)
+
+    # A row never straddles two blocks: COLS divides HALF, or the tile lies inside one block.
+    blk = base // HALF + row // HALF  # (ROWS,) quantization block of each tile row
+    row_ok = row < left_bytes
     if NESTED:
         qa = tl.load(ABSMAX + blk, mask=row_ok, other=0).to(tl.int32)
         a2 = tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=row_ok, other=0.0)
@@ -56,9 +63,9 @@ def _nf4_dequant_fwd_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, n
     hi = tl.load(CODE + (q >> 4)) * scale
     lo = tl.load(CODE + (q & 15)) * scale
     vals = tl.reshape(tl.join(hi, lo), (ROWS, 2 * COLS))  # (ROWS, 2*COLS): byte b -> 2b, 2b+1
-    elem = 2 * row_start[:, None] + tl.arange(0, 2 * COLS)[None, :]
+    elem = 2 * row[:, None] + tl.arange(0, 2 * COLS)[None, :]
     # Compute stays fp32 and is cast once on store (the interpreter mishandles bf16 arithmetic).
-    tl.store(OUT + elem, vals.to(OUT.dtype.element_ty), mask=elem < n_elements)
+    tl.store(OUT + 2 * base + elem, vals.to(OUT.dtype.element_ty), mask=elem < left_elems)
 
 
 # Bytes per program and warps, tuned on an H100 (see fastllm/bench/dequant.py): large tiles amortise
