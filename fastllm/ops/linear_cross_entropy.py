@@ -95,7 +95,8 @@ def _linear_ce_pass(h, W, b, y, opts, backend, chunk, needs, row_scale=None):
     want_grad = any(needs)
     loss = torch.empty(N, dtype=torch.float32, device=h.device)
     grad_h = torch.empty_like(h) if needs[0] else None
-    grad_W = torch.zeros_like(W) if needs[1] else None
+    # grad_W is written by the first chunk's mm (no zero-fill pass over the [V, H] buffer).
+    grad_W = torch.empty_like(W) if needs[1] else None
     grad_b = None
     if needs[2] and b is not None:
         grad_b = torch.zeros(W.shape[0], dtype=torch.float32, device=h.device)
@@ -107,10 +108,15 @@ def _linear_ce_pass(h, W, b, y, opts, backend, chunk, needs, row_scale=None):
         if grad_h is not None:
             torch.mm(g, W, out=grad_h[start:end])
         if grad_W is not None:
-            grad_W.addmm_(g.t(), h_c)
+            if start == 0:
+                torch.mm(g.t(), h_c, out=grad_W)
+            else:
+                grad_W.addmm_(g.t(), h_c)
         if grad_b is not None:
             grad_b += g.float().sum(0)
         del logits, g  # one chunk of logits alive at a time
+    if N == 0 and grad_W is not None:
+        grad_W.zero_()
     return loss, grad_h, grad_W, grad_b
 
 
