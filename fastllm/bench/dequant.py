@@ -6,6 +6,8 @@ Providers for the dequant (double-quant NF4, blocksize 64, output bf16/fp16, Lla
   bnb-direct  Unsloth's ``fast_dequantize``: bitsandbytes' C entry points called through ctypes into
               preallocated buffers (``cdequantize_blockwise_fp32`` for the absmax, ``+= offset``,
               ``cdequantize_blockwise_{bf16,fp16}_nf4`` for the weight): no Python dispatch
+``ms`` is ``triton.testing.do_bench`` (L2 flushed between calls, which also hides host work);
+``loop_ms`` times calls issued back to back, so host overhead shows where a call is host-bound.
 GB/s counts bytes read (packed nibbles, 8-bit absmax, second-level state) plus bytes written. The
 device's copy bandwidth (read + write) is measured in the same run for scale. The QLoRA linear is a
 bnb ``Linear4bit`` (compute dtype bf16) at 8192 tokens, forward + input-gradient backward, with and
@@ -71,6 +73,23 @@ def bnb_direct(packed, qs, dtype):
     return run
 
 
+def loop_ms(fn, n: int = 200) -> float:
+    """Milliseconds per call of ``fn`` issued back to back: includes host overhead when host-bound.
+
+    ``bench_ms`` (do_bench) flushes L2 with a large memset before each call, which also hides up to
+    ~0.1 ms of host work per call; training loops see the host cost when the GPU is not ahead.
+    """
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
 def _dequant_case(name: str, dname: str, copy_gbs: float, sweep: bool) -> list[dict]:
     import bitsandbytes.functional as F
 
@@ -91,9 +110,12 @@ def _dequant_case(name: str, dname: str, copy_gbs: float, sweep: bool) -> list[d
                  "bnb-direct": direct}
     nbytes = _bytes_moved(qs, dtype)
     ms = {p: bench_ms(fn) for p, fn in providers.items()}
+    loop = {p: loop_ms(fn) for p, fn in providers.items()}
     rows = [{"bench": "dequant", "shape": label, "dtype": dname, "provider": p, "ms": t,
              "gbs": nbytes / t / 1e6, "copy_gbs": copy_gbs, "pct_copy": 100 * nbytes / t / 1e6 / copy_gbs,
-             "x_vs_bnb": ms["bnb"] / t, "x_vs_bnb_direct": ms["bnb-direct"] / t} for p, t in ms.items()]
+             "x_vs_bnb": ms["bnb"] / t, "x_vs_bnb_direct": ms["bnb-direct"] / t,
+             "loop_ms": loop[p], "loop_x_vs_bnb": loop["bnb"] / loop[p],
+             "loop_x_vs_bnb_direct": loop["bnb-direct"] / loop[p]} for p, t in ms.items()]
     if sweep:
         s2 = qs.state2
         for tile in (1024, 2048, 4096, 8192, 16384):
@@ -157,7 +179,7 @@ def main(argv=None) -> int:
     main_rows = [r for r in rows if r["bench"] == "dequant"]
     print(f"copy bandwidth: {copy_gbs:.0f} GB/s ({meta.get('gpu', '?')})")
     print(format_table(main_rows, ["shape", "dtype", "provider", "ms", "gbs", "pct_copy", "x_vs_bnb",
-                                   "x_vs_bnb_direct"]))
+                                   "x_vs_bnb_direct", "loop_ms", "loop_x_vs_bnb", "loop_x_vs_bnb_direct"]))
     lin = [r for r in rows if r["bench"] == "linear_fwd_bwd"]
     print(format_table(lin, ["shape", "tokens", "provider", "ms", "tflops", "x_vs_bnb"]))
     sweep = [r for r in rows if r["bench"] == "sweep"]

@@ -68,12 +68,15 @@ def _nf4_dequant_fwd_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, n
     tl.store(OUT + 2 * base + elem, vals.to(OUT.dtype.element_ty), mask=elem < left_elems)
 
 
-# Bytes per program and warps, tuned on an H100 (see fastllm/bench/dequant.py): large tiles amortise
-# the per-row absmax chain and keep bytes in flight; small weights get smaller tiles so that there are
-# still a few programs per SM (132 SMs on an H100).
+# Bytes per program and warps, swept on an H200 (``fastllm bench dequant --sweep``, tiles 1024..16384
+# bytes x 2..16 warps): 4096-byte tiles with 4 warps were best from 4096x4096 up to 128256x4096
+# (83-95% of copy bandwidth at 14336x4096 and above); a 1024x4096 weight did best with 1024-byte tiles,
+# i.e. when the grid keeps >= ~2048 programs (~15 per SM) in flight. 16384-byte tiles with 2 warps
+# spill and run 10x slower.
 _TILE_BYTES = 4096
-_NUM_WARPS = 8
-_MIN_PROGRAMS = 528
+_MIN_TILE_BYTES = 1024
+_NUM_WARPS = 4
+_MIN_PROGRAMS = 2048
 
 
 def launch_config(n_bytes: int, blocksize: int, tile_bytes: int | None = None,
@@ -81,11 +84,11 @@ def launch_config(n_bytes: int, blocksize: int, tile_bytes: int | None = None,
     """The one place that maps a problem to (ROWS, COLS, num_warps, grid)."""
     tile = tile_bytes or _TILE_BYTES
     if tile_bytes is None:
-        while tile > 512 and triton.cdiv(n_bytes, tile) < _MIN_PROGRAMS:
+        while tile > _MIN_TILE_BYTES and triton.cdiv(n_bytes, tile) < _MIN_PROGRAMS:
             tile //= 2
     cols = min(blocksize // 2, tile)
     rows = tile // cols
-    warps = num_warps or max(1, min(_NUM_WARPS, tile // 512))
+    warps = num_warps or _NUM_WARPS
     return rows, cols, warps, triton.cdiv(n_bytes, tile)
 
 

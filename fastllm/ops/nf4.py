@@ -14,6 +14,12 @@ largest weight seen, so no dense copy outlives the op and no per-call allocation
 stream-ordered: one op finishes reading the workspace before the next dequant overwrites it on the
 same stream (do not share these ops across concurrent streams).
 
+The torch fallback decodes in bitsandbytes' order (fp32 products, the ``+ offset`` separately rounded),
+so on the CPU it is bit-equal to bitsandbytes where bitsandbytes is right. Note that bitsandbytes
+0.50's native CPU ``dequantize_4bit`` (taken for even in_features) restarts the quantization blocks at
+every row: it is wrong whenever in_features is not a multiple of the blocksize (most blocksizes other
+than 64 on real shapes); ours follows the flat block layout that ``quantize_4bit`` wrote.
+
 Under ``torch.compile`` the same maths runs through the custom ops ``fastllm::nf4_dequantize`` and
 ``fastllm::nf4_linear`` (with fake implementations and a registered autograd formula), so dynamo
 traces through them without a graph break.
