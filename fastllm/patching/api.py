@@ -67,17 +67,25 @@ def _apply_checkpointing(base: nn.Module, mode, state: ModelState) -> None:
 
 
 def _seq_guard(max_len: int):
+    """Forward pre-hook on LlamaModel: over-long input raises instead of silently running past RoPE range.
+
+    Packed / padding-free batches put several sequences in one row with restarting ``position_ids``; their
+    length is the largest position, not the row width.
+    """
+
     def check(module, args, kwargs):
         x = kwargs.get("input_ids", args[0] if args else None)
         if x is None:
             x = kwargs.get("inputs_embeds")
         if x is None or x.dim() < 2:
             return None
-        past = 0
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            past = int(cache.get_seq_length())
-        n = past + x.shape[1]
+        pos = kwargs.get("position_ids")
+        if pos is not None and pos.numel():
+            n = int(pos.max()) + 1
+        else:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+            n = past + x.shape[1]
         if n > max_len:
             raise ValueError(f"sequence length {n} exceeds max_seq_length={max_len}; truncate the inputs or "
                              f"load with FastLlama.from_pretrained(..., max_seq_length={n}) or more")

@@ -143,6 +143,11 @@ def test_max_seq_length_guard(tiny_llama_dir):
     model(_ids(t=16))
     with pytest.raises(ValueError, match="exceeds max_seq_length=16"):
         model(_ids(t=17))
+    # A packed row of two 12-token sequences is 24 wide but no sequence is over 16.
+    packed_pos = torch.cat([torch.arange(12), torch.arange(12)])[None]
+    model(input_ids=_ids(n=1, t=24), position_ids=packed_pos)
+    with pytest.raises(ValueError, match="exceeds max_seq_length=16"):
+        model(input_ids=_ids(n=1, t=24), position_ids=torch.arange(24)[None])
     unpatch(model)
     model(_ids(t=17))  # the guard is a patch too: gone with unpatch
 
