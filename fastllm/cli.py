@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-BENCHES = {"dequant": "fastllm.bench.dequant", "loss": "fastllm.bench.loss"}
+BENCHES = {"dequant": "fastllm.bench.dequant", "loss": "fastllm.bench.loss", "train": "fastllm.bench.train"}
 SAMPLE_PROMPT = "And God said unto Moses,"
 
 

@@ -1,0 +1,163 @@
+"""``fastllm bench train``: the headline QLoRA training-step benchmark, providers side by side.
+
+One QLoRA step = forward + backward + AdamW on the LoRA weights (r=16 on all 7 linears, gradient
+checkpointing, bf16 autocast as HF Trainer runs it), batch 2 x 2048 random tokens, ``--steps`` timed steps
+after ``--warmup``. Providers, each in its own fresh process (some patch process-wide):
+
+- ``hf``: transformers + PEFT + bitsandbytes, ``prepare_model_for_kbit_training`` (the QLoRA recipe),
+  non-reentrant checkpointing, SDPA.
+- ``liger``: the same plus Liger-Kernel's Llama patch (rope, RMSNorm, SwiGLU, fused linear CE), if installed.
+- ``fastllm``: ``fastllm.patch`` + ``FastLlama.get_peft_model`` (no fp32 upcasts).
+
+Rows (tokens/s, peak GiB, loss after the timed steps) go to JSON lines with the GPU name and versions,
+plus a table with ratios vs ``hf`` and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from .common import bar_chart, format_table, stamp, write_jsonl
+from .models import LINEARS, build_qlora_base
+
+PROVIDERS = ("hf", "liger", "fastllm")
+
+
+def _prepare(provider: str, model, gc: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if provider == "fastllm":
+        from .. import FastLlama, patch
+
+        report = patch(model)
+        return FastLlama.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=gc), str(report)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    note = "prepare_model_for_kbit_training"
+    if provider == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=True, model=model)
+        note += " + liger"
+    cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(LINEARS), task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg), note
+
+
+def run_worker(provider: str, shape: str, *, steps: int, warmup: int, batch: int, seq: int, device: str,
+               gc: bool = True) -> dict:
+    """Build, prepare and time one provider; returns its row."""
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    model = build_qlora_base(shape, dev)
+    model, note = _prepare(provider, model, gc)
+    build_s = time.perf_counter() - t0
+    vocab = model.config.vocab_size
+    x = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t1 = time.perf_counter()
+    losses = [step() for _ in range(steps)]
+    sync()
+    secs = time.perf_counter() - t1
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+    return {"bench": "train", "provider": provider, "shape": shape, "batch": batch, "seq": seq, "steps": steps,
+            "tokens_per_s": batch * seq * steps / secs, "step_ms": 1000 * secs / steps, "peak_gib": peak,
+            "loss": float(losses[-1]), "build_s": build_s, "setup": note, **stamp()}
+
+
+def _available(provider: str) -> str | None:
+    import importlib.util
+
+    if provider == "liger" and importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel not installed"
+    return None
+
+
+def _spawn(provider: str, shape: str, args) -> dict:
+    cmd = [sys.executable, "-m", "fastllm.bench.train", "--worker", provider, "--shapes", shape,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+           "--seq", str(args.seq), "--device", args.device]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("ROW "):
+            return json.loads(line[4:])
+    err = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+    return {"bench": "train", "provider": provider, "shape": shape, "error": " | ".join(err), **stamp()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fastllm bench train", description=__doc__.split("\n")[0])
+    p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument("--shapes", default="1b,8b")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--timeout", type=int, default=900)
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        row = run_worker(args.worker, args.shapes, steps=args.steps, warmup=args.warmup, batch=args.batch,
+                         seq=args.seq, device=args.device)
+        print("ROW " + json.dumps(row), flush=True)
+        return 0
+    rows = []
+    for shape in args.shapes.split(","):
+        for provider in args.providers.split(","):
+            why = _available(provider)
+            row = _spawn(provider, shape, args) if why is None else {"provider": provider, "shape": shape,
+                                                                       "error": why}
+            rows.append(row)
+            print(json.dumps({k: row.get(k) for k in ("provider", "shape", "tokens_per_s", "peak_gib", "loss",
+                                                      "error")}), flush=True)
+    for shape in args.shapes.split(","):
+        base = next((r for r in rows if r["shape"] == shape and r["provider"] == "hf" and "error" not in r), None)
+        for r in rows:
+            if r["shape"] == shape and base and "error" not in r:
+                r["speedup_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
+                r["memory_vs_hf"] = r["peak_gib"] / base["peak_gib"]
+    os.makedirs(args.out, exist_ok=True)
+    write_jsonl(rows, os.path.join(args.out, "train.jsonl"))
+    ok = [r for r in rows if "error" not in r]
+    print(format_table(ok, ["shape", "provider", "tokens_per_s", "step_ms", "peak_gib", "loss", "speedup_vs_hf",
+                            "memory_vs_hf"]))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['shape']} {r['provider']}: FAILED {r['error']}")
+    if ok:
+        groups = [f"{r['shape']} {r['provider']}" for r in ok]
+        bar_chart(groups, {"tokens/s (k)": [r["tokens_per_s"] / 1e3 for r in ok],
+                           "peak GiB": [r["peak_gib"] for r in ok]},
+                  title=f"QLoRA step, batch {args.batch}x{args.seq}, {ok[0].get('gpu', args.device)}",
+                  ylabel="k tokens/s | GiB", path=os.path.join(args.out, "train.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""The headline benchmark's code path on the CPU (tiny shape): it runs and the providers agree on the loss.
+
+Timings are not checked here: they are GPU numbers, reported by ``fastllm bench train``.
+"""
+
+import torch
+
+from fastllm.bench.models import build_qlora_base
+from fastllm.bench.train import run_worker
+
+
+def test_bench_model_is_nf4_double_quant():
+    import bitsandbytes as bnb
+
+    model = build_qlora_base("tiny", "cpu")
+    lin = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(lin) == 2 * 7
+    assert all(m.weight.quant_state.nested and m.weight.quant_state.quant_type == "nf4" for m in lin)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_train_worker_providers_agree_on_loss():
+    rows = [run_worker(p, "tiny", steps=2, warmup=1, batch=2, seq=32, device="cpu") for p in ("hf", "fastllm")]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["steps"] == 2 and "torch" in r
+    torch.testing.assert_close(torch.tensor(rows[0]["loss"]), torch.tensor(rows[1]["loss"]), rtol=2e-2, atol=2e-2)
