@@ -6,6 +6,9 @@ import torch.nn.functional as F
 
 from fastllm.ops.swiglu import swiglu
 
+# On a GPU machine the kernels run for real on CUDA; elsewhere through the Triton interpreter on the CPU.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3),
        torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -14,15 +17,15 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3,
 @pytest.mark.parametrize("shape", [(5, 123), (2, 3, 160), (1025,)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_swiglu_matches_eager(backend, shape, dtype):
-    g = (torch.randn(shape) * 4).to(dtype)
-    u = torch.randn(shape).to(dtype)
+    g = (torch.randn(shape, device=DEV) * 4).to(dtype)
+    u = torch.randn(shape, device=DEV).to(dtype)
     g1, u1 = g.clone().requires_grad_(), u.clone().requires_grad_()
     g2, u2 = g.float().requires_grad_(), u.float().requires_grad_()
     h1 = swiglu(g1, u1, backend=backend)
     h2 = F.silu(g2) * u2
     assert h1.dtype == dtype
     torch.testing.assert_close(h1.float(), h2, **TOL[dtype])
-    dh = torch.randn(shape)
+    dh = torch.randn(shape, device=DEV)
     h1.backward(dh.to(dtype))
     h2.backward(dh)
     torch.testing.assert_close(g1.grad.float(), g2.grad, **TOL[dtype])

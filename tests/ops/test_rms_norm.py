@@ -10,10 +10,11 @@ from fastllm.ops.rms_norm import rms_norm
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 def test_rms_norm_matches_transformers(backend, dtype, tol):
-    ref = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ref = LlamaRMSNorm(96, eps=1e-5).to(dtype=dtype, device=dev)
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5)
-    x = torch.randn(3, 11, 96, dtype=dtype)
+    x = torch.randn(3, 11, 96, dtype=dtype, device=dev)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_ref = ref(x2)
     y = rms_norm(x1, ref.weight, ref.variance_epsilon, backend=backend)
