@@ -5,9 +5,9 @@ Importing fastllm patches nothing and prints nothing: ``FastLlama.from_pretraine
 
 from .config import PatchConfig
 from .loader import DEFAULT, FastLlama
-from .patching import PatchReport, eager, is_patched, patch, patch_report, unpatch
+from .patching import CompileReport, PatchReport, compile_report, eager, is_patched, patch, patch_report, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["DEFAULT", "FastLlama", "PatchConfig", "PatchReport", "eager", "is_patched", "patch", "patch_report",
-           "unpatch", "__version__"]
+__all__ = ["CompileReport", "DEFAULT", "FastLlama", "PatchConfig", "PatchReport", "compile_report", "eager",
+           "is_patched", "patch", "patch_report", "unpatch", "__version__"]

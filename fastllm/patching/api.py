@@ -110,7 +110,7 @@ def patch(model: nn.Module, config: PatchConfig | None = None) -> PatchReport:
     state = ModelState(config=config, report=PatchReport(disabled=why_off))
     registry.set_state(base, state)
     specs = [s for s in SPECS if on.get(s.option)]
-    forwards = {s.name: s.forward(config) for s in specs}
+    forwards = {s.name: s.forward(config, base) for s in specs}
     for name, module in base.named_modules():
         for spec in specs:
             if not spec.matches(module):

@@ -16,6 +16,7 @@ from torch import nn
 
 from .._compat import is_linear4bit, pick_backend, triton_available
 from ..config import PatchConfig
+from ..modules import decoder
 from ..modules.mlp import fast_mlp_forward, mlp_eligible
 from ..modules.rms_norm import fast_rms_norm_forward, rms_norm_eligible
 
@@ -26,7 +27,7 @@ class PatchSpec:
     option: str                                        # the PatchConfig field that turns it on
     matches: Callable[[nn.Module], bool]
     eligible: Callable[[nn.Module], str | None]        # reason it cannot apply, or None
-    forward: Callable[[PatchConfig], Callable]         # the replacement forward for this config
+    forward: Callable[[PatchConfig, nn.Module], Callable]  # replacement forward for (config, patched model)
 
 
 def _llama_classes():
@@ -47,7 +48,7 @@ def _optional(module: str, attr: str):
         return None
 
 
-def _nf4_forward(_cfg: PatchConfig):
+def _nf4_forward(_cfg: PatchConfig, _model: nn.Module | None = None):
     return _optional("..modules.nf4_linear", "nf4_linear4bit_forward")
 
 
@@ -63,7 +64,7 @@ def _causal_lm_forward(loss):
     return make(loss) if make is not None else None
 
 
-def _loss_forward(cfg: PatchConfig):
+def _loss_forward(cfg: PatchConfig, _model: nn.Module | None = None):
     return _causal_lm_forward("cross_entropy" if cfg.loss in (None, True) else cfg.loss)
 
 
@@ -72,12 +73,41 @@ def _loss_eligible(module: nn.Module) -> str | None:
     return check(module) if check is not None else None
 
 
+def _compiled(make: Callable) -> Callable[[PatchConfig, nn.Module], Callable]:
+    """A compiled-region forward of the model's own regions (compiled once per model, shared by layers)."""
+    return lambda cfg, model: make(decoder.compiled_regions(model, cfg.compile_mode))
+
+
 SPECS: tuple[PatchSpec, ...] = (
-    PatchSpec("rms_norm", "rms_norm", _is("LlamaRMSNorm"), rms_norm_eligible, lambda cfg: fast_rms_norm_forward),
-    PatchSpec("mlp", "mlp", _is("LlamaMLP"), mlp_eligible, lambda cfg: fast_mlp_forward),
+    PatchSpec("rms_norm", "rms_norm", _is("LlamaRMSNorm"), rms_norm_eligible, lambda cfg, m: fast_rms_norm_forward),
+    PatchSpec("mlp", "mlp", _is("LlamaMLP"), mlp_eligible, lambda cfg, m: fast_mlp_forward),
     PatchSpec("nf4_linear", "nf4_linear", is_linear4bit, _nf4_eligible, _nf4_forward),
     PatchSpec("loss", "loss", _is("LlamaForCausalLM"), _loss_eligible, _loss_forward),
+    # torch.compile of the decoder layer's sub-modules (never the layer's forward: transformers wraps
+    # that for gradient checkpointing). They supersede the eager rms_norm / mlp patches.
+    PatchSpec("compile_attention", "compile", _is("LlamaAttention"), decoder.attention_eligible,
+              _compiled(decoder.make_attention_forward)),
+    PatchSpec("compile_mlp", "compile", _is("LlamaMLP"), decoder.compiled_mlp_eligible,
+              _compiled(decoder.make_mlp_forward)),
+    PatchSpec("compile_rms_norm", "compile", _is("LlamaRMSNorm"), decoder.compiled_rms_norm_eligible,
+              _compiled(decoder.make_rms_norm_forward)),
 )
+
+
+def _resolve_compile(cfg: PatchConfig, cuda: bool, on: dict[str, bool], why: dict[str, str]) -> None:
+    """compile: auto = CUDA only (inductor on the CPU is slow to compile). When on, it supersedes the eager
+    rms_norm / mlp patches and routes 4-bit linears through the NF4 custom op (traceable, no graph break)."""
+    on["compile"] = cuda if cfg.compile is None else cfg.compile
+    if not on["compile"]:
+        why["compile"] = "disabled by PatchConfig" if cfg.compile is False else "auto: on for CUDA only"
+        return
+    for name in ("rms_norm", "mlp"):
+        if on[name]:
+            on[name] = False
+            why[name] = "superseded by compile (inductor fuses the same maths inside the compiled region)"
+    if cfg.nf4_linear is None and _nf4_forward(cfg) is not None:
+        on["nf4_linear"] = True  # bnb's own Linear4bit forward graph-breaks; the fastllm custom op traces
+        why.pop("nf4_linear", None)
 
 
 def resolve(cfg: PatchConfig, device: torch.device) -> tuple[dict[str, bool], dict[str, str]]:
@@ -107,13 +137,11 @@ def resolve(cfg: PatchConfig, device: torch.device) -> tuple[dict[str, bool], di
         why["loss"] = "not available in this build"
     else:
         on["loss"] = True
-    if cfg.compile:
-        why["compile"] = "torch.compile of the decoder layer is not available in this build yet"
-    on["compile"] = False
     for name, value in (("rms_norm", cfg.rms_norm), ("mlp", cfg.mlp), ("nf4_linear", cfg.nf4_linear),
                         ("loss", cfg.loss)):
         if value is False:
             why[name] = "disabled by PatchConfig"
+    _resolve_compile(cfg, cuda, on, why)
     return on, why
 
 
@@ -125,4 +153,6 @@ def backend_of(spec: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" else "torch"
     if spec == "loss":
         return "chunked-" + pick_backend("auto", device)
+    if spec.startswith("compile_"):
+        return "inductor"
     return "torch"

@@ -1,0 +1,277 @@
+"""Compiled regions of a Llama decoder layer: attention (with RoPE), the MLP and the RMSNorms.
+
+Why the sub-modules and not ``LlamaDecoderLayer.forward``: transformers' ``GradientCheckpointingLayer``
+wraps the class's ``forward`` when the class is created; an instance ``forward`` would bypass that
+wrapper and silently turn gradient checkpointing off. So the decoder layer stays transformers' own
+(checkpointing, residual adds, FSDP hooks) and its sub-modules' forwards run compiled regions:
+
+    input_layernorm           rms_norm_region(weight, x, eps)
+    self_attn                 attention_region(attn, x, cos, sin, mask, interface, dropout)
+                              with a cache: qkv_region -> cache.update (eager) -> attend_region
+    post_attention_layernorm  rms_norm_region
+    mlp                       mlp_region(mlp, x)
+
+Each region is a plain function of tensors (and the sub-module whose projections it calls), compiled
+**once per model** and shared by all layers: with dynamo's default inlining of built-in nn.Modules,
+parameters are graph inputs, not constants, so layer 2 reuses layer 1's graph. Transformers' runtime
+kwargs (cache objects, output flags, loss kwargs) stay outside: the cache update runs eagerly between two
+regions, and a call asking for something the regions do not do (attention weights, flash-attention
+kwargs) runs the class's own forward for that call. The sequence dim is marked dynamic (``maybe_mark_dynamic``)
+so new lengths reuse the graph; length 1 (decode) gets its own specialised graph.
+
+The 4-bit projections inside the regions run through ``fastllm.ops.nf4``'s custom ops (the patch layer
+binds ``nf4_linear4bit_forward`` on every eligible ``Linear4bit`` when compile is on), so they trace
+without a graph break; LoRA adapters (PEFT) trace as plain modules.
+
+The norm and SwiGLU maths inside the regions is transformers' own; inductor fuses it (the eager
+``rms_norm``/``mlp`` patches' hand-written kernels would be opaque calls inside the graph).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import weakref
+from collections import Counter
+
+import torch
+
+# Attention kwargs that change what attention computes: a call carrying any of them (non-None) runs
+# the class's own forward. Everything else transformers threads through (position_ids, use_cache,
+# num_items_in_batch, ...) is unused by SDPA/eager attention.
+_EAGER_ONLY_KWARGS = ("is_causal", "softcap", "sliding_window", "position_bias", "s_aux", "cu_seq_lens_q",
+                      "cu_seq_lens_k", "max_length_q", "max_length_k")
+COMPILED_ATTENTION = ("sdpa", "eager")
+
+
+# ---- the regions: functions of tensors (and the sub-module whose projections they call) ----------------
+
+def rms_norm_region(weight: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm maths: fp32 statistics, output in weight's dtype promotion."""
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def mlp_region(mlp, x: torch.Tensor) -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))``; the projections stay module calls (LoRA, NF4)."""
+    return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def qkv_region(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Projections and RoPE: x (B, T, H) -> q (B, nh, T, D), k, v (B, nkv, T, D)."""
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)  # (B, nh, T, D)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)  # (B, nkv, T, D)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    return q, k, v
+
+
+def attend_region(attn, q, k, v, mask, interface, dropout: float) -> torch.Tensor:
+    """Attention through transformers' interface (SDPA or eager maths), then o_proj: -> (B, T, H)."""
+    out, _ = interface(attn, q, k, v, mask, dropout=dropout, scaling=attn.scaling)
+    out = out.reshape(*out.shape[:2], -1).contiguous()  # (B, T, nh * D)
+    return attn.o_proj(out)
+
+
+def attention_region(attn, x, cos, sin, mask, interface, dropout: float) -> torch.Tensor:
+    """The whole attention block without a cache (training, no-cache inference): one graph."""
+    q, k, v = qkv_region(attn, x, cos, sin)
+    return attend_region(attn, q, k, v, mask, interface, dropout)
+
+
+# ---- compiling, once per model ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class CompileStats:
+    """Graphs the compiled regions produced (one backend call each) and the time spent producing them."""
+
+    graphs: Counter = dataclasses.field(default_factory=Counter)     # region -> graphs compiled
+    seconds: float = 0.0                                               # in the backend (forward graphs)
+    eager_calls: Counter = dataclasses.field(default_factory=Counter)  # region -> calls that ran eagerly
+    # dynamo's process-wide counters when these regions were made, so reports show what came after
+    breaks_before: int = dataclasses.field(default_factory=lambda: _dynamo_breaks())
+
+    @property
+    def total_graphs(self) -> int:
+        return sum(self.graphs.values())
+
+    @property
+    def recompiles(self) -> int:
+        """Graphs beyond the first of each region (new shapes regimes, grad mode, train/eval)."""
+        return sum(max(0, n - 1) for n in self.graphs.values())
+
+
+def _dynamo_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def _counting_backend(stats: CompileStats, region: str, mode: str):
+    """Inductor (with ``mode``'s options), counting every graph it compiles for ``region``."""
+    inner = torch._TorchCompileInductorWrapper(None if mode == "default" else mode, None, None)
+
+    def backend(gm, example_inputs):
+        t0 = time.perf_counter()
+        try:
+            return inner(gm, example_inputs)
+        finally:
+            stats.graphs[region] += 1
+            stats.seconds += time.perf_counter() - t0
+
+    return backend
+
+
+@dataclasses.dataclass
+class CompiledRegions:
+    """The compiled callables of one model, shared by all its layers."""
+
+    mode: str
+    stats: CompileStats
+    rms_norm: object
+    mlp: object
+    qkv: object
+    attend: object
+    attention: object
+
+
+_REGIONS = {"rms_norm": rms_norm_region, "mlp": mlp_region, "qkv": qkv_region, "attend": attend_region,
+            "attention": attention_region}
+# Per model (weakly keyed): re-patching the same model (``with eager(model)``, a changed config) reuses
+# the compiled callables and their dynamo cache entries instead of compiling everything again.
+_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_regions(model: torch.nn.Module, mode: str = "default") -> CompiledRegions:
+    """The compiled regions of ``model`` (created on first use; nothing compiles until a call)."""
+    regions = _BY_MODEL.get(model)
+    if regions is None or regions.mode != mode:
+        stats = regions.stats if regions is not None else CompileStats()
+        fns = {name: torch.compile(fn, backend=_counting_backend(stats, name, mode), dynamic=None)
+               for name, fn in _REGIONS.items()}
+        regions = CompiledRegions(mode=mode, stats=stats, **fns)
+        _BY_MODEL[model] = regions
+    return regions
+
+
+def regions_of(model: torch.nn.Module) -> CompiledRegions | None:
+    """The compiled regions ``model`` already has, or None (never creates them)."""
+    return _BY_MODEL.get(model)
+
+
+def _no_grad_view(x: torch.Tensor) -> torch.Tensor:
+    """Without grad mode ``requires_grad`` means nothing, but dynamo guards on it: drop it (a free view)
+    so an input made to require grad (checkpointing's embedding hook) shares the no-grad graph."""
+    return x if torch.is_grad_enabled() or not x.requires_grad else x.detach()
+
+
+def _seq_dynamic(*tensors_and_dims) -> None:
+    """Mark sequence dims dynamic so each new length reuses the graph (length 1 stays specialised)."""
+    for t, dim in tensors_and_dims:
+        if isinstance(t, torch.Tensor) and t.dim() > dim and t.shape[dim] > 1:
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
+# ---- replacement forwards (same signatures as transformers'); made per model ---------------------------
+
+def make_rms_norm_forward(regions: CompiledRegions):
+    def compiled_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = _no_grad_view(hidden_states)
+        _seq_dynamic((x, x.dim() - 2))
+        return regions.rms_norm(self.weight, x, self.variance_epsilon)
+
+    compiled_rms_norm_forward._fastllm_compiled = "rms_norm"
+    return compiled_rms_norm_forward
+
+
+def make_mlp_forward(regions: CompiledRegions):
+    def compiled_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _no_grad_view(x)
+        _seq_dynamic((x, x.dim() - 2))
+        return regions.mlp(self, x)
+
+    compiled_mlp_forward._fastllm_compiled = "mlp"
+    return compiled_mlp_forward
+
+
+def _attention_interface(attn):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    impl = attn.config._attn_implementation
+    if impl == "eager":
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        return eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[impl] if impl in COMPILED_ATTENTION else None
+
+
+def _needs_eager(attn, kwargs) -> bool:
+    if kwargs.get("output_attentions"):
+        return True
+    return any(kwargs.get(k) is not None for k in _EAGER_ONLY_KWARGS)
+
+
+def make_attention_forward(regions: CompiledRegions):
+    def compiled_attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None,
+                                   attention_mask: torch.Tensor | None = None, cache=None, **kwargs):
+        if cache is None:  # transformers < 5.2x names it past_key_values
+            cache = kwargs.pop("past_key_values", None)
+        interface = _attention_interface(self)
+        if interface is None or position_embeddings is None or _needs_eager(self, kwargs):
+            regions.stats.eager_calls["attention"] += 1
+            return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
+        cos, sin = position_embeddings
+        dropout = self.attention_dropout if self.training else 0.0
+        mask, hidden_states = attention_mask, _no_grad_view(hidden_states)
+        _seq_dynamic((hidden_states, 1), (cos, 1), (sin, 1), (mask, 2), (mask, 3))
+        if cache is None:
+            out = regions.attention(self, hidden_states, cos, sin, mask, interface, dropout)
+            return out, None
+        q, k, v = regions.qkv(self, hidden_states, cos, sin)
+        # The cache is a Python object that mutates: its update stays out of the compiled code.
+        k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        _seq_dynamic((k, 2), (v, 2))
+        return regions.attend(self, q, k, v, mask, interface, dropout), None
+
+    compiled_attention_forward._fastllm_compiled = "attention"
+    return compiled_attention_forward
+
+
+def attention_eligible(module) -> str | None:
+    """Why ``module`` (a LlamaAttention) cannot run the compiled attention, or None when it can."""
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "config", "layer_idx"):
+        if not hasattr(module, name):
+            return f"no {name}"
+    impl = getattr(module.config, "_attn_implementation", None)
+    if impl not in COMPILED_ATTENTION:
+        return f"attn_implementation {impl!r} is not compiled (only {COMPILED_ATTENTION})"
+    return None
+
+
+def compiled_rms_norm_eligible(module) -> str | None:
+    if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() != 1:
+        return "no 1-D weight"
+    if not isinstance(getattr(module, "variance_epsilon", None), float):
+        return "no float variance_epsilon"
+    return None
+
+
+def compiled_mlp_eligible(module) -> str | None:
+    for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
+        if not hasattr(module, name):
+            return f"no {name}"
+    return None
+
+
+__all__ = ["CompileStats", "CompiledRegions", "attention_eligible", "compiled_mlp_eligible", "compiled_regions",
+           "compiled_rms_norm_eligible", "make_attention_forward", "make_mlp_forward", "make_rms_norm_forward",
+           "regions_of"]

@@ -1,0 +1,179 @@
+"""PatchConfig(compile=True) on a tiny 4-bit + LoRA Llama, on the CPU with inductor.
+
+Zero graph breaks, no new graphs after warm-up over varied lengths, loss and gradients vs ``eager(model)``
+under non-reentrant gradient checkpointing (backward included), greedy generation vs eager, and exact revert.
+"""
+
+import pytest
+import torch
+
+bnb = pytest.importorskip("bitsandbytes")
+pytest.importorskip("peft")
+
+import fastllm  # noqa: E402
+from fastllm import FastLlama, PatchConfig, compile_report, eager, patch, unpatch  # noqa: E402
+from fastllm.modules.nf4_linear import nf4_linear4bit_forward  # noqa: E402
+
+WARMUP = (9, 13, 17)
+LENGTHS = WARMUP + (5, 11, 20, 24, 31, 40, 64)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """Tiny Llama whose linears' in_features are multiples of 64: bitsandbytes 0.50's own CPU 4-bit forward
+    (the eager reference) is wrong otherwise (see tests/modules/test_nf4_linear.py)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
+                                         max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("tiny_llama_compile")
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _qlora(path, compile=True, gc=True):
+    model, _ = FastLlama.from_pretrained(path, load_in_4bit=True, dtype=torch.float32,
+                                         patch=PatchConfig(compile=compile))
+    torch.manual_seed(0)
+    model = FastLlama.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=gc)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # non-zero B: the adapters take part in forward and backward
+    return model
+
+
+def _ids(t, b=2, seed=0):
+    return torch.randint(0, 320, (b, t), generator=torch.Generator().manual_seed(seed + t))
+
+
+def _loss_and_grads(model, x):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _graph_breaks():
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def test_compiled_training_over_lengths_matches_eager_without_new_graphs(tiny_dir):
+    model = _qlora(tiny_dir)
+    base = fastllm.patching.find_base(model)
+    report = fastllm.patch_report(model)
+    assert report.counts["compile_attention"] == 2 and report.counts["compile_mlp"] == 2
+    assert report.counts["compile_rms_norm"] == 5 and report.counts["nf4_linear"] == 14
+    assert all(layer.gradient_checkpointing for layer in base.model.layers)
+    attn_calls = []
+    hooks = [layer.self_attn.register_forward_hook(lambda *a: attn_calls.append(1)) for layer in base.model.layers]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    after_warmup = None
+    for i, t in enumerate(LENGTHS):
+        x = _ids(t)
+        with eager(model):
+            ref_loss, ref_grads = _loss_and_grads(model, x)
+        attn_calls.clear()
+        loss, grads = _loss_and_grads(model, x)
+        # Checkpointing is live around the compiled regions: each layer's attention ran again in backward.
+        assert len(attn_calls) == 2 * len(base.model.layers)
+        torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+        opt.step()
+        if i == len(WARMUP) - 1:
+            after_warmup = compile_report(model).graphs
+    for h in hooks:
+        h.remove()
+    rep = compile_report(model)
+    assert rep.graph_breaks == 0 and _graph_breaks() == 0, rep.break_reasons
+    assert rep.graphs == after_warmup, f"new graphs after warm-up: {rep.graphs_per_region}"
+    assert rep.graphs <= 30 and rep.eager_calls == {}
+    # One graph per region, shared by both layers (compiled once per model, not per layer).
+    assert rep.graphs_per_region == {"rms_norm": 1, "attention": 1, "mlp": 1}, rep.graphs_per_region
+
+
+def test_padding_mask_and_generation_match_eager(tiny_dir):
+    model = _qlora(tiny_dir, gc=False)
+    model.train()
+    for t in WARMUP + (21,):
+        x = _ids(t)
+        mask = torch.ones_like(x)
+        mask[0, :3] = 0  # left padding on one row: attention gets a 4-D mask tensor
+        with eager(model):
+            ref = model(input_ids=x, attention_mask=mask, labels=x).loss
+        out = model(input_ids=x, attention_mask=mask, labels=x).loss
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        for t in (7, 12):
+            x = _ids(t, b=1)
+            got = model.generate(input_ids=x, max_new_tokens=6, do_sample=False)
+            if t == 7:
+                warm = compile_report(model).graphs
+            with eager(model):
+                want = model.generate(input_ids=x, max_new_tokens=6, do_sample=False)
+            assert torch.equal(got, want)
+    rep = compile_report(model)
+    assert rep.graph_breaks == 0, rep.break_reasons
+    assert rep.graphs == warm, rep.graphs_per_region  # a second prompt length and new cache lengths: nothing new
+    assert {"qkv", "attend"} <= set(rep.graphs_per_region)  # with a cache: update runs between two regions
+    assert rep.graphs <= 30
+
+
+def _snapshot(model):
+    return {name: dict(vars(m)) for name, m in model.named_modules()}
+
+
+def test_unpatch_restores_eager_exactly(tiny_dir):
+    model, twin = _qlora(tiny_dir, compile=False), _qlora(tiny_dir, compile=False)
+    unpatch(model), unpatch(twin)
+    x = _ids(9)
+    model.train(), twin.train()
+    model(input_ids=x, labels=x), twin(input_ids=x, labels=x)  # bnb sets its compute dtype on a first call
+    before = _snapshot(model)
+    report = patch(model, PatchConfig(compile=True))
+    attn = fastllm.patching.find_base(model).model.layers[0].self_attn
+    assert attn.forward.__func__._fastllm_compiled == "attention"
+    assert attn.q_proj.base_layer.forward.__func__ is nf4_linear4bit_forward
+    assert report.backends["compile_attention"] == "inductor" and "rms_norm" in report.disabled
+    model(input_ids=x, labels=x).loss.backward()
+    assert compile_report(model).graphs >= 3
+    assert unpatch(model) > 0
+    assert _snapshot(model) == before
+    assert all("forward" not in vars(m) for m in model.modules())
+    model.zero_grad(set_to_none=True)
+    la, lb = model(input_ids=x, labels=x).loss, twin(input_ids=x, labels=x).loss
+    assert torch.equal(la, lb)
+    la.backward(), lb.backward()
+    for (na, pa), (_, pb) in zip(model.named_parameters(), twin.named_parameters()):
+        if pa.requires_grad:
+            assert torch.equal(pa.grad, pb.grad), na
+
+
+def test_auto_is_off_on_cpu_and_mode_reaches_the_regions(tiny_dir):
+    model, _ = FastLlama.from_pretrained(tiny_dir, load_in_4bit=True, dtype=torch.float32)
+    report = fastllm.patch_report(model)
+    assert "compile" in report.disabled and "compile_attention" not in report.counts
+    assert compile_report(model) is None
+    patch(model, PatchConfig(compile=True, compile_mode="max-autotune"))
+    from fastllm.modules.decoder import regions_of
+
+    assert regions_of(fastllm.patching.find_base(model)).mode == "max-autotune"
+    with pytest.raises(ValueError, match="compile_mode"):
+        PatchConfig(compile=True, compile_mode="fast")
