@@ -10,7 +10,8 @@ import os
 import sys
 import time
 
-BENCHES = {"dequant": "fastllm.bench.dequant", "loss": "fastllm.bench.loss", "train": "fastllm.bench.train"}
+BENCHES = {"compile": "fastllm.bench.compile", "dequant": "fastllm.bench.dequant", "loss": "fastllm.bench.loss",
+           "train": "fastllm.bench.train"}
 SAMPLE_PROMPT = "And God said unto Moses,"
 
 

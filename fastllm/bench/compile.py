@@ -1,0 +1,204 @@
+"""``fastllm bench compile``: eager vs torch.compile'd QLoRA Llama, training step and inference (GPU).
+
+Models are Llama-3-shaped with random weights built here (no download): the decoder's seven linears per
+layer become bitsandbytes NF4 ``Linear4bit`` (double quant, bf16 compute), LoRA r16 on all of them through
+``FastLlama.get_peft_model``. Providers, all on the same model object in the same run:
+
+- ``eager``: transformers + PEFT + bitsandbytes as they come (unpatched);
+- ``fastllm``: fastllm's patches without compile (fused norms/SwiGLU, NF4 linear, chunked loss);
+- ``fastllm+compile``: ``PatchConfig(compile=True)`` (its regions include the NF4 linear; the loss patch stays on).
+
+Training: bs x seq tokens per step, non-reentrant gradient checkpointing, bf16 autocast (how HF Trainer runs
+QLoRA), AdamW on the LoRA weights; tokens/s from the median step, peak memory of a step, compile time = first
+step minus a median step. Inference: prefill of a ``prompt``-token prompt, then greedy decode of 128 tokens
+(``generate``, dynamic cache): latency (median of runs) and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import statistics
+import time
+
+import torch
+
+from .common import bar_chart, format_table, stamp, write_jsonl
+
+logger = logging.getLogger(__name__)
+GiB = 1 << 30
+
+SHAPES = {  # Llama-3.2-1B and Llama-3-8B
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
+}
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_qlora(shape: str, device: torch.device, dtype=torch.bfloat16):
+    """A random Llama-3-shaped model with NF4 decoder linears and LoRA r16 on them (a PeftModel)."""
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .. import FastLlama
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    with device:
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in LINEARS:
+                lin = getattr(parent, name, None)
+                if lin is None:
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=dtype,
+                                      compress_statistics=True, quant_type="nf4", device="meta")
+                # Params4bit quantizes when moved to the device; the bf16 weight is freed with `lin`.
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True).to(device)
+                setattr(parent, name, q)
+    model.is_loaded_in_4bit = True  # PEFT dispatches its bnb 4-bit LoRA layer on this flag
+    gc.collect()
+    torch.cuda.empty_cache()
+    return FastLlama.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=True)
+
+
+def _set_provider(model, provider: str) -> None:
+    from .. import PatchConfig, patch, unpatch
+
+    unpatch(model)
+    if provider == "fastllm":
+        patch(model, PatchConfig(compile=False, gradient_checkpointing=True))
+    elif provider == "fastllm+compile":
+        patch(model, PatchConfig(compile=True, gradient_checkpointing=True))
+
+
+def _sync_time(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def measure_train(model, *, batch: int, seq: int, steps: int) -> dict:
+    vocab = model.config.vocab_size
+    x = torch.randint(0, vocab, (batch, seq), device="cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    model.train()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    first = _sync_time(step)
+    torch.cuda.reset_peak_memory_stats()
+    times = [_sync_time(step) for _ in range(steps)]
+    med = statistics.median(times)
+    return {"tokens_per_s": batch * seq / med, "step_ms": med * 1e3, "first_step_s": first,
+            "compile_s": max(first - med, 0.0), "peak_gib": torch.cuda.max_memory_allocated() / GiB}
+
+
+def measure_infer(model, *, prompt: int, new_tokens: int, runs: int) -> dict:
+    vocab = model.config.vocab_size
+    x = torch.randint(0, vocab, (1, prompt), device="cuda")
+    model.eval()
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        first = _sync_time(lambda: model.generate(input_ids=x, **gen))
+        torch.cuda.reset_peak_memory_stats()
+        prefill = statistics.median(_sync_time(lambda: model(input_ids=x, use_cache=True)) for _ in range(runs))
+        total = statistics.median(_sync_time(lambda: model.generate(input_ids=x, **gen)) for _ in range(runs))
+    return {"prefill_ms": prefill * 1e3, "generate_ms": total * 1e3, "decode_ms_per_token": (total - prefill)
+            * 1e3 / new_tokens, "first_generate_s": first, "peak_gib": torch.cuda.max_memory_allocated() / GiB}
+
+
+def run(shape: str, *, batch: int, seq: int, steps: int, prompt: int, new_tokens: int, runs: int,
+        providers=("eager", "fastllm", "fastllm+compile")) -> list[dict]:
+    from .. import compile_report
+
+    model = build_qlora(shape, torch.device("cuda"))
+    rows, base = [], stamp()
+    for provider in providers:
+        _set_provider(model, provider)
+        torch._dynamo.reset()
+        common = {**base, "bench": "compile", "shape": shape, "provider": provider}
+        res = measure_train(model, batch=batch, seq=seq, steps=steps)
+        rows.append({**common, "mode": "train", "batch": batch, "seq": seq, **res, **_graphs(compile_report(model))})
+        res = measure_infer(model, prompt=prompt, new_tokens=new_tokens, runs=runs)
+        rows.append({**common, "mode": "infer", "prompt": prompt, "new_tokens": new_tokens, **res,
+                     **_graphs(compile_report(model))})
+        logger.info("%s %s done", shape, provider)
+    _set_provider(model, "eager")
+    for mode, key in (("train", "tokens_per_s"), ("infer", "generate_ms")):
+        ref = next((r for r in rows if r["mode"] == mode and r["provider"] == "eager"), None)
+        for r in rows:
+            if r["mode"] == mode and ref is not None:
+                # speedup > 1 is better for both: tokens/s ratio, or eager latency / latency
+                r["speedup_vs_eager"] = (r[key] / ref[key]) if mode == "train" else (ref[key] / r[key])
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _graphs(rep) -> dict:
+    if rep is None:
+        return {}
+    return {"graphs": rep.graphs, "graph_breaks": rep.graph_breaks, "recompiles": rep.recompiles,
+            "backend_compile_s": rep.compile_seconds}
+
+
+def _plots(rows: list[dict], out: str) -> None:
+    groups = sorted({r["shape"] for r in rows})
+    provs = list(dict.fromkeys(r["provider"] for r in rows))
+    for mode, key, label in (("train", "tokens_per_s", "training tokens/s"),
+                             ("infer", "generate_ms", "prefill + 128-token decode, ms")):
+        series = {p: [next((r[key] for r in rows if r["mode"] == mode and r["provider"] == p and r["shape"] == g),
+                           0.0) for g in groups] for p in provs}
+        bar_chart(groups, series, title=f"QLoRA Llama-3 shapes, {mode} ({rows[0].get('gpu', '?')})", ylabel=label,
+                  path=os.path.join(out, f"compile_{mode}.png"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fastllm bench compile", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench-out", help="directory for compile.jsonl and compile_*.png")
+    p.add_argument("--quick", action="store_true", help="shorter sequences and fewer repetitions (a smoke run)")
+    p.add_argument("--shapes", default="1b,8b", help="comma-separated, from: " + ",".join(SHAPES))
+    p.add_argument("--providers", default="eager,fastllm,fastllm+compile")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    shapes = [s for s in args.shapes.split(",") if s]
+    bad = sorted(set(shapes) - set(SHAPES))
+    if bad:
+        p.error(f"unknown shape(s) {bad}; choose from {sorted(SHAPES)}")
+    kw = dict(batch=2, seq=1024, steps=3, prompt=256, new_tokens=128, runs=2) if args.quick else \
+        dict(batch=2, seq=2048, steps=10, prompt=512, new_tokens=128, runs=3)
+    rows = []
+    for shape in shapes:
+        rows += run(shape, providers=tuple(args.providers.split(",")), **kw)
+    os.makedirs(args.out, exist_ok=True)
+    write_jsonl(rows, os.path.join(args.out, "compile.jsonl"))
+    cols = {"train": ["shape", "provider", "tokens_per_s", "step_ms", "peak_gib", "compile_s", "graphs",
+                      "graph_breaks", "speedup_vs_eager"],
+            "infer": ["shape", "provider", "prefill_ms", "decode_ms_per_token", "generate_ms", "peak_gib",
+                      "first_generate_s", "graphs", "graph_breaks", "speedup_vs_eager"]}
+    for mode, columns in cols.items():
+        print(f"\n{mode}\n" + format_table([r for r in rows if r["mode"] == mode], columns))
+    _plots(rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
