@@ -1,0 +1,247 @@
+"""FSDP2 sharding of the 4-bit + LoRA Llama: 2 CPU ranks (gloo) against one process on the same global batch.
+
+The multi-rank runs are real ``torchrun`` subprocesses: ``examples/train_fsdp2.py`` for training, and this
+file itself (``__main__`` below) for the checks that must look inside the sharded model on each rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLE = os.path.join(ROOT, "examples", "train_fsdp2.py")
+TIMEOUT = 240
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return env
+
+
+def _run(cmd, timeout=TIMEOUT):
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return proc
+
+
+def _torchrun(nproc: int, *args, gpus: bool = False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return _run(cmd, timeout=600 if gpus else TIMEOUT)
+
+
+def _metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(x) for x in f]
+    return [x for x in lines if not x.get("summary")], lines[-1]
+
+
+def _adapter(out_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
+
+
+# ---- NF4Param in one process ------------------------------------------------------------------
+
+def _params4bit(out_features=160, in_features=64, seed=0):
+    """A real bnb NF4 double-quant weight (quantized by ``.to``), as the loader makes them."""
+    import bitsandbytes as bnb
+
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn(out_features, in_features, generator=g) * 0.05
+    return bnb.nn.Params4bit(data, requires_grad=False, quant_type="nf4", compress_statistics=True,
+                             blocksize=64).to("cpu")
+
+
+def test_nf4param_splits_with_its_quant_state():
+    import bitsandbytes.functional as bF
+
+    from fastllm.integrations.nf4_fsdp import nf4_param_from_params4bit, shardable_rows
+
+    w = _params4bit()
+    qs = w.quant_state
+    t = nf4_param_from_params4bit(w)
+    assert t.shape == w.shape and t.dtype == torch.uint8 and not t.requires_grad
+    dense = bF.dequantize_4bit(w.data, qs)
+    torch.testing.assert_close(bF.dequantize_4bit(t.packed, t.quant_state), dense, rtol=0, atol=0)
+    assert shardable_rows(w.data, qs.blocksize, 2) and not shardable_rows(w.data, qs.blocksize, 3)
+    # What fully_shard does: chunk, pad into new_zeros, copy, narrow; then gather by concatenation.
+    halves = torch.chunk(t, 2, dim=0)
+    assert [type(h).__name__ for h in halves] == ["NF4Param", "NF4Param"]
+    padded = [h.new_zeros(h.shape) for h in halves]
+    for p, h in zip(padded, halves):
+        p.narrow(0, 0, h.shape[0]).copy_(h)
+    packed = torch.cat([p.packed for p in padded])
+    absmax = torch.cat([p.absmax for p in padded])
+    assert torch.equal(packed, w.data) and torch.equal(absmax, qs.absmax)
+    # Each half dequantizes to its rows of W (half the rows: 80 x 64 values = 80 blocks of 64).
+    torch.testing.assert_close(bF.dequantize_4bit(halves[1].packed, halves[1].quant_state), dense[80:],
+                               rtol=0, atol=0)
+    with pytest.raises(NotImplementedError, match="corrupt"):
+        t.to(torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="absmax"):
+        t[5:100]  # not on a 64-value block boundary
+    assert type(t.t()) is torch.Tensor  # other ops run on the bytes and return plain tensors
+
+
+def test_shard_needs_a_process_group(tiny_llama_dir):
+    from fastllm import FastLlama
+    from fastllm.integrations.fsdp2 import shard
+
+    model, _ = FastLlama.from_pretrained(tiny_llama_dir, dtype=torch.float32, patch=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        shard(FastLlama.get_peft_model(model, r=4))
+
+
+# ---- 2 CPU ranks vs one process ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs(tiny_llama_dir, tmp_path_factory):
+    """Example runs on the same global batch: 1 process, and 2 gloo ranks with gradient accumulation."""
+    base = tmp_path_factory.mktemp("fsdp2")
+    common = ["--model", tiny_llama_dir, "--steps", "4", "--batch-size", "4", "--seq-len", "48", "--lr", "1e-2",
+              "--lora-r", "4"]
+    out = {}
+    for patched in (True, False):
+        flag = [] if patched else ["--no-patch"]
+        one, two = str(base / f"one-{patched}"), str(base / f"two-{patched}")
+        _run([sys.executable, EXAMPLE, *common, *flag, "--out", one])
+        _torchrun(2, EXAMPLE, *common, *flag, "--grad-accum", "2", "--out", two)
+        out[patched] = (one, two)
+    return out
+
+
+@pytest.mark.parametrize("patched", [True, False], ids=["patched", "unpatched"])
+def test_two_ranks_equal_one_process(runs, patched):
+    one, two = runs[patched]
+    steps1, summary1 = _metrics(one)
+    steps2, summary2 = _metrics(two)
+    assert summary1["world_size"] == 1 and summary2["world_size"] == 2 and summary2["patched"] is patched
+    l1 = torch.tensor([s["loss"] for s in steps1], dtype=torch.float64)
+    l2 = torch.tensor([s["loss"] for s in steps2], dtype=torch.float64)
+    assert len(l1) == 4 and l1[-1] < l1[0]  # it trains
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
+    a1, a2 = _adapter(one), _adapter(two)
+    assert sorted(a1) == sorted(a2) and len(a1) == 2 * 7 * 2  # A and B on 7 linears x 2 layers
+    assert max(v.abs().max().item() for k, v in a1.items() if "lora_B" in k) > 1e-3  # B moved off zero
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-5)
+    # Frozen parameters never held a gradient; the optimizer holds state for LoRA tensors only.
+    assert all(s["frozen_params_with_grad"] == 0 for s in steps2)
+    assert summary2["optimizer_state_tensors"] == summary2["trainable_tensors"] == 28
+
+
+def test_adapter_loads_in_plain_peft(runs, tiny_llama_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    one, two = runs[True]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, os.path.join(two, "adapter"))
+    saved = _adapter(one)
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(saved)
+    for k, v in saved.items():
+        torch.testing.assert_close(loaded[k.replace(".weight", ".default.weight")], v, rtol=1e-4, atol=1e-5)
+    ids = torch.randint(0, 320, (1, 16))
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_gathered_4bit_weights_are_byte_identical(tiny_llama_dir, tmp_path):
+    _torchrun(2, os.path.abspath(__file__), tiny_llama_dir, str(tmp_path))
+    for rank in (0, 1):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            res = json.load(f)
+        assert res["nf4_params"] == 14 and res["checked"] == 14
+        assert res["mismatches"] == [], res["mismatches"]
+        assert res["local_fraction"] == 0.5  # each rank holds half of the packed bytes and absmax
+        assert res["frozen_with_grad"] == 0 and res["lora_with_grad"] == 28
+        assert res["bf16_mp_mismatches"] == []
+
+
+@pytest.mark.multigpu
+def test_example_on_two_gpus(tmp_path):
+    common = ["--model", "1b", "--steps", "6", "--batch-size", "4", "--seq-len", "512", "--cache-dir",
+              str(tmp_path / "cache")]
+    _run([sys.executable, EXAMPLE, *common, "--out", str(tmp_path / "one")], timeout=600)
+    _torchrun(2, EXAMPLE, *common, "--out", str(tmp_path / "two"), gpus=True)
+    l1 = torch.tensor([s["loss"] for s in _metrics(tmp_path / "one")[0]])
+    l2 = torch.tensor([s["loss"] for s in _metrics(tmp_path / "two")[0]])
+    torch.testing.assert_close(l2, l1, rtol=2e-3, atol=2e-3)  # bf16 compute: reduction order differs
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+# ---- the per-rank worker (run by torchrun on this file) ---------------------------------------
+
+def _compare(model, ref, tag, mismatches):
+    """Unshard each layer and compare every gathered NF4Param with the bytes loaded before sharding."""
+    import bitsandbytes.functional as bF
+
+    from fastllm._compat import is_linear4bit
+    from fastllm.integrations.fsdp2 import NF4Param
+
+    checked = 0
+    for layer in model.base_model.model.model.layers:
+        layer.unshard()
+        for name, m in layer.named_modules():
+            if not is_linear4bit(m):
+                continue
+            w = m.weight
+            if not isinstance(w, NF4Param):
+                mismatches.append(f"{tag}:{name} not sharded")
+                continue
+            packed, absmax, dense = ref[id(m)]
+            qs = w.quant_state
+            ok = (torch.equal(w.packed, packed) and torch.equal(w.absmax, absmax)
+                  and torch.equal(bF.dequantize_4bit(w.packed, qs), dense))
+            if not ok:
+                mismatches.append(f"{tag}:{name}")
+            checked += 1
+        layer.reshard()
+    return checked
+
+
+def _worker(model_dir: str, out_dir: str) -> None:
+    import bitsandbytes.functional as bF
+    import torch.distributed as dist
+
+    from fastllm import FastLlama
+    from fastllm._compat import is_linear4bit
+    from fastllm.integrations.fsdp2 import NF4Param, shard
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    res = {"mismatches": [], "bf16_mp_mismatches": []}
+    for mp, key in ((None, "mismatches"), ("bf16", "bf16_mp_mismatches")):
+        model, _ = FastLlama.from_pretrained(model_dir, dtype=torch.float32, patch=True)
+        torch.manual_seed(0)
+        model = FastLlama.get_peft_model(model, r=4)
+        ref = {id(m): (m.weight.data.clone(), m.weight.quant_state.absmax.clone(),
+                       bF.dequantize_4bit(m.weight.data, m.weight.quant_state))
+               for m in model.modules() if is_linear4bit(m)}
+        shard(model, mixed_precision=mp)
+        nf4 = [p for p in model.parameters() if isinstance(getattr(p, "_local_tensor", None), NF4Param)]
+        if mp is None:
+            res["nf4_params"] = len(nf4)
+            res["local_fraction"] = (sum(p._local_tensor.packed.numel() for p in nf4)
+                                     / sum(p.numel() for p in nf4))
+        ids = torch.randint(0, 320, (2, 24))
+        model(input_ids=ids, labels=ids).loss.backward()
+        if mp is None:
+            res["frozen_with_grad"] = sum(1 for p in model.parameters() if not p.requires_grad and p.grad is not None)
+            res["lora_with_grad"] = sum(1 for p in model.parameters() if p.requires_grad and p.grad is not None)
+        res["checked"] = _compare(model, ref, f"mp={mp}", res[key])
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
