@@ -3,15 +3,18 @@
 import pytest
 import torch
 
-from fastllm import FastLlama, eager, patch_report
+from fastllm import FastLlama, PatchConfig, eager, patch_report
 
 pytestmark = pytest.mark.gpu
 
 
-def test_patched_qlora_on_cuda_matches_eager(tiny_llama_dir):
-    model, _ = FastLlama.from_pretrained(tiny_llama_dir, max_seq_length=256)
+@pytest.mark.parametrize("compile", [False, None])
+def test_patched_qlora_on_cuda_matches_eager(tiny_llama_dir, compile):
+    model, _ = FastLlama.from_pretrained(tiny_llama_dir, max_seq_length=256, patch=PatchConfig(compile=compile))
     report = patch_report(model)
-    assert report.backends.get("rms_norm") == "triton" and report.backends.get("mlp") == "triton"
+    assert report.counts["nf4_linear"] == 14 and report.counts["loss"] == 1
+    if compile is False:
+        assert report.backends.get("rms_norm") == "triton" and report.backends.get("mlp") == "triton"
     model = FastLlama.get_peft_model(model, r=8, lora_alpha=16)
     x = torch.randint(0, 320, (2, 77), device="cuda")
     model.train()
