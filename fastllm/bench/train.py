@@ -7,7 +7,8 @@ after ``--warmup``. Providers, each in its own fresh process (some patch process
 - ``hf``: transformers + PEFT + bitsandbytes, ``prepare_model_for_kbit_training`` (the QLoRA recipe),
   non-reentrant checkpointing, SDPA.
 - ``liger``: the same plus Liger-Kernel's Llama patch (rope, RMSNorm, SwiGLU, fused linear CE), if installed.
-- ``fastllm``: ``fastllm.patch`` + ``FastLlama.get_peft_model`` (no fp32 upcasts).
+- ``fastllm``: ``fastllm.patch`` + ``FastLlama.get_peft_model`` (no fp32 upcasts); ``fastllm:opt=0,...``
+  runs an ablation with those PatchConfig options (``0``/``1``/``none``).
 
 Rows (tokens/s, peak GiB, loss after the timed steps) go to JSON lines with the GPU name and versions,
 plus a table with ratios vs ``hf`` and a PNG.
@@ -30,13 +31,26 @@ from .models import LINEARS, build_qlora_base
 PROVIDERS = ("hf", "liger", "fastllm")
 
 
+def _patch_config(provider: str):
+    """``fastllm`` or ``fastllm:compile=0,nf4_linear=0`` (ablations: 0/1/none per PatchConfig option)."""
+    from .. import PatchConfig
+
+    _, _, opts = provider.partition(":")
+    values = {"0": False, "1": True, "none": None}
+    kwargs = {}
+    for item in filter(None, opts.split(",")):
+        key, _, val = item.partition("=")
+        kwargs[key] = values.get(val.lower(), val)
+    return PatchConfig(**kwargs)
+
+
 def _prepare(provider: str, model, gc: bool):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if provider == "fastllm":
+    if provider.startswith("fastllm"):
         from .. import FastLlama, patch
 
-        report = patch(model)
+        report = patch(model, _patch_config(provider))
         return FastLlama.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=gc), str(report)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -138,15 +152,19 @@ def main(argv=None) -> int:
                                                       "error")}), flush=True)
     for shape in args.shapes.split(","):
         base = next((r for r in rows if r["shape"] == shape and r["provider"] == "hf" and "error" not in r), None)
+        # liger numbers as a second baseline
+        lig = next((r for r in rows if r["shape"] == shape and r["provider"] == "liger" and "error" not in r), None)
         for r in rows:
             if r["shape"] == shape and base and "error" not in r:
                 r["speedup_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
                 r["memory_vs_hf"] = r["peak_gib"] / base["peak_gib"]
+            if r["shape"] == shape and lig and "error" not in r:
+                r["speedup_vs_liger"] = r["tokens_per_s"] / lig["tokens_per_s"]
     os.makedirs(args.out, exist_ok=True)
     write_jsonl(rows, os.path.join(args.out, "train.jsonl"))
     ok = [r for r in rows if "error" not in r]
     print(format_table(ok, ["shape", "provider", "tokens_per_s", "step_ms", "peak_gib", "loss", "speedup_vs_hf",
-                            "memory_vs_hf"]))
+                            "memory_vs_hf", "speedup_vs_liger"]))
     for r in rows:
         if "error" in r:
             print(f"{r['shape']} {r['provider']}: FAILED {r['error']}")

@@ -20,7 +20,10 @@ def test_bench_model_is_nf4_double_quant():
 
 
 def test_train_worker_providers_agree_on_loss():
-    rows = [run_worker(p, "tiny", steps=2, warmup=1, batch=2, seq=32, device="cpu") for p in ("hf", "fastllm")]
+    providers = ("hf", "fastllm", "fastllm:loss=0,mlp=0")
+    rows = [run_worker(p, "tiny", steps=2, warmup=1, batch=2, seq=32, device="cpu") for p in providers]
     for r in rows:
         assert r["tokens_per_s"] > 0 and r["steps"] == 2 and "torch" in r
-    torch.testing.assert_close(torch.tensor(rows[0]["loss"]), torch.tensor(rows[1]["loss"]), rtol=2e-2, atol=2e-2)
+    for r in rows[1:]:
+        torch.testing.assert_close(torch.tensor(rows[0]["loss"]), torch.tensor(r["loss"]), rtol=2e-2, atol=2e-2)
+    assert "mlp" not in rows[2]["setup"].split("skipped")[0] and "loss" in rows[2]["setup"]
