@@ -129,6 +129,25 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (Linux: KiB)
 
 
+def local_param_mib(model) -> float:
+    """Parameter bytes this rank holds (4-bit weights with their absmax; LoRA and the rest)."""
+    from torch.distributed.tensor import DTensor
+
+    from fastllm.integrations.fsdp2 import NF4Param
+
+    total = 0
+    for p in model.parameters():
+        t = p._local_tensor if isinstance(p, DTensor) else p
+        if isinstance(t, NF4Param):
+            total += t.packed.numel() * t.packed.element_size() + t.absmax.numel() * t.absmax.element_size()
+            continue
+        total += t.numel() * t.element_size()
+        qs = getattr(t, "quant_state", None)
+        if qs is not None:
+            total += qs.absmax.numel() * qs.absmax.element_size()
+    return total / 2**20
+
+
 def load_model(path: str, args, device: torch.device):
     from fastllm import FastLlama
 
@@ -201,8 +220,8 @@ def train(args) -> list[dict]:
 def summarize(args, model, opt, records, rank, world, device) -> dict:
     timed = records[1:] or records  # step 0 includes one-off warm-up (allocations, autotuning)
     step_s = sum(r["step_s"] for r in timed) / len(timed)
-    mine = dict(rank=rank, peak_mem_mib=peak_memory_mib(device), tokens_per_s=args.batch_size // world
-                * args.seq_len / step_s)
+    mine = dict(rank=rank, peak_mem_mib=peak_memory_mib(device), param_mib=local_param_mib(model),
+                tokens_per_s=args.batch_size // world * args.seq_len / step_s)
     per_rank = [None] * world
     if dist.is_initialized():
         dist.all_gather_object(per_rank, mine)

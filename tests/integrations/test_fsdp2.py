@@ -136,6 +136,10 @@ def test_two_ranks_equal_one_process(runs, patched):
     # Frozen parameters never held a gradient; the optimizer holds state for LoRA tensors only.
     assert all(s["frozen_params_with_grad"] == 0 for s in steps2)
     assert summary2["optimizer_state_tensors"] == summary2["trainable_tensors"] == 28
+    # Each rank holds half the parameter bytes of the single process (4-bit bytes + absmax included).
+    full = summary1["per_rank"][0]["param_mib"]
+    for r in summary2["per_rank"]:
+        torch.testing.assert_close(r["param_mib"], full / 2, rtol=1e-3, atol=0)
 
 
 def test_adapter_loads_in_plain_peft(runs, tiny_llama_dir):
@@ -164,6 +168,10 @@ def test_gathered_4bit_weights_are_byte_identical(tiny_llama_dir, tmp_path):
         assert res["local_fraction"] == 0.5  # each rank holds half of the packed bytes and absmax
         assert res["frozen_with_grad"] == 0 and res["lora_with_grad"] == 28
         assert res["bf16_mp_mismatches"] == []
+        # Same batch, same weights: the sharded forward (fastllm NF4 linear on the gathered NF4Params)
+        # gives the unsharded loss.
+        assert res["nf4_linear_patched"] == 14
+        torch.testing.assert_close(res["loss_sharded"], res["loss_before"], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.multigpu
@@ -212,7 +220,7 @@ def _worker(model_dir: str, out_dir: str) -> None:
     import bitsandbytes.functional as bF
     import torch.distributed as dist
 
-    from fastllm import FastLlama
+    from fastllm import FastLlama, PatchConfig, patch_report
     from fastllm._compat import is_linear4bit
     from fastllm.integrations.fsdp2 import NF4Param, shard
 
@@ -220,9 +228,18 @@ def _worker(model_dir: str, out_dir: str) -> None:
     rank = dist.get_rank()
     res = {"mismatches": [], "bf16_mp_mismatches": []}
     for mp, key in ((None, "mismatches"), ("bf16", "bf16_mp_mismatches")):
-        model, _ = FastLlama.from_pretrained(model_dir, dtype=torch.float32, patch=True)
+        # fastllm's own NF4 linear (torch path on the CPU) reads the gathered NF4Param directly.
+        model, _ = FastLlama.from_pretrained(model_dir, dtype=torch.float32, patch=PatchConfig(nf4_linear=True))
         torch.manual_seed(0)
         model = FastLlama.get_peft_model(model, r=4)
+        torch.manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # non-zero B, so the LoRA path shows in the loss
+                torch.nn.init.normal_(p, std=0.05)
+        ids = torch.randint(0, 320, (2, 24))
+        if mp is None:
+            res["nf4_linear_patched"] = patch_report(model).counts.get("nf4_linear", 0)
+            res["loss_before"] = model(input_ids=ids, labels=ids).loss.item()
         ref = {id(m): (m.weight.data.clone(), m.weight.quant_state.absmax.clone(),
                        bF.dequantize_4bit(m.weight.data, m.weight.quant_state))
                for m in model.modules() if is_linear4bit(m)}
@@ -232,9 +249,10 @@ def _worker(model_dir: str, out_dir: str) -> None:
             res["nf4_params"] = len(nf4)
             res["local_fraction"] = (sum(p._local_tensor.packed.numel() for p in nf4)
                                      / sum(p.numel() for p in nf4))
-        ids = torch.randint(0, 320, (2, 24))
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         if mp is None:
+            res["loss_sharded"] = loss.item()
             res["frozen_with_grad"] = sum(1 for p in model.parameters() if not p.requires_grad and p.grad is not None)
             res["lora_with_grad"] = sum(1 for p in model.parameters() if p.requires_grad and p.grad is not None)
         res["checked"] = _compare(model, ref, f"mp={mp}", res[key])
