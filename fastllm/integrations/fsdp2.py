@@ -15,8 +15,9 @@ of a ``Params4bit``. The ways of sharding that look simpler are broken:
   wrong (bitsandbytes #1945);
 - uint8 storage as a plain parameter loses ``quant_state`` (bnb then re-creates a ``Params4bit`` from
   the module's copy inside every forward, re-registering a parameter under FSDP's feet) and keeps the
-  full absmax on every rank; with older FSDP/accelerate stacks it crashes or trains at loss 0 / nan
-  (accelerate #3983).
+  full absmax on every rank. It happens to train correctly on CPU gloo ranks with torch 2.13, but it
+  is reported to crash or train at loss 0 / grad nan elsewhere (accelerate #3983), and it relies on
+  FSDP2 never casting integer parameters.
 
 So fastllm does what torchao's ``NF4Tensor`` does, in its own ``NF4Param`` (``nf4_fsdp.py``): the
 weight becomes a tensor subclass with bnb's packed shape whose FSDP2 hooks
