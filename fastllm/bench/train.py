@@ -6,6 +6,7 @@ after ``--warmup``. Providers, each in its own fresh process (some patch process
 
 - ``hf``: transformers + PEFT + bitsandbytes, ``prepare_model_for_kbit_training`` (the QLoRA recipe),
   non-reentrant checkpointing, SDPA.
+- ``hf-bf16``: transformers + PEFT + bitsandbytes without the fp32 upcasts (fastllm's precision).
 - ``liger``: the same plus Liger-Kernel's Llama patch (rope, RMSNorm, SwiGLU, fused linear CE), if installed.
 - ``fastllm``: ``fastllm.patch`` + ``FastLlama.get_peft_model`` (no fp32 upcasts); ``fastllm:opt=0,...``
   runs an ablation with those PatchConfig options (``0``/``1``/``none``).
@@ -52,6 +53,13 @@ def _prepare(provider: str, model, gc: bool):
 
         report = patch(model, _patch_config(provider))
         return FastLlama.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=gc), str(report)
+    if provider == "hf-bf16":  # no fp32 upcasts: the same precision as fastllm, to compare losses
+        from .._compat import enable_hf_checkpointing
+
+        if gc:
+            enable_hf_checkpointing(model)
+        cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(LINEARS), task_type="CAUSAL_LM")
+        return get_peft_model(model, cfg), "bf16 residual stream, no prepare_model_for_kbit_training"
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     note = "prepare_model_for_kbit_training"
