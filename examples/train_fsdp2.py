@@ -53,6 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="compute dtype (default bf16 on GPUs, fp32 on the CPU)")
     p.add_argument("--no-patch", action="store_true", help="plain transformers + PEFT (fastllm patches off)")
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="PatchConfig(compile=True): inductor regions per layer")
     p.add_argument("--mixed-precision", default="none", choices=("none", "bf16"),
                    help="FSDP2 MixedPrecisionPolicy: bf16 params, fp32 reduce")
     p.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPU offload (CUDA only)")
@@ -152,8 +153,11 @@ def load_model(path: str, args, device: torch.device):
     from fastllm import FastLlama
 
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    from fastllm import PatchConfig
+
+    patch = False if args.no_patch else PatchConfig(compile=True) if args.compile else True
     model, _ = FastLlama.from_pretrained(path, load_in_4bit=True, dtype=dtype, device_map=None,
-                                         max_seq_length=args.seq_len, patch=not args.no_patch)
+                                         max_seq_length=args.seq_len, patch=patch)
     torch.manual_seed(args.seed)  # identical LoRA init on every rank and in the 1-rank reference
     return FastLlama.get_peft_model(model, r=args.lora_r, lora_alpha=args.lora_r,
                                     use_gradient_checkpointing=not args.no_checkpointing)

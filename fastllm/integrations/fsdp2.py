@@ -120,35 +120,72 @@ def _wrap_4bit(model: nn.Module, world: int) -> tuple[int, set[nn.Parameter]]:
     return n, whole
 
 
+def _offload_policy(cpu_offload: bool, mesh):
+    """FSDP2's CPUOffloadPolicy (pinned host shards, copied to the GPU for each all-gather) or none."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    if not cpu_offload:
+        return OffloadPolicy()
+    if mesh.device_type != "cuda":
+        # On a CPU mesh the shards already live in host memory: there is nothing to offload, and
+        # CPUOffloadPolicy's pinned buffers need CUDA.
+        raise ValueError(f"cpu_offload=True needs a CUDA device mesh (NCCL ranks with torch.cuda.set_device("
+                         f"LOCAL_RANK)); this mesh is on {mesh.device_type!r}, where the parameters already live in "
+                         "host memory: pass cpu_offload=False")
+    # The optimizer step then runs on the CPU shards: build the optimizer after shard() as usual.
+    return CPUOffloadPolicy(pin_memory=True)
+
+
+def _declare_sharded(base: nn.Module, world: int) -> bool:
+    """Tell transformers' Trainer that the model already owns its sharding and gradient reduction.
+
+    Under torchrun, Trainer (through accelerate) wraps a trainable model in DDP, which refuses DTensor
+    parameters; accelerate's FSDP2 plugin would leave an FSDP-sharded model alone but is not available on
+    CPU (gloo) ranks. transformers >= 5.2x has a path for models sharded *before* Trainer (its own
+    ``from_pretrained(distributed_config=...)``): no DDP or FSDP wrap, no device move, the optimizer
+    built on the sharded parameters, ``set_requires_gradient_sync`` between accumulation steps. That path
+    keys on ``is_distributed_loading_by_transformers`` and reads ``config.distributed_config`` (never
+    serialized); both are set here. Returns False on transformers without that path.
+    """
+    if not hasattr(type(base), "is_distributed_loading_by_transformers"):
+        return False
+    from transformers.distributed import DistributedConfig
+
+    base._is_distributed_loading_by_transformers = True
+    if getattr(base.config, "distributed_config", None) is None:
+        base.config.distributed_config = DistributedConfig(fsdp_size=world)
+    return True
+
+
 def shard(model: nn.Module, *, mesh=None, mixed_precision=None, cpu_offload: bool = False,
           reshard_after_forward: bool = True) -> nn.Module:
     """Shard a FastLlama (QLoRA) model with FSDP2 in place and return it.
 
     Call after ``FastLlama.get_peft_model`` (patched or not), on every rank, with the model on this
     rank's device (``device_map=None`` under torchrun puts it on ``cuda:LOCAL_RANK``). Build the
-    optimizer afterwards, from ``trainable_parameters(model)``.
+    optimizer afterwards, from ``trainable_parameters(model)``, or hand the model to HF ``Trainer``.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     from ..patching import find_base
 
     base = find_base(model)
     mesh = mesh if mesh is not None else _default_mesh()
-    if cpu_offload and mesh.device_type != "cuda":
-        raise ValueError("cpu_offload=True needs a CUDA device mesh (the parameters already live on the CPU)")
+    offload = _offload_policy(cpu_offload, mesh)
     world = mesh.size()
     n4, whole = _wrap_4bit(model, world)
     kwargs = dict(mesh=mesh, mp_policy=_mp_policy(mixed_precision), reshard_after_forward=reshard_after_forward,
-                  offload_policy=CPUOffloadPolicy(pin_memory=True) if cpu_offload else OffloadPolicy())
+                  offload_policy=offload)
     for layer in _decoder_layers(base):
         ignored = {p for p in layer.parameters() if p in whole}
         fully_shard(layer, ignored_params=ignored or None, **kwargs)
     ignored_root = {p for p in model.parameters() if p in whole}
     fully_shard(model, ignored_params=ignored_root or None, **kwargs)
+    trainer_ready = _declare_sharded(base, world)
     n_lora = sum(1 for p in model.parameters() if p.requires_grad)
     logger.info("fastllm: FSDP2 over %d ranks: %d decoder layers + root; %d 4-bit weights sharded with their "
-                "quant state, %d kept whole; %d trainable (LoRA) tensors sharded", world,
-                len(_decoder_layers(base)), n4, len(whole), n_lora)
+                "quant state, %d kept whole; %d trainable (LoRA) tensors sharded; HF Trainer path %s", world,
+                len(_decoder_layers(base)), n4, len(whole), n_lora, "on" if trainer_ready else "unavailable")
     return model
 
 

@@ -78,8 +78,16 @@ class NF4Param(torch.Tensor):
     def __init__(self, packed, absmax, replicated, meta):
         self.packed = packed
         self.absmax = absmax
-        self.replicated = dict(replicated)
         self.meta = meta
+        self._replicated_keys = tuple(replicated)
+        # Each inner tensor is a real attribute named as in ``__tensor_flatten__``: torch.compile reads
+        # a traceable subclass's inner tensors by those names.
+        for k, v in replicated.items():
+            setattr(self, f"r_{k}", v)
+
+    @property
+    def replicated(self) -> dict:
+        return {k: getattr(self, f"r_{k}") for k in self._replicated_keys}
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
@@ -107,9 +115,6 @@ class NF4Param(torch.Tensor):
 
     def data_ptr(self) -> int:  # Triton launchers read this: point them at the packed bytes
         return self.packed.data_ptr()
-
-    def untyped_storage(self):  # FSDP2 compares storages to detect an unchanged local shard
-        return self.packed.untyped_storage()
 
     # ---- subclass plumbing -------------------------------------------------------------------
     def __tensor_flatten__(self):
@@ -231,6 +236,15 @@ def _to_copy(t: NF4Param, *, dtype=None, device=None, non_blocking=False, **kwar
     return t._with(move(t.packed), move(t.absmax), {k: move(v) for k, v in t.replicated.items()})
 
 
+def _view(t: NF4Param, size):
+    """A view that keeps the packed rows (FSDP2's ``view(-1)`` of the local shard) stays an NF4Param, so
+    FSDP2 never asks it for a storage (a wrapper subclass has none); any other view is of the bytes."""
+    packed = t.packed.view(size)
+    if packed.dim() >= 1 and packed.shape[0] == t.packed.shape[0]:
+        return t._with(packed, t.absmax)
+    return packed
+
+
 def _pin_memory(t: NF4Param, device=None) -> NF4Param:
     return t._with(t.packed.pin_memory(), t.absmax.pin_memory(), {k: v.pin_memory() for k, v in t.replicated.items()})
 
@@ -248,6 +262,7 @@ _HANDLERS = {
     _aten.new_zeros.default: _new_zeros,
     _aten.copy_.default: _copy_,
     _aten.as_strided.default: _as_strided,
+    _aten.view.default: _view,
     _aten._to_copy.default: _to_copy,
     _aten._pin_memory.default: _pin_memory,
     _aten.is_pinned.default: _is_pinned,
