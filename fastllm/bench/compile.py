@@ -14,11 +14,29 @@ step minus a median step. Inference: prefill of a ``prompt``-token prompt, then 
 (``generate``, dynamic cache): latency (median of runs) and peak memory.
 
 Measured (H200, torch 2.11, transformers 5.17, ``--quick --shapes 1b --providers eager,fastllm+compile``, one
-run): train 2x1024 eager 5,156 tok/s at 4.22 GiB, compiled 3,046 tok/s (0.59x) at 1.54 GiB, 25 s compile,
-16 graphs, 14 graph breaks; generate (256 prompt + 128 tokens) eager 7.49 s, compiled 13.77 s (0.54x). The
-breaks are at the NF4 custom op called with bitsandbytes' ``Params4bit`` (a ``__torch_function__`` subclass)
-on torch 2.11; the resumed PEFT/bnb frames then hit dynamo's recompile limit and run eagerly. On torch 2.13
-(CPU) the same regions trace with 0 breaks. Not yet measured on 2.13 + CUDA.
+run, before the fix below): train 2x1024 eager 5,156 tok/s at 4.22 GiB, compiled 3,046 tok/s (0.59x) at
+1.54 GiB, 25 s compile, 16 graphs, 14 graph breaks; generate (256 prompt + 128 tokens) eager 7.49 s, compiled
+13.77 s (0.54x).
+
+Cause, reproduced on the CPU with torch 2.11.0 + transformers 5.17.0 + peft 0.21.0 on the tiny QLoRA model
+of tests/modules/test_compile.py (18 graph breaks over 5 training lengths, 40 after a ``generate``): dynamo
+2.11 traces *through* the ``functools.cache``'d ``fastllm._compat.bnb()`` probe in ``nf4_linear4bit_forward``
+and breaks at ``importlib.util.find_spec`` (marked skipped), once per 4-bit linear; each resumed frame then
+guards on its ``Params4bit``'s ``quant_state.shape`` and recompiles per projection shape until dynamo's
+recompile limit, so whole regions ran eagerly. Fixed: with compile on, the 4-bit linears get
+``nf4_linear4bit_compiled_forward``, which reads plain-tensor ``NF4Args`` (refreshed eagerly before each
+region) and never bitsandbytes objects. On the CPU, torch 2.11 and 2.13 alike: 0 graph breaks; 3 graphs (one
+per region) for training over 10 lengths, 11 after a ``generate``. Not yet measured on a GPU. The auto gate
+stays at torch >= 2.13 until a GPU run shows compiled >= 1.1x eager on torch 2.11.
+
+Next GPU run (device tool; a call may run 10 minutes at most, so tests and a quick bench first)::
+
+    python -m pytest -q -x tests/modules/test_compile.py tests/modules/test_nf4_linear.py tests/ops/test_nf4.py \
+        tests/patching && fastllm bench compile --quick --shapes 1b,8b --out $OUT/bench-compile
+
+then the full run, one shape per call (``fastllm bench compile --shapes 1b --out $OUT/b1``, then ``8b``).
+Read ``graphs`` / ``graph_breaks`` / ``speedup_vs_eager`` in the tables, and lower the gate in
+``fastllm.patching.specs._resolve_compile`` only if both train and infer are >= 1.1x.
 """
 
 from __future__ import annotations

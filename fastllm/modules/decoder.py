@@ -19,9 +19,11 @@ regions, and a call asking for something the regions do not do (attention weight
 kwargs) runs the class's own forward for that call. The sequence dim is marked dynamic (``maybe_mark_dynamic``)
 so new lengths reuse the graph; length 1 (decode) gets its own specialised graph.
 
-The 4-bit projections inside the regions run through ``fastllm.ops.nf4``'s custom ops (the patch layer
-binds ``nf4_linear4bit_forward`` on every eligible ``Linear4bit`` when compile is on), so they trace
-without a graph break; LoRA adapters (PEFT) trace as plain modules.
+The 4-bit projections inside the regions run through ``fastllm.ops.nf4``'s custom op: the patch layer
+binds ``nf4_linear4bit_compiled_forward`` on every eligible ``Linear4bit`` when compile is on, which reads
+plain-tensor NF4 arguments (never bitsandbytes' ``Params4bit`` or a cached ``bnb()`` probe: those graph-broke
+on torch 2.11). Each region's eager wrapper refreshes those arguments just before the region runs, after any
+FSDP2 all-gather. LoRA adapters (PEFT) trace as plain modules.
 
 The norm and SwiGLU maths inside the regions is transformers' own; inductor fuses it (the eager
 ``rms_norm``/``mlp`` patches' hand-written kernels would be opaque calls inside the graph).
@@ -35,6 +37,8 @@ import weakref
 from collections import Counter
 
 import torch
+
+from .nf4_linear import refresh_nf4_aliases
 
 # Attention kwargs that change what attention computes: a call carrying any of them (non-None) runs
 # the class's own forward. Everything else transformers threads through (position_ids, use_cache,
@@ -181,6 +185,13 @@ def _seq_dynamic(*tensors_and_dims) -> None:
             torch._dynamo.maybe_mark_dynamic(t, dim)
 
 
+def _refresh_nf4(module) -> None:
+    """Re-read the packed 4-bit weights the region's linears read (eager: traced code cannot check them)."""
+    linears = module.__dict__.get("_fastllm_nf4_linears")
+    if linears:
+        refresh_nf4_aliases(linears)
+
+
 # ---- replacement forwards (same signatures as transformers'); made per model ---------------------------
 
 def make_rms_norm_forward(regions: CompiledRegions):
@@ -197,6 +208,7 @@ def make_mlp_forward(regions: CompiledRegions):
     def compiled_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _no_grad_view(x)
         _seq_dynamic((x, x.dim() - 2))
+        _refresh_nf4(self)
         return regions.mlp(self, x)
 
     compiled_mlp_forward._fastllm_compiled = "mlp"
@@ -233,6 +245,7 @@ def make_attention_forward(regions: CompiledRegions):
         dropout = self.attention_dropout if self.training else 0.0
         mask, hidden_states = attention_mask, _no_grad_view(hidden_states)
         _seq_dynamic((hidden_states, 1), (cos, 1), (sin, 1), (mask, 2), (mask, 3))
+        _refresh_nf4(self)
         if cache is None:
             out = regions.attention(self, hidden_states, cos, sin, mask, interface, dropout)
             return out, None

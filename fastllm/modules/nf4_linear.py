@@ -6,6 +6,16 @@ bitsandbytes 0.50: it casts ``x`` to ``compute_dtype`` (set from the first input
 result in the input's dtype. The patch registry binds it per instance (``types.MethodType``) on the
 **base** Linear4bit that PEFT's ``base_layer(x)`` reaches, so LoRA adapters, ``disable_adapter()``
 and merging are untouched. Nothing here mutates modules beyond what bnb's own forward does.
+
+``nf4_linear4bit_compiled_forward`` is the same forward for code that ``torch.compile`` traces (bound
+instead when compile is on). Traced code must not see bitsandbytes' objects: on torch 2.11 the
+``functools.cache``'d ``bnb()`` probe inside ``nf4_linear4bit_forward`` reaches ``importlib.util.find_spec``,
+which dynamo refuses to trace (a graph break per linear; the resumed frames then recompile per weight shape
+until dynamo's recompile limit). So the compiled forward reads only ``self._fastllm_nf4``, an ``NF4Alias``
+(registered and reverted by the patch registry) whose ``args`` are plain tensors and ints: the packed bytes
+as a plain ``torch.Tensor`` view (``Params4bit.data``) and the quant-state tensors. ``refresh_nf4_aliases``
+re-reads them eagerly right before each compiled region runs, so a weight moved or re-gathered (``.to``,
+FSDP2) after patching is never read stale.
 """
 
 from __future__ import annotations
@@ -13,9 +23,10 @@ from __future__ import annotations
 import torch
 
 from .._compat import SUPPORTED_DTYPES, bnb, is_linear4bit
-from ..ops.nf4 import nf4_linear
+from ..ops.nf4 import NF4Args, nf4_args, nf4_linear, nf4_linear_args
 
-__all__ = ["nf4_linear4bit_forward", "nf4_linear_eligible"]
+__all__ = ["NF4Alias", "nf4_linear4bit_compiled_forward", "nf4_linear4bit_forward", "nf4_linear_eligible",
+           "refresh_nf4_aliases"]
 
 
 def nf4_linear_eligible(module) -> str | None:
@@ -68,3 +79,73 @@ def nf4_linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
             bias = bias.to(self.compute_dtype)
 
     return nf4_linear(x, self.weight, bias).to(inp_dtype)
+
+
+# ---- the compiled path: plain tensors only ---------------------------------------------------------
+
+class NF4Alias:
+    """The plain-tensor ``NF4Args`` of one Linear4bit's weight, re-read when the weight changes.
+
+    ``args`` is what traced code reads; ``refresh`` (eager only) compares the weight object, its quant state,
+    its absmax tensor and its data pointer with the last read: identity checks and one C call, ~0.3 us.
+    """
+
+    __slots__ = ("args", "_key")
+
+    def __init__(self, module) -> None:
+        self.args: NF4Args | None = None
+        self._key: tuple = ()
+        with torch._C.DisableTorchFunctionSubclass():
+            self.refresh(module)
+
+    def refresh(self, module) -> None:
+        """Re-read ``module.weight`` if it changed. Call under ``DisableTorchFunctionSubclass`` (fast path)."""
+        w = module.weight
+        # bnb's fix_4bit_weight_quant_state_from_module, read-only: a weight that lost its state (FSDP) keeps
+        # it on the module.
+        qs = getattr(w, "quant_state", None) or getattr(module, "quant_state", None)
+        absmax = None if qs is None else qs.absmax
+        ptr = w.data_ptr()  # Params4bit: the C method (torch-function subclassing is off here)
+        key = self._key
+        if key and key[0] is w and key[1] is qs and key[2] is absmax and key[3] == ptr:
+            return
+        if qs is None:
+            raise RuntimeError(f"{type(module).__name__} weight has no quant_state (move it to its device first)")
+        if getattr(qs, "packing_format_for_cpu", False):
+            raise RuntimeError("weight was repacked by bitsandbytes' CPU inference path after patching; "
+                               "unpatch, reload the model, and patch again")
+        # Params4bit.data is a plain torch.Tensor over the same storage. A traceable wrapper subclass (fastllm's
+        # FSDP2 NF4Param) stays itself: compile flattens it into plain inner tensors by design.
+        self.args = nf4_args(w.data, qs)
+        self._key = (w, qs, absmax, ptr)
+
+
+def refresh_nf4_aliases(modules) -> None:
+    """Refresh the ``NF4Alias`` of each Linear4bit in ``modules`` that has one (eager code only)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        for m in modules:
+            alias = m.__dict__.get("_fastllm_nf4")
+            if alias is not None:
+                alias.refresh(m)
+
+
+def nf4_linear4bit_compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """``nf4_linear4bit_forward`` for traced code: reads ``self._fastllm_nf4.args`` (plain tensors) only.
+
+    x: (..., in_features) -> (..., out_features). Same numerics as ``nf4_linear4bit_forward``.
+    """
+    alias = self._fastllm_nf4
+    if not torch.compiler.is_compiling():  # called eagerly (a region's eager fallback): re-read the weight
+        refresh_nf4_aliases((self,))
+    if not self.compute_type_is_set:
+        # bnb's set_compute_type without its fp16 warning (logging inside traced code is a graph break)
+        if x.dtype in (torch.float32, torch.bfloat16):
+            self.compute_dtype = x.dtype
+        self.compute_type_is_set = True
+    inp_dtype = x.dtype
+    if self.compute_dtype is not None:
+        x = x.to(self.compute_dtype)
+    # bnb also converts the stored bias to x's dtype in place (``bias.data = ...``); a cast is the same
+    # numbers without mutating a parameter inside traced code.
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return nf4_linear_args(x, alias.args, bias).to(inp_dtype)

@@ -22,16 +22,20 @@ than 64 on real shapes); ours follows the flat block layout that ``quantize_4bit
 
 Under ``torch.compile`` the same maths runs through the custom ops ``fastllm::nf4_dequantize`` and
 ``fastllm::nf4_linear`` (with fake implementations and a registered autograd formula), so dynamo
-traces through them without a graph break.
+traces through them without a graph break. Compiled code should call them through ``NF4Args`` (plain
+tensors and ints, built eagerly by ``nf4_args``) and ``nf4_linear_args``: then the traced code never
+touches bitsandbytes' ``Params4bit`` (a ``__torch_function__`` subclass) or its ``QuantState`` object.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from .._compat import pick_backend
 
-__all__ = ["dequantize_nf4", "nf4_linear", "NF4LinearFunction"]
+__all__ = ["NF4Args", "NF4LinearFunction", "dequantize_nf4", "nf4_args", "nf4_linear", "nf4_linear_args"]
 
 
 # ---- quant-state plumbing --------------------------------------------------------------------
@@ -51,6 +55,30 @@ def _state_args(quant_state) -> tuple:
         return (qs.absmax, qs.code, qs.state2.code, qs.state2.absmax, offset.reshape(1).float(),
                 int(qs.blocksize), int(qs.state2.blocksize), list(qs.shape))
     return (qs.absmax, qs.code, None, None, None, int(qs.blocksize), 0, list(qs.shape))
+
+
+class NF4Args(NamedTuple):
+    """One NF4 weight as the custom ops take it: plain tensors and ints only (no bnb objects).
+
+    A NamedTuple because dynamo traces it natively on every torch version we support: its tensors become
+    graph inputs and its ints guarded constants, so layers of equal shapes share one graph.
+    """
+
+    packed: torch.Tensor           # packed 4-bit codes (a plain tensor, never the Params4bit itself)
+    absmax: torch.Tensor           # (nblocks,) fp32, or uint8 codes under double quant
+    code: torch.Tensor             # (16,) NF4 code book
+    code2: torch.Tensor | None     # double quant: (256,) code book of absmax
+    absmax2: torch.Tensor | None   # double quant: (nblocks / blocksize2,) fp32
+    offset: torch.Tensor | None    # double quant: (1,) fp32
+    blocksize: int
+    blocksize2: int
+    shape: tuple[int, int]         # (N, K) of the dense weight
+
+
+def nf4_args(packed: torch.Tensor, quant_state) -> NF4Args:
+    """``NF4Args`` for ``packed`` bytes and their bnb ``QuantState`` (run eagerly, outside compiled code)."""
+    absmax, code, code2, absmax2, offset, bs, bs2, shape = _state_args(quant_state)
+    return NF4Args(packed, absmax, code, code2, absmax2, offset, bs, bs2, tuple(shape))
 
 
 def _absmax_torch(absmax, code2, absmax2, offset, blocksize2) -> torch.Tensor:
@@ -254,3 +282,12 @@ def nf4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *,
         absmax, code, code2, absmax2, offset, bs, bs2, shape = _state_args(qs)
         return _nf4_linear_op(x, weight, absmax, code, code2, absmax2, offset, bias, bs, bs2, shape)
     return NF4LinearFunction.apply(x, weight, bias, backend)
+
+
+def nf4_linear_args(x: torch.Tensor, args: NF4Args, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(W).T + bias`` through the ``fastllm::nf4_linear`` custom op, eager or traced.
+
+    x: (..., K) in the compute dtype; returns (..., N) in x.dtype. Differentiable in x and bias only.
+    """
+    return _nf4_linear_op(x, args.packed, args.absmax, args.code, args.code2, args.absmax2, args.offset, bias,
+                          args.blocksize, args.blocksize2, list(args.shape))

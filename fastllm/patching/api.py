@@ -119,6 +119,8 @@ def patch(model: nn.Module, config: PatchConfig | None = None) -> PatchReport:
             if reason is not None:
                 state.report.skip(spec.name, name or type(module).__name__, reason)
                 continue
+            for attr, value in (spec.attrs(module) if spec.attrs is not None else {}).items():
+                state.set_attr(module, attr, value, spec.name)
             state.set_attr(module, "forward", types.MethodType(forwards[spec.name], module), spec.name)
             state.report.add(spec.name)
             state.report.backends[spec.name] = backend_of(spec.name, device)

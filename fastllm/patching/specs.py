@@ -24,10 +24,12 @@ from ..modules.rms_norm import fast_rms_norm_forward, rms_norm_eligible
 @dataclass(frozen=True)
 class PatchSpec:
     name: str                                          # report name
-    option: str                                        # the PatchConfig field that turns it on
+    option: str                                        # the key of ``resolve``'s on-dict that turns it on
     matches: Callable[[nn.Module], bool]
     eligible: Callable[[nn.Module], str | None]        # reason it cannot apply, or None
     forward: Callable[[PatchConfig, nn.Module], Callable]  # replacement forward for (config, patched model)
+    # Extra plain attributes the replacement forward reads, per module: set and reverted with the forward.
+    attrs: Callable[[nn.Module], dict[str, object]] | None = None
 
 
 def _llama_classes():
@@ -50,6 +52,20 @@ def _optional(module: str, attr: str):
 
 def _nf4_forward(_cfg: PatchConfig, _model: nn.Module | None = None):
     return _optional("..modules.nf4_linear", "nf4_linear4bit_forward")
+
+
+def _nf4_compiled_forward(_cfg: PatchConfig, _model: nn.Module | None = None):
+    return _optional("..modules.nf4_linear", "nf4_linear4bit_compiled_forward")
+
+
+def _nf4_alias(module: nn.Module) -> dict[str, object]:
+    """The plain-tensor NF4 arguments the compiled forward reads (traced code never sees Params4bit)."""
+    return {"_fastllm_nf4": _optional("..modules.nf4_linear", "NF4Alias")(module)}
+
+
+def _linear4bits_under(module: nn.Module) -> dict[str, object]:
+    """The 4-bit linears a compiled region calls, so its eager wrapper refreshes their NF4 aliases first."""
+    return {"_fastllm_nf4_linears": tuple(m for m in module.modules() if is_linear4bit(m))}
 
 
 def _nf4_eligible(module: nn.Module) -> str | None:
@@ -86,9 +102,12 @@ SPECS: tuple[PatchSpec, ...] = (
     # torch.compile of the decoder layer's sub-modules (never the layer's forward: transformers wraps
     # that for gradient checkpointing). They supersede the eager rms_norm / mlp patches.
     PatchSpec("compile_attention", "compile", _is("LlamaAttention"), decoder.attention_eligible,
-              _compiled(decoder.make_attention_forward)),
+              _compiled(decoder.make_attention_forward), _linear4bits_under),
     PatchSpec("compile_mlp", "compile", _is("LlamaMLP"), decoder.compiled_mlp_eligible,
-              _compiled(decoder.make_mlp_forward)),
+              _compiled(decoder.make_mlp_forward), _linear4bits_under),
+    # The 4-bit linears inside those regions, reading plain-tensor NF4 arguments (supersedes nf4_linear).
+    PatchSpec("compile_nf4_linear", "compile_nf4_linear", is_linear4bit, _nf4_eligible, _nf4_compiled_forward,
+              _nf4_alias),
     PatchSpec("compile_rms_norm", "compile", _is("LlamaRMSNorm"), decoder.compiled_rms_norm_eligible,
               _compiled(decoder.make_rms_norm_forward)),
 )
@@ -106,16 +125,18 @@ def _resolve_compile(cfg: PatchConfig, cuda: bool, on: dict[str, bool], why: dic
     on["compile"] = auto_ok if cfg.compile is None else cfg.compile
     if not on["compile"]:
         why["compile"] = ("disabled by PatchConfig" if cfg.compile is False else
-                          "auto: on for CUDA with torch >= 2.13 only (on torch 2.11 + CUDA the NF4 custom op, called "
-                          "with bitsandbytes' Params4bit, graph-breaks: measured 0.59x eager)")
+                          "auto: on for CUDA with torch >= 2.13 only (torch 2.11 + CUDA measured 0.59x eager before "
+                          "the plain-tensor NF4 path removed its graph breaks; not re-measured on a GPU yet)")
         return
     for name in ("rms_norm", "mlp"):
         if on[name]:
             on[name] = False
             why[name] = "superseded by compile (inductor fuses the same maths inside the compiled region)"
-    if cfg.nf4_linear is None and _nf4_forward(cfg) is not None:
-        on["nf4_linear"] = True  # bnb's own Linear4bit forward graph-breaks; the fastllm custom op traces
-        why.pop("nf4_linear", None)
+    # bnb's own Linear4bit forward graph-breaks; the fastllm custom op traces when fed plain tensors.
+    on["compile_nf4_linear"] = cfg.nf4_linear is not False and _nf4_compiled_forward(cfg) is not None
+    if on["compile_nf4_linear"]:
+        on["nf4_linear"] = False
+        why["nf4_linear"] = "superseded by compile_nf4_linear (the same NF4 op on plain tensors, traceable)"
 
 
 def resolve(cfg: PatchConfig, device: torch.device) -> tuple[dict[str, bool], dict[str, str]]:
@@ -159,6 +180,8 @@ def backend_of(spec: str, device: torch.device) -> str:
         return pick_backend("auto", device)
     if spec == "nf4_linear":
         return "triton" if device.type == "cuda" else "torch"
+    if spec == "compile_nf4_linear":  # an opaque custom op inside the inductor graph, not inductor code
+        return "custom-op-" + ("triton" if device.type == "cuda" else "torch")
     if spec == "loss":
         return "chunked-" + pick_backend("auto", device)
     if spec.startswith("compile_"):

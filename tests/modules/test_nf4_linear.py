@@ -1,4 +1,5 @@
-"""nf4_linear4bit_forward bound on a real bnb Linear4bit (under a PEFT LoRA adapter) vs bnb's forward."""
+"""nf4_linear4bit_forward bound on a real bnb Linear4bit (under a PEFT LoRA adapter) vs bnb's forward, and its
+compiled twin nf4_linear4bit_compiled_forward (plain-tensor NF4 arguments, traced with fullgraph=True)."""
 
 import copy
 import types
@@ -9,7 +10,13 @@ import torch
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
-from fastllm.modules.nf4_linear import nf4_linear4bit_forward, nf4_linear_eligible  # noqa: E402
+from fastllm.modules.nf4_linear import (  # noqa: E402
+    NF4Alias,
+    nf4_linear4bit_compiled_forward,
+    nf4_linear4bit_forward,
+    nf4_linear_eligible,
+    refresh_nf4_aliases,
+)
 
 
 # in_features is a multiple of the blocksize: bnb 0.50's own CPU forward is wrong otherwise (its native
@@ -88,6 +95,66 @@ def test_bias_is_cast_like_bitsandbytes():
     y, y_ref = m(x), twin(x)
     assert m.proj.bias.dtype == twin.proj.bias.dtype == torch.bfloat16
     torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+
+
+def _bind_compiled(base):
+    """What the patch registry does for compile_nf4_linear (there it is recorded and reverted)."""
+    base._fastllm_nf4 = NF4Alias(base)
+    base.forward = types.MethodType(nf4_linear4bit_compiled_forward, base)
+
+
+@pytest.mark.parametrize("compute_dtype,x_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_compiled_forward_traces_plain_tensors_in_one_graph(compute_dtype, x_dtype):
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    ref = lora(quantized_block(compute_dtype=compute_dtype))
+    fast = copy.deepcopy(ref)
+    base = fast.base_model.model.proj.base_layer
+    _bind_compiled(base)
+    args = base._fastllm_nf4.args
+    # Traced code sees plain tensors only; the packed bytes are a view of the weight's storage, not a copy.
+    assert all(type(t) is torch.Tensor for t in args[:6] if t is not None) and type(base.weight) is not torch.Tensor
+    assert args.packed.untyped_storage().data_ptr() == base.weight.untyped_storage().data_ptr()
+    block = fast.base_model.model  # Block: calls PEFT's LoRA Linear4bit, which calls our base forward
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.randn(2, 5, 128, dtype=x_dtype, requires_grad=True)
+    explained = torch._dynamo.explain(block)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    y = torch.compile(block, backend="aot_eager", fullgraph=True)(x)  # fullgraph: any break raises
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    y_ref = ref(x)
+    (dx_ref,) = torch.autograd.grad(y_ref.sum(), x)
+    tols = {} if compute_dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(y, y_ref, **tols)
+    torch.testing.assert_close(dx, dx_ref, **tols)
+    assert sum(counters["graph_break"].values()) == 0
+    torch._dynamo.reset()
+
+
+def test_compiled_forward_rereads_a_replaced_weight():
+    torch.manual_seed(0)
+    m, other = quantized_block(bias=False), quantized_block(bias=False)
+    base = m.proj
+    _bind_compiled(base)
+    x = torch.randn(3, 128)
+    before = base._fastllm_nf4.args
+    refresh_nf4_aliases([base])
+    assert base._fastllm_nf4.args is before  # unchanged weight: nothing re-read
+    # What Module.to / FSDP do: new storage under the same Parameter object, quant state replaced.
+    base.weight.data = other.proj.weight.data.clone()
+    base.weight.quant_state = other.proj.weight.quant_state
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    refresh_nf4_aliases([base])  # the compiled regions' eager wrappers do this before every call
+    assert base._fastllm_nf4.args.packed.data_ptr() == base.weight.data_ptr()
+    assert base._fastllm_nf4.args.absmax is other.proj.weight.quant_state.absmax
+    torch.testing.assert_close(compiled(x), other(x))
+    # Called eagerly, the compiled forward refreshes by itself.
+    base.weight.data = base.weight.data.clone()
+    assert torch.equal(m(x), other(x)) and base._fastllm_nf4.args.packed.data_ptr() == base.weight.data_ptr()
+    torch._dynamo.reset()
 
 
 @pytest.mark.gpu

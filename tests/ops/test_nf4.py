@@ -11,7 +11,7 @@ bnb = pytest.importorskip("bitsandbytes")
 F = bnb.functional
 
 from fastllm.ops import nf4 as nf4_ops  # noqa: E402
-from fastllm.ops.nf4 import dequantize_nf4, nf4_linear  # noqa: E402
+from fastllm.ops.nf4 import dequantize_nf4, nf4_args, nf4_linear, nf4_linear_args  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -143,6 +143,28 @@ def test_torch_compile_has_no_graph_break():
     torch.testing.assert_close(loss, loss_ref)
     torch.testing.assert_close(dx, dx_ref)
     torch.testing.assert_close(db, db_ref)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_nf4_linear_args_equals_nf4_linear_and_traces_plain_tensors(nested):
+    """The compiled path's entry: NF4Args of plain tensors, bit-equal to nf4_linear, one graph under fullgraph."""
+    from torch._dynamo.utils import counters
+
+    w = quantized_param((40, 128), 64, nested)
+    args = nf4_args(w.data, w.quant_state)
+    assert type(args.packed) is torch.Tensor and args.shape == (40, 128) and args.blocksize == 64
+    assert all(type(t) is torch.Tensor for t in args[1:6] if t is not None)
+    bias = torch.randn(40, requires_grad=True)
+    x = torch.randn(3, 7, 128, requires_grad=True)
+    y, y_ref = nf4_linear_args(x, args, bias), nf4_linear(x, w, bias)
+    grads, grads_ref = torch.autograd.grad(y.sum(), (x, bias)), torch.autograd.grad(y_ref.sum(), (x, bias))
+    assert torch.equal(y, y_ref) and all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+    torch._dynamo.reset()
+    counters.clear()
+    y_c = torch.compile(nf4_linear_args, backend="aot_eager", fullgraph=True)(x, args, bias)
+    torch.testing.assert_close(y_c, y_ref)
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
 
 
 def test_custom_op_schema():
