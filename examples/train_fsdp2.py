@@ -57,14 +57,16 @@ def parse_args(argv=None):
     p.add_argument("--mixed-precision", default="none", choices=("none", "bf16"),
                    help="FSDP2 MixedPrecisionPolicy: bf16 params, fp32 reduce")
     p.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPU offload (CUDA only)")
+    p.add_argument("--shard", action="store_true",
+                   help="shard even with one rank (torchrun --nproc_per_node 1): the reference for --mixed-precision")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=os.environ.get("FASTLLM_CACHE", os.path.expanduser("~/.cache/fastllm")))
     p.add_argument("--out", default="fsdp2-out")
     return p.parse_args(argv)
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world, device). Initialises the process group only when there is more than one rank."""
+def setup_distributed(force: bool = False) -> tuple[int, int, torch.device]:
+    """(rank, world, device). Initialises the process group when there is more than one rank (or ``force``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -75,7 +77,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    if world > 1:
+    if world > 1 or force:
         backend = "nccl" if device.type == "cuda" else "gloo"
         # Long timeout: rank 0 may be building and saving a random 8B checkpoint while others wait.
         kwargs = dict(backend=backend, timeout=datetime.timedelta(minutes=30))
@@ -124,6 +126,14 @@ def global_batch(step: int, args, vocab: int) -> torch.Tensor:
     return base.repeat(1, -(-args.seq_len // seg))[:, : args.seq_len]
 
 
+def current_memory_mib(device: torch.device) -> float:
+    """Memory in use now: allocated CUDA memory, or this process's resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -149,6 +159,17 @@ def local_param_mib(model) -> float:
     return total / 2**20
 
 
+def compile_stats(model) -> dict | None:
+    """This rank's compiled regions: graphs per region and dynamo's graph breaks (None when not compiled)."""
+    from fastllm import compile_report
+
+    rep = compile_report(model)
+    if rep is None:
+        return None
+    return dict(graphs_per_region=rep.graphs_per_region, recompiles=rep.recompiles, graph_breaks=rep.graph_breaks,
+                break_reasons=rep.break_reasons, eager_calls=rep.eager_calls, compile_s=rep.compile_seconds)
+
+
 def load_model(path: str, args, device: torch.device):
     from fastllm import FastLlama
 
@@ -164,14 +185,21 @@ def load_model(path: str, args, device: torch.device):
 
 
 def train(args) -> list[dict]:
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(force=args.shard)
     if args.batch_size % (world * args.grad_accum):
         raise SystemExit(f"--batch-size {args.batch_size} must divide by world size x grad accum "
                          f"({world} x {args.grad_accum})")
+    # On the CPU the peak is the process's peak RSS, libraries included: subtract what was resident before
+    # the model was loaded to see what training itself costs per rank.
+    import bitsandbytes  # noqa: F401  (the libraries count as baseline, not as training memory)
+    import peft  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+    base_mem = current_memory_mib(device)
     path = args.model if args.model not in SHAPES else build_random_model(args.model, args.cache_dir, args.seq_len,
                                                                           rank, device)
     model = load_model(path, args, device)
-    sharded = world > 1
+    sharded = world > 1 or args.shard
     if sharded:
         from fastllm.integrations.fsdp2 import shard
 
@@ -185,6 +213,10 @@ def train(args) -> list[dict]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     records = []
+    seen_dtype = {}  # the LoRA weight's dtype as forward sees it (FSDP2's param_dtype); no hook in compiled code
+    probe = next(m for n, m in model.named_modules() if n.endswith("lora_A.default"))
+    hook = None if args.compile else probe.register_forward_pre_hook(
+        lambda m, a: seen_dtype.update(lora=str(m.weight.dtype)))  # returns None: the inputs stay as they are
     model.train()
     for step in range(args.steps):
         ids = global_batch(step, args, vocab)[rank * local:(rank + 1) * local].to(device)
@@ -214,18 +246,23 @@ def train(args) -> list[dict]:
         if rank == 0:
             print(f"step {step:4d}  loss {rec['loss']:.6f}  {dt * 1000:8.1f} ms  "
                   f"{rec['tokens_per_s_rank'] * world:10.0f} tok/s total", flush=True)
-    summary = summarize(args, model, opt, records, rank, world, device)
+    if hook is not None:
+        hook.remove()
+    summary = summarize(args, model, opt, records, rank, world, device, base_mem)
+    summary["lora_compute_dtype"] = seen_dtype.get("lora")  # bf16 under --mixed-precision bf16
     save(args, model, records, summary, rank, sharded)
     if dist.is_initialized():
         dist.destroy_process_group()
     return records
 
 
-def summarize(args, model, opt, records, rank, world, device) -> dict:
+def summarize(args, model, opt, records, rank, world, device, base_mem) -> dict:
     timed = records[1:] or records  # step 0 includes one-off warm-up (allocations, autotuning)
     step_s = sum(r["step_s"] for r in timed) / len(timed)
-    mine = dict(rank=rank, peak_mem_mib=peak_memory_mib(device), param_mib=local_param_mib(model),
-                tokens_per_s=args.batch_size // world * args.seq_len / step_s)
+    peak = peak_memory_mib(device)
+    mine = dict(rank=rank, peak_mem_mib=peak, train_mem_mib=peak - base_mem, param_mib=local_param_mib(model),
+                tokens_per_s=args.batch_size // world * args.seq_len / step_s, compile=compile_stats(model),
+                lora_master_dtypes=sorted({str(p.dtype) for p in model.parameters() if p.requires_grad}))
     per_rank = [None] * world
     if dist.is_initialized():
         dist.all_gather_object(per_rank, mine)

@@ -166,8 +166,18 @@ class NF4Param(torch.Tensor):
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
         """Wrap the gathered full ``packed`` (M, 1) and ``absmax`` (nblocks,) back into an NF4Param."""
-        packed, absmax = all_gather_outputs
         replicated, meta = metadata
+        if len(all_gather_outputs) == 1:
+            # FSDP2's one-rank shortcut (torch 2.13 ``wait_for_unshard``) copies only the first all-gather
+            # input. With one rank the local shard is the whole weight, so its own absmax is the gathered
+            # one; it stays out of the returned inner tensors, whose storage FSDP2 frees on reshard.
+            (packed,) = all_gather_outputs
+            if packed.shape[0] != self.packed.shape[0]:
+                raise RuntimeError("NF4Param: one all-gather output but the local shard is not the whole weight")
+            if out is not None:
+                return None
+            return NF4Param(packed, self.absmax, replicated, meta), (packed,)
+        packed, absmax = all_gather_outputs
         if out is not None:
             # FSDP2 re-gathers into the same buffers the unsharded NF4Param already views.
             if out.packed.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr():

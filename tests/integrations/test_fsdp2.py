@@ -89,6 +89,11 @@ def test_nf4param_splits_with_its_quant_state():
     with pytest.raises(NotImplementedError, match="absmax"):
         t[5:100]  # not on a 64-value block boundary
     assert type(t.t()) is torch.Tensor  # other ops run on the bytes and return plain tensors
+    # What CPUOffloadPolicy does to a shard (to the host, back to the device per all-gather): bytes kept.
+    moved = halves[0].to("cpu", non_blocking=True)
+    assert type(moved) is type(t) and torch.equal(moved.packed, halves[0].packed)
+    assert torch.equal(moved.absmax, halves[0].absmax)
+    assert type(halves[0].view(-1)) is type(t)  # FSDP2's flat view of the local shard stays an NF4Param
 
 
 def test_shard_needs_a_process_group(tiny_llama_dir):
@@ -168,6 +173,8 @@ def test_gathered_4bit_weights_are_byte_identical(tiny_llama_dir, tmp_path):
         assert res["local_fraction"] == 0.5  # each rank holds half of the packed bytes and absmax
         assert res["frozen_with_grad"] == 0 and res["lora_with_grad"] == 28
         assert res["bf16_mp_mismatches"] == []
+        assert "cpu_offload=True needs a CUDA device mesh" in res["offload_error"]
+        assert "pass cpu_offload=False" in res["offload_error"]
         # Same batch, same weights: the sharded forward (fastllm NF4 linear on the gathered NF4Params)
         # gives the unsharded loss.
         assert res["nf4_linear_patched"] == 14
@@ -243,6 +250,11 @@ def _worker(model_dir: str, out_dir: str) -> None:
         ref = {id(m): (m.weight.data.clone(), m.weight.quant_state.absmax.clone(),
                        bF.dequantize_4bit(m.weight.data, m.weight.quant_state))
                for m in model.modules() if is_linear4bit(m)}
+        if mp is None:
+            try:  # the check runs before anything is changed, so the same model is sharded below
+                shard(model, cpu_offload=True)
+            except ValueError as e:
+                res["offload_error"] = str(e)
         shard(model, mixed_precision=mp)
         nf4 = [p for p in model.parameters() if isinstance(getattr(p, "_local_tensor", None), NF4Param)]
         if mp is None:
