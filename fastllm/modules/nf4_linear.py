@@ -95,8 +95,10 @@ class NF4Alias:
     def __init__(self, module) -> None:
         self.args: NF4Args | None = None
         self._key: tuple = ()
-        with torch._C.DisableTorchFunctionSubclass():
-            self.refresh(module)
+        # A weight without its state yet (patched while FSDP2 holds it sharded) is read at the first call.
+        if getattr(module.weight, "quant_state", None) is not None or getattr(module, "quant_state", None) is not None:
+            with torch._C.DisableTorchFunctionSubclass():
+                self.refresh(module)
 
     def refresh(self, module) -> None:
         """Re-read ``module.weight`` if it changed. Call under ``DisableTorchFunctionSubclass`` (fast path)."""
