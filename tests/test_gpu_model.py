@@ -12,7 +12,9 @@ pytestmark = pytest.mark.gpu
 def test_patched_qlora_on_cuda_matches_eager(tiny_llama_dir, compile):
     model, _ = FastLlama.from_pretrained(tiny_llama_dir, max_seq_length=256, patch=PatchConfig(compile=compile))
     report = patch_report(model)
-    assert report.counts["nf4_linear"] == 14 and report.counts["loss"] == 1
+    # With compile on, the 4-bit linears take the compiled twin (compile_nf4_linear) instead of nf4_linear.
+    assert report.counts.get("nf4_linear", 0) + report.counts.get("compile_nf4_linear", 0) == 14
+    assert report.counts["loss"] == 1
     if compile is False:
         assert report.backends.get("rms_norm") == "triton" and report.backends.get("mlp") == "triton"
     model = FastLlama.get_peft_model(model, r=8, lora_alpha=16)
