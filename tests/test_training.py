@@ -99,3 +99,15 @@ def test_cli_train_on_the_default_model(tmp_path, default_model_dir):
     loaded = PeftModel.from_pretrained(base, str(out))
     lora = [n for n, _ in loaded.named_parameters() if "lora_A" in n]
     assert len(lora) == 30 * 7
+
+
+@pytest.mark.slow
+def test_single_gpu_example_runs_on_cpu(default_model_dir):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "examples/train_single_gpu.py", "--max-steps", "2", "--seq-len", "64"],
+                          capture_output=True, text=True, timeout=600,
+                          cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "step 2: loss" in proc.stdout and "patched loss" in proc.stdout and "unpatched" in proc.stdout
