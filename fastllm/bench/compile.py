@@ -51,45 +51,17 @@ import time
 import torch
 
 from .common import bar_chart, format_table, stamp, write_jsonl
+from .models import SHAPES, build_qlora_base
 
 logger = logging.getLogger(__name__)
 GiB = 1 << 30
 
-SHAPES = {  # Llama-3.2-1B and Llama-3-8B
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False),
-}
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 def build_qlora(shape: str, device: torch.device, dtype=torch.bfloat16):
-    """A random Llama-3-shaped model with NF4 decoder linears and LoRA r16 on them (a PeftModel)."""
-    import bitsandbytes as bnb
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """A random Llama-3-shaped NF4 model (``bench.models``) with LoRA r16 on all 7 linears (a PeftModel)."""
     from .. import FastLlama
 
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    with device:
-        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in LINEARS:
-                lin = getattr(parent, name, None)
-                if lin is None:
-                    continue
-                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=dtype,
-                                      compress_statistics=True, quant_type="nf4", device="meta")
-                # Params4bit quantizes when moved to the device; the bf16 weight is freed with `lin`.
-                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True).to(device)
-                setattr(parent, name, q)
-    model.is_loaded_in_4bit = True  # PEFT dispatches its bnb 4-bit LoRA layer on this flag
+    model = build_qlora_base(shape, device, dtype=dtype)
     gc.collect()
-    torch.cuda.empty_cache()
     return FastLlama.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=True)
 
 
@@ -199,7 +171,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastllm bench compile", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench-out", help="directory for compile.jsonl and compile_*.png")
     p.add_argument("--quick", action="store_true", help="shorter sequences and fewer repetitions (a smoke run)")
-    p.add_argument("--shapes", default="1b,8b", help="comma-separated, from: " + ",".join(SHAPES))
+    p.add_argument("--shapes", default="1b,8b", help="comma-separated, from: 1b,8b (tiny: CPU smoke)")
     p.add_argument("--providers", default="eager,fastllm,fastllm+compile")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
