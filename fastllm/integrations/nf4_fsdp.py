@@ -20,6 +20,10 @@ patterns). So, as torchao's ``NF4Tensor`` does, this subclass implements FSDP2's
   dtype cast ever touches the bytes: mixed precision's ``param_dtype`` is ignored here (FSDP2 already
   skips it for integer storage), so the gathered weight is byte-identical to the loaded one.
 
+Under torch.compile the gathered weight is traced as a wrapper subclass: its inner tensors are real
+attributes named as in ``__tensor_flatten__``, and it reports no storage of its own (``view`` keeps
+the subclass, so FSDP2 never asks for one), which dynamo's fake-tensor conversion requires.
+
 Any other op on an ``NF4Param`` runs on its packed bytes and returns a plain tensor, so bnb's own
 ``Linear4bit.forward`` (``matmul_4bit`` -> ``dequantize_4bit`` custom ops) and fastllm's NF4 linear
 (torch path; the Triton launcher reads ``data_ptr()``, overridden to the packed bytes) work on the
