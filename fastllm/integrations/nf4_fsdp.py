@@ -178,16 +178,16 @@ class NF4Param(torch.Tensor):
             (packed,) = all_gather_outputs
             if packed.shape[0] != self.packed.shape[0]:
                 raise RuntimeError("NF4Param: one all-gather output but the local shard is not the whole weight")
-            if out is not None:
-                return None
-            return NF4Param(packed, self.absmax, replicated, meta), (packed,)
-        packed, absmax = all_gather_outputs
+            absmax, inner = self.absmax, (packed,)
+        else:
+            packed, absmax = all_gather_outputs
+            inner = (packed, absmax)
         if out is not None:
             # FSDP2 re-gathers into the same buffers the unsharded NF4Param already views.
             if out.packed.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr():
                 raise RuntimeError("NF4Param: FSDP2 all-gather output does not back the unsharded weight")
             return None
-        return NF4Param(packed, absmax, replicated, meta), (packed, absmax)
+        return NF4Param(packed, absmax, replicated, meta), inner
 
 
 # ---- the structural ops FSDP2 uses to shard, pad, offload and re-wrap a parameter --------------
