@@ -8,7 +8,10 @@ shapes; ``tiny`` runs on a CPU) and saves it under ``--cache-dir``; a path loads
 rank loads it through ``FastLlama.from_pretrained(..., load_in_4bit=True, device_map=None)`` onto its
 own device (``cuda:LOCAL_RANK``, or the CPU with gloo), adds LoRA and, with more than one rank, shards
 it with ``fastllm.integrations.fsdp2.shard``. With one process nothing is sharded: that run is the
-single-device reference for the same global batch.
+single-device reference for the same global batch (``torchrun --nproc_per_node 1 ... --shard`` shards on
+one rank: the reference for ``--mixed-precision``, whose casts are FSDP2's). ``--compile`` turns on
+``PatchConfig(compile=True)``; each rank's compile statistics (graphs per region, graph breaks) go into
+the summary.
 
 Each step's global batch (``--batch-size`` sequences of ``--seq-len`` tokens, drawn from a fixed seed
 and the step number) is split evenly over ranks, then into ``--grad-accum`` micro-batches. All
