@@ -73,9 +73,24 @@ def _prepare(provider: str, model, gc: bool):
     return get_peft_model(model, cfg), note
 
 
+def _profile(step, path: str, device: torch.device) -> None:
+    """Two steps under torch.profiler; the top ops by device (or CPU) time go to ``path`` as a table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40))
+
+
 def run_worker(provider: str, shape: str, *, steps: int, warmup: int, batch: int, seq: int, device: str,
-               gc: bool = True) -> dict:
-    """Build, prepare and time one provider; returns its row."""
+               gc: bool = True, profile_path: str | None = None) -> dict:
+    """Build, prepare and time one provider; returns its row (and a profile table if ``profile_path``)."""
     dev = torch.device(device)
     t0 = time.perf_counter()
     model = build_qlora_base(shape, dev)
@@ -106,6 +121,8 @@ def run_worker(provider: str, shape: str, *, steps: int, warmup: int, batch: int
     sync()
     secs = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
+    if profile_path:
+        _profile(step, profile_path, dev)
     return {"bench": "train", "provider": provider, "shape": shape, "batch": batch, "seq": seq, "steps": steps,
             "tokens_per_s": batch * seq * steps / secs, "step_ms": 1000 * secs / steps, "peak_gib": peak,
             "loss": float(losses[-1]), "build_s": build_s, "setup": note, **stamp()}
@@ -123,6 +140,9 @@ def _spawn(provider: str, shape: str, args) -> dict:
     cmd = [sys.executable, "-m", "fastllm.bench.train", "--worker", provider, "--shapes", shape,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--seq", str(args.seq), "--device", args.device]
+    if args.profile:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"profile-{shape}-{provider}.txt")
+        cmd += ["--profile", os.path.join(os.path.abspath(args.out), safe)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("ROW "):
@@ -142,14 +162,17 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--out", default="bench-out")
+    p.add_argument("--profile", nargs="?", const="yes", default=None,
+                   help="also write each provider's top ops (torch.profiler, 2 steps) to --out")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         row = run_worker(args.worker, args.shapes, steps=args.steps, warmup=args.warmup, batch=args.batch,
-                         seq=args.seq, device=args.device)
+                         seq=args.seq, device=args.device, profile_path=args.profile)
         print("ROW " + json.dumps(row), flush=True)
         return 0
     rows = []
+    os.makedirs(args.out, exist_ok=True)
     for shape in args.shapes.split(","):
         for provider in args.providers.split(","):
             why = _available(provider)
