@@ -15,7 +15,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..config import PatchConfig
-from .report import PatchReport
+from .report import PatchReport, logger
+
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class PatchRecord:
     original: object   # vars(owner)[attr] if it was owned there, else None
     owned: bool        # was attr in owner.__dict__ before we patched?
     spec: str          # which patch, for reports
+    value: object = None  # what we set, to notice when someone else replaced it afterwards
 
 
 @dataclass
@@ -40,7 +43,7 @@ class ModelState:
         """Set ``owner.attr = value`` and remember how to undo it."""
         d = vars(owner)
         owned = attr in d
-        self.records.append(PatchRecord(owner, attr, d.get(attr), owned, spec))
+        self.records.append(PatchRecord(owner, attr, d.get(attr), owned, spec, value))
         if isinstance(owner, nn.Module):
             # Bypass nn.Module.__setattr__'s parameter/buffer/submodule routing: we only ever store
             # plain attributes (bound methods, flags, functions).
@@ -55,13 +58,22 @@ class ModelState:
             handle.remove()
             n += 1
         self.hooks.clear()
+        foreign = []
         for rec in reversed(self.records):
+            if vars(rec.owner).get(rec.attr, _MISSING) is not rec.value:
+                # Another library re-bound this attribute after us (e.g. TRL wraps model.forward): restoring
+                # ours would silently drop its change, so leave it and say so.
+                foreign.append(f"{type(rec.owner).__name__}.{rec.attr}")
+                continue
             if rec.owned:
                 object.__setattr__(rec.owner, rec.attr, rec.original)
             else:
                 object.__delattr__(rec.owner, rec.attr)
             n += 1
         self.records.clear()
+        if foreign:
+            logger.warning("fastllm: unpatch left %d attribute(s) that were replaced after patching as they are: %s",
+                           len(foreign), ", ".join(sorted(set(foreign))[:5]))
         return n
 
 

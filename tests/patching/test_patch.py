@@ -1,6 +1,8 @@
 """The patch registry on a tiny Llama: identity of patched forwards, exact revert, idempotence, PEFT order."""
 
 
+import types
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
@@ -178,3 +180,21 @@ def test_skips_are_counted_with_reasons(tiny_llama_dir):
     assert report.counts["mlp"] == 0
     assert len([s for s in report.skipped if s[0] == "mlp"]) == 2
     assert "not SiLU" in report.summary()
+
+
+def test_unpatch_leaves_a_later_foreign_rebinding_alone(tiny_llama_dir, caplog):
+    """A library that re-binds a forward after fastllm (TRL wraps model.forward) keeps its change."""
+    model = _load(tiny_llama_dir)
+    patch(model, PatchConfig())
+    ours = model.forward
+
+    def wrapper(self, *args, **kwargs):
+        return ours(*args, **kwargs)
+
+    foreign = types.MethodType(wrapper, model)
+    model.forward = foreign
+    with caplog.at_level("WARNING", logger="fastllm"):
+        unpatch(model)
+    assert vars(model)["forward"] is foreign
+    assert "replaced after patching" in caplog.text
+    assert all("forward" not in vars(m) for m in model.modules() if isinstance(m, (LlamaMLP, LlamaRMSNorm)))
