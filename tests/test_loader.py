@@ -84,3 +84,18 @@ def test_default_model_loads_in_4bit_with_chat_tokenizer():
     assert float(loss) < 6.0  # a real model knows Genesis 1:1 far better than chance (ln 49152 = 10.8)
     with pytest.raises(ValueError, match="exceeds max_seq_length=128"):
         model(input_ids=torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_explicit_gguf_file_loads_like_the_default(default_model_dir):
+    import os
+
+    from fastllm.defaults import default_model_gguf
+
+    path = default_model_gguf()
+    a, tok_a = FastLlama.from_pretrained(path, load_in_4bit=False, patch=False)
+    b, _ = FastLlama.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), load_in_4bit=False,
+                                     patch=False)
+    assert tok_a is not None and a.config.model_type == "llama"
+    x = torch.randint(0, 49152, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
