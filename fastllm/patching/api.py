@@ -79,13 +79,13 @@ def _seq_guard(max_len: int):
             x = kwargs.get("inputs_embeds")
         if x is None or x.dim() < 2:
             return None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        n = past + x.shape[1]
         pos = kwargs.get("position_ids")
-        if pos is not None and pos.numel():
+        if n > max_len and pos is not None and pos.numel():
+            # Only a row wider than the limit needs its positions read (a device sync on CUDA).
             n = int(pos.max()) + 1
-        else:
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-            n = past + x.shape[1]
         if n > max_len:
             raise ValueError(f"sequence length {n} exceeds max_seq_length={max_len}; truncate the inputs or "
                              f"load with FastLlama.from_pretrained(..., max_seq_length={n}) or more")
