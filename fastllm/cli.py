@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=0, help="also save adapter + state every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the state saved in --output")
     p.add_argument("--no-patch", action="store_true", help="train the plain eager transformers model")
+    p.add_argument("--prompt", default=None, help="prompt for the sample printed after training")
     p.add_argument("--output", default="./fastllm-out")
 
     p = sub.add_parser("eval", help="held-out perplexity of a model (and adapter)")

@@ -49,7 +49,17 @@ def _data(args, tok, n_train_blocks: int):
     train_texts, held_texts = split_texts(load_texts(args.data, tok), seed=args.seed)
     train = pack(tok, train_texts, args.max_seq_length, max_blocks=n_train_blocks) if n_train_blocks else None
     held = pack(tok, held_texts, args.max_seq_length, max_blocks=args.eval_blocks)
-    return train, held
+    return train, held, held_texts
+
+
+def _sample_prompt(args, held_texts: list[str]) -> str:
+    """--prompt, else a fixed KJV opening for the default text, else the first half of a held-out document."""
+    if getattr(args, "prompt", None):
+        return args.prompt
+    if args.data is None:
+        return SAMPLE_PROMPT
+    text = held_texts[0]
+    return text[: max(1, len(text) // 2)]
 
 
 def loss_curve_png(losses: list[float], path: str, title: str) -> None:
@@ -96,7 +106,7 @@ def cmd_train(args) -> int:
     t0 = time.time()
     model, tok = _load_qlora(args)
     need = args.max_steps * args.batch_size * args.grad_accum
-    blocks, held = _data(args, tok, max(need, 64))
+    blocks, held, held_texts = _data(args, tok, max(need, 64))
     print(f"loaded in {time.time() - t0:.1f}s; {len(blocks)} training blocks x {args.max_seq_length} tokens, "
           f"{len(held)} held-out blocks")
     ppl_before = perplexity(model, held)
@@ -110,8 +120,9 @@ def cmd_train(args) -> int:
         return 130
     ppl_after = perplexity(model, held)
     print(f"held-out perplexity after:  {ppl_after:.2f}  ({result.tokens_per_s:.0f} tokens/s training)")
-    text = sample(model, tok, SAMPLE_PROMPT)
-    print(f"sample: {SAMPLE_PROMPT}{text}")
+    prompt = _sample_prompt(args, held_texts)
+    text = sample(model, tok, prompt)
+    print(f"sample: {prompt}{text}")
     loss_curve_png(result.losses, os.path.join(args.output, "loss_curve.png"),
                    f"fastllm train: {args.model or 'SmolLM2-135M'} on {args.data or 'KJV'}")
     summary = {"command": "train", "model": args.model or "default", "data": args.data or "kjv",
@@ -129,7 +140,7 @@ def cmd_eval(args) -> int:
     from .training import perplexity
 
     model, tok = _load_qlora(args, adapter=args.adapter, trainable=False) if args.adapter else _base(args)
-    _, held = _data(args, tok, 0)
+    _, held, _ = _data(args, tok, 0)
     ppl = perplexity(model, held, progress=True)
     print(f"held-out perplexity: {ppl:.2f} ({len(held)} blocks x {args.max_seq_length} tokens)")
     emit({"command": "eval", "model": args.model or "default", "adapter": args.adapter, "data": args.data or "kjv",

