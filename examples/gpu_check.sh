@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One GPU validation pass (what a session runs through the device tool; ~8 minutes on an H100/H200):
+#   ../shared/tools/gpu-wheels            # once, here: fetches bitsandbytes/trl/liger/cce wheels into .whl
+#   device run: bash examples/gpu_check.sh   (carry: [".whl"])
+# Writes everything under $OUT (or ./gpu-out): GPU test log, bench JSON lines, tables, PNGs, profiles.
+set -uo pipefail
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=$PWD:/tmp/site || exit 1
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -15 | tee "$out/gpu-tests.txt"
+python -m fastllm.bench.train --shapes 1b,8b --providers hf,hf-bf16,liger,fastllm,fastllm:compile=1 \
+  --profile --timeout 300 --out "$out" 2>&1 | tail -16
