@@ -67,6 +67,12 @@ def tiny_llama_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_i128_dir(tmp_path_factory):
+    """Tiny Llama whose linears' in_features are all multiples of 64 (bitsandbytes' CPU 4-bit path needs it)."""
+    return _save_tiny(tmp_path_factory.mktemp("tiny_llama_i128"), intermediate_size=128, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_tied_dir(tmp_path_factory):
     return _save_tiny(tmp_path_factory.mktemp("tiny_llama_tied"), tie_word_embeddings=True)
 

@@ -29,20 +29,8 @@ COMMON = ["--steps", "4", "--batch-size", "4", "--seq-len", "48", "--lr", "1e-2"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1234)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
-                                         max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("tiny_llama_64x")
-    model.save_pretrained(path)
-    return str(path)
+def model_dir(tiny_llama_i128_dir):
+    return tiny_llama_i128_dir
 
 
 @pytest.fixture(scope="module")

@@ -24,22 +24,10 @@ LENGTHS = WARMUP + (5, 11, 20, 24, 31, 40, 64)
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def tiny_dir(tiny_llama_i128_dir):
     """Tiny Llama whose linears' in_features are multiples of 64: bitsandbytes 0.50's own CPU 4-bit forward
     (the eager reference) is wrong otherwise (see tests/modules/test_nf4_linear.py)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1234)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
-                                         max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    path = tmp_path_factory.mktemp("tiny_llama_compile")
-    model.save_pretrained(path)
-    return str(path)
+    return tiny_llama_i128_dir
 
 
 @pytest.fixture(autouse=True)
