@@ -108,10 +108,11 @@ def test_bf16_params_fp32_reduce_with_checkpointing(runs):
 
 
 @pytest.mark.multigpu
-def test_compile_bf16_offload_checkpointing_on_two_gpus(tmp_path):
+def test_compile_bf16_offload_checkpointing_on_two_gpus(tmp_path, tmp_path_factory):
     """Everything together on GPUs: compile, bf16 params / fp32 reduce, CPU offload, checkpointing."""
+    cache = tmp_path_factory.getbasetemp() / "fsdp2-gpu-cache"  # shared with test_fsdp2's GPU test
     common = ["--model", "1b", "--steps", "6", "--batch-size", "4", "--seq-len", "512", "--cache-dir",
-              str(tmp_path / "cache"), "--mixed-precision", "bf16"]
+              str(cache), "--mixed-precision", "bf16"]
     _torchrun(1, EXAMPLE, *common, "--shard", "--out", str(tmp_path / "one"), gpus=True)
     _torchrun(2, EXAMPLE, *common, "--compile", "--cpu-offload", "--out", str(tmp_path / "two"), gpus=True)
     torch.testing.assert_close(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=2e-3, atol=2e-3)
