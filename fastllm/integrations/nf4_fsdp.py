@@ -8,8 +8,12 @@ parameters, and a plain parameter loses the Python ``quant_state`` attribute; dt
 storage can change bytes (bitsandbytes issue #1945: bf16 storage gathered by NCCL rewrites NaN bit
 patterns). So, as torchao's ``NF4Tensor`` does, this subclass implements FSDP2's extension protocol:
 
-- outer tensor: exactly bnb's packed shape and storage dtype, so ``fully_shard`` splits it on dim 0
-  the way it splits any parameter; rows ``[s, e)`` of packed bytes hold values ``[s*v, e*v)`` with
+- outer tensor: exactly bnb's packed shape, so ``fully_shard`` splits it on dim 0 the way it splits
+  any parameter. Its reported dtype is a floating dtype of the storage's item size (uint8 storage ->
+  ``float8_e4m3fn``): torch <= 2.12's ``fully_shard`` first wraps every shard as
+  ``nn.Parameter(dtensor)`` with ``requires_grad=True`` and only then copies the real flag, and
+  autograd refuses that for an integer dtype. Only the label changes: ``packed`` keeps its uint8
+  bytes and every op on the weight runs on them; rows ``[s, e)`` of packed bytes hold values ``[s*v, e*v)`` with
   ``v = 2 * itemsize`` values per row, i.e. absmax blocks ``[s*v/blocksize, e*v/blocksize)``.
 - inner tensors: ``packed`` and ``absmax`` are split together (``split``/``slice``/``new_zeros``/
   ``copy_`` below keep the block alignment); the small double-quant tensors (``code``, ``absmax2``,
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NF4Meta", "NF4Param", "nf4_param_from_params4bit", "shardable_rows"]
+__all__ = ["NF4Meta", "NF4Param", "nf4_param_from_params4bit", "outer_dtype", "shardable_rows"]
 
 _aten = torch.ops.aten
 _SPLIT = ("packed", "absmax")
@@ -52,6 +56,15 @@ class NF4Meta:
     dtype: torch.dtype        # dequantized dtype
     quant_type: str
     blocksize2: int | None    # None: not double-quantized
+
+
+_FLOAT_OF_SIZE = {1: torch.float8_e4m3fn, 2: torch.float16, 4: torch.float32, 8: torch.float64}
+
+
+def outer_dtype(storage: torch.dtype) -> torch.dtype:
+    """The dtype an ``NF4Param`` reports for packed bytes of ``storage``: a floating dtype of the same
+    item size (see the module doc: FSDP2 of torch <= 2.12 cannot shard an integer-dtype parameter)."""
+    return storage if storage.is_floating_point else _FLOAT_OF_SIZE[storage.itemsize]
 
 
 def _values_per_row(packed: torch.Tensor) -> int:
@@ -76,7 +89,7 @@ class NF4Param(torch.Tensor):
     @staticmethod
     def __new__(cls, packed: torch.Tensor, absmax: torch.Tensor, replicated: dict, meta: NF4Meta):
         return torch.Tensor._make_wrapper_subclass(
-            cls, packed.shape, strides=packed.stride(), storage_offset=0, dtype=packed.dtype,
+            cls, packed.shape, strides=packed.stride(), storage_offset=0, dtype=outer_dtype(packed.dtype),
             device=packed.device, requires_grad=False)
 
     def __init__(self, packed, absmax, replicated, meta):
@@ -243,8 +256,8 @@ def _as_strided(t: NF4Param, size, stride, storage_offset=None) -> NF4Param:
 
 
 def _to_copy(t: NF4Param, *, dtype=None, device=None, non_blocking=False, **kwargs):
-    if dtype is not None and dtype != t.dtype:
-        raise NotImplementedError(f"NF4Param holds packed {t.dtype} bytes; casting them to {dtype} would "
+    if dtype is not None and dtype not in (t.dtype, t.packed.dtype):
+        raise NotImplementedError(f"NF4Param holds packed {t.packed.dtype} bytes; casting them to {dtype} would "
                                   "corrupt the 4-bit codes (dequantize with its quant_state instead)")
     move = lambda x: x.to(device=device, non_blocking=non_blocking)  # noqa: E731
     return t._with(move(t.packed), move(t.absmax), {k: move(v) for k, v in t.replicated.items()})

@@ -69,7 +69,13 @@ def test_nf4param_splits_with_its_quant_state():
     w = _params4bit()
     qs = w.quant_state
     t = nf4_param_from_params4bit(w)
-    assert t.shape == w.shape and t.dtype == torch.uint8 and not t.requires_grad
+    assert t.shape == w.shape and t.packed.dtype == torch.uint8 and not t.requires_grad
+    # A floating label over the uint8 bytes: torch <= 2.12's fully_shard makes each shard a parameter with
+    # requires_grad=True before copying the real flag, which autograd refuses for integer dtypes.
+    assert t.dtype == torch.float8_e4m3fn and torch.equal(t.view(torch.uint8), w.data)
+    p = torch.nn.Parameter(t)
+    assert isinstance(p, type(t)) and p.requires_grad
+    p.requires_grad_(False)
     dense = bF.dequantize_4bit(w.data, qs)
     torch.testing.assert_close(bF.dequantize_4bit(t.packed, t.quant_state), dense, rtol=0, atol=0)
     assert shardable_rows(w.data, qs.blocksize, 2) and not shardable_rows(w.data, qs.blocksize, 3)
