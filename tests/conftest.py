@@ -73,6 +73,14 @@ def tiny_llama_i128_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def wide_llama_dir(tmp_path_factory):
+    """Two Llama-3.2-1B-wide layers (hidden 2048, MLP 8192, 128K tied vocab; random): GPU tests only."""
+    return _save_tiny(tmp_path_factory.mktemp("wide_llama"), hidden_size=2048, intermediate_size=8192,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                      rope_theta=500000.0)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_tied_dir(tmp_path_factory):
     return _save_tiny(tmp_path_factory.mktemp("tiny_llama_tied"), tie_word_embeddings=True)
 
