@@ -214,9 +214,19 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (a collective), else ``t``.
+
+    With CPU offload the shards live on the CPU while the mesh is NCCL's: gather a device copy.
+    """
     from torch.distributed.tensor import DTensor
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    if not isinstance(t, DTensor):
+        return t
+    local, mesh = t.to_local(), t.device_mesh
+    if local.device.type != mesh.device_type:
+        t = DTensor.from_local(local.to(mesh.device_type), mesh, t.placements, run_check=False, shape=t.shape,
+                               stride=t.stride())
+    return t.full_tensor()
 
 
 def full_lora_state_dict(model: nn.Module, *, rank0_only: bool = True) -> dict[str, torch.Tensor]:
