@@ -54,8 +54,9 @@ graph per region, shared by all layers, no graph break, losses equal to one comp
 HF Trainer / TRL SFTTrainer
 ---------------------------
 Pass the sharded model as is, under ``torchrun``. ``shard`` marks it as already distributed (see
-``_declare_sharded``), so Trainer neither wraps it in DDP nor shards it again; gradient accumulation
-defers the reduce-scatter to the last micro-batch. TRL's SFTTrainer casts a 4-bit model's LoRA weights
+``_declare_sharded``), so Trainer neither wraps it in DDP nor shards it again; with transformers
+>= 5.2x gradient accumulation defers the reduce-scatter to the last micro-batch (older versions reduce
+on every micro-batch: same gradients, more traffic). TRL's SFTTrainer casts a 4-bit model's LoRA weights
 to bf16 *after* it receives the model, which FSDP2 (dtype fixed at ``fully_shard``) does not follow:
 cast ``trainable_parameters(model)`` to bf16 before ``shard`` when training with TRL.
 """
@@ -155,7 +156,7 @@ def _offload_policy(cpu_offload: bool, mesh):
     return CPUOffloadPolicy(pin_memory=True)
 
 
-def _declare_sharded(base: nn.Module, world: int) -> bool:
+def _declare_sharded(model: nn.Module, base: nn.Module, world: int) -> str:
     """Tell transformers' Trainer that the model already owns its sharding and gradient reduction.
 
     Under torchrun, Trainer (through accelerate) wraps a trainable model in DDP, which refuses DTensor
@@ -164,16 +165,20 @@ def _declare_sharded(base: nn.Module, world: int) -> bool:
     ``from_pretrained(distributed_config=...)``): no DDP or FSDP wrap, no device move, the optimizer
     built on the sharded parameters, ``set_requires_gradient_sync`` between accumulation steps. That path
     keys on ``is_distributed_loading_by_transformers`` and reads ``config.distributed_config`` (never
-    serialized); both are set here. Returns False on transformers without that path.
+    serialized); both are set here. Older transformers (5.17 on the GPU hosts) has no such path: there
+    the model is marked as already prepared by accelerate (``_is_accelerate_prepared``, accelerate's own
+    guard against wrapping a model twice), so it is used as given; the reduce-scatter then runs on every
+    micro-batch (same result, more traffic). Returns which of the two applies.
     """
     if not hasattr(type(base), "is_distributed_loading_by_transformers"):
-        return False
+        model._is_accelerate_prepared = True
+        return "accelerate-prepared"
     from transformers.distributed import DistributedConfig
 
     base._is_distributed_loading_by_transformers = True
     if getattr(base.config, "distributed_config", None) is None:
         base.config.distributed_config = DistributedConfig(fsdp_size=world)
-    return True
+    return "distributed_config"
 
 
 def shard(model: nn.Module, *, mesh=None, mixed_precision=None, cpu_offload: bool = False,
@@ -200,11 +205,11 @@ def shard(model: nn.Module, *, mesh=None, mixed_precision=None, cpu_offload: boo
         fully_shard(layer, ignored_params=ignored or None, **kwargs)
     ignored_root = {p for p in model.parameters() if p in whole}
     fully_shard(model, ignored_params=ignored_root or None, **kwargs)
-    trainer_ready = _declare_sharded(base, world)
+    trainer_path = _declare_sharded(model, base, world)
     n_lora = sum(1 for p in model.parameters() if p.requires_grad)
     logger.info("fastllm: FSDP2 over %d ranks: %d decoder layers + root; %d 4-bit weights sharded with their "
-                "quant state, %d kept whole; %d trainable (LoRA) tensors sharded; HF Trainer path %s", world,
-                len(_decoder_layers(base)), n4, len(whole), n_lora, "on" if trainer_ready else "unavailable")
+                "quant state, %d kept whole; %d trainable (LoRA) tensors sharded; HF Trainer sees it via %s", world,
+                len(_decoder_layers(base)), n4, len(whole), n_lora, trainer_path)
     return model
 
 
