@@ -19,6 +19,8 @@ class PatchConfig:
     - ``rms_norm``: fused RMSNorm (Triton on CUDA, torch elsewhere).
     - ``mlp``: SwiGLU MLP with a fused ``silu(gate) * up`` (projections stay module calls).
     - ``nf4_linear``: bitsandbytes ``Linear4bit`` forward through fastllm's NF4 dequant + matmul.
+    - ``lora``: PEFT's LoRA-over-``Linear4bit`` layers as one fused autograd op (base + adapter);
+      auto follows ``nf4_linear`` and is off under ``compile`` (inductor fuses PEFT's ops there).
     - ``loss``: chunked lm_head + loss that never materialises the logits in training.
       ``True`` / ``"cross_entropy"``, ``"focal"``, or a callable ``(logits_fp32 [n, V], labels [n]) -> [n]``.
     - ``compile``: ``torch.compile`` the decoder layer's regions.
@@ -32,6 +34,7 @@ class PatchConfig:
     rms_norm: bool = True
     mlp: bool = True
     nf4_linear: bool | None = None
+    lora: bool | None = None
     loss: bool | str | Callable | None = None
     compile: bool | None = None
     compile_mode: str = "default"
@@ -51,7 +54,7 @@ class PatchConfig:
         for name in ("rms_norm", "mlp"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"PatchConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("nf4_linear", "compile"):
+        for name in ("nf4_linear", "lora", "compile"):
             if getattr(self, name) not in (None, True, False):
                 raise TypeError(f"PatchConfig.{name} must be None (auto), True or False, got {getattr(self, name)!r}")
         if not (self.loss in (None, True, False) or self.loss in _LOSS_NAMES or callable(self.loss)):

@@ -26,7 +26,7 @@ from .._compat import SUPPORTED_DTYPES, bnb, is_linear4bit
 from ..ops.nf4 import NF4Args, nf4_args, nf4_linear, nf4_linear_args
 
 __all__ = ["NF4Alias", "nf4_linear4bit_compiled_forward", "nf4_linear4bit_forward", "nf4_linear_eligible",
-           "refresh_nf4_aliases"]
+           "prepare_nf4_call", "refresh_nf4_aliases"]
 
 
 def nf4_linear_eligible(module) -> str | None:
@@ -51,33 +51,40 @@ def nf4_linear_eligible(module) -> str | None:
     return None
 
 
+def prepare_nf4_call(module, x: torch.Tensor):
+    """What bnb's ``Linear4bit.forward`` does before its matmul: fix the quant state, set the compute
+    dtype from the first input, cast x to it and convert the stored bias once (in place, as bnb does).
+
+    Returns ``(x_in_compute_dtype, input_dtype, bias)``, or None when the weight was repacked by bnb's
+    CPU inference path (only bnb reads that layout).
+    """
+    bnb().nn.modules.fix_4bit_weight_quant_state_from_module(module)
+    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        return None
+    if not module.compute_type_is_set:
+        module.set_compute_type(x)
+        module.compute_type_is_set = True
+    inp_dtype = x.dtype
+    if module.compute_dtype is not None:
+        x = x.to(module.compute_dtype)
+    bias = module.bias
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            bias.data = bias.data.to(x.dtype)  # bnb converts the stored bias once, in place
+        if module.compute_dtype is not None:
+            bias = bias.to(module.compute_dtype)
+    return x, inp_dtype, bias
+
+
 def nf4_linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``Linear4bit.forward`` replacement: ``(x.to(compute_dtype) @ W.T + b).to(x.dtype)``.
 
     x: (..., in_features) -> (..., out_features).
     """
-    b = bnb()
-    b.nn.modules.fix_4bit_weight_quant_state_from_module(self)
-    quant_state = self.weight.quant_state
-    if getattr(quant_state, "packing_format_for_cpu", False):
-        # Repacked by bnb's CPU inference path before we were bound: only bnb reads that layout.
-        return b.nn.Linear4bit.forward(self, x)
-
-    if not self.compute_type_is_set:
-        self.set_compute_type(x)
-        self.compute_type_is_set = True
-
-    inp_dtype = x.dtype
-    if self.compute_dtype is not None:
-        x = x.to(self.compute_dtype)
-
-    bias = self.bias
-    if bias is not None:
-        if bias.dtype != x.dtype:
-            bias.data = bias.data.to(x.dtype)  # bnb converts the stored bias once, in place
-        if self.compute_dtype is not None:
-            bias = bias.to(self.compute_dtype)
-
+    prepared = prepare_nf4_call(self, x)
+    if prepared is None:
+        return bnb().nn.Linear4bit.forward(self, x)
+    x, inp_dtype, bias = prepared
     return nf4_linear(x, self.weight, bias).to(inp_dtype)
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from .._compat import is_linear4bit, pick_backend, triton_available
 from ..config import PatchConfig
 from ..modules import decoder
+from ..modules.lora import fused_lora_forward, is_lora_linear4bit, lora_eligible
 from ..modules.mlp import fast_mlp_forward, mlp_eligible
 from ..modules.rms_norm import fast_rms_norm_forward, rms_norm_eligible
 
@@ -98,6 +99,7 @@ SPECS: tuple[PatchSpec, ...] = (
     PatchSpec("rms_norm", "rms_norm", _is("LlamaRMSNorm"), rms_norm_eligible, lambda cfg, m: fast_rms_norm_forward),
     PatchSpec("mlp", "mlp", _is("LlamaMLP"), mlp_eligible, lambda cfg, m: fast_mlp_forward),
     PatchSpec("nf4_linear", "nf4_linear", is_linear4bit, _nf4_eligible, _nf4_forward),
+    PatchSpec("lora", "lora", is_lora_linear4bit, lora_eligible, lambda cfg, m: fused_lora_forward),
     PatchSpec("loss", "loss", _is("LlamaForCausalLM"), _loss_eligible, _loss_forward),
     # torch.compile of the decoder layer's sub-modules (never the layer's forward: transformers wraps
     # that for gradient checkpointing). They supersede the eager rms_norm / mlp patches.
@@ -171,14 +173,30 @@ def resolve(cfg: PatchConfig, device: torch.device) -> tuple[dict[str, bool], di
         if value is False:
             why[name] = "disabled by PatchConfig"
     _resolve_compile(cfg, cuda, on, why)
+    _resolve_lora(cfg, on, why)
     return on, why
+
+
+def _resolve_lora(cfg: PatchConfig, on: dict[str, bool], why: dict[str, str]) -> None:
+    """lora: auto = wherever the eager NF4 linear is on; never inside compiled regions."""
+    if cfg.lora is False:
+        on["lora"], why["lora"] = False, "disabled by PatchConfig"
+    elif on["compile"]:
+        on["lora"] = False
+        why["lora"] = "off under compile (the regions trace PEFT's forward; inductor fuses its extra ops)"
+    elif cfg.lora is None:
+        on["lora"] = on["nf4_linear"]
+        if not on["lora"]:
+            why["lora"] = "auto: on together with nf4_linear (CUDA with triton)"
+    else:
+        on["lora"] = True
 
 
 def backend_of(spec: str, device: torch.device) -> str:
     """Which implementation a patch runs on ``device``, for the report."""
     if spec in ("rms_norm", "mlp"):
         return pick_backend("auto", device)
-    if spec == "nf4_linear":
+    if spec in ("nf4_linear", "lora"):
         return "triton" if device.type == "cuda" else "torch"
     if spec == "compile_nf4_linear":  # an opaque custom op inside the inductor graph, not inductor code
         return "custom-op-" + ("triton" if device.type == "cuda" else "torch")

@@ -1,0 +1,166 @@
+"""The fused QLoRA linear (``fastllm.ops.lora_nf4_linear``) and its patch of PEFT's ``lora.Linear4bit``,
+against the dense maths and against PEFT + bitsandbytes themselves."""
+
+import pytest
+import torch
+
+from fastllm import FastLlama, PatchConfig, eager, patch_report, unpatch
+from fastllm.ops import dequantize_nf4
+from fastllm.ops import lora as lora_ops
+
+
+def _params4bit(n, k, seed=0):
+    import bitsandbytes as bnb
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    return bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True,
+                             blocksize=64).to("cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 7, 128, 96, 8), (1, 5, 192, 200, 16)])  # (batch, seq, K, N, r)
+def test_fused_op_matches_dense_maths(dtype, shape):
+    b, t, k, n, r = shape
+    weight = _params4bit(n, k)
+    w = dequantize_nf4(weight.data, weight.quant_state, backend="torch").float()  # (N, K)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(b, t, k, generator=g) * 0.5).to(dtype)
+    A = torch.randn(r, k, generator=g) * 0.1   # fp32 masters, as PEFT keeps them
+    B = torch.randn(n, r, generator=g) * 0.1
+    bias = (torch.randn(n, generator=g) * 0.1).to(dtype)
+    dy = torch.randn(b, t, n, generator=g).to(dtype)
+
+    leaves = [x.clone().requires_grad_(), A.clone().requires_grad_(), B.clone().requires_grad_(),
+              bias.clone().requires_grad_()]
+    y = lora_ops.lora_nf4_linear(leaves[0], weight, leaves[1], leaves[2], 2.0, leaves[3], backend="torch")
+    y.backward(dy)
+    ref = [x.float().requires_grad_(), A.clone().requires_grad_(), B.clone().requires_grad_(),
+           bias.float().requires_grad_()]
+    y_ref = ref[0] @ w.t() + ref[3] + 2.0 * (ref[0] @ ref[1].t()) @ ref[2].t()
+    y_ref.backward(dy.float())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    assert y.dtype == dtype and y.shape == (b, t, n)
+    torch.testing.assert_close(y.float(), y_ref, **tol)
+    for got, want, name in zip(leaves, ref, ["x", "A", "B", "bias"]):
+        assert got.grad.dtype == got.dtype, name  # fp32 masters get fp32 grads
+        scale = want.grad.abs().max().item()
+        torch.testing.assert_close(got.grad.float(), want.grad, rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1),
+                                   msg=name)
+
+
+def test_fused_op_rejects_bad_lora_shapes():
+    weight = _params4bit(64, 64)
+    with pytest.raises(ValueError, match="A \\(r, K\\) and B \\(N, r\\)"):
+        lora_ops.lora_nf4_linear(torch.randn(2, 64), weight, torch.randn(4, 64), torch.randn(64, 8), 1.0)
+
+
+def _model(path, **cfg):
+    model, _ = FastLlama.from_pretrained(path, dtype=torch.float32, patch=PatchConfig(**cfg))
+    torch.manual_seed(0)
+    model = FastLlama.get_peft_model(model, r=8, lora_alpha=16)
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # non-zero B so the adapter shows in outputs and every gradient
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _loss_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused op's calls (the real op still runs)."""
+    calls = []
+    real = lora_ops.LoRANF4Function.apply
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(lora_ops.LoRANF4Function, "apply", counting)
+    return calls
+
+
+def test_patched_lora_matches_peft_and_bitsandbytes(tiny_llama_i128_dir, fused_calls):
+    model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True)
+    assert patch_report(model).counts["lora"] == 14
+    model.train()
+    ids = torch.randint(0, 320, (2, 37))
+    loss, grads = _loss_grads(model, ids)
+    assert len(fused_calls) == 2 * 14  # forward + checkpointed recompute, every LoRA linear
+    with eager(model):  # PEFT's forward over bitsandbytes' own Linear4bit
+        ref_loss, ref_grads = _loss_grads(model, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert sorted(grads) == sorted(ref_grads) and len(grads) == 28
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_bf16_autocast_training_follows_eager(tiny_llama_i128_dir, fused_calls):
+    model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True)
+    model.train()
+    ids = torch.randint(0, 320, (2, 29))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # fp32 compute dtype under bf16 autocast: PEFT runs the adapter in bf16, so the fused path defers.
+        loss, grads = _loss_grads(model, ids)
+    assert fused_calls == []
+    with eager(model), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref_grads = _loss_grads(model, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+
+
+def test_cases_the_fused_path_leaves_to_peft(tiny_llama_i128_dir, fused_calls):
+    model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True)
+    model.eval()
+    ids = torch.randint(0, 320, (1, 19))
+    with torch.no_grad():
+        with model.disable_adapter():
+            off = model(input_ids=ids).logits
+        with eager(model), model.disable_adapter():
+            off_ref = model(input_ids=ids).logits
+        assert fused_calls == []
+        torch.testing.assert_close(off, off_ref)
+        # A second adapter, both active: PEFT's loop over adapters.
+        from peft import LoraConfig
+
+        model.add_adapter("second", LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+        model.base_model.set_adapter(["default", "second"])
+        for n, p in model.named_parameters():
+            if "lora_B.second" in n:
+                torch.nn.init.normal_(p, std=0.05)
+        both = model(input_ids=ids).logits
+        with eager(model):
+            both_ref = model(input_ids=ids).logits
+        torch.testing.assert_close(both, both_ref)
+        calls_with_two = len(fused_calls)
+        assert calls_with_two == 2 * 5  # the 5 linears per layer with only "default" still take the fused op
+        model.base_model.set_adapter("default")
+        one = model(input_ids=ids).logits
+        assert len(fused_calls) == calls_with_two + 14
+        assert not torch.allclose(one, both)
+
+
+def test_auto_follows_nf4_linear_and_compile_turns_it_off(tiny_llama_i128_dir):
+    from fastllm.patching.specs import resolve
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve(PatchConfig(), cpu)[0]["lora"] is False  # nf4_linear auto is off on the CPU
+    assert resolve(PatchConfig(nf4_linear=True), cpu)[0]["lora"] is True
+    on, why = resolve(PatchConfig(lora=True, compile=True), cpu)
+    assert on["lora"] is False and "compile" in why["lora"]
+    on, why = resolve(PatchConfig(lora=False), cuda)
+    assert on["lora"] is False and why["lora"] == "disabled by PatchConfig"
+
+
+def test_unpatch_restores_peft_forward(tiny_llama_i128_dir):
+    model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")]
+    assert all("forward" in vars(m) for m in layers)
+    unpatch(model)
+    assert not any("forward" in vars(m) for m in layers)
