@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -199,8 +198,9 @@ def test_example_on_two_gpus(tmp_path, tmp_path_factory):
     torch.testing.assert_close(l2, l1, rtol=2e-3, atol=2e-3)  # bf16 compute: reduction order differs
     # The adapter saved on rank 0 loads in plain transformers + PEFT, every tensor installed as saved,
     # and scores a batch like the 1-GPU adapter.
-    _run([sys.executable, CHECK, "--base", str(cache / "random-llama-1b"), "--adapter", str(tmp_path / "two" / "adapter"),
-          "--reference", str(tmp_path / "one" / "adapter"), "--json", str(tmp_path / "check.json")], timeout=600)
+    _run([sys.executable, CHECK, "--base", str(cache / "random-llama-1b"),
+          "--adapter", str(tmp_path / "two" / "adapter"), "--reference", str(tmp_path / "one" / "adapter"),
+          "--json", str(tmp_path / "check.json")], timeout=600)
     with open(tmp_path / "check.json") as f:
         res = json.load(f)
     assert res["tensors"] == res["checked"] == 2 * 7 * 16 and res["not_installed"] == [] and res["same_keys"]
