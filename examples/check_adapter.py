@@ -34,7 +34,9 @@ def installed_matches(model, saved: dict[str, torch.Tensor]) -> tuple[int, list[
     bad, checked = [], 0
     for key, value in saved.items():
         # PEFT's file keys drop the adapter name: "...q_proj.lora_A.weight" -> "...q_proj.lora_A.default.weight"
-        name = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
+        name = key
+        for part in (".lora_A.weight", ".lora_B.weight"):
+            name = name.replace(part, part.replace(".weight", ".default.weight"))
         p = params.get(name)
         if p is None or not torch.equal(p.detach().cpu().to(value.dtype), value):
             bad.append(key)
