@@ -11,5 +11,5 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -15 | tee "$out/gpu-tests.txt"
-python -m fastllm.bench.train --shapes 1b,8b --providers hf,hf-bf16,liger,fastllm,fastllm:lora=0,fastllm:compile=1 \
+python -m fastllm.bench.train --shapes 1b,8b --providers hf,hf-bf16,liger,fastllm,fastllm:lora=1,fastllm:compile=1 \
   --profile --timeout 300 --out "$out" 2>&1 | tail -16

@@ -20,7 +20,8 @@ class PatchConfig:
     - ``mlp``: SwiGLU MLP with a fused ``silu(gate) * up`` (projections stay module calls).
     - ``nf4_linear``: bitsandbytes ``Linear4bit`` forward through fastllm's NF4 dequant + matmul.
     - ``lora``: PEFT's LoRA-over-``Linear4bit`` layers as one fused autograd op (base + adapter);
-      auto follows ``nf4_linear`` and is off under ``compile`` (inductor fuses PEFT's ops there).
+      opt-in for now (auto is off until measured on a GPU); off under ``compile`` (inductor fuses
+      PEFT's ops there).
     - ``loss``: chunked lm_head + loss that never materialises the logits in training.
       ``True`` / ``"cross_entropy"``, ``"focal"``, or a callable ``(logits_fp32 [n, V], labels [n]) -> [n]``.
     - ``compile``: ``torch.compile`` the decoder layer's regions.

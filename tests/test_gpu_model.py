@@ -8,9 +8,10 @@ from fastllm import FastLlama, PatchConfig, eager, patch_report
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("compile", [False, None])
-def test_patched_qlora_on_cuda_matches_eager(tiny_llama_dir, compile):
-    model, _ = FastLlama.from_pretrained(tiny_llama_dir, max_seq_length=256, patch=PatchConfig(compile=compile))
+@pytest.mark.parametrize("compile,lora", [(False, None), (None, None), (False, True)])
+def test_patched_qlora_on_cuda_matches_eager(tiny_llama_dir, compile, lora):
+    model, _ = FastLlama.from_pretrained(tiny_llama_dir, max_seq_length=256,
+                                         patch=PatchConfig(compile=compile, lora=lora))
     report = patch_report(model)
     # With compile on, the 4-bit linears take the compiled twin (compile_nf4_linear) instead of nf4_linear.
     assert report.counts.get("nf4_linear", 0) + report.counts.get("compile_nf4_linear", 0) == 14
@@ -18,6 +19,8 @@ def test_patched_qlora_on_cuda_matches_eager(tiny_llama_dir, compile):
     if compile is False:
         assert report.backends.get("rms_norm") == "triton" and report.backends.get("mlp") == "triton"
     model = FastLlama.get_peft_model(model, r=8, lora_alpha=16)
+    if lora:  # the fused QLoRA linear serves all 14 LoRA layers
+        assert patch_report(model).counts["lora"] == 14
     x = torch.randint(0, 320, (2, 77), device="cuda")
     model.train()
 

@@ -178,16 +178,16 @@ def resolve(cfg: PatchConfig, device: torch.device) -> tuple[dict[str, bool], di
 
 
 def _resolve_lora(cfg: PatchConfig, on: dict[str, bool], why: dict[str, str]) -> None:
-    """lora: auto = wherever the eager NF4 linear is on; never inside compiled regions."""
+    """lora: opt-in for now (auto is off); never inside compiled regions."""
     if cfg.lora is False:
         on["lora"], why["lora"] = False, "disabled by PatchConfig"
     elif on["compile"]:
         on["lora"] = False
         why["lora"] = "off under compile (the regions trace PEFT's forward; inductor fuses its extra ops)"
     elif cfg.lora is None:
-        on["lora"] = on["nf4_linear"]
-        if not on["lora"]:
-            why["lora"] = "auto: on together with nf4_linear (CUDA with triton)"
+        # Verified against PEFT + bitsandbytes on the CPU only: stays opt-in until a GPU run measures it.
+        on["lora"] = False
+        why["lora"] = "auto: off until measured on a GPU; PatchConfig(lora=True) turns it on"
     else:
         on["lora"] = True
 

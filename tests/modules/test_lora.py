@@ -146,12 +146,14 @@ def test_cases_the_fused_path_leaves_to_peft(tiny_llama_i128_dir, fused_calls):
         assert not torch.allclose(one, both)
 
 
-def test_auto_follows_nf4_linear_and_compile_turns_it_off(tiny_llama_i128_dir):
+def test_opt_in_and_compile_turns_it_off(tiny_llama_i128_dir):
     from fastllm.patching.specs import resolve
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve(PatchConfig(), cpu)[0]["lora"] is False  # nf4_linear auto is off on the CPU
-    assert resolve(PatchConfig(nf4_linear=True), cpu)[0]["lora"] is True
+    for dev in (cpu, cuda):  # auto stays off until a GPU run measures it
+        on, why = resolve(PatchConfig(), dev)
+        assert on["lora"] is False and "PatchConfig(lora=True)" in why["lora"]
+    assert resolve(PatchConfig(lora=True), cpu)[0]["lora"] is True
     on, why = resolve(PatchConfig(lora=True, compile=True), cpu)
     assert on["lora"] is False and "compile" in why["lora"]
     on, why = resolve(PatchConfig(lora=False), cuda)
