@@ -151,7 +151,7 @@ def test_opt_in_and_compile_turns_it_off(tiny_llama_i128_dir):
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     for dev in (cpu, cuda):  # auto stays off until a GPU run measures it
-        on, why = resolve(PatchConfig(), dev)
+        on, why = resolve(PatchConfig(compile=False), dev)
         assert on["lora"] is False and "PatchConfig(lora=True)" in why["lora"]
     assert resolve(PatchConfig(lora=True), cpu)[0]["lora"] is True
     on, why = resolve(PatchConfig(lora=True, compile=True), cpu)
