@@ -4,12 +4,7 @@
 #   device run: bash examples/gpu_check.sh   (carry: [".whl"])
 # Writes everything under $OUT (or ./gpu-out): GPU test log, bench JSON lines, tables, PNGs, profiles.
 set -uo pipefail
-out=${OUT:-gpu-out}
-mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=$PWD:/tmp/site || exit 1
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+source examples/device_env.sh
 python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -15 | tee "$out/gpu-tests.txt"
 python -m fastllm.bench.train --shapes 1b,8b --providers hf,hf-bf16,liger,fastllm,fastllm:lora=1,fastllm:compile=1 \
   --profile --timeout 300 --out "$out" 2>&1 | tail -16

@@ -6,12 +6,7 @@
 # then the rank-0 adapter loaded in plain PEFT against the 1-GPU adapter, then the multigpu tests.
 # Everything lands under $OUT (or ./gpu-out): logs, metrics.jsonl per run, adapter checks.
 set -uo pipefail
-out=${OUT:-gpu-out}
-mkdir -p "$out"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=$PWD:/tmp/site || exit 1
-export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+source examples/device_env.sh
 model=${MODEL:-8b}
 steps=${STEPS:-6}
 cache=/tmp/fastllm-cache
