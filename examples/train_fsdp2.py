@@ -57,6 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--no-patch", action="store_true", help="plain transformers + PEFT (fastllm patches off)")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="PatchConfig(compile=True): inductor regions per layer")
+    p.add_argument("--lora", action="store_true", help="PatchConfig(lora=True): the fused QLoRA linear")
     p.add_argument("--mixed-precision", default="none", choices=("none", "bf16"),
                    help="FSDP2 MixedPrecisionPolicy: bf16 params, fp32 reduce")
     p.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPU offload (CUDA only)")
@@ -179,7 +180,12 @@ def load_model(path: str, args, device: torch.device):
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     from fastllm import PatchConfig
 
-    patch = False if args.no_patch else PatchConfig(compile=True) if args.compile else True
+    opts = {}
+    if args.compile:
+        opts["compile"] = True
+    if args.lora:  # the fused QLoRA linear (opt-in), over fastllm's NF4 linear
+        opts.update(lora=True, nf4_linear=True)
+    patch = False if args.no_patch else PatchConfig(**opts) if opts else True
     model, _ = FastLlama.from_pretrained(path, load_in_4bit=True, dtype=dtype, device_map=None,
                                          max_seq_length=args.seq_len, patch=patch)
     torch.manual_seed(args.seed)  # identical LoRA init on every rank and in the 1-rank reference
@@ -272,7 +278,7 @@ def summarize(args, model, opt, records, rank, world, device, base_mem) -> dict:
     else:
         per_rank = [mine]
     n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
-    return dict(summary=True, world_size=world, model=args.model, patched=not args.no_patch,
+    return dict(summary=True, world_size=world, model=args.model, patched=not args.no_patch, lora=args.lora,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 global_batch=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
                 mixed_precision=args.mixed_precision, cpu_offload=args.cpu_offload,

@@ -121,7 +121,7 @@ def runs(tiny_llama_dir, tmp_path_factory):
               "--lora-r", "4"]
     out = {}
     for patched in (True, False):
-        flag = [] if patched else ["--no-patch"]
+        flag = ["--lora"] if patched else ["--no-patch"]  # patched: with the fused QLoRA linear too
         one, two = str(base / f"one-{patched}"), str(base / f"two-{patched}")
         _run([sys.executable, EXAMPLE, *common, *flag, "--out", one])
         _torchrun(2, EXAMPLE, *common, *flag, "--grad-accum", "2", "--out", two)
@@ -135,6 +135,7 @@ def test_two_ranks_equal_one_process(runs, patched):
     steps1, summary1 = _metrics(one)
     steps2, summary2 = _metrics(two)
     assert summary1["world_size"] == 1 and summary2["world_size"] == 2 and summary2["patched"] is patched
+    assert summary2["lora"] is patched
     l1 = torch.tensor([s["loss"] for s in steps1], dtype=torch.float64)
     l2 = torch.tensor([s["loss"] for s in steps2], dtype=torch.float64)
     assert len(l1) == 4 and l1[-1] < l1[0]  # it trains
