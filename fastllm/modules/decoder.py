@@ -39,6 +39,7 @@ from collections import Counter
 import torch
 
 from .nf4_linear import refresh_nf4_aliases
+from .rms_norm import rms_norm_eligible
 
 # Attention kwargs that change what attention computes: a call carrying any of them (non-None) runs
 # the class's own forward. Everything else transformers threads through (position_ids, use_cache,
@@ -270,12 +271,8 @@ def attention_eligible(module) -> str | None:
     return None
 
 
-def compiled_rms_norm_eligible(module) -> str | None:
-    if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() != 1:
-        return "no 1-D weight"
-    if not isinstance(getattr(module, "variance_epsilon", None), float):
-        return "no float variance_epsilon"
-    return None
+# The compiled region reads the same attributes as the fused RMSNorm: one check serves both.
+compiled_rms_norm_eligible = rms_norm_eligible
 
 
 def compiled_mlp_eligible(module) -> str | None:
