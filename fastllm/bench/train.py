@@ -8,11 +8,13 @@ after ``--warmup``. Providers, each in its own fresh process (some patch process
   non-reentrant checkpointing, SDPA.
 - ``hf-bf16``: transformers + PEFT + bitsandbytes without the fp32 upcasts (fastllm's precision).
 - ``liger``: the same plus Liger-Kernel's Llama patch (rope, RMSNorm, SwiGLU, fused linear CE), if installed.
+- ``unsloth``: Unsloth's ``FastLanguageModel`` and its ``"unsloth"`` checkpointing on the same weights (see
+  ``unsloth_provider``), when ``$UNSLOTH_SITE`` holds it (``examples/unsloth_env.sh``).
 - ``fastllm``: ``fastllm.patch`` + ``FastLlama.get_peft_model`` (no fp32 upcasts); ``fastllm:opt=0,...``
   runs an ablation with those PatchConfig options (``0``/``1``/``none``).
 
 Rows (tokens/s, peak GiB, loss after the timed steps) go to JSON lines with the GPU name and versions,
-plus a table with ratios vs ``hf`` and a PNG.
+plus a table with ratios vs ``hf`` (and ``liger``, ``unsloth``) and a PNG.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from .common import bar_chart, format_table, stamp, write_jsonl
 from .models import LINEARS, build_qlora_base
 
-PROVIDERS = ("hf", "liger", "fastllm")
+PROVIDERS = ("hf", "liger", "unsloth", "fastllm")
 
 
 def _patch_config(provider: str):
@@ -43,6 +45,15 @@ def _patch_config(provider: str):
         key, _, val = item.partition("=")
         kwargs[key] = values.get(val.lower(), val)
     return PatchConfig(**kwargs)
+
+
+def _build(provider: str, shape: str, dev: torch.device, gc: bool, seq: int):
+    """The provider's trainable model and a note on its setup: build_qlora_base, then its recipe."""
+    if provider == "unsloth":  # loads the same weights through Unsloth's own loader
+        from .unsloth_provider import build
+
+        return build(shape, dev, seq, gc)
+    return _prepare(provider, build_qlora_base(shape, dev), gc)
 
 
 def _prepare(provider: str, model, gc: bool):
@@ -93,8 +104,7 @@ def run_worker(provider: str, shape: str, *, steps: int, warmup: int, batch: int
     """Build, prepare and time one provider; returns its row (and a profile table if ``profile_path``)."""
     dev = torch.device(device)
     t0 = time.perf_counter()
-    model = build_qlora_base(shape, dev)
-    model, note = _prepare(provider, model, gc)
+    model, note = _build(provider, shape, dev, gc, seq)
     build_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
     x = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(dev)
@@ -133,6 +143,12 @@ def _available(provider: str) -> str | None:
 
     if provider == "liger" and importlib.util.find_spec("liger_kernel") is None:
         return "liger_kernel not installed"
+    if provider == "unsloth":
+        site = os.environ.get("UNSLOTH_SITE")
+        if not site:
+            return "UNSLOTH_SITE not set (source examples/unsloth_env.sh)"
+        if not os.path.isdir(os.path.join(site, "unsloth")):
+            return f"no unsloth package in UNSLOTH_SITE={site}"
     return None
 
 
@@ -143,7 +159,10 @@ def _spawn(provider: str, shape: str, args) -> dict:
     if args.profile:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"profile-{shape}-{provider}.txt")
         cmd += ["--profile", os.path.join(os.path.abspath(args.out), safe)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    env = dict(os.environ)
+    if provider == "unsloth":  # its site first: Unsloth pins trl<=1.15, older than the one on the path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("ROW "):
             return json.loads(line[4:])
@@ -183,19 +202,21 @@ def main(argv=None) -> int:
                                                       "error")}), flush=True)
     for shape in args.shapes.split(","):
         base = next((r for r in rows if r["shape"] == shape and r["provider"] == "hf" and "error" not in r), None)
-        # liger numbers as a second baseline
-        lig = next((r for r in rows if r["shape"] == shape and r["provider"] == "liger" and "error" not in r), None)
+        # liger and unsloth numbers as further baselines
+        peers = {name: next((r for r in rows if r["shape"] == shape and r["provider"] == name and "error" not in r),
+                            None) for name in ("liger", "unsloth")}
         for r in rows:
             if r["shape"] == shape and base and "error" not in r:
                 r["speedup_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
                 r["memory_vs_hf"] = r["peak_gib"] / base["peak_gib"]
-            if r["shape"] == shape and lig and "error" not in r:
-                r["speedup_vs_liger"] = r["tokens_per_s"] / lig["tokens_per_s"]
+            for name, peer in peers.items():
+                if r["shape"] == shape and peer and "error" not in r:
+                    r[f"speedup_vs_{name}"] = r["tokens_per_s"] / peer["tokens_per_s"]
     os.makedirs(args.out, exist_ok=True)
     write_jsonl(rows, os.path.join(args.out, "train.jsonl"))
     ok = [r for r in rows if "error" not in r]
     print(format_table(ok, ["shape", "provider", "tokens_per_s", "step_ms", "peak_gib", "loss", "speedup_vs_hf",
-                            "memory_vs_hf", "speedup_vs_liger"]))
+                            "memory_vs_hf", "speedup_vs_liger", "speedup_vs_unsloth"]))
     for r in rows:
         if "error" in r:
             print(f"{r['shape']} {r['provider']}: FAILED {r['error']}")
