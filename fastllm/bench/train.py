@@ -95,8 +95,32 @@ def _profile(step, path: str, device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages()
     with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by=key, row_limit=40))
+        f.write(table.table(sort_by=key, row_limit=40))
+        # A step whose wall time exceeds its device time is host-bound: show where the host goes too.
+        f.write("\n\nby host (self CPU) time\n")
+        f.write(table.table(sort_by="self_cpu_time_total", row_limit=25))
+        f.write("\n\nPython functions, 2 steps under cProfile (no torch.profiler), by own time\n")
+        f.write(_python_profile(step, device))
+
+
+def _python_profile(step, device: torch.device) -> str:
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(35)
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(35)
+    return buf.getvalue()
 
 
 def run_worker(provider: str, shape: str, *, steps: int, warmup: int, batch: int, seq: int, device: str,
