@@ -1,0 +1,78 @@
+"""Host (CPU) cost per call of the pieces of one 4-bit linear, on a GPU machine.
+
+Decode steps and small training steps are host-bound: the GPU waits while Python and the dispatcher
+issue work. Each row times ``n`` back-to-back calls on one-token inputs (the GPU part is a few
+microseconds) and reports microseconds per call, so the numbers are host time. Usage::
+
+    python examples/host_overhead.py [--n 500] [--out host.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import types
+
+import torch
+
+
+def per_call_us(fn, n: int) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def main() -> None:
+    import bitsandbytes as bnb
+
+    from fastllm.kernels.nf4 import launch_config, nf4_dequant_fwd
+    from fastllm.modules.nf4_linear import nf4_linear4bit_forward
+    from fastllm.ops import dequantize_nf4
+    from fastllm.ops.nf4 import _absmax_torch, _state_args
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    lin = bnb.nn.Linear4bit(4096, 4096, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").cuda()
+    fast = bnb.nn.Linear4bit(4096, 4096, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4").cuda()
+    fast.forward = types.MethodType(nf4_linear4bit_forward, fast)
+    w, qs = lin.weight, lin.weight.quant_state
+    x1 = torch.randn(1, 1, 4096, dtype=torch.bfloat16, device="cuda")
+    small = torch.randn(16, device="cuda")
+    dense = torch.empty(4096, 4096, dtype=torch.bfloat16, device="cuda")
+    absmax, code, code2, absmax2, offset, bs, bs2, shape = _state_args(qs)
+    plain = w.data
+    rows, cols, warps, grid = launch_config(plain.numel(), bs)
+    cases = {
+        "aten add (16 floats)": lambda: small.add(1.0),
+        "F.linear bf16 1x4096x4096": lambda: torch.nn.functional.linear(x1, dense),
+        "bnb dequantize_4bit": lambda: bnb.functional.dequantize_4bit(w, qs),
+        "fastllm dequantize_nf4 (Triton)": lambda: dequantize_nf4(w, qs, out=dense),
+        "fastllm nf4_dequant_fwd, plain tensors": lambda: nf4_dequant_fwd(plain, absmax, code, bs, dense, code2,
+                                                                          absmax2, offset, bs2),
+        "absmax dequant (torch ops)": lambda: _absmax_torch(absmax, code2, absmax2, offset, bs2),
+        "bnb Linear4bit fwd, 1 token (gemv)": lambda: lin(x1),
+        "fastllm patched fwd, 1 token": lambda: fast(x1),
+    }
+    print(f"launch config {rows}x{cols}, {warps} warps, grid {grid}")
+    results = []
+    with torch.no_grad():
+        for name, fn in cases.items():
+            us = per_call_us(fn, args.n)
+            results.append({"case": name, "us_per_call": us})
+            print(f"{name:42s} {us:8.1f} us")
+    if args.out:
+        with open(args.out, "w") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
