@@ -139,31 +139,8 @@ def clear_workspaces() -> None:
 
 # ---- shared forward / backward maths ---------------------------------------------------------
 
-def _gemv_ok(x, state: tuple, backend: str) -> bool:
-    """One token on CUDA: bitsandbytes' fused 4-bit GEMV (the decode step) reads only the packed weight.
-
-    Dequantizing the whole weight to run a (1, K) @ (K, N) GEMM writes and re-reads 2 bytes per weight for
-    every token; bnb's ``gemv_4bit`` reads half a byte. The same condition as bnb's ``matmul_4bit``
-    (one row, ``K`` a multiple of the blocksize), so one-token outputs equal unpatched bnb's exactly.
-    """
-    shape, bs = state[7], state[5]
-    return (x.numel() == shape[1] and x.is_cuda and backend == "auto" and shape[1] % bs == 0
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
-
-
-def _gemv(x, packed, state: tuple, bias) -> torch.Tensor:
-    """y = x @ W.T + b for one row x (..., K) through ``bitsandbytes::gemv_4bit`` (packed weight only)."""
-    absmax, code, code2, absmax2, offset, bs, bs2, shape = state
-    scale = _absmax_torch(absmax, code2, absmax2, offset, bs2)  # (nblocks,) fp32, bit-equal to bnb's
-    # bnb passes the Params4bit transposed ((1, n_bytes)); the kernel reads only its data pointer.
-    y = torch.ops.bitsandbytes.gemv_4bit.default(x, packed.view(-1, 1).t(), list(shape), scale, code, bs)
-    return y if bias is None else y.add_(bias.to(y.dtype))
-
-
 def _linear_fwd(x, packed, state: tuple, bias, backend: str) -> torch.Tensor:
     absmax, code, code2, absmax2, offset, bs, bs2, shape = state
-    if _gemv_ok(x, state, backend):
-        return _gemv(x, packed, state, bias)
     w = _dequant_into(packed, absmax, code, code2, absmax2, offset, bs, bs2,
                       _workspace(x.device, x.dtype, shape), backend)  # (N, K) in x.dtype
     # Computed in x's dtype, as bnb does after Linear4bit.forward cast x to compute_dtype.
