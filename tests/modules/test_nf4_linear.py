@@ -173,3 +173,24 @@ def test_gpu_patched_peft_lora_matches_unpatched():
         res.append((y, xi.grad, model.base_model.model.proj.lora_A.default.weight.grad))
     for a, b in zip(*res):
         torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float16])
+def test_gpu_one_token_is_bitsandbytes_own_forward(compute_dtype):
+    """Decode (one token, no grad): the patched forward hands over to bnb's 4-bit GEMV, so it equals bnb."""
+    torch.manual_seed(0)
+    ref = quantized_block("cuda", k=4096, n=1000, compute_dtype=compute_dtype)
+    fast = copy.deepcopy(ref)
+    fast.proj.forward = types.MethodType(nf4_linear4bit_forward, fast.proj)
+    with torch.no_grad():
+        for shape in [(1, 1, 4096), (1, 4096)]:
+            x = torch.randn(shape, dtype=compute_dtype, device="cuda")
+            assert torch.equal(fast(x), ref(x)), shape
+        # Several tokens take the dequant + GEMM path: close to bnb, not bit-equal.
+        x = torch.randn(1, 3, 4096, dtype=compute_dtype, device="cuda")
+        torch.testing.assert_close(fast(x), ref(x), rtol=2e-2, atol=2e-2)
+    # With grad, one token still runs fastllm's op (its backward re-dequantizes).
+    x = torch.randn(1, 1, 4096, dtype=compute_dtype, device="cuda", requires_grad=True)
+    y = fast(x)
+    assert y.grad_fn is not None and "NF4" in type(y.grad_fn).__name__
