@@ -35,15 +35,9 @@ import triton.language as tl
 
 @triton.jit
 def _nf4_dequant_fwd_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, n_elements, n_bytes,
-                            OUT_DTYPE: tl.constexpr,
                             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                            ROWS: tl.constexpr, COLS: tl.constexpr, PAIRED: tl.constexpr):
-    """out[2b + j] = code[nib_j(packed[b])] * absmax[(2b) // BLOCKSIZE], j = 0 (high), 1 (low).
-
-    PAIRED: ``OUT`` is the output viewed as one integer word per element pair (int32 for 16-bit
-    outputs, int64 for fp32), so word ``b`` holds both values of packed byte ``b`` and the store has
-    exactly the layout of the load (wide, coalesced); otherwise the pair is interleaved with a join.
-    """
+                            ROWS: tl.constexpr, COLS: tl.constexpr):
+    """out[2b + j] = code[nib_j(packed[b])] * absmax[(2b) // BLOCKSIZE], j = 0 (high), 1 (low)."""
     HALF: tl.constexpr = BLOCKSIZE // 2  # packed bytes per quantization block
     # 64-bit only in the scalar tile base (a 128256x4096 weight has 2^29 elements); per-element
     # offsets stay 32-bit, which halves the integer work of the address maths.
@@ -70,34 +64,10 @@ def _nf4_dequant_fwd_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, n
     # The 16-entry NF4 table is 64 bytes: the gathers hit L1 and stay one wavefront per warp.
     hi = tl.load(CODE + (q >> 4)) * scale
     lo = tl.load(CODE + (q & 15)) * scale
+    vals = tl.reshape(tl.join(hi, lo), (ROWS, 2 * COLS))  # (ROWS, 2*COLS): byte b -> 2b, 2b+1
+    elem = 2 * row[:, None] + tl.arange(0, 2 * COLS)[None, :]
     # Compute stays fp32 and is cast once on store (the interpreter mishandles bf16 arithmetic).
-    if PAIRED:
-        # Little endian: element 2b (high nibble) is the low half of word b.
-        if OUT_DTYPE == tl.float32:
-            word = (_bits(lo, OUT_DTYPE).to(tl.int64) << 32) | _bits(hi, OUT_DTYPE).to(tl.int64)
-        else:
-            word = ((_bits(lo, OUT_DTYPE) << 16) | _bits(hi, OUT_DTYPE)).to(tl.int32, bitcast=True)
-        tl.store(OUT + base + byte, word, mask=byte < left_bytes)
-    else:
-        vals = tl.reshape(tl.join(hi, lo), (ROWS, 2 * COLS))  # (ROWS, 2*COLS): byte b -> 2b, 2b+1
-        elem = 2 * row[:, None] + tl.arange(0, 2 * COLS)[None, :]
-        tl.store(OUT + 2 * base + elem, vals.to(OUT.dtype.element_ty), mask=elem < left_elems)
-
-
-@triton.jit
-def _bits(x, OUT_DTYPE: tl.constexpr):
-    """fp32 ``x`` rounded to OUT_DTYPE, returned as its raw bits in a uint32 (zero-extended).
-
-    bf16 is rounded by integer maths (round to nearest even on the fp32 bits, exact for the finite values
-    dequant produces) because the Triton interpreter mishandles bf16; fp16 uses the hardware cast.
-    """
-    if OUT_DTYPE == tl.float32:
-        return x.to(tl.uint32, bitcast=True)
-    elif OUT_DTYPE == tl.bfloat16:
-        b = x.to(tl.uint32, bitcast=True)
-        return (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-    else:
-        return x.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    tl.store(OUT + 2 * base + elem, vals.to(OUT.dtype.element_ty), mask=elem < left_elems)
 
 
 # Bytes per program and warps, swept on an H200 (``fastllm bench dequant --sweep``, tiles 1024..16384
@@ -132,15 +102,13 @@ def launch_config(n_bytes: int, blocksize: int, tile_bytes: int | None = None,
 def nf4_dequant_fwd(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                     out: torch.Tensor, code2: torch.Tensor | None = None, absmax2: torch.Tensor | None = None,
                     offset: torch.Tensor | None = None, blocksize2: int = 256, *,
-                    tile_bytes: int | None = None, num_warps: int | None = None,
-                    paired: bool | None = None) -> torch.Tensor:
+                    tile_bytes: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Dequantize into ``out`` (any shape, contiguous, bf16/fp16/fp32) and return it.
 
     packed: ``ceil(out.numel() / 2)`` bytes (any storage dtype, viewed as uint8); absmax: fp32
     (nblocks,) or, when ``code2`` is given (nested), uint8 (nblocks,) with fp32 ``code2`` (256,),
     ``absmax2`` (ceil(nblocks / blocksize2),) and a one-element fp32 ``offset`` tensor (read on the
-    device: no host sync). ``paired`` None: paired stores wherever ``out`` allows them (see the
-    kernel); True/False forces them on/off (tests, sweeps).
+    device: no host sync).
     """
     if not out.is_contiguous():
         raise ValueError("nf4_dequant_fwd writes a contiguous output")
@@ -158,25 +126,9 @@ def nf4_dequant_fwd(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if nested and (absmax2 is None or offset is None):
         raise ValueError("nested NF4 needs code2, absmax2 and offset")
     rows, cols, warps, grid = launch_config(n_bytes, blocksize, tile_bytes, num_warps)
-    target = _paired_view(out) if paired is not False else None
-    if paired and target is None:
-        raise ValueError("paired stores need an even element count and a pair-aligned output")
     _nf4_dequant_fwd_kernel[(grid,)](
         packed, absmax, code, code2 if nested else code, absmax2 if nested else absmax,
-        offset if nested else absmax, out if target is None else target, n, n_bytes,
-        OUT_DTYPE=_TL_DTYPES[out.dtype], BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1,
-        NESTED=nested, ROWS=rows, COLS=cols, PAIRED=target is not None, num_warps=warps,
-        enable_fp_fusion=False)
+        offset if nested else absmax, out, n, n_bytes,
+        BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested,
+        ROWS=rows, COLS=cols, num_warps=warps, enable_fp_fusion=False)
     return out
-
-
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-_PAIR_DTYPES = {2: torch.int32, 4: torch.int64}
-
-
-def _paired_view(out: torch.Tensor) -> torch.Tensor | None:
-    """``out`` as one integer word per element pair, or None where it cannot be (odd count, misaligned)."""
-    size = out.element_size()
-    if out.numel() % 2 or out.data_ptr() % (2 * size) or size not in _PAIR_DTYPES:
-        return None
-    return out.view(-1).view(_PAIR_DTYPES[size])

@@ -106,42 +106,6 @@ def test_bitsandbytes_cpu_trap():
     assert (F.dequantize_4bit(packed, qs).double() - want).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("nested", [True, False])
-@pytest.mark.parametrize("blocksize", BLOCKSIZES)
-def test_paired_stores_equal_interleaved_stores(blocksize, nested):
-    """The paired-word store path (even counts) writes exactly what the join path writes."""
-    packed, qs = quantize((37, 114), blocksize, nested, torch.float32)  # even numel, not a block multiple
-    args = (qs.state2.code, qs.state2.absmax, qs.offset.reshape(1), qs.state2.blocksize) if nested else ()
-    fp32 = None
-    for dtype in DTYPES:
-        outs = []
-        for paired in (True, False):
-            out = torch.empty(tuple(qs.shape), dtype=dtype)
-            outs.append(nf4_dequant_fwd(packed, qs.absmax, qs.code, qs.blocksize, out, *args, paired=paired))
-        if dtype == torch.float32:
-            fp32 = outs[0]
-            torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-            torch.testing.assert_close(outs[0].double(), reference_f64(packed, qs), rtol=1e-6, atol=1e-7)
-        if dtype == torch.float16:
-            torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-    # bf16 pairs are rounded by integer maths: exactly torch's round-to-nearest-even of the fp32 values.
-    out = torch.empty(tuple(qs.shape), dtype=torch.bfloat16)
-    got = nf4_dequant_fwd(packed, qs.absmax, qs.code, qs.blocksize, out, *args, paired=True)
-    torch.testing.assert_close(got, fp32.to(torch.bfloat16), rtol=0, atol=0)
-
-
-def test_paired_stores_need_an_even_aligned_output():
-    packed, qs = quantize((5, 123), 64, False, torch.float32)  # odd numel
-    out = torch.empty(tuple(qs.shape), dtype=torch.float16)
-    with pytest.raises(ValueError, match="paired"):
-        nf4_dequant_fwd(packed, qs.absmax, qs.code, qs.blocksize, out, paired=True)
-    # A misaligned view (offset by one element) silently takes the interleaved path under auto.
-    packed, qs = quantize((4, 64), 64, False, torch.float32)
-    buf = torch.empty(4 * 64 + 1, dtype=torch.float16)
-    got = nf4_dequant_fwd(packed, qs.absmax, qs.code, qs.blocksize, buf[1:].view(4, 64))
-    torch.testing.assert_close(got.double(), reference_f64(packed, qs), rtol=1e-3, atol=1e-6)
-
-
 def test_launch_config_rows_never_straddle_blocks():
     for blocksize in BLOCKSIZES:
         for n_bytes in (7, 4096, 1 << 23):
