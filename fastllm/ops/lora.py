@@ -40,9 +40,13 @@ class LoRANF4Function(torch.autograd.Function):
         y = _linear_fwd(x, weight, state, bias, backend)  # (..., N), a fresh tensor in x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         with _no_autocast(x):
-            xa = x2 @ A.to(x.dtype).t()  # (M, r)
-            y.view(-1, y.shape[-1]).addmm_(xa, B.to(x.dtype).t(), alpha=scale)
-        ctx.save_for_backward(x2, xa, weight, A, B)
+            # Compute-dtype copies, saved for backward (LoRA-sized) so it does not cast them again: every
+            # cast is a launch, and small-model steps are host-bound.
+            Ac, Bc = A.to(x.dtype), B.to(x.dtype)
+            xa = x2 @ Ac.t()  # (M, r)
+            y.view(-1, y.shape[-1]).addmm_(xa, Bc.t(), alpha=scale)
+        ctx.save_for_backward(x2, xa, weight, Ac, Bc)
+        ctx.ab_dtypes = (A.dtype, B.dtype)
         ctx.quant_state, ctx.backend, ctx.scale = weight.quant_state, backend, scale
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -50,22 +54,23 @@ class LoRANF4Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, weight, A, B = ctx.saved_tensors
+        x2, xa, weight, Ac, Bc = ctx.saved_tensors  # Ac, Bc: A, B in the compute dtype (x2.dtype)
+        a_dtype, b_dtype = ctx.ab_dtypes
         s = ctx.scale
         dy2 = dy.reshape(-1, dy.shape[-1])
         dt = x2.dtype
         dx = dA = dB = db = None
         with _no_autocast(dy):
             dy2 = dy2.to(dt)
-            g = dy2 @ B.to(dt)  # (M, r)
+            g = dy2 @ Bc  # (M, r)
             if ctx.needs_input_grad[0]:
                 dx = _linear_bwd_input(dy2, weight, _state_args(ctx.quant_state), ctx.backend)  # (M, K)
-                dx.addmm_(g, A.to(dt), alpha=s)
+                dx.addmm_(g, Ac, alpha=s)
                 dx = dx.view(ctx.x_shape)
             if ctx.needs_input_grad[3]:
-                dA = torch.mm(g.t(), x2).mul_(s).to(A.dtype)  # (r, K)
+                dA = torch.mm(g.t(), x2).mul_(s).to(a_dtype)  # (r, K)
             if ctx.needs_input_grad[4]:
-                dB = torch.mm(dy2.t(), xa).mul_(s).to(B.dtype)  # (N, r)
+                dB = torch.mm(dy2.t(), xa).mul_(s).to(b_dtype)  # (N, r)
         if ctx.needs_input_grad[2]:
             db = _bias_grad(dy, ctx.bias_dtype)
         return dx, None, db, dA, dB, None, None
