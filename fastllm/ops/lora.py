@@ -24,11 +24,41 @@ import torch
 
 from .nf4 import _bias_grad, _linear_bwd_input, _linear_fwd, _state_args
 
-__all__ = ["LoRANF4Function", "lora_nf4_linear"]
+__all__ = ["LoRANF4Function", "lora_backward", "lora_forward", "lora_nf4_linear"]
 
 
 def _no_autocast(t: torch.Tensor):
     return torch.autocast(t.device.type, enabled=False)
+
+
+def lora_forward(x2, weight, state: tuple, Ac, Bc, scale: float, bias, backend: str):
+    """``y = x2 @ W.T + b + scale * xa @ Bc.T`` and ``xa = x2 @ Ac.T``, no autograd.
+
+    x2: (M, K) in the compute dtype; Ac (r, K) and Bc (N, r) already in it. Returns (y (M, N), xa (M, r)).
+    """
+    y = _linear_fwd(x2, weight, state, bias, backend)  # a fresh tensor
+    with _no_autocast(x2):
+        xa = x2 @ Ac.t()
+        y.addmm_(xa, Bc.t(), alpha=scale)  # the LoRA term added in place
+    return y, xa
+
+
+def lora_backward(dy2, x2, xa, weight, state: tuple, Ac, Bc, scale: float, backend: str, *,
+                  need_dx: bool = True, dx_out: torch.Tensor | None = None):
+    """Gradients of ``lora_forward`` for upstream dy2 (M, N), no autograd: (dx, dA, dB) in the compute dtype.
+
+    dx = dy2 @ W + scale * (dy2 @ Bc) @ Ac, accumulated into ``dx_out`` (M, K) when given; dx is None when
+    not ``need_dx``. dA = scale * (dy2 @ Bc).T @ x2 (r, K); dB = scale * dy2.T @ xa (N, r).
+    """
+    dx = None
+    with _no_autocast(dy2):
+        g = dy2 @ Bc  # (M, r)
+        if need_dx:
+            dx = _linear_bwd_input(dy2, weight, state, backend, out=dx_out)
+            dx.addmm_(g, Ac, alpha=scale)
+        dA = torch.mm(g.t(), x2).mul_(scale)
+        dB = torch.mm(dy2.t(), xa).mul_(scale)
+    return dx, dA, dB
 
 
 class LoRANF4Function(torch.autograd.Function):
@@ -37,42 +67,28 @@ class LoRANF4Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scale: float, backend: str):
         state = _state_args(weight.quant_state)
-        y = _linear_fwd(x, weight, state, bias, backend)  # (..., N), a fresh tensor in x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        with _no_autocast(x):
-            # Compute-dtype copies, saved for backward (LoRA-sized) so it does not cast them again: every
-            # cast is a launch, and small-model steps are host-bound.
-            Ac, Bc = A.to(x.dtype), B.to(x.dtype)
-            xa = x2 @ Ac.t()  # (M, r)
-            y.view(-1, y.shape[-1]).addmm_(xa, Bc.t(), alpha=scale)
+        # Compute-dtype copies, saved for backward (LoRA-sized) so it does not cast them again: every cast
+        # is a launch, and small-model steps are host-bound.
+        Ac, Bc = A.to(x.dtype), B.to(x.dtype)
+        y, xa = lora_forward(x2, weight, state, Ac, Bc, scale, bias, backend)
         ctx.save_for_backward(x2, xa, weight, Ac, Bc)
         ctx.ab_dtypes = (A.dtype, B.dtype)
         ctx.quant_state, ctx.backend, ctx.scale = weight.quant_state, backend, scale
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         x2, xa, weight, Ac, Bc = ctx.saved_tensors  # Ac, Bc: A, B in the compute dtype (x2.dtype)
-        a_dtype, b_dtype = ctx.ab_dtypes
-        s = ctx.scale
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dt = x2.dtype
-        dx = dA = dB = db = None
-        with _no_autocast(dy):
-            dy2 = dy2.to(dt)
-            g = dy2 @ Bc  # (M, r)
-            if ctx.needs_input_grad[0]:
-                dx = _linear_bwd_input(dy2, weight, _state_args(ctx.quant_state), ctx.backend)  # (M, K)
-                dx.addmm_(g, Ac, alpha=s)
-                dx = dx.view(ctx.x_shape)
-            if ctx.needs_input_grad[3]:
-                dA = torch.mm(g.t(), x2).mul_(s).to(a_dtype)  # (r, K)
-            if ctx.needs_input_grad[4]:
-                dB = torch.mm(dy2.t(), xa).mul_(s).to(b_dtype)  # (N, r)
-        if ctx.needs_input_grad[2]:
-            db = _bias_grad(dy, ctx.bias_dtype)
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
+        dx, dA, dB = lora_backward(dy2, x2, xa, weight, _state_args(ctx.quant_state), Ac, Bc, ctx.scale,
+                                   ctx.backend, need_dx=ctx.needs_input_grad[0])
+        db = _bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        dx = None if dx is None else dx.view(ctx.x_shape)
+        dA = dA.to(ctx.ab_dtypes[0]) if ctx.needs_input_grad[3] else None
+        dB = dB.to(ctx.ab_dtypes[1]) if ctx.needs_input_grad[4] else None
         return dx, None, db, dA, dB, None, None
 
 

@@ -148,11 +148,14 @@ def _linear_fwd(x, packed, state: tuple, bias, backend: str) -> torch.Tensor:
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-def _linear_bwd_input(dy, packed, state: tuple, backend: str) -> torch.Tensor:
+def _linear_bwd_input(dy, packed, state: tuple, backend: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """dy @ W, W dequantized again; with ``out`` (2-D, (M, K)) it accumulates ``out += dy @ W`` instead."""
     absmax, code, code2, absmax2, offset, bs, bs2, shape = state
     w = _dequant_into(packed, absmax, code, code2, absmax2, offset, bs, bs2,
                       _workspace(dy.device, dy.dtype, shape), backend)  # (N, K)
     with torch.autocast(dy.device.type, enabled=False):
+        if out is not None:
+            return out.addmm_(dy, w)
         return dy @ w  # (..., N) @ (N, K) -> (..., K)
 
 

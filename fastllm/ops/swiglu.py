@@ -24,27 +24,37 @@ def _bwd_torch(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torc
     return dg.to(g.dtype), du.to(u.dtype)
 
 
+def swiglu_forward(g: torch.Tensor, u: torch.Tensor, use_triton: bool) -> torch.Tensor:
+    """``silu(g) * u`` without autograd (contiguous g, u); for Functions that fuse more around it."""
+    if use_triton:
+        from ..kernels.swiglu import swiglu_fwd
+
+        return swiglu_fwd(g, u)
+    return _fwd_torch(g, u)
+
+
+def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                    use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dg, du) of ``h = silu(g) * u`` for upstream ``dh``, without autograd."""
+    if use_triton:
+        from ..kernels.swiglu import swiglu_bwd
+
+        return swiglu_bwd(dh, g, u)
+    return _bwd_torch(dh, g, u)
+
+
 class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g: torch.Tensor, u: torch.Tensor, use_triton: bool) -> torch.Tensor:
         g, u = g.contiguous(), u.contiguous()
         ctx.save_for_backward(g, u)
         ctx.use_triton = use_triton
-        if use_triton:
-            from ..kernels.swiglu import swiglu_fwd
-
-            return swiglu_fwd(g, u)
-        return _fwd_torch(g, u)
+        return swiglu_forward(g, u, use_triton)
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
         g, u = ctx.saved_tensors
-        if ctx.use_triton:
-            from ..kernels.swiglu import swiglu_bwd
-
-            dg, du = swiglu_bwd(dh, g, u)
-        else:
-            dg, du = _bwd_torch(dh, g, u)
+        dg, du = swiglu_backward(dh, g, u, ctx.use_triton)
         return dg, du, None
 
 
