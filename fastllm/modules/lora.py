@@ -15,9 +15,10 @@ from torch import nn
 
 from .._compat import is_linear4bit
 from ..ops.lora import lora_nf4_linear
+from ..ops.lora_mlp import lora_mlp
 from .nf4_linear import nf4_linear_eligible, prepare_nf4_call
 
-__all__ = ["fused_lora_forward", "is_lora_linear4bit", "lora_eligible"]
+__all__ = ["fused_lora_forward", "fused_lora_mlp", "is_lora_linear4bit", "lora_eligible"]
 
 
 def is_lora_linear4bit(module) -> bool:
@@ -50,17 +51,48 @@ def _single_plain_adapter(layer) -> str | None:
     return name
 
 
-def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """``lora.Linear4bit.forward`` replacement: ``base(x) + scaling * lora_B(lora_A(x))`` in one op."""
-    name = None if (args or kwargs or torch.compiler.is_compiling()) else _single_plain_adapter(self)
+def _fusable(layer, x: torch.Tensor):
+    """(x in the compute dtype, input dtype, bias, adapter name) when the fused path serves ``layer(x)``,
+    else None (PEFT's forward must run)."""
+    name = None if torch.compiler.is_compiling() else _single_plain_adapter(layer)
     if name is None:
-        return type(self).forward(self, x, *args, **kwargs)
-    base = self.get_base_layer()
-    prepared = prepare_nf4_call(base, x)
+        return None
+    prepared = prepare_nf4_call(layer.get_base_layer(), x)
     if prepared is None:
-        return type(self).forward(self, x)
+        return None
     xc, inp_dtype, bias = prepared
     if torch.is_autocast_enabled(xc.device.type) and torch.get_autocast_dtype(xc.device.type) != xc.dtype:
-        return type(self).forward(self, x)  # PEFT would run the adapter in the autocast dtype
+        return None  # PEFT would run the adapter in the autocast dtype
+    return xc, inp_dtype, bias, name
+
+
+def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``lora.Linear4bit.forward`` replacement: ``base(x) + scaling * lora_B(lora_A(x))`` in one op."""
+    fusable = None if (args or kwargs) else _fusable(self, x)
+    if fusable is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    xc, inp_dtype, bias, name = fusable
     A, B = self.lora_A[name].weight, self.lora_B[name].weight
-    return lora_nf4_linear(xc, base.weight, A, B, self.scaling[name], bias).to(inp_dtype)
+    return lora_nf4_linear(xc, self.get_base_layer().weight, A, B, self.scaling[name], bias).to(inp_dtype)
+
+
+def _patched(layer) -> bool:
+    """``layer`` has the lora patch bound (so the user asked for the fused path on it)."""
+    return getattr(layer.__dict__.get("forward"), "__func__", None) is fused_lora_forward
+
+
+def fused_lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
+    """``down(silu(gate(x)) * up(x))`` as one op when all three projections carry the lora patch and can
+    take the fused path with no cast and no bias (a Llama MLP under QLoRA); None otherwise (then the
+    caller runs the projections one by one, each still fused on its own where it can be)."""
+    projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if not all(_patched(p) for p in projs):
+        return None
+    parts = []
+    for p in projs:
+        fusable = _fusable(p, x)  # down_proj's input, h, has x's dtype: one check serves all three
+        if fusable is None or fusable[0].dtype != x.dtype or fusable[2] is not None:
+            return None
+        name = fusable[3]
+        parts.append((p.get_base_layer().weight, p.lora_A[name].weight, p.lora_B[name].weight, p.scaling[name]))
+    return lora_mlp(x, *parts)

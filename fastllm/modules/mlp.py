@@ -2,7 +2,8 @@
 
 ``down_proj(silu(gate_proj(x)) * up_proj(x))``: the three projections stay module calls, so PEFT
 LoRA layers, bitsandbytes ``Linear4bit`` and the fastllm NF4 linear all still dispatch; only the
-elementwise SwiGLU is fused.
+elementwise SwiGLU is fused. The exception: when the ``lora`` patch sits on all three projections and
+each can take its fused path, the MLP is one op (``modules.lora.fused_lora_mlp``).
 """
 
 from __future__ import annotations
@@ -10,12 +11,17 @@ from __future__ import annotations
 import torch
 
 from ..ops.swiglu import swiglu
+from .lora import fused_lora_mlp
 
 _SILU_NAMES = ("silu", "swish")
 
 
 def fast_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """``LlamaMLP.forward`` with a fused SwiGLU (bound per instance)."""
+    """``LlamaMLP.forward`` with a fused SwiGLU (bound per instance); with the ``lora`` patch on all three
+    QLoRA projections, the whole MLP runs as one autograd op (``fastllm.ops.lora_mlp``)."""
+    y = fused_lora_mlp(self, x)
+    if y is not None:
+        return y
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
