@@ -36,6 +36,12 @@ Triton RMSNorm/SwiGLU kernels). ``tests/test_gpu_compile.py`` on the GPU: compil
 within 2.1% (1B-wide layers, bf16), 10-step curves within 0.01. Inference was not measured: a 150 s budget
 ended inside the 1B eager ``generate`` runs, so rows are now printed and appended as each one finishes.
 
+Session 3 (H200 on a slower host, ``--quick``): inference 1B eager 7.15 s, fastllm 7.67 s, compiled 6.14 s
+(1.17x); 8B eager 11.28 / 8.95 s (two runs), fastllm 17.97 / 14.80 s, compiled 15.19 / 17.76 s (0.74x / 0.50x):
+decode is host-bound and eager's one-token 4-bit linears take bnb's GEMV (~40 us host) where fastllm's op took
+~130 us (the eager patch now defers those calls to bnb; the compiled regions do not yet). Training 1B (2 x
+1024): eager 7,889 tokens/s, fastllm 5,349, compiled 7,916.
+
 Next GPU run (one shape and mode per call keeps each under the 10-minute limit)::
 
     fastllm bench compile --shapes 1b --modes infer --quick --out $OUT/b1   # then --shapes 8b, then --modes train
