@@ -20,15 +20,27 @@ small ``xa`` (M, r), the packed 4-bit weight (never a dense copy) and the adapte
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .nf4 import _bias_grad, _linear_bwd_input, _linear_fwd, _state_args
 
-__all__ = ["LoRANF4Function", "lora_backward", "lora_forward", "lora_nf4_linear"]
+__all__ = ["LoRAFrozen", "LoRANF4Function", "lora_backward", "lora_forward", "lora_nf4_linear"]
 
 
 def _no_autocast(t: torch.Tensor):
     return torch.autocast(t.device.type, enabled=False)
+
+
+class LoRAFrozen(NamedTuple):
+    """What a multi-projection QLoRA op needs besides the adapter weights (which autograd must see as inputs)."""
+
+    weights: tuple          # bnb NF4 Params4bit of each projection
+    states: tuple           # ``_state_args`` of each quant state
+    scales: tuple           # LoRA scale of each projection (floats)
+    backend: str
+    use_triton: bool        # for an elementwise kernel between projections (the MLP's SwiGLU)
 
 
 def lora_forward(x2, weight, state: tuple, Ac, Bc, scale: float, bias, backend: str):

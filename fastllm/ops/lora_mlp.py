@@ -20,33 +20,21 @@ the packed weights and the compute-dtype adapter copies (never a dense weight).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from .._compat import pick_backend
-from .lora import lora_backward, lora_forward
+from .lora import LoRAFrozen, lora_backward, lora_forward
 from .nf4 import _state_args
 from .swiglu import swiglu_backward, swiglu_forward
 
-__all__ = ["LoRAMLPFunction", "MLPFrozen", "lora_mlp"]
-
-
-class MLPFrozen(NamedTuple):
-    """Everything of the MLP that gets no gradient: the three packed weights (gate, up, down) and scales."""
-
-    weights: tuple          # bnb Params4bit (or their plain packed tensors) of gate, up, down
-    states: tuple           # ``_state_args`` of each quant state
-    scales: tuple[float, float, float]
-    backend: str
-    use_triton: bool        # the SwiGLU kernel
+__all__ = ["LoRAMLPFunction", "lora_mlp"]
 
 
 class LoRAMLPFunction(torch.autograd.Function):
     """``down(silu(gate(x)) * up(x))`` for three NF4 + LoRA projections, gradients for x and the six adapters."""
 
     @staticmethod
-    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, frozen: MLPFrozen):
+    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, frozen: LoRAFrozen):
         (wg, wu, wd), (sg_, su_, sd_) = frozen.weights, frozen.states
         sg, su, sd = frozen.scales
         x2 = x.reshape(-1, x.shape[-1])
@@ -94,6 +82,6 @@ def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, *, backend: s
     if not (h_g == h_u == h_d == x.shape[-1] and i_g == i_u == i_d):
         raise ValueError(f"MLP weights do not chain: gate {(i_g, h_g)}, up {(i_u, h_u)}, down {(h_d, i_d)} "
                          f"for x (..., {x.shape[-1]})")
-    frozen = MLPFrozen(tuple(p[0] for p in parts), states, tuple(float(p[3]) for p in parts), backend,
+    frozen = LoRAFrozen(tuple(p[0] for p in parts), states, tuple(float(p[3]) for p in parts), backend,
                        pick_backend(backend, x.device) == "triton")
     return LoRAMLPFunction.apply(x, gate[1], gate[2], up[1], up[2], down[1], down[2], frozen)
