@@ -38,6 +38,7 @@ from collections import Counter
 
 import torch
 
+from .lora import fused_lora_qkv
 from .nf4_linear import refresh_nf4_aliases
 from .rms_norm import rms_norm_eligible
 
@@ -69,11 +70,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def qkv_region(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Projections and RoPE: x (B, T, H) -> q (B, nh, T, D), k, v (B, nkv, T, D)."""
+    """Projections and RoPE: x (B, T, H) -> q (B, nh, T, D), k, v (B, nkv, T, D).
+
+    Eagerly, with the ``lora`` patch on all three projections, they run as one fused op (``ops.lora_qkv``).
+    """
     shape = (*x.shape[:-1], -1, attn.head_dim)
-    q = attn.q_proj(x).view(shape).transpose(1, 2)  # (B, nh, T, D)
-    k = attn.k_proj(x).view(shape).transpose(1, 2)  # (B, nkv, T, D)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    fused = None if torch.compiler.is_compiling() else fused_lora_qkv(attn, x)
+    q, k, v = fused if fused is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    q = q.view(shape).transpose(1, 2)  # (B, nh, T, D)
+    k = k.view(shape).transpose(1, 2)  # (B, nkv, T, D)
+    v = v.view(shape).transpose(1, 2)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
@@ -260,6 +266,12 @@ def make_attention_forward(regions: CompiledRegions):
     return compiled_attention_forward
 
 
+def eager_regions() -> CompiledRegions:
+    """The same regions as plain (uncompiled) functions: the eager attention forward of the ``lora`` patch,
+    which keeps transformers' attention maths but lets q/k/v run as one fused QLoRA op."""
+    return CompiledRegions(mode="eager", stats=CompileStats(), **_REGIONS)
+
+
 def attention_eligible(module) -> str | None:
     """Why ``module`` (a LlamaAttention) cannot run the compiled attention, or None when it can."""
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "config", "layer_idx"):
@@ -283,5 +295,5 @@ def compiled_mlp_eligible(module) -> str | None:
 
 
 __all__ = ["CompileStats", "CompiledRegions", "attention_eligible", "compiled_mlp_eligible", "compiled_regions",
-           "compiled_rms_norm_eligible", "make_attention_forward", "make_mlp_forward", "make_rms_norm_forward",
-           "regions_of"]
+           "compiled_rms_norm_eligible", "eager_regions", "make_attention_forward", "make_mlp_forward",
+           "make_rms_norm_forward", "regions_of"]

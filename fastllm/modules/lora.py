@@ -16,9 +16,10 @@ from torch import nn
 from .._compat import is_linear4bit
 from ..ops.lora import lora_nf4_linear
 from ..ops.lora_mlp import lora_mlp
+from ..ops.lora_qkv import lora_qkv
 from .nf4_linear import nf4_linear_eligible, prepare_nf4_call
 
-__all__ = ["fused_lora_forward", "fused_lora_mlp", "is_lora_linear4bit", "lora_eligible"]
+__all__ = ["fused_lora_forward", "fused_lora_mlp", "fused_lora_qkv", "is_lora_linear4bit", "lora_eligible"]
 
 
 def is_lora_linear4bit(module) -> bool:
@@ -81,18 +82,31 @@ def _patched(layer) -> bool:
     return getattr(layer.__dict__.get("forward"), "__func__", None) is fused_lora_forward
 
 
-def fused_lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
-    """``down(silu(gate(x)) * up(x))`` as one op when all three projections carry the lora patch and can
-    take the fused path with no cast and no bias (a Llama MLP under QLoRA); None otherwise (then the
-    caller runs the projections one by one, each still fused on its own where it can be)."""
-    projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+def _fused_parts(projs, x: torch.Tensor) -> list | None:
+    """``(weight, A, B, scale)`` of each projection when all carry the lora patch and can take the fused path
+    on ``x`` with no cast and no bias; None otherwise (then the caller runs them one by one, each still fused
+    on its own where it can be)."""
     if not all(_patched(p) for p in projs):
         return None
     parts = []
     for p in projs:
-        fusable = _fusable(p, x)  # down_proj's input, h, has x's dtype: one check serves all three
+        fusable = _fusable(p, x)
         if fusable is None or fusable[0].dtype != x.dtype or fusable[2] is not None:
             return None
         name = fusable[3]
         parts.append((p.get_base_layer().weight, p.lora_A[name].weight, p.lora_B[name].weight, p.scaling[name]))
-    return lora_mlp(x, *parts)
+    return parts
+
+
+def fused_lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
+    """``down(silu(gate(x)) * up(x))`` as one op (a Llama MLP under QLoRA with the lora patch), or None.
+
+    down_proj's input h has x's dtype, so checking its fused path against x serves all three."""
+    parts = _fused_parts((mlp.gate_proj, mlp.up_proj, mlp.down_proj), x)
+    return None if parts is None else lora_mlp(x, *parts)
+
+
+def fused_lora_qkv(attn, x: torch.Tensor):
+    """(q, k, v) projections of x as one op (Llama attention under QLoRA with the lora patch), or None."""
+    parts = _fused_parts((attn.q_proj, attn.k_proj, attn.v_proj), x)
+    return None if parts is None else lora_qkv(x, *parts)

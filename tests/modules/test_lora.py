@@ -75,11 +75,13 @@ def _loss_grads(model, ids):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts the fused ops' calls (the real ops still run): one entry per call, "linear" or "mlp"."""
+    """Counts the fused ops' calls (the real ops still run): one entry per call, "linear", "qkv" or "mlp"."""
     from fastllm.ops import lora_mlp as mlp_ops
+    from fastllm.ops import lora_qkv as qkv_ops
 
     calls = []
-    for fn, tag in ((lora_ops.LoRANF4Function, "linear"), (mlp_ops.LoRAMLPFunction, "mlp")):
+    for fn, tag in ((lora_ops.LoRANF4Function, "linear"), (mlp_ops.LoRAMLPFunction, "mlp"),
+                    (qkv_ops.LoRAQKVFunction, "qkv")):
         def counting(*args, _real=fn.apply, _tag=tag):
             calls.append(_tag)
             return _real(*args)
@@ -94,8 +96,9 @@ def test_patched_lora_matches_peft_and_bitsandbytes(tiny_llama_i128_dir, fused_c
     model.train()
     ids = torch.randint(0, 320, (2, 37))
     loss, grads = _loss_grads(model, ids)
-    # Forward + checkpointed recompute: q, k, v, o one by one and the MLP as one op, in both layers.
-    assert fused_calls.count("linear") == 2 * 8 and fused_calls.count("mlp") == 2 * 2
+    # Forward + checkpointed recompute, in both layers: q/k/v as one op, o alone, the MLP as one op.
+    assert patch_report(model).counts["lora_attention"] == 2
+    assert [fused_calls.count(t) for t in ("qkv", "linear", "mlp")] == [2 * 2, 2 * 2, 2 * 2]
     with eager(model):  # PEFT's forward over bitsandbytes' own Linear4bit
         ref_loss, ref_grads = _loss_grads(model, ids)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
@@ -140,11 +143,11 @@ def test_cases_the_fused_path_leaves_to_peft(tiny_llama_i128_dir, fused_calls):
         with eager(model):
             both_ref = model(input_ids=ids).logits
         torch.testing.assert_close(both, both_ref)
-        # k, o and the MLP (only "default" there) still take the fused ops, in both layers.
-        assert fused_calls.count("linear") == 2 * 2 and fused_calls.count("mlp") == 2
+        # q and v run PEFT's loop; k, o and the MLP (only "default" there) still take fused ops, in both layers.
+        assert [fused_calls.count(t) for t in ("qkv", "linear", "mlp")] == [0, 2 * 2, 2]
         model.base_model.set_adapter("default")
         one = model(input_ids=ids).logits
-        assert fused_calls.count("linear") == 2 * 2 + 8 and fused_calls.count("mlp") == 2 + 2
+        assert [fused_calls.count(t) for t in ("qkv", "linear", "mlp")] == [2, 2 * 2 + 2, 2 + 2]
         assert not torch.allclose(one, both)
 
 
@@ -163,8 +166,28 @@ def test_opt_in_and_compile_turns_it_off(tiny_llama_i128_dir):
 
 
 def test_unpatch_restores_peft_forward(tiny_llama_i128_dir):
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
     model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True)
     layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")]
-    assert all("forward" in vars(m) for m in layers)
+    attns = [m for m in model.modules() if isinstance(m, LlamaAttention)]
+    assert all("forward" in vars(m) for m in layers + attns) and len(attns) == 2
     unpatch(model)
-    assert not any("forward" in vars(m) for m in layers)
+    assert not any("forward" in vars(m) for m in layers + attns)
+
+
+def test_generate_with_cache_matches_eager(tiny_llama_i128_dir, fused_calls):
+    """Inference through the patched attention (cache update between the fused q/k/v and attention)."""
+    model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True)
+    model.eval()
+    ids = torch.randint(0, 320, (2, 11))
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, **gen)
+        logits = model(input_ids=out).logits
+        assert fused_calls.count("qkv") > 0
+        with eager(model):
+            out_ref = model.generate(input_ids=ids, **gen)
+            logits_ref = model(input_ids=out).logits
+    assert torch.equal(out, out_ref)
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
