@@ -24,13 +24,9 @@ from typing import NamedTuple
 
 import torch
 
-from .nf4 import _bias_grad, _linear_bwd_input, _linear_fwd, _state_args
+from .nf4 import _bias_grad, _linear_bwd_input, _linear_fwd, _state_args, no_autocast
 
 __all__ = ["LoRAFrozen", "LoRANF4Function", "lora_backward", "lora_forward", "lora_nf4_linear"]
-
-
-def _no_autocast(t: torch.Tensor):
-    return torch.autocast(t.device.type, enabled=False)
 
 
 class LoRAFrozen(NamedTuple):
@@ -49,7 +45,7 @@ def lora_forward(x2, weight, state: tuple, Ac, Bc, scale: float, bias, backend: 
     x2: (M, K) in the compute dtype; Ac (r, K) and Bc (N, r) already in it. Returns (y (M, N), xa (M, r)).
     """
     y = _linear_fwd(x2, weight, state, bias, backend)  # a fresh tensor
-    with _no_autocast(x2):
+    with no_autocast(x2):
         xa = x2 @ Ac.t()
         y.addmm_(xa, Bc.t(), alpha=scale)  # the LoRA term added in place
     return y, xa
@@ -63,7 +59,7 @@ def lora_backward(dy2, x2, xa, weight, state: tuple, Ac, Bc, scale: float, backe
     not ``need_dx``. dA = scale * (dy2 @ Bc).T @ x2 (r, K); dB = scale * dy2.T @ xa (N, r).
     """
     dx = None
-    with _no_autocast(dy2):
+    with no_autocast(dy2):
         g = dy2 @ Bc  # (M, r)
         if need_dx:
             dx = _linear_bwd_input(dy2, weight, state, backend, out=dx_out)

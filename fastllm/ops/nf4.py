@@ -29,6 +29,7 @@ touches bitsandbytes' ``Params4bit`` (a ``__torch_function__`` subclass) or its 
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -116,25 +117,45 @@ def _dequant_into(packed, absmax, code, code2, absmax2, offset, blocksize, block
 # ---- workspace -------------------------------------------------------------------------------
 
 _WORKSPACES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+# (device, dtype, shape) -> a view into that buffer: hot calls then cost one dict lookup, not a slice and a
+# view (two dispatched ops, ~25 us of host time on an H200 host, three times per linear per step).
+_VIEWS: dict[tuple, torch.Tensor] = {}
 
 
 def _workspace(device: torch.device, dtype: torch.dtype, shape) -> torch.Tensor:
     """A (shape) view into the one dense-weight buffer of (device, dtype), grown on demand."""
+    shape = tuple(shape)
+    view = _VIEWS.get((device, dtype, shape))
+    if view is not None:
+        return view
     numel = 1
     for s in shape:
         numel *= s
     key = (torch.device(device), dtype)
     buf = _WORKSPACES.get(key)
     if buf is None or buf.numel() < numel:
-        _WORKSPACES.pop(key, None)  # free the old buffer before taking a larger one
+        # Free the old buffer (and every view of it) before taking a larger one.
+        _WORKSPACES.pop(key, None)
+        for k in [k for k in _VIEWS if k[:2] == key]:
+            del _VIEWS[k]
         buf = torch.empty(numel, dtype=dtype, device=device)
         _WORKSPACES[key] = buf
-    return buf[:numel].view(shape)
+    view = buf[:numel].view(shape)
+    _VIEWS[(key[0], dtype, shape)] = view
+    return view
 
 
 def clear_workspaces() -> None:
     """Release the cached dense-weight buffers (e.g. before measuring memory)."""
+    _VIEWS.clear()
     _WORKSPACES.clear()
+
+
+def no_autocast(t: torch.Tensor):
+    """A context that turns autocast off for ``t``'s device, or a no-op one when it is already off (cheaper)."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 # ---- shared forward / backward maths ---------------------------------------------------------
@@ -144,7 +165,7 @@ def _linear_fwd(x, packed, state: tuple, bias, backend: str) -> torch.Tensor:
     w = _dequant_into(packed, absmax, code, code2, absmax2, offset, bs, bs2,
                       _workspace(x.device, x.dtype, shape), backend)  # (N, K) in x.dtype
     # Computed in x's dtype, as bnb does after Linear4bit.forward cast x to compute_dtype.
-    with torch.autocast(x.device.type, enabled=False):
+    with no_autocast(x):
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
@@ -153,7 +174,7 @@ def _linear_bwd_input(dy, packed, state: tuple, backend: str, out: torch.Tensor 
     absmax, code, code2, absmax2, offset, bs, bs2, shape = state
     w = _dequant_into(packed, absmax, code, code2, absmax2, offset, bs, bs2,
                       _workspace(dy.device, dy.dtype, shape), backend)  # (N, K)
-    with torch.autocast(dy.device.type, enabled=False):
+    with no_autocast(dy):
         if out is not None:
             return out.addmm_(dy, w)
         return dy @ w  # (..., N) @ (N, K) -> (..., K)

@@ -189,3 +189,18 @@ def test_gpu_nf4_linear_matches_bitsandbytes(dtype):
     torch.testing.assert_close(dx, dx_ref, rtol=2e-2, atol=2e-2)
     dense = F.dequantize_4bit(w, w.quant_state).to(dtype)
     assert torch.equal(dequantize_nf4(w, w.quant_state, out=torch.empty_like(dense)), dense)
+
+
+def test_workspace_views_are_reused_and_dropped_when_the_buffer_grows():
+    dev = torch.device("cpu")
+    nf4_ops.clear_workspaces()
+    a = nf4_ops._workspace(dev, torch.float32, [4, 8])
+    assert nf4_ops._workspace(dev, torch.float32, (4, 8)) is a  # one dict lookup on the hot path
+    b = nf4_ops._workspace(dev, torch.float32, (8, 4))
+    assert b.data_ptr() == a.data_ptr() and b.shape == (8, 4)
+    big = nf4_ops._workspace(dev, torch.float32, (16, 16))  # grows: the old views go with the old buffer
+    again = nf4_ops._workspace(dev, torch.float32, (4, 8))
+    assert again is not a and again.data_ptr() == big.data_ptr()
+    assert len(nf4_ops._WORKSPACES) == 1
+    nf4_ops.clear_workspaces()
+    assert not nf4_ops._VIEWS and not nf4_ops._WORKSPACES
