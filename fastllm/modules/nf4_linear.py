@@ -86,7 +86,8 @@ def nf4_linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     it costs ~40 us of host time a call against ~130 us for the autograd path (H200 host,
     ``examples/host_overhead.py``). The condition is bnb's own, so the output is bnb's, bit for bit.
     """
-    if x.numel() == x.shape[-1] and x.is_cuda and not (x.requires_grad and torch.is_grad_enabled()):
+    if (x.numel() == x.shape[-1] and x.is_cuda and not (x.requires_grad and torch.is_grad_enabled())
+            and type(self.weight) is bnb().nn.Params4bit):  # not FSDP2's NF4Param: only fastllm reads that
         return bnb().nn.Linear4bit.forward(self, x)
     prepared = prepare_nf4_call(self, x)
     if prepared is None:
