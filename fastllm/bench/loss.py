@@ -7,7 +7,10 @@ hidden states requiring grad ("x") and once with the weight too ("x+W"). Provide
 - ``fastllm``: ``fastllm.ops.linear_cross_entropy`` (auto chunk), plus ``fastllm-cN`` at fixed
   chunk sizes so the chunk trade-off is measured in the same run;
 - ``liger``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` when importable;
-- ``cce``: Apple's ``cut_cross_entropy.linear_cross_entropy`` when importable.
+- ``cce``: Apple's ``cut_cross_entropy.linear_cross_entropy`` when importable, with its default gradient
+  filtering (``filter_eps="high"``: backward skips every tile whose softmax gradients are all below bf16
+  eps / 32, i.e. it drops those gradient entries), and ``cce-exact`` (``filter_eps=None``) computing all of
+  them like fastllm, Liger and the materialised reference do.
 
 "Peak extra" is ``max_memory_allocated`` during one fwd+bwd minus what was allocated before (the
 inputs); it includes the gradients themselves (``h.grad`` 0.125 GiB, ``W.grad`` 0.98 GiB here).
@@ -58,6 +61,7 @@ def providers(chunks: tuple[int, ...]) -> dict[str, Callable]:
         from cut_cross_entropy import linear_cross_entropy as cce
 
         out["cce"] = lambda h, W, y: cce(h, W, y)
+        out["cce-exact"] = lambda h, W, y: cce(h, W, y, filter_eps=None)
     except ImportError as e:
         logger.info("cut_cross_entropy not importable (%s): skipped", e)
     return out
