@@ -150,15 +150,17 @@ def run_worker(provider: str, shape: str, *, steps: int, warmup: int, batch: int
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     losses = [step() for _ in range(steps)]
     sync()
-    secs = time.perf_counter() - t1
+    secs, cpu = time.perf_counter() - t1, time.process_time() - c1
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
     if profile_path:
         _profile(step, profile_path, dev)
     return {"bench": "train", "provider": provider, "shape": shape, "batch": batch, "seq": seq, "steps": steps,
             "tokens_per_s": batch * seq * steps / secs, "step_ms": 1000 * secs / steps, "peak_gib": peak,
+            # CPU time of all the process's threads per step: near step_ms, the step is host-bound
+            "cpu_ms": 1000 * cpu / steps,
             "loss": float(losses[-1]), "build_s": build_s, "setup": note, **stamp()}
 
 
@@ -239,8 +241,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     write_jsonl(rows, os.path.join(args.out, "train.jsonl"))
     ok = [r for r in rows if "error" not in r]
-    print(format_table(ok, ["shape", "provider", "tokens_per_s", "step_ms", "peak_gib", "loss", "speedup_vs_hf",
-                            "memory_vs_hf", "speedup_vs_liger", "speedup_vs_unsloth"]))
+    print(format_table(ok, ["shape", "provider", "tokens_per_s", "step_ms", "cpu_ms", "peak_gib", "loss",
+                            "speedup_vs_hf", "memory_vs_hf", "speedup_vs_liger", "speedup_vs_unsloth"]))
     for r in rows:
         if "error" in r:
             print(f"{r['shape']} {r['provider']}: FAILED {r['error']}")
