@@ -273,13 +273,14 @@ def eager_regions() -> CompiledRegions:
 
 
 def attention_eligible(module) -> str | None:
-    """Why ``module`` (a LlamaAttention) cannot run the compiled attention, or None when it can."""
+    """Why ``module`` (a LlamaAttention) cannot run fastllm's attention forward (compiled, or eager for the lora
+    patch), or None when it can."""
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "config", "layer_idx"):
         if not hasattr(module, name):
             return f"no {name}"
     impl = getattr(module.config, "_attn_implementation", None)
     if impl not in COMPILED_ATTENTION:
-        return f"attn_implementation {impl!r} is not compiled (only {COMPILED_ATTENTION})"
+        return f"attn_implementation {impl!r} is not one fastllm's attention forward runs (only {COMPILED_ATTENTION})"
     return None
 
 
