@@ -38,6 +38,7 @@ from collections import Counter
 
 import torch
 
+from ..ops.rope import rope
 from .lora import fused_lora_qkv
 from .nf4_linear import refresh_nf4_aliases
 from .rms_norm import rms_norm_eligible
@@ -72,18 +73,23 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def qkv_region(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Projections and RoPE: x (B, T, H) -> q (B, nh, T, D), k, v (B, nkv, T, D).
 
-    Eagerly, with the ``lora`` patch on all three projections, they run as one fused op (``ops.lora_qkv``).
+    Eagerly (the ``lora`` patch's attention forward), q/k/v run as one fused op (``ops.lora_qkv``) when all
+    three carry the lora patch, and RoPE as one op (``ops.rope``).
     """
     shape = (*x.shape[:-1], -1, attn.head_dim)
-    fused = None if torch.compiler.is_compiling() else fused_lora_qkv(attn, x)
+    if torch.compiler.is_compiling():  # inductor fuses transformers' RoPE maths itself
+        q = attn.q_proj(x).view(shape).transpose(1, 2)  # (B, nh, T, D)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)  # (B, nkv, T, D)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+    fused = fused_lora_qkv(attn, x)
     q, k, v = fused if fused is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
-    q = q.view(shape).transpose(1, 2)  # (B, nh, T, D)
-    k = k.view(shape).transpose(1, 2)  # (B, nkv, T, D)
-    v = v.view(shape).transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    return q, k, v
+    # Eagerly, RoPE of q and k is one op (one Triton launch on CUDA) in the projections' layout.
+    q, k = rope(q.view(shape), k.view(shape), cos, sin)
+    return q.transpose(1, 2), k.transpose(1, 2), v.view(shape).transpose(1, 2)
 
 
 def attend_region(attn, q, k, v, mask, interface, dropout: float) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""Rotary position embedding (Llama's rotate-half form) for q and k of one token row in one launch.
+
+With a head ``x = [x1, x2]`` split at ``HALF = D / 2`` and the token's ``cos``/``sin`` rows (transformers'
+position embeddings, length D; ``c1, c2`` / ``s1, s2`` their halves)::
+
+    forward   y1 = x1 * c1 - x2 * s1          y2 = x2 * c2 + x1 * s2
+    backward  dx1 = dy1 * c1 + dy2 * s2        dx2 = dy2 * c2 - dy1 * s1
+
+which is ``x * cos + rotate_half(x) * sin`` and its transpose (``rotate_half(x) = [-x2, x1]``). fp32 inside,
+one rounding on store; compiled without fp fusion so fp32 results equal transformers' op-by-op maths.
+Layout: q (rows, nq, D) and k (rows, nk, D) contiguous, rows = batch * seq; cos, sin (cos_rows, D)
+contiguous, with cos_rows = seq (one position row shared by the batch) or rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_heads(X, Y, row, n_heads, c1, c2, s1, s2, D: tl.constexpr, HALF: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+    d = tl.arange(0, BLOCK_D)
+    h = tl.arange(0, BLOCK_H)
+    for h0 in range(0, n_heads, BLOCK_H):
+        hh = h0 + h
+        offs = row * n_heads * D + hh[:, None] * D + d[None, :]  # (BLOCK_H, BLOCK_D), first halves
+        m = (hh[:, None] < n_heads) & (d[None, :] < HALF)
+        x1 = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(X + offs + HALF, mask=m, other=0.0).to(tl.float32)
+        if BACKWARD:
+            y1 = x1 * c1 + x2 * s2
+            y2 = x2 * c2 - x1 * s1
+        else:
+            y1 = x1 * c1 - x2 * s1
+            y2 = x2 * c2 + x1 * s2
+        tl.store(Y + offs, y1.to(Y.dtype.element_ty), mask=m)
+        tl.store(Y + offs + HALF, y2.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rope_kernel(Q, K, COS, SIN, QO, KO, nq, nk, cos_rows, D: tl.constexpr, HALF: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    crow = row % cos_rows  # the batch shares one position row when cos has seq rows only
+    d = tl.arange(0, BLOCK_D)
+    dm = d < HALF
+    c1 = tl.load(COS + crow * D + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(COS + crow * D + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(SIN + crow * D + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(SIN + crow * D + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads(Q, QO, row, nq, c1, c2, s1, s2, D, HALF, BLOCK_H, BLOCK_D, BACKWARD)
+    _rotate_heads(K, KO, row, nk, c1, c2, s1, s2, D, HALF, BLOCK_H, BLOCK_D, BACKWARD)
+
+
+def rope_apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated (or, with ``backward``, gradient-rotated) copies of q (rows, nq, D) and k (rows, nk, D)."""
+    rows, nq, d = q.shape
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    half = d // 2
+    block_h = min(16, triton.next_power_of_2(max(nq, k.shape[1])))
+    _rope_kernel[(rows,)](q, k, cos, sin, qo, ko, nq, k.shape[1], cos.shape[0], D=d, HALF=half,
+                          BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half), BACKWARD=backward,
+                          num_warps=4, enable_fp_fusion=False)
+    return qo, ko

@@ -1,0 +1,81 @@
+"""Rotary position embedding of q and k (Llama's rotate-half form) as one op, with a torch fallback.
+
+``rope(q, k, cos, sin)`` equals transformers' ``apply_rotary_pos_emb`` in the (batch, seq, heads, D) layout
+the projections produce (before the head transpose)::
+
+    y = x * cos + rotate_half(x) * sin,    rotate_half([x1, x2]) = [-x2, x1]
+    dx = dy * cos + rotate_half^T(dy * sin),   rotate_half^T([g1, g2]) = [g2, -g1]
+
+q (B, T, nq, D), k (B, T, nk, D); cos, sin (B or 1, T, D). One Triton launch for both q and k forward and
+one backward (transformers: ~16 ops forward, as many backward); fp32 inside, one rounding, so fp32 results
+equal transformers' and bf16 results are at least as accurate (transformers rounds after each op).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._compat import pick_backend
+
+__all__ = ["rope"]
+
+
+def _rotate_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """x (rows, heads, D); cos/sin (rows, 1, D) fp32."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
+    if backward:
+        y = torch.cat((x1 * c1 + x2 * s2, x2 * c2 - x1 * s1), dim=-1)
+    else:
+        y = torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
+    return y.to(x.dtype)
+
+
+def _apply(q, k, cos, sin, use_triton: bool, backward: bool):
+    """q, k flattened to (rows, heads, D); cos, sin (cos_rows, D) contiguous."""
+    if use_triton:
+        from ..kernels.rope import rope_apply
+
+        return rope_apply(q, k, cos, sin, backward)
+    rows = q.shape[0]
+    reps = rows // cos.shape[0]
+    c = cos.float().repeat(reps, 1)[:, None, :]  # (rows, 1, D): row b*T + t takes position row t
+    s = sin.float().repeat(reps, 1)[:, None, :]
+    return _rotate_torch(q, c, s, backward), _rotate_torch(k, c, s, backward)
+
+
+class _RoPEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, use_triton: bool):
+        B, T = q.shape[:2]
+        c = cos.reshape(-1, cos.shape[-1]).contiguous()  # (B*T or T, D)
+        s = sin.reshape(-1, sin.shape[-1]).contiguous()
+        qo, ko = _apply(q.reshape(B * T, *q.shape[2:]).contiguous(), k.reshape(B * T, *k.shape[2:]).contiguous(),
+                        c, s, use_triton, backward=False)
+        ctx.save_for_backward(c, s)
+        ctx.use_triton, ctx.shapes = use_triton, (q.shape, k.shape)
+        return qo.view(q.shape), ko.view(k.shape)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        c, s = ctx.saved_tensors
+        q_shape, k_shape = ctx.shapes
+        rows = q_shape[0] * q_shape[1]
+        dqi, dki = _apply(dq.reshape(rows, *q_shape[2:]).contiguous(), dk.reshape(rows, *k_shape[2:]).contiguous(),
+                          c, s, ctx.use_triton, backward=True)
+        return dqi.view(q_shape), dki.view(k_shape), None, None, None
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+         backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE of q (B, T, nq, D) and k (B, T, nk, D) with cos, sin (B or 1, T, D). Returns rotated (q, k)."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1] or q.shape[-1] % 2:
+        raise ValueError(f"rope needs q (B, T, nq, D) and k (B, T, nk, D) with one even D, got {tuple(q.shape)} "
+                         f"and {tuple(k.shape)}")
+    B, T, _, D = q.shape
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[1:] != (T, D) or cos.shape[0] not in (1, B):
+        raise ValueError(f"rope needs cos and sin of shape (1 or {B}, {T}, {D}), got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}")
+    return _RoPEFunction.apply(q, k, cos, sin, pick_backend(backend, q.device) == "triton")
