@@ -65,7 +65,7 @@ def prepare_nf4_call(module, x: torch.Tensor):
         module.set_compute_type(x)
         module.compute_type_is_set = True
     inp_dtype = x.dtype
-    if module.compute_dtype is not None:
+    if module.compute_dtype is not None and x.dtype != module.compute_dtype:
         x = x.to(module.compute_dtype)
     bias = module.bias
     if bias is not None:
