@@ -65,6 +65,21 @@ def test_hf_trainer_patched_matches_eager_with_grad_accum(tiny_llama_dir, tmp_pa
     torch.testing.assert_close(torch.tensor(l1), torch.tensor(l2), rtol=1e-2, atol=1e-2)
 
 
+def test_hf_trainer_fused_lora_matches_eager_with_grad_accum(tiny_llama_i128_dir, tmp_path):
+    """The fused QLoRA ops (``lora=True``: q/k/v, MLP and RoPE as single ops) under Trainer with gradient
+    accumulation give plain transformers+PEFT+bnb's losses (i128 fixture: bnb's CPU dequant is right there)."""
+    from fastllm import PatchConfig, patch_report
+
+    data = _uneven_dataset()
+    fused, _ = _qlora(tiny_llama_i128_dir, patch=PatchConfig(lora=True, nf4_linear=True))
+    assert patch_report(fused).counts["lora_attention"] == 2 and patch_report(fused).counts["lora"] == 14
+    plain, _ = _qlora(tiny_llama_i128_dir, patch=False)
+    l1 = _hf_train(fused, data, tmp_path / "a")
+    l2 = _hf_train(plain, data, tmp_path / "b")
+    assert len(l1) == len(l2) == 3
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(l2), rtol=1e-4, atol=1e-4)
+
+
 def _chat_rows(n):
     import yaml
 
@@ -83,8 +98,8 @@ def _chat_rows(n):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("packing,padding_free", [(True, False), (True, True)])
-def test_trl_sft_trainer_on_the_default_model(tmp_path, packing, padding_free):
+@pytest.mark.parametrize("packing,padding_free,lora", [(True, False, None), (True, True, None), (True, True, True)])
+def test_trl_sft_trainer_on_the_default_model(tmp_path, packing, padding_free, lora):
     """Chat SFT with packing (and padding-free rows): trains, every LoRA weight moves.
 
     TRL >= 1.1x scores the loss with its own chunked log-prob head (it never builds the logits either) and
@@ -94,7 +109,14 @@ def test_trl_sft_trainer_on_the_default_model(tmp_path, packing, padding_free):
     from trl import SFTConfig, SFTTrainer
 
     rows = _chat_rows(48)
-    model, tok = _qlora("SmolLM2-135M-Instruct", patch=True)
+    from fastllm import PatchConfig
+
+    # lora=True: the fused QLoRA ops, with the eager attention forward, on packed padding-free rows.
+    model, tok = _qlora("SmolLM2-135M-Instruct", patch=PatchConfig(lora=lora, nf4_linear=lora))
+    if lora:
+        from fastllm import patch_report
+
+        assert patch_report(model).counts["lora_attention"] == 30 and patch_report(model).counts["lora"] == 7 * 30
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     cfg = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
                     gradient_accumulation_steps=2, logging_steps=1, report_to=[], max_length=128, packing=packing,
