@@ -1,4 +1,7 @@
-"""PEFT's ``lora.Linear4bit`` forward through ``fastllm.ops.lora_nf4_linear`` (one autograd Function).
+"""PEFT's ``lora.Linear4bit`` forward through ``fastllm.ops.lora_nf4_linear`` (one autograd Function), and the
+multi-projection fusions built on it: a Llama MLP (``fused_lora_mlp``, called by the ``mlp`` patch's forward) and
+attention's q/k/v (``fused_lora_qkv``, called by the ``lora_attention`` forward) as one op each, when every
+projection involved carries this patch and takes the fused path.
 
 Bound per instance by the patch registry. The fused path takes the common training case: one active
 plain-LoRA adapter (no DoRA or other variant, no LoRA bias, no dropout), not merged, adapters enabled,
