@@ -17,7 +17,7 @@ from torch import nn
 from . import defaults
 from ._compat import SUPPORTED_DTYPES, SUPPORTED_MODEL_TYPES, bf16_supported, bnb, enable_hf_checkpointing
 from .config import PatchConfig
-from .patching import find_base, patch_config
+from .patching import find_base, patch_config, unpatch
 from .patching import patch as apply_patch
 
 logger = logging.getLogger("fastllm")
@@ -239,6 +239,11 @@ class FastLlama:
         peft_model = peft.get_peft_model(model, config)
         if use_gradient_checkpointing:
             enable_hf_checkpointing(base)
-            if current is not None:
-                apply_patch(peft_model, current.replace(gradient_checkpointing=use_gradient_checkpointing))
+        if current is not None:
+            # Patch again over the PEFT wrapper (unpatching first: patching with an unchanged config is a
+            # no-op): the lora patches need its LoRA layers, and checkpointing follows the argument (False:
+            # whatever the patched config said).
+            gc = use_gradient_checkpointing if use_gradient_checkpointing else current.gradient_checkpointing
+            unpatch(peft_model)
+            apply_patch(peft_model, current.replace(gradient_checkpointing=gc))
         return peft_model

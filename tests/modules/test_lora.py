@@ -165,6 +165,15 @@ def test_opt_in_and_compile_turns_it_off(tiny_llama_i128_dir):
     assert on["lora"] is False and why["lora"] == "disabled by PatchConfig"
 
 
+def test_lora_patch_applies_without_checkpointing(tiny_llama_i128_dir):
+    model, _ = FastLlama.from_pretrained(tiny_llama_i128_dir, dtype=torch.float32,
+                                         patch=PatchConfig(lora=True, nf4_linear=True))
+    model = FastLlama.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False)
+    counts = patch_report(model).counts
+    assert counts["lora"] == 14 and counts["lora_attention"] == 2
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
 def test_unpatch_restores_peft_forward(tiny_llama_i128_dir):
     from transformers.models.llama.modeling_llama import LlamaAttention
 
