@@ -59,3 +59,20 @@ def test_rope_rejects_bad_shapes():
         rope(q, k, torch.randn(1, 5, 8), torch.randn(1, 5, 8))
     with pytest.raises(ValueError, match="one even D"):
         rope(q, torch.randn(1, 4, 1, 6), torch.randn(1, 4, 8), torch.randn(1, 4, 8))
+
+
+@pytest.mark.gpu
+def test_gpu_rope_at_llama_shapes():
+    """The CUDA kernel at Llama-3-8B attention shapes (bf16) against transformers, values and gradients."""
+    q = torch.randn(2, 2048, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 2048, 8, 128, device="cuda", dtype=torch.bfloat16)
+    cos, sin = (t.to("cuda") for t in _cos_sin(1, 2048, 128, torch.bfloat16))
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    qo, ko = rope(q1, k1, cos, sin, backend="triton")
+    torch.autograd.backward((qo, ko), (dq, dk))
+    q2, k2 = q.float().requires_grad_(), k.float().requires_grad_()
+    qr, kr = apply_rotary_pos_emb(q2.transpose(1, 2), k2.transpose(1, 2), cos.float(), sin.float())
+    torch.autograd.backward((qr.transpose(1, 2), kr.transpose(1, 2)), (dq.float(), dk.float()))
+    for got, want in ((qo, qr.transpose(1, 2)), (ko, kr.transpose(1, 2)), (q1.grad, q2.grad), (k1.grad, k2.grad)):
+        torch.testing.assert_close(got.float(), want, **TOL[torch.bfloat16])

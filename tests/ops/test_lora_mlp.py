@@ -65,3 +65,29 @@ def test_fused_mlp_rejects_weights_that_do_not_chain():
         lora_mlp(torch.randn(2, 64), (w1, a, b, 1.0), (w1, a, b, 1.0), (w2, ad, bd, 1.0))
     with pytest.raises(ValueError, match="A \\(r, K\\) and B \\(N, r\\)"):
         lora_mlp(torch.randn(2, 64), (w1, a, b.t(), 1.0), (w1, a, b, 1.0), (w2, ad, bd, 1.0))
+
+
+@pytest.mark.gpu
+def test_gpu_fused_mlp_matches_dense_maths_bf16():
+    """CUDA (Triton dequant and SwiGLU, cuBLAS GEMMs) at 1B-wide shapes, bf16, against fp32 dense maths."""
+    hid, inter, r = 2048, 8192, 16
+    weights = [_params4bit(inter, hid, 0).cuda(), _params4bit(inter, hid, 1).cuda(), _params4bit(hid, inter, 2).cuda()]
+    dense = [dequantize_nf4(w.data, w.quant_state).float() for w in weights]
+    adapters = [[p.cuda() for p in _adapter(n, k, r, 3 + i)] for i, (n, k) in
+                enumerate(((inter, hid), (inter, hid), (hid, inter)))]
+    x = (torch.randn(2, 256, hid, device="cuda") * 0.5).to(torch.bfloat16)
+    dy = torch.randn_like(x)
+    leaves = [x.clone().requires_grad_()] + [p.clone().requires_grad_() for ab in adapters for p in ab]
+    y = lora_mlp(leaves[0], *[(w, leaves[1 + 2 * i], leaves[2 + 2 * i], 2.0) for i, w in enumerate(weights)])
+    y.backward(dy)
+    ref = [x.float().requires_grad_()] + [p.clone().requires_grad_() for ab in adapters for p in ab]
+
+    def proj(v, i):
+        return v @ dense[i].t() + 2.0 * (v @ ref[1 + 2 * i].t()) @ ref[2 + 2 * i].t()
+
+    y_ref = proj(torch.nn.functional.silu(proj(ref[0], 0)) * proj(ref[0], 1), 2)
+    y_ref.backward(dy.float())
+    torch.testing.assert_close(y.float(), y_ref, rtol=5e-2, atol=5e-2)
+    for got, want in zip(leaves, ref):
+        scale = want.grad.abs().max().item()
+        torch.testing.assert_close(got.grad.float(), want.grad, rtol=5e-2, atol=5e-2 * max(scale, 1))
