@@ -9,6 +9,8 @@ import torch
 
 from fastllm import FastLlama
 
+from .test_fsdp2_trainer import _dataset
+
 
 def _qlora(path, patch, seed=0):
     model, tok = FastLlama.from_pretrained(path, patch=patch, max_seq_length=128)
@@ -16,16 +18,10 @@ def _qlora(path, patch, seed=0):
     return FastLlama.get_peft_model(model, r=8, lora_alpha=16), tok
 
 
-def _uneven_dataset(n=8, t=24, vocab=320):
-    """Examples whose label counts differ a lot, so gradient accumulation must normalise by token count."""
-    g = torch.Generator().manual_seed(5)
-    rows = []
-    for i in range(n):
-        ids = torch.randint(0, vocab, (t,), generator=g)
-        labels = ids.clone()
-        labels[: (t - 3) if i % 2 else 2] = -100
-        rows.append({"input_ids": ids.tolist(), "labels": labels.tolist(), "attention_mask": [1] * t})
-    return rows
+def _uneven_dataset(n=8):
+    """Examples whose label counts differ a lot (2 vs 21), so gradient accumulation must normalise by token
+    count: the same rows the FSDP2 Trainer test uses."""
+    return _dataset(n=n)
 
 
 def _hf_train(model, data, out):
