@@ -26,7 +26,8 @@ import torch
 
 from .nf4 import _bias_grad, _linear_bwd_input, _linear_fwd, _state_args, no_autocast
 
-__all__ = ["LoRAFrozen", "LoRANF4Function", "lora_backward", "lora_forward", "lora_nf4_linear"]
+__all__ = ["LoRAFrozen", "LoRANF4Function", "check_adapter", "frozen_parts", "lora_backward", "lora_forward",
+           "lora_nf4_linear"]
 
 
 class LoRAFrozen(NamedTuple):
@@ -107,6 +108,19 @@ def lora_nf4_linear(x: torch.Tensor, weight, A: torch.Tensor, B: torch.Tensor, s
     x: (..., K) in the compute dtype; weight: a bnb NF4 ``Params4bit`` (quant_state.shape (N, K));
     A: (r, K); B: (N, r) (any float dtype, e.g. fp32 masters). Returns (..., N) in x.dtype.
     """
-    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-        raise ValueError(f"LoRA weights must be A (r, K) and B (N, r), got {tuple(A.shape)} and {tuple(B.shape)}")
+    check_adapter(A, B)
     return LoRANF4Function.apply(x, weight, bias, A, B, float(scale), backend)
+
+
+def check_adapter(A: torch.Tensor, B: torch.Tensor, prefix: str = "") -> None:
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise ValueError(f"{prefix}LoRA weights must be A (r, K) and B (N, r), "
+                         f"got {tuple(A.shape)} and {tuple(B.shape)}")
+
+
+def frozen_parts(parts, names, backend: str, use_triton: bool) -> LoRAFrozen:
+    """Check each projection's ``(weight, A, B, scale)`` and gather what gets no gradient."""
+    for name, (_, A, B, _) in zip(names, parts):
+        check_adapter(A, B, f"{name}: ")
+    states = tuple(_state_args(w.quant_state) for w, *_ in parts)
+    return LoRAFrozen(tuple(p[0] for p in parts), states, tuple(float(p[3]) for p in parts), backend, use_triton)

@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 
 from .._compat import pick_backend
-from .lora import LoRAFrozen, lora_backward, lora_forward
-from .nf4 import _state_args
+from .lora import LoRAFrozen, frozen_parts, lora_backward, lora_forward
 from .swiglu import swiglu_backward, swiglu_forward
 
 __all__ = ["LoRAMLPFunction", "lora_mlp"]
@@ -73,15 +72,9 @@ def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, *, backend: s
     x: (..., H) in the compute dtype; gate/up weights (I, H), down (H, I). Returns (..., H) in x.dtype.
     """
     parts = (gate, up, down)
-    for name, (_, A, B, _) in zip(("gate", "up", "down"), parts):
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise ValueError(f"{name}: LoRA weights must be A (r, K) and B (N, r), "
-                             f"got {tuple(A.shape)} and {tuple(B.shape)}")
-    states = tuple(_state_args(w.quant_state) for w, *_ in parts)
-    (i_g, h_g), (i_u, h_u), (h_d, i_d) = (tuple(s[7]) for s in states)
+    frozen = frozen_parts(parts, ("gate", "up", "down"), backend, pick_backend(backend, x.device) == "triton")
+    (i_g, h_g), (i_u, h_u), (h_d, i_d) = (tuple(s[7]) for s in frozen.states)
     if not (h_g == h_u == h_d == x.shape[-1] and i_g == i_u == i_d):
         raise ValueError(f"MLP weights do not chain: gate {(i_g, h_g)}, up {(i_u, h_u)}, down {(h_d, i_d)} "
                          f"for x (..., {x.shape[-1]})")
-    frozen = LoRAFrozen(tuple(p[0] for p in parts), states, tuple(float(p[3]) for p in parts), backend,
-                       pick_backend(backend, x.device) == "triton")
     return LoRAMLPFunction.apply(x, gate[1], gate[2], up[1], up[2], down[1], down[2], frozen)

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora import LoRAFrozen, lora_backward, lora_forward
-from .nf4 import _state_args
+from .lora import LoRAFrozen, frozen_parts, lora_backward, lora_forward
 
 __all__ = ["LoRAQKVFunction", "lora_qkv"]
 
@@ -65,13 +64,7 @@ def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, *, backend: str = "a
 
     x: (..., H) in the compute dtype; returns three (..., N*) tensors in x.dtype.
     """
-    parts = (q, k, v)
-    for name, (_, A, B, _) in zip("qkv", parts):
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise ValueError(f"{name}: LoRA weights must be A (r, K) and B (N, r), "
-                             f"got {tuple(A.shape)} and {tuple(B.shape)}")
-    states = tuple(_state_args(w.quant_state) for w, *_ in parts)
-    if any(s[7][1] != x.shape[-1] for s in states):
-        raise ValueError(f"q/k/v weights {[tuple(s[7]) for s in states]} do not take x (..., {x.shape[-1]})")
-    frozen = LoRAFrozen(tuple(p[0] for p in parts), states, tuple(float(p[3]) for p in parts), backend, False)
+    frozen = frozen_parts((q, k, v), "qkv", backend, False)
+    if any(s[7][1] != x.shape[-1] for s in frozen.states):
+        raise ValueError(f"q/k/v weights {[tuple(s[7]) for s in frozen.states]} do not take x (..., {x.shape[-1]})")
     return LoRAQKVFunction.apply(x, q[1], q[2], k[1], k[2], v[1], v[2], frozen)
