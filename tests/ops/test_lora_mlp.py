@@ -67,9 +67,26 @@ def test_fused_mlp_rejects_weights_that_do_not_chain():
         lora_mlp(torch.randn(2, 64), (w1, a, b.t(), 1.0), (w1, a, b, 1.0), (w2, ad, bd, 1.0))
 
 
+def _dense_mlp_grads(x, dense, adapters, dy, dtype, scale):
+    """The unfused maths through autograd in ``dtype`` (fp32 masters cast inside): y and the 7 grads."""
+    leaves = [x.detach().to(dtype).requires_grad_()] + [p.clone().requires_grad_() for ab in adapters for p in ab]
+
+    def proj(v, i):
+        a, b = leaves[1 + 2 * i].to(dtype), leaves[2 + 2 * i].to(dtype)
+        return v @ dense[i].to(dtype).t() + scale * (v @ a.t()) @ b.t()
+
+    y = proj(torch.nn.functional.silu(proj(leaves[0], 0)) * proj(leaves[0], 1), 2)
+    y.backward(dy.to(dtype))
+    return [y.float()] + [p.grad.float() for p in leaves]
+
+
 @pytest.mark.gpu
 def test_gpu_fused_mlp_matches_dense_maths_bf16():
-    """CUDA (Triton dequant and SwiGLU, cuBLAS GEMMs) at 1B-wide shapes, bf16, against fp32 dense maths."""
+    """CUDA (Triton dequant and SwiGLU, cuBLAS GEMMs) at 1B-wide shapes, bf16, against fp32 dense maths.
+
+    bf16 rounding alone puts the unfused bf16 maths ~1% of max|y| off fp32 here (|y| reaches ~170), so
+    the fused op must be as close to fp32 as the unfused bf16 maths is (within 1.5x), not a fixed atol.
+    """
     hid, inter, r = 2048, 8192, 16
     weights = [_params4bit(inter, hid, 0).cuda(), _params4bit(inter, hid, 1).cuda(), _params4bit(hid, inter, 2).cuda()]
     dense = [dequantize_nf4(w.data, w.quant_state).float() for w in weights]
@@ -80,14 +97,11 @@ def test_gpu_fused_mlp_matches_dense_maths_bf16():
     leaves = [x.clone().requires_grad_()] + [p.clone().requires_grad_() for ab in adapters for p in ab]
     y = lora_mlp(leaves[0], *[(w, leaves[1 + 2 * i], leaves[2 + 2 * i], 2.0) for i, w in enumerate(weights)])
     y.backward(dy)
-    ref = [x.float().requires_grad_()] + [p.clone().requires_grad_() for ab in adapters for p in ab]
-
-    def proj(v, i):
-        return v @ dense[i].t() + 2.0 * (v @ ref[1 + 2 * i].t()) @ ref[2 + 2 * i].t()
-
-    y_ref = proj(torch.nn.functional.silu(proj(ref[0], 0)) * proj(ref[0], 1), 2)
-    y_ref.backward(dy.float())
-    torch.testing.assert_close(y.float(), y_ref, rtol=5e-2, atol=5e-2)
-    for got, want in zip(leaves, ref):
-        scale = want.grad.abs().max().item()
-        torch.testing.assert_close(got.grad.float(), want.grad, rtol=5e-2, atol=5e-2 * max(scale, 1))
+    got = [y.float()] + [p.grad.float() for p in leaves]
+    exact = _dense_mlp_grads(x, dense, adapters, dy, torch.float32, 2.0)
+    eager = _dense_mlp_grads(x, dense, adapters, dy, torch.bfloat16, 2.0)
+    names = ["y", "x", "A_gate", "B_gate", "A_up", "B_up", "A_down", "B_down"]
+    for g, e, b, name in zip(got, exact, eager, names):
+        bf16_err = (b - e).abs().max().item()
+        assert (g - e).abs().max().item() <= 1.5 * bf16_err + 1e-6 * e.abs().max().item(), name
+        torch.testing.assert_close(g, e, rtol=0, atol=3e-2 * e.abs().max().item(), msg=name)
