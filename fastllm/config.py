@@ -20,7 +20,7 @@ class PatchConfig:
     - ``mlp``: SwiGLU MLP with a fused ``silu(gate) * up`` (projections stay module calls).
     - ``nf4_linear``: bitsandbytes ``Linear4bit`` forward through fastllm's NF4 dequant + matmul.
     - ``lora``: PEFT's LoRA-over-``Linear4bit`` layers as one fused autograd op (base + adapter);
-      opt-in for now (auto is off until measured on a GPU); off under ``compile`` (inductor fuses
+      auto-on on CUDA (with ``nf4_linear``), opt-in elsewhere; off under ``compile`` (inductor fuses
       PEFT's ops there).
     - ``loss``: chunked lm_head + loss that never materialises the logits in training.
       ``True`` / ``"cross_entropy"``, ``"focal"``, or a callable ``(logits_fp32 [n, V], labels [n]) -> [n]``.

@@ -34,6 +34,18 @@ from .models import LINEARS, build_qlora_base
 PROVIDERS = ("hf", "liger", "unsloth", "fastllm")
 
 
+def split_providers(text: str) -> list[str]:
+    """``hf,fastllm:compile=1,compile_mode=reduce-overhead`` -> ``["hf", "fastllm:compile=1,compile_mode=..."]``:
+    an item with ``=`` and no ``:`` is one more option of the provider before it."""
+    out: list[str] = []
+    for item in filter(None, text.split(",")):
+        if out and "=" in item and ":" not in item and ":" in out[-1]:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return out
+
+
 def _patch_config(provider: str):
     """``fastllm`` or ``fastllm:compile=0,nf4_linear=0`` (ablations: 0/1/none per PatchConfig option)."""
     from .. import PatchConfig
@@ -219,7 +231,7 @@ def main(argv=None) -> int:
     rows = []
     os.makedirs(args.out, exist_ok=True)
     for shape in args.shapes.split(","):
-        for provider in args.providers.split(","):
+        for provider in split_providers(args.providers):
             why = _available(provider)
             row = _spawn(provider, shape, args) if why is None else {"provider": provider, "shape": shape,
                                                                        "error": why}

@@ -3,6 +3,7 @@
 Timings are not checked here: they are GPU numbers, reported by ``fastllm bench train``.
 """
 
+import pytest
 import torch
 
 from fastllm.bench.models import build_qlora_base
@@ -27,3 +28,14 @@ def test_train_worker_providers_agree_on_loss():
     for r in rows[1:]:
         torch.testing.assert_close(torch.tensor(rows[0]["loss"]), torch.tensor(r["loss"]), rtol=2e-2, atol=2e-2)
     assert "mlp" not in rows[2]["setup"].split("skipped")[0] and "loss" in rows[2]["setup"]
+
+
+def test_provider_list_keeps_options_with_their_provider():
+    from fastllm.bench.train import _patch_config, split_providers
+
+    got = split_providers("hf,fastllm:compile=1,compile_mode=reduce-overhead,liger,fastllm:lora=0")
+    assert got == ["hf", "fastllm:compile=1,compile_mode=reduce-overhead", "liger", "fastllm:lora=0"]
+    cfg = _patch_config(got[1])
+    assert cfg.compile is True and cfg.compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile_mode"):
+        _patch_config("fastllm:compile_mode=fast")

@@ -151,13 +151,13 @@ def test_cases_the_fused_path_leaves_to_peft(tiny_llama_i128_dir, fused_calls):
         assert not torch.allclose(one, both)
 
 
-def test_opt_in_and_compile_turns_it_off(tiny_llama_i128_dir):
+def test_auto_on_cuda_opt_in_on_cpu_and_compile_turns_it_off(tiny_llama_i128_dir):
     from fastllm.patching.specs import resolve
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for dev in (cpu, cuda):  # auto stays off until a GPU run measures it
-        on, why = resolve(PatchConfig(compile=False), dev)
-        assert on["lora"] is False and "PatchConfig(lora=True)" in why["lora"]
+    on, why = resolve(PatchConfig(compile=False), cpu)  # auto: CUDA only
+    assert on["lora"] is False and "PatchConfig(lora=True)" in why["lora"]
+    assert resolve(PatchConfig(compile=False), cuda)[0]["lora"] is True
     assert resolve(PatchConfig(lora=True), cpu)[0]["lora"] is True
     on, why = resolve(PatchConfig(lora=True, compile=True), cpu)
     assert on["lora"] is False and "compile" in why["lora"]
