@@ -34,7 +34,7 @@ def main() -> None:
     from fastllm.kernels.nf4 import launch_config, nf4_dequant_fwd
     from fastllm.modules.nf4_linear import nf4_linear4bit_forward
     from fastllm.ops import dequantize_nf4
-    from fastllm.ops.nf4 import _absmax_torch, _state_args
+    from fastllm.ops.nf4 import NF4LinearFunction, _absmax_torch, _state_args, nf4_args, nf4_linear_args
 
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=500)
@@ -61,6 +61,12 @@ def main() -> None:
         "bnb Linear4bit fwd, 1 token (gemv)": lambda: lin(x1),
         "fastllm patched fwd, 1 token": lambda: fast(x1),
     }
+    xg = torch.randn(16, 4096, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    args4 = nf4_args(plain, qs)
+    grad_cases = {  # what autograd adds per call: the custom op (compiled regions) vs an autograd.Function
+        "fastllm::nf4_linear custom op, grad": lambda: nf4_linear_args(xg, args4),
+        "NF4LinearFunction.apply, grad": lambda: NF4LinearFunction.apply(xg, w, None, "auto"),
+    }
     print(f"launch config {rows}x{cols}, {warps} warps, grid {grid}")
     results = []
     with torch.no_grad():
@@ -68,6 +74,10 @@ def main() -> None:
             us = per_call_us(fn, args.n)
             results.append({"case": name, "us_per_call": us})
             print(f"{name:42s} {us:8.1f} us")
+    for name, fn in grad_cases.items():
+        us = per_call_us(fn, args.n)
+        results.append({"case": name, "us_per_call": us})
+        print(f"{name:42s} {us:8.1f} us")
     if args.out:
         with open(args.out, "w") as f:
             for r in results:
