@@ -7,7 +7,11 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 _LOSS_NAMES = ("cross_entropy", "focal")
-_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+# torch.compile modes that run CUDA graphs: refused with a reason. On an H200 (torch 2.11) cudagraph trees
+# first rejected the NF4 ops' shared workspace (a live pool tensor), and with fresh buffers the capture itself
+# was invalidated inside the checkpointed regions.
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True, init=False)
@@ -25,7 +29,9 @@ class PatchConfig:
     - ``loss``: chunked lm_head + loss that never materialises the logits in training.
       ``True`` / ``"cross_entropy"``, ``"focal"``, or a callable ``(logits_fp32 [n, V], labels [n]) -> [n]``.
     - ``compile``: ``torch.compile`` the decoder layer's regions.
-    - ``compile_mode``: passed to ``torch.compile`` (e.g. ``"max-autotune"``).
+    - ``compile_mode``: passed to ``torch.compile``: ``"default"`` or ``"max-autotune-no-cudagraphs"``
+      (autotuned matmuls). The CUDA-graph modes (``"reduce-overhead"``, ``"max-autotune"``) are refused:
+      CUDA-graph capture fails inside the checkpointed regions.
     - ``gradient_checkpointing``: ``None`` keeps the model's own setting (made non-reentrant when on),
       ``True`` turns it on, ``"offload"`` also keeps the checkpointed activations in pinned CPU memory
       (GPU only; a logged no-op on the CPU), ``False`` leaves checkpointing alone.
@@ -61,6 +67,10 @@ class PatchConfig:
         if not (self.loss in (None, True, False) or self.loss in _LOSS_NAMES or callable(self.loss)):
             raise ValueError(f"PatchConfig.loss must be None, a bool, one of {_LOSS_NAMES} or a callable, "
                              f"got {self.loss!r}")
+        if self.compile_mode in _CUDA_GRAPH_MODES:
+            raise ValueError(f"PatchConfig.compile_mode={self.compile_mode!r} runs CUDA graphs, which fastllm's "
+                             "compiled regions do not support (capture fails inside the checkpointed regions); "
+                             "use 'default' or 'max-autotune-no-cudagraphs' (autotuned matmuls, no CUDA graphs)")
         if self.compile_mode not in _COMPILE_MODES:
             raise ValueError(f"PatchConfig.compile_mode must be one of {_COMPILE_MODES}, got {self.compile_mode!r}")
         if self.gradient_checkpointing not in (None, True, False, "offload"):

@@ -35,7 +35,7 @@ PROVIDERS = ("hf", "liger", "unsloth", "fastllm")
 
 
 def split_providers(text: str) -> list[str]:
-    """``hf,fastllm:compile=1,compile_mode=reduce-overhead`` -> ``["hf", "fastllm:compile=1,compile_mode=..."]``:
+    """``hf,fastllm:compile=1,lora=0`` -> ``["hf", "fastllm:compile=1,lora=0"]``:
     an item with ``=`` and no ``:`` is one more option of the provider before it."""
     out: list[str] = []
     for item in filter(None, text.split(",")):

@@ -38,7 +38,6 @@ from collections import Counter
 
 import torch
 
-from ..ops.nf4 import use_fresh_buffers
 from ..ops.rope import rope
 from .lora import fused_lora_qkv
 from .nf4_linear import refresh_nf4_aliases
@@ -50,7 +49,6 @@ from .rms_norm import rms_norm_eligible
 _EAGER_ONLY_KWARGS = ("is_causal", "softcap", "sliding_window", "position_bias", "s_aux", "cu_seq_lens_q",
                       "cu_seq_lens_k", "max_length_q", "max_length_k")
 COMPILED_ATTENTION = ("sdpa", "eager")
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that run CUDA graphs
 
 
 # ---- the regions: functions of tensors (and the sub-module whose projections they call) ----------------
@@ -173,8 +171,6 @@ _BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def compiled_regions(model: torch.nn.Module, mode: str = "default") -> CompiledRegions:
     """The compiled regions of ``model`` (created on first use; nothing compiles until a call)."""
     regions = _BY_MODEL.get(model)
-    if mode in CUDA_GRAPH_MODES:  # see ops.nf4.use_fresh_buffers
-        use_fresh_buffers(True)
     if regions is None or regions.mode != mode:
         stats = regions.stats if regions is not None else CompileStats()
         fns = {name: torch.compile(fn, backend=_counting_backend(stats, name, mode), dynamic=None)

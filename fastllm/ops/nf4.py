@@ -148,24 +148,6 @@ def _workspace(device: torch.device, dtype: torch.dtype, shape) -> torch.Tensor:
     return view
 
 
-# Under CUDA-graph compile modes ("reduce-overhead"), cudagraph trees run and record the regions inside their
-# own memory pool and refuse a pool tensor that stays alive without being a graph output: the shared
-# workspace would be one. There each call takes a fresh dense buffer instead (freed after its matmul, so the
-# caching allocator hands the same memory back: same peak, one allocation of host time per call).
-_FRESH = {"on": False}
-
-
-def use_fresh_buffers(on: bool) -> None:
-    """Take a fresh dense buffer per call instead of the shared workspace (for CUDA-graph compile modes)."""
-    _FRESH["on"] = bool(on)
-
-
-def _dense_buffer(device: torch.device, dtype: torch.dtype, shape) -> torch.Tensor:
-    if _FRESH["on"]:
-        return torch.empty(tuple(shape), dtype=dtype, device=device)
-    return _workspace(device, dtype, shape)
-
-
 def clear_workspaces() -> None:
     """Release the cached dense-weight buffers (e.g. before measuring memory)."""
     _VIEWS.clear()
@@ -184,7 +166,7 @@ def no_autocast(t: torch.Tensor):
 def _linear_fwd(x, packed, state: tuple, bias, backend: str) -> torch.Tensor:
     absmax, code, code2, absmax2, offset, bs, bs2, shape = state
     w = _dequant_into(packed, absmax, code, code2, absmax2, offset, bs, bs2,
-                      _dense_buffer(x.device, x.dtype, shape), backend)  # (N, K) in x.dtype
+                      _workspace(x.device, x.dtype, shape), backend)  # (N, K) in x.dtype
     # Computed in x's dtype, as bnb does after Linear4bit.forward cast x to compute_dtype.
     with no_autocast(x):
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -194,7 +176,7 @@ def _linear_bwd_input(dy, packed, state: tuple, backend: str, out: torch.Tensor 
     """dy @ W, W dequantized again; with ``out`` (2-D, (M, K)) it accumulates ``out += dy @ W`` instead."""
     absmax, code, code2, absmax2, offset, bs, bs2, shape = state
     w = _dequant_into(packed, absmax, code, code2, absmax2, offset, bs, bs2,
-                      _dense_buffer(dy.device, dy.dtype, shape), backend)  # (N, K)
+                      _workspace(dy.device, dy.dtype, shape), backend)  # (N, K)
     with no_autocast(dy):
         if out is not None:
             return out.addmm_(dy, w)

@@ -33,9 +33,9 @@ def test_train_worker_providers_agree_on_loss():
 def test_provider_list_keeps_options_with_their_provider():
     from fastllm.bench.train import _patch_config, split_providers
 
-    got = split_providers("hf,fastllm:compile=1,compile_mode=reduce-overhead,liger,fastllm:lora=0")
-    assert got == ["hf", "fastllm:compile=1,compile_mode=reduce-overhead", "liger", "fastllm:lora=0"]
+    got = split_providers("hf,fastllm:compile=1,compile_mode=max-autotune-no-cudagraphs,liger,fastllm:lora=0")
+    assert got == ["hf", "fastllm:compile=1,compile_mode=max-autotune-no-cudagraphs", "liger", "fastllm:lora=0"]
     cfg = _patch_config(got[1])
-    assert cfg.compile is True and cfg.compile_mode == "reduce-overhead"
+    assert cfg.compile is True and cfg.compile_mode == "max-autotune-no-cudagraphs"
     with pytest.raises(ValueError, match="compile_mode"):
         _patch_config("fastllm:compile_mode=fast")

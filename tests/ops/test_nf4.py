@@ -204,27 +204,3 @@ def test_workspace_views_are_reused_and_dropped_when_the_buffer_grows():
     assert len(nf4_ops._WORKSPACES) == 1
     nf4_ops.clear_workspaces()
     assert not nf4_ops._VIEWS and not nf4_ops._WORKSPACES
-
-
-def test_fresh_buffers_mode_gives_the_same_results_without_the_shared_workspace():
-    """CUDA-graph compile modes need no long-lived workspace tensor: each call then takes its own buffer."""
-    from fastllm.ops import nf4 as ops_nf4
-
-    w = bnb.nn.Params4bit(torch.randn(96, 64) * 0.05, requires_grad=False, quant_type="nf4",
-                          compress_statistics=True).to("cpu")
-    x = torch.randn(3, 5, 64)
-    state = ops_nf4._state_args(w.quant_state)
-    ops_nf4.clear_workspaces()
-    shared = ops_nf4._linear_fwd(x, w.data, state, None, "torch")
-    assert ops_nf4._WORKSPACES
-    try:
-        ops_nf4.clear_workspaces()
-        ops_nf4.use_fresh_buffers(True)
-        fresh = ops_nf4._linear_fwd(x, w.data, state, None, "torch")
-        dx = ops_nf4._linear_bwd_input(torch.ones(3, 5, 96), w.data, state, "torch")
-        assert not ops_nf4._WORKSPACES and not ops_nf4._VIEWS
-    finally:
-        ops_nf4.use_fresh_buffers(False)
-    torch.testing.assert_close(fresh, shared, rtol=0, atol=0)
-    dense = dequantize_nf4(w.data, w.quant_state, backend="torch")
-    torch.testing.assert_close(dx, torch.ones(3, 5, 96) @ dense, rtol=1e-5, atol=1e-5)
