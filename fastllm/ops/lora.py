@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from .nf4 import _bias_grad, _linear_bwd_input, _linear_fwd, _state_args, no_autocast
+from .nf4 import _bias_grad, _linear_bwd_input, _linear_fwd, _state_args, no_autocast, plain_tensor
 
 __all__ = ["LoRAFrozen", "LoRANF4Function", "check_adapter", "frozen_parts", "lora_backward", "lora_forward",
            "lora_nf4_linear"]
@@ -33,7 +33,7 @@ __all__ = ["LoRAFrozen", "LoRANF4Function", "check_adapter", "frozen_parts", "lo
 class LoRAFrozen(NamedTuple):
     """What a multi-projection QLoRA op needs besides the adapter weights (which autograd must see as inputs)."""
 
-    weights: tuple          # bnb NF4 Params4bit of each projection
+    weights: tuple          # packed NF4 bytes of each projection, as plain tensors (``plain_tensor``)
     states: tuple           # ``_state_args`` of each quant state
     scales: tuple           # LoRA scale of each projection (floats)
     backend: str
@@ -71,34 +71,38 @@ def lora_backward(dy2, x2, xa, weight, state: tuple, Ac, Bc, scale: float, backe
 
 
 class LoRANF4Function(torch.autograd.Function):
-    """``x @ dequant(weight).T + b + scale * (x @ A.T) @ B.T`` with gradients for x, A, B and b."""
+    """``x @ dequant(W).T + b + scale * (x @ A.T) @ B.T`` with gradients for x, A, B and b.
+
+    The packed weight and its quant state ride in ``frozen`` (a one-projection ``LoRAFrozen``): frozen, so
+    kept on ctx rather than saved through autograd (no checkpoint pack/unpack hooks per call).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale: float, backend: str):
-        state = _state_args(weight.quant_state)
+    def forward(ctx, x, bias, A, B, frozen: LoRAFrozen):
+        (weight,), (state,), (scale,) = frozen.weights, frozen.states, frozen.scales
         x2 = x.reshape(-1, x.shape[-1])
         # Compute-dtype copies, saved for backward (LoRA-sized) so it does not cast them again: every cast
         # is a launch, and small-model steps are host-bound.
         Ac, Bc = A.to(x.dtype), B.to(x.dtype)
-        y, xa = lora_forward(x2, weight, state, Ac, Bc, scale, bias, backend)
-        ctx.save_for_backward(x2, xa, weight, Ac, Bc)
+        y, xa = lora_forward(x2, weight, state, Ac, Bc, scale, bias, frozen.backend)
+        ctx.save_for_backward(x2, xa, Ac, Bc)
         ctx.ab_dtypes = (A.dtype, B.dtype)
-        ctx.quant_state, ctx.backend, ctx.scale = weight.quant_state, backend, scale
-        ctx.x_shape = x.shape
+        ctx.frozen, ctx.x_shape = frozen, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, weight, Ac, Bc = ctx.saved_tensors  # Ac, Bc: A, B in the compute dtype (x2.dtype)
+        x2, xa, Ac, Bc = ctx.saved_tensors  # Ac, Bc: A, B in the compute dtype (x2.dtype)
+        f = ctx.frozen
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        dx, dA, dB = lora_backward(dy2, x2, xa, weight, _state_args(ctx.quant_state), Ac, Bc, ctx.scale,
-                                   ctx.backend, need_dx=ctx.needs_input_grad[0])
-        db = _bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        dx, dA, dB = lora_backward(dy2, x2, xa, f.weights[0], f.states[0], Ac, Bc, f.scales[0], f.backend,
+                                   need_dx=ctx.needs_input_grad[0])
+        db = _bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[1] else None
         dx = None if dx is None else dx.view(ctx.x_shape)
-        dA = dA.to(ctx.ab_dtypes[0]) if ctx.needs_input_grad[3] else None
-        dB = dB.to(ctx.ab_dtypes[1]) if ctx.needs_input_grad[4] else None
-        return dx, None, db, dA, dB, None, None
+        dA = dA.to(ctx.ab_dtypes[0]) if ctx.needs_input_grad[2] else None
+        dB = dB.to(ctx.ab_dtypes[1]) if ctx.needs_input_grad[3] else None
+        return dx, db, dA, dB, None
 
 
 def lora_nf4_linear(x: torch.Tensor, weight, A: torch.Tensor, B: torch.Tensor, scale: float,
@@ -108,8 +112,8 @@ def lora_nf4_linear(x: torch.Tensor, weight, A: torch.Tensor, B: torch.Tensor, s
     x: (..., K) in the compute dtype; weight: a bnb NF4 ``Params4bit`` (quant_state.shape (N, K));
     A: (r, K); B: (N, r) (any float dtype, e.g. fp32 masters). Returns (..., N) in x.dtype.
     """
-    check_adapter(A, B)
-    return LoRANF4Function.apply(x, weight, bias, A, B, float(scale), backend)
+    frozen = frozen_parts(((weight, A, B, scale),), ("",), backend, False)
+    return LoRANF4Function.apply(x, bias, A, B, frozen)
 
 
 def check_adapter(A: torch.Tensor, B: torch.Tensor, prefix: str = "") -> None:
@@ -121,6 +125,7 @@ def check_adapter(A: torch.Tensor, B: torch.Tensor, prefix: str = "") -> None:
 def frozen_parts(parts, names, backend: str, use_triton: bool) -> LoRAFrozen:
     """Check each projection's ``(weight, A, B, scale)`` and gather what gets no gradient."""
     for name, (_, A, B, _) in zip(names, parts):
-        check_adapter(A, B, f"{name}: ")
+        check_adapter(A, B, f"{name}: " if name else "")
     states = tuple(_state_args(w.quant_state) for w, *_ in parts)
-    return LoRAFrozen(tuple(p[0] for p in parts), states, tuple(float(p[3]) for p in parts), backend, use_triton)
+    weights = tuple(plain_tensor(p[0]) for p in parts)
+    return LoRAFrozen(weights, states, tuple(float(p[3]) for p in parts), backend, use_triton)

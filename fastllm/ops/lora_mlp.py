@@ -43,15 +43,16 @@ class LoRAMLPFunction(torch.autograd.Function):
         u, xau = lora_forward(x2, wu, su_, Auc, Buc, su, None, frozen.backend)
         h = swiglu_forward(g, u, frozen.use_triton)
         y, had = lora_forward(h, wd, sd_, Adc, Bdc, sd, None, frozen.backend)
-        ctx.save_for_backward(x2, g, u, h, xag, xau, had, wg, wu, wd, *casts)
+        ctx.save_for_backward(x2, g, u, h, xag, xau, had, *casts)  # weights: frozen, on ctx.frozen
         ctx.frozen, ctx.x_shape = frozen, x.shape
         ctx.dtypes = tuple(p.dtype for p in (Ag, Bg, Au, Bu, Ad, Bd))
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, g, u, h, xag, xau, had, wg, wu, wd, Agc, Bgc, Auc, Buc, Adc, Bdc = ctx.saved_tensors
+        x2, g, u, h, xag, xau, had, Agc, Bgc, Auc, Buc, Adc, Bdc = ctx.saved_tensors
         f = ctx.frozen
+        wg, wu, wd = f.weights
         (sg_, su_, sd_), (sg, su, sd) = f.states, f.scales
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
         dh, dAd, dBd = lora_backward(dy2, h, had, wd, sd_, Adc, Bdc, sd, f.backend)

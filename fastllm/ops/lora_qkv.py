@@ -32,7 +32,7 @@ class LoRAQKVFunction(torch.autograd.Function):
             y, xa = lora_forward(x2, w, state, casts[2 * i], casts[2 * i + 1], scale, None, frozen.backend)
             outs.append(y.view(*x.shape[:-1], y.shape[-1]))
             acts.append(xa)
-        ctx.save_for_backward(x2, *acts, *frozen.weights, *casts)
+        ctx.save_for_backward(x2, *acts, *casts)  # weights: frozen, on ctx.frozen
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, as PEFT would
         ctx.frozen, ctx.x_shape = frozen, x.shape
         ctx.dtypes = tuple(p.dtype for p in (Aq, Bq, Ak, Bk, Av, Bv))
@@ -41,8 +41,9 @@ class LoRAQKVFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         x2, *rest = ctx.saved_tensors
-        acts, weights, casts = rest[:3], rest[3:6], rest[6:]
+        acts, casts = rest[:3], rest[3:]
         f = ctx.frozen
+        weights = f.weights
         need_dx = ctx.needs_input_grad[0]
         dx, grads = None, []
         for i, dy in enumerate((dq, dk, dv)):
