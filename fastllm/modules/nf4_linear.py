@@ -59,7 +59,8 @@ def prepare_nf4_call(module, x: torch.Tensor):
     CPU inference path (only bnb reads that layout).
     """
     bnb().nn.modules.fix_4bit_weight_quant_state_from_module(module)
-    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+    params = module._parameters  # not module.weight: nn.Module.__getattr__ is Python, and this runs per call
+    if getattr(params["weight"].quant_state, "packing_format_for_cpu", False):
         return None
     if not module.compute_type_is_set:
         module.set_compute_type(x)
@@ -67,7 +68,7 @@ def prepare_nf4_call(module, x: torch.Tensor):
     inp_dtype = x.dtype
     if module.compute_dtype is not None and x.dtype != module.compute_dtype:
         x = x.to(module.compute_dtype)
-    bias = module.bias
+    bias = params.get("bias")
     if bias is not None:
         if bias.dtype != x.dtype:
             bias.data = bias.data.to(x.dtype)  # bnb converts the stored bias once, in place
