@@ -79,17 +79,18 @@ class LoRANF4Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, A, B, frozen: LoRAFrozen):
-        (weight,), (state,), (scale,) = frozen.weights, frozen.states, frozen.scales
-        x2 = x.reshape(-1, x.shape[-1])
-        # Compute-dtype copies, saved for backward (LoRA-sized) so it does not cast them again: every cast
-        # is a launch, and small-model steps are host-bound.
-        Ac, Bc = A.to(x.dtype), B.to(x.dtype)
-        y, xa = lora_forward(x2, weight, state, Ac, Bc, scale, bias, frozen.backend)
-        ctx.save_for_backward(x2, xa, Ac, Bc)
-        ctx.ab_dtypes = (A.dtype, B.dtype)
-        ctx.frozen, ctx.x_shape = frozen, x.shape
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.view(*x.shape[:-1], y.shape[-1])
+        with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
+            (weight,), (state,), (scale,) = frozen.weights, frozen.states, frozen.scales
+            x2 = x.reshape(-1, x.shape[-1])
+            # Compute-dtype copies, saved for backward (LoRA-sized) so it does not cast them again: every cast
+            # is a launch, and small-model steps are host-bound.
+            Ac, Bc = A.to(x.dtype), B.to(x.dtype)
+            y, xa = lora_forward(x2, weight, state, Ac, Bc, scale, bias, frozen.backend)
+            ctx.save_for_backward(x2, xa, Ac, Bc)
+            ctx.ab_dtypes = (A.dtype, B.dtype)
+            ctx.frozen, ctx.x_shape = frozen, x.shape
+            ctx.bias_dtype = None if bias is None else bias.dtype
+            return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):

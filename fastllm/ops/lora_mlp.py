@@ -24,6 +24,7 @@ import torch
 
 from .._compat import pick_backend
 from .lora import LoRAFrozen, frozen_parts, lora_backward, lora_forward
+from .nf4 import no_autocast
 from .swiglu import swiglu_backward, swiglu_forward
 
 __all__ = ["LoRAMLPFunction", "lora_mlp"]
@@ -34,19 +35,20 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, frozen: LoRAFrozen):
-        (wg, wu, wd), (sg_, su_, sd_) = frozen.weights, frozen.states
-        sg, su, sd = frozen.scales
-        x2 = x.reshape(-1, x.shape[-1])
-        casts = [p.to(x.dtype) for p in (Ag, Bg, Au, Bu, Ad, Bd)]  # compute-dtype copies, reused in backward
-        Agc, Bgc, Auc, Buc, Adc, Bdc = casts
-        g, xag = lora_forward(x2, wg, sg_, Agc, Bgc, sg, None, frozen.backend)
-        u, xau = lora_forward(x2, wu, su_, Auc, Buc, su, None, frozen.backend)
-        h = swiglu_forward(g, u, frozen.use_triton)
-        y, had = lora_forward(h, wd, sd_, Adc, Bdc, sd, None, frozen.backend)
-        ctx.save_for_backward(x2, g, u, h, xag, xau, had, *casts)  # weights: frozen, on ctx.frozen
-        ctx.frozen, ctx.x_shape = frozen, x.shape
-        ctx.dtypes = tuple(p.dtype for p in (Ag, Bg, Au, Bu, Ad, Bd))
-        return y.view(x.shape)
+        with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
+            (wg, wu, wd), (sg_, su_, sd_) = frozen.weights, frozen.states
+            sg, su, sd = frozen.scales
+            x2 = x.reshape(-1, x.shape[-1])
+            casts = [p.to(x.dtype) for p in (Ag, Bg, Au, Bu, Ad, Bd)]  # compute-dtype copies, reused in backward
+            Agc, Bgc, Auc, Buc, Adc, Bdc = casts
+            g, xag = lora_forward(x2, wg, sg_, Agc, Bgc, sg, None, frozen.backend)
+            u, xau = lora_forward(x2, wu, su_, Auc, Buc, su, None, frozen.backend)
+            h = swiglu_forward(g, u, frozen.use_triton)
+            y, had = lora_forward(h, wd, sd_, Adc, Bdc, sd, None, frozen.backend)
+            ctx.save_for_backward(x2, g, u, h, xag, xau, had, *casts)  # weights: frozen, on ctx.frozen
+            ctx.frozen, ctx.x_shape = frozen, x.shape
+            ctx.dtypes = tuple(p.dtype for p in (Ag, Bg, Au, Bu, Ad, Bd))
+            return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):

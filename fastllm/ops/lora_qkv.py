@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .lora import LoRAFrozen, frozen_parts, lora_backward, lora_forward
+from .nf4 import no_autocast
 
 __all__ = ["LoRAQKVFunction", "lora_qkv"]
 
@@ -25,18 +26,19 @@ class LoRAQKVFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, Aq, Bq, Ak, Bk, Av, Bv, frozen: LoRAFrozen):
-        x2 = x.reshape(-1, x.shape[-1])
-        casts = [p.to(x.dtype) for p in (Aq, Bq, Ak, Bk, Av, Bv)]  # compute-dtype copies, reused in backward
-        outs, acts = [], []
-        for i, (w, state, scale) in enumerate(zip(frozen.weights, frozen.states, frozen.scales)):
-            y, xa = lora_forward(x2, w, state, casts[2 * i], casts[2 * i + 1], scale, None, frozen.backend)
-            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-            acts.append(xa)
-        ctx.save_for_backward(x2, *acts, *casts)  # weights: frozen, on ctx.frozen
-        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, as PEFT would
-        ctx.frozen, ctx.x_shape = frozen, x.shape
-        ctx.dtypes = tuple(p.dtype for p in (Aq, Bq, Ak, Bk, Av, Bv))
-        return tuple(outs)
+        with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
+            x2 = x.reshape(-1, x.shape[-1])
+            casts = [p.to(x.dtype) for p in (Aq, Bq, Ak, Bk, Av, Bv)]  # compute-dtype copies, reused in backward
+            outs, acts = [], []
+            for i, (w, state, scale) in enumerate(zip(frozen.weights, frozen.states, frozen.scales)):
+                y, xa = lora_forward(x2, w, state, casts[2 * i], casts[2 * i + 1], scale, None, frozen.backend)
+                outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+                acts.append(xa)
+            ctx.save_for_backward(x2, *acts, *casts)  # weights: frozen, on ctx.frozen
+            ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, as PEFT would
+            ctx.frozen, ctx.x_shape = frozen, x.shape
+            ctx.dtypes = tuple(p.dtype for p in (Aq, Bq, Ak, Bk, Av, Bv))
+            return tuple(outs)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
