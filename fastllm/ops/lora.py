@@ -61,11 +61,11 @@ def lora_backward(dy2, x2, xa, weight, state: tuple, Ac, Bc, scale: float, backe
     """
     dx = None
     with no_autocast(dy2):
-        g = dy2 @ Bc  # (M, r)
+        g = torch.mm(dy2, Bc).mul_(scale)  # (M, r), scaled once here for both dx and dA
         if need_dx:
             dx = _linear_bwd_input(dy2, weight, state, backend, out=dx_out)
-            dx.addmm_(g, Ac, alpha=scale)
-        dA = torch.mm(g.t(), x2).mul_(scale)
+            dx.addmm_(g, Ac)
+        dA = torch.mm(g.t(), x2)
         dB = torch.mm(dy2.t(), xa).mul_(scale)
     return dx, dA, dB
 
