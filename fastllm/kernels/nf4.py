@@ -32,8 +32,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
-
 
 @triton.jit
 def _nf4_dequant_fwd_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, n_elements, n_bytes,
@@ -128,7 +126,7 @@ def nf4_dequant_fwd(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if nested and (absmax2 is None or offset is None):
         raise ValueError("nested NF4 needs code2, absmax2 and offset")
     rows, cols, warps, grid = launch_config(n_bytes, blocksize, tile_bytes, num_warps)
-    launch(_nf4_dequant_fwd_kernel, (grid,),
+    _nf4_dequant_fwd_kernel[(grid,)](
         packed, absmax, code, code2 if nested else code, absmax2 if nested else absmax,
         offset if nested else absmax, out, n, n_bytes,
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested,

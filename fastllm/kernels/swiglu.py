@@ -16,8 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
-
 _BLOCK = 1024
 
 
@@ -49,7 +47,7 @@ def swiglu_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """g, u: contiguous, same shape and dtype. Returns silu(g) * u."""
     h = torch.empty_like(g)
     n = g.numel()
-    launch(_swiglu_fwd_kernel, (triton.cdiv(n, _BLOCK),), g, u, h, n, BLOCK=_BLOCK, num_warps=4)
+    _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](g, u, h, n, BLOCK=_BLOCK, num_warps=4)
     return h
 
 
@@ -57,6 +55,5 @@ def swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torc
     """Returns (dg, du), each shaped and typed like g."""
     dg, du = torch.empty_like(g), torch.empty_like(u)
     n = g.numel()
-    launch(_swiglu_bwd_kernel, (triton.cdiv(n, _BLOCK),), dh.contiguous(), g, u, dg, du, n, BLOCK=_BLOCK,
-           num_warps=4)
+    _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dh.contiguous(), g, u, dg, du, n, BLOCK=_BLOCK, num_warps=4)
     return dg, du
