@@ -246,6 +246,8 @@ def _needs_eager(attn, kwargs) -> bool:
 
 
 def make_attention_forward(regions: CompiledRegions):
+    compiled = regions.mode != "eager"
+
     def compiled_attention_forward(self, hidden_states: torch.Tensor, position_embeddings=None,
                                    attention_mask: torch.Tensor | None = None, cache=None, **kwargs):
         if cache is None:  # transformers < 5.2x names it past_key_values
@@ -257,15 +259,17 @@ def make_attention_forward(regions: CompiledRegions):
         cos, sin = position_embeddings
         dropout = self.attention_dropout if self.training else 0.0
         mask, hidden_states = attention_mask, _no_grad_view(hidden_states)
-        _seq_dynamic((hidden_states, 1), (cos, 1), (sin, 1), (mask, 2), (mask, 3))
-        _refresh_nf4(self)
+        if compiled:  # dynamo's marks and the traced linears' aliases: nothing to do for the eager regions
+            _seq_dynamic((hidden_states, 1), (cos, 1), (sin, 1), (mask, 2), (mask, 3))
+            _refresh_nf4(self)
         if cache is None:
             out = regions.attention(self, hidden_states, cos, sin, mask, interface, dropout)
             return out, None
         q, k, v = regions.qkv(self, hidden_states, cos, sin)
         # The cache is a Python object that mutates: its update stays out of the compiled code.
         k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        _seq_dynamic((k, 2), (v, 2))
+        if compiled:
+            _seq_dynamic((k, 2), (v, 2))
         return regions.attend(self, q, k, v, mask, interface, dropout), None
 
     compiled_attention_forward._fastllm_compiled = "attention"
