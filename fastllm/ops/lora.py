@@ -26,8 +26,8 @@ import torch
 
 from .nf4 import _bias_grad, _linear_bwd_input, _linear_fwd, _state_args, no_autocast, plain_tensor
 
-__all__ = ["LoRAFrozen", "LoRANF4Function", "check_adapter", "frozen_parts", "lora_backward", "lora_forward",
-           "lora_nf4_linear"]
+__all__ = ["LoRAFrozen", "LoRANF4Function", "adapter_views", "cast_adapters", "check_adapter", "frozen_parts",
+           "lora_backward", "lora_forward", "lora_nf4_linear"]
 
 
 class LoRAFrozen(NamedTuple):
@@ -38,6 +38,24 @@ class LoRAFrozen(NamedTuple):
     scales: tuple           # LoRA scale of each projection (floats)
     backend: str
     use_triton: bool        # for an elementwise kernel between projections (the MLP's SwiGLU)
+
+
+def cast_adapters(params, dtype: torch.dtype) -> tuple[torch.Tensor, tuple]:
+    """The adapter weights ``params`` cast to the compute ``dtype`` in one launch: (flat buffer, views).
+
+    One ``cat`` into a flat buffer instead of a cast per weight, and one tensor to save for backward
+    (``adapter_views`` re-views it there): each cast is a launch, and each saved tensor costs checkpointing's
+    pack/unpack hooks, on a host-bound step. Call without grad mode (inside an autograd Function).
+    """
+    flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+    torch.cat([p.reshape(-1) for p in params], out=flat)
+    return flat, adapter_views(flat, tuple(p.shape for p in params))
+
+
+def adapter_views(flat: torch.Tensor, shapes: tuple) -> tuple:
+    """Views of ``flat`` shaped as ``shapes``, in order (the inverse of ``cast_adapters``' concatenation)."""
+    sizes = [s[0] * s[1] for s in shapes]
+    return tuple(v.view(s) for v, s in zip(flat.split(sizes), shapes))
 
 
 def lora_forward(x2, weight, state: tuple, Ac, Bc, scale: float, bias, backend: str):
@@ -82,19 +100,19 @@ class LoRANF4Function(torch.autograd.Function):
         with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
             (weight,), (state,), (scale,) = frozen.weights, frozen.states, frozen.scales
             x2 = x.reshape(-1, x.shape[-1])
-            # Compute-dtype copies, saved for backward (LoRA-sized) so it does not cast them again: every cast
-            # is a launch, and small-model steps are host-bound.
-            Ac, Bc = A.to(x.dtype), B.to(x.dtype)
+            # Compute-dtype copies, saved for backward (LoRA-sized) so it does not cast them again.
+            flat, (Ac, Bc) = cast_adapters((A, B), x.dtype)
             y, xa = lora_forward(x2, weight, state, Ac, Bc, scale, bias, frozen.backend)
-            ctx.save_for_backward(x2, xa, Ac, Bc)
-            ctx.ab_dtypes = (A.dtype, B.dtype)
+            ctx.save_for_backward(x2, xa, flat)
+            ctx.ab_dtypes, ctx.ab_shapes = (A.dtype, B.dtype), (A.shape, B.shape)
             ctx.frozen, ctx.x_shape = frozen, x.shape
             ctx.bias_dtype = None if bias is None else bias.dtype
             return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, Ac, Bc = ctx.saved_tensors  # Ac, Bc: A, B in the compute dtype (x2.dtype)
+        x2, xa, flat = ctx.saved_tensors
+        Ac, Bc = adapter_views(flat, ctx.ab_shapes)  # A, B in the compute dtype (x2.dtype)
         f = ctx.frozen
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
         dx, dA, dB = lora_backward(dy2, x2, xa, f.weights[0], f.states[0], Ac, Bc, f.scales[0], f.backend,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .._compat import pick_backend
-from .lora import LoRAFrozen, frozen_parts, lora_backward, lora_forward
+from .lora import LoRAFrozen, adapter_views, cast_adapters, frozen_parts, lora_backward, lora_forward
 from .nf4 import no_autocast
 from .swiglu import swiglu_backward, swiglu_forward
 
@@ -39,20 +39,22 @@ class LoRAMLPFunction(torch.autograd.Function):
             (wg, wu, wd), (sg_, su_, sd_) = frozen.weights, frozen.states
             sg, su, sd = frozen.scales
             x2 = x.reshape(-1, x.shape[-1])
-            casts = [p.to(x.dtype) for p in (Ag, Bg, Au, Bu, Ad, Bd)]  # compute-dtype copies, reused in backward
-            Agc, Bgc, Auc, Buc, Adc, Bdc = casts
+            # compute-dtype copies in one launch, reused in backward
+            flat, (Agc, Bgc, Auc, Buc, Adc, Bdc) = cast_adapters((Ag, Bg, Au, Bu, Ad, Bd), x.dtype)
             g, xag = lora_forward(x2, wg, sg_, Agc, Bgc, sg, None, frozen.backend)
             u, xau = lora_forward(x2, wu, su_, Auc, Buc, su, None, frozen.backend)
             h = swiglu_forward(g, u, frozen.use_triton)
             y, had = lora_forward(h, wd, sd_, Adc, Bdc, sd, None, frozen.backend)
-            ctx.save_for_backward(x2, g, u, h, xag, xau, had, *casts)  # weights: frozen, on ctx.frozen
+            ctx.save_for_backward(x2, g, u, h, xag, xau, had, flat)  # weights: frozen, on ctx.frozen
             ctx.frozen, ctx.x_shape = frozen, x.shape
             ctx.dtypes = tuple(p.dtype for p in (Ag, Bg, Au, Bu, Ad, Bd))
+            ctx.shapes = tuple(p.shape for p in (Ag, Bg, Au, Bu, Ad, Bd))
             return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, g, u, h, xag, xau, had, Agc, Bgc, Auc, Buc, Adc, Bdc = ctx.saved_tensors
+        x2, g, u, h, xag, xau, had, flat = ctx.saved_tensors
+        Agc, Bgc, Auc, Buc, Adc, Bdc = adapter_views(flat, ctx.shapes)
         f = ctx.frozen
         wg, wu, wd = f.weights
         (sg_, su_, sd_), (sg, su, sd) = f.states, f.scales

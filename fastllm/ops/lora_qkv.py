@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora import LoRAFrozen, frozen_parts, lora_backward, lora_forward
+from .lora import LoRAFrozen, adapter_views, cast_adapters, frozen_parts, lora_backward, lora_forward
 from .nf4 import no_autocast
 
 __all__ = ["LoRAQKVFunction", "lora_qkv"]
@@ -28,13 +28,15 @@ class LoRAQKVFunction(torch.autograd.Function):
     def forward(ctx, x, Aq, Bq, Ak, Bk, Av, Bv, frozen: LoRAFrozen):
         with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
             x2 = x.reshape(-1, x.shape[-1])
-            casts = [p.to(x.dtype) for p in (Aq, Bq, Ak, Bk, Av, Bv)]  # compute-dtype copies, reused in backward
+            # compute-dtype copies in one launch, reused in backward
+            flat, casts = cast_adapters((Aq, Bq, Ak, Bk, Av, Bv), x.dtype)
             outs, acts = [], []
             for i, (w, state, scale) in enumerate(zip(frozen.weights, frozen.states, frozen.scales)):
                 y, xa = lora_forward(x2, w, state, casts[2 * i], casts[2 * i + 1], scale, None, frozen.backend)
                 outs.append(y.view(*x.shape[:-1], y.shape[-1]))
                 acts.append(xa)
-            ctx.save_for_backward(x2, *acts, *casts)  # weights: frozen, on ctx.frozen
+            ctx.save_for_backward(x2, *acts, flat)  # weights: frozen, on ctx.frozen
+            ctx.shapes = tuple(p.shape for p in (Aq, Bq, Ak, Bk, Av, Bv))
             ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, as PEFT would
             ctx.frozen, ctx.x_shape = frozen, x.shape
             ctx.dtypes = tuple(p.dtype for p in (Aq, Bq, Ak, Bk, Av, Bv))
@@ -43,7 +45,7 @@ class LoRAQKVFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk, dv):
         x2, *rest = ctx.saved_tensors
-        acts, casts = rest[:3], rest[3:]
+        acts, casts = rest[:3], adapter_views(rest[3], ctx.shapes)
         f = ctx.frozen
         weights = f.weights
         need_dx = ctx.needs_input_grad[0]

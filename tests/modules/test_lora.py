@@ -200,3 +200,19 @@ def test_generate_with_cache_matches_eager(tiny_llama_i128_dir, fused_calls):
             logits_ref = model(input_ids=out).logits
     assert torch.equal(out, out_ref)
     torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_cast_in_one_buffer_round_trip():
+    """``cast_adapters``: one flat compute-dtype buffer whose views equal each weight's own cast (mixed dtypes,
+    a non-contiguous weight), and ``adapter_views`` re-views it (what backward does from the saved buffer)."""
+    from fastllm.ops.lora import adapter_views, cast_adapters
+
+    weights = (torch.randn(4, 96), torch.randn(160, 4).to(torch.bfloat16), torch.randn(7, 4).t())
+    with torch.no_grad():
+        flat, views = cast_adapters(weights, torch.bfloat16)
+    assert flat.dim() == 1 and flat.numel() == sum(w.numel() for w in weights)
+    for w, v in zip(weights, views):
+        assert v.shape == w.shape and v.dtype == torch.bfloat16
+        assert torch.equal(v, w.to(torch.bfloat16))
+    again = adapter_views(flat, tuple(w.shape for w in weights))
+    assert all(a.data_ptr() == b.data_ptr() and torch.equal(a, b) for a, b in zip(views, again))
