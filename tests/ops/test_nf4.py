@@ -175,6 +175,20 @@ def test_custom_op_schema():
     torch.library.opcheck(torch.ops.fastllm.nf4_dequantize.default, (w, *args, torch.float32))
 
 
+def test_nf4_linear_op_passes_torch_library_checks_with_grad():
+    """The ops are registered through ``torch.library.Library`` with a hand-written autograd kernel: opcheck
+    runs schema, fake-tensor, autograd-registration and AOT-dispatch checks on it, with x and bias needing grad."""
+    w = quantized_param((24, 64), 64, True)
+    absmax, code, code2, absmax2, offset, bs, bs2, shape = nf4_ops._state_args(w.quant_state)
+    x = torch.randn(3, 64, requires_grad=True)
+    bias = torch.randn(24, requires_grad=True)
+    args = (x, w.data, absmax, code, code2, absmax2, offset, bias, bs, bs2, shape)
+    torch.library.opcheck(torch.ops.fastllm.nf4_linear.default, args)
+    dy = torch.randn(3, 24)
+    torch.library.opcheck(torch.ops.fastllm.nf4_linear_backward.default,
+                          (dy, w.data, absmax, code, code2, absmax2, offset, bs, bs2, shape))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_nf4_linear_matches_bitsandbytes(dtype):
