@@ -27,7 +27,7 @@ import torch
 from .nf4 import _bias_grad, _linear_bwd_input, _linear_fwd, _state_args, no_autocast, plain_tensor
 
 __all__ = ["LoRAFrozen", "LoRANF4Function", "adapter_views", "cast_adapters", "check_adapter", "frozen_parts",
-           "lora_backward", "lora_forward", "lora_nf4_linear"]
+           "lora_backward", "lora_forward", "lora_nf4_linear", "shared_down_projection"]
 
 
 class LoRAFrozen(NamedTuple):
@@ -58,14 +58,27 @@ def adapter_views(flat: torch.Tensor, shapes: tuple) -> tuple:
     return tuple(v.view(s) for v, s in zip(flat.split(sizes), shapes))
 
 
-def lora_forward(x2, weight, state: tuple, Ac, Bc, scale: float, bias, backend: str):
+def shared_down_projection(x2: torch.Tensor, flat: torch.Tensor, ranks: tuple) -> tuple:
+    """``x2 @ A_i.T`` for adapters whose A (r_i, K) lie one after another at the start of ``flat`` (as
+    ``cast_adapters`` lays them out): one GEMM for all of them, x2 (M, K) -> (M, sum r_i), and that output's
+    column views (M, r_i). Projections of one input (gate/up, q/k/v) share it: one launch instead of three."""
+    k = x2.shape[-1]
+    stacked = flat[: sum(ranks) * k].view(-1, k)  # (sum r_i, K): A_1 over A_2 over ...
+    with no_autocast(x2):
+        xa = x2 @ stacked.t()
+    return xa, xa.split(list(ranks), dim=1)
+
+
+def lora_forward(x2, weight, state: tuple, Ac, Bc, scale: float, bias, backend: str, xa=None):
     """``y = x2 @ W.T + b + scale * xa @ Bc.T`` and ``xa = x2 @ Ac.T``, no autograd.
 
-    x2: (M, K) in the compute dtype; Ac (r, K) and Bc (N, r) already in it. Returns (y (M, N), xa (M, r)).
+    x2: (M, K) in the compute dtype; Ac (r, K) and Bc (N, r) already in it; ``xa`` when already computed
+    (``shared_down_projection``). Returns (y (M, N), xa (M, r)).
     """
     y = _linear_fwd(x2, weight, state, bias, backend)  # a fresh tensor
     with no_autocast(x2):
-        xa = x2 @ Ac.t()
+        if xa is None:
+            xa = x2 @ Ac.t()
         y.addmm_(xa, Bc.t(), alpha=scale)  # the LoRA term added in place
     return y, xa
 

@@ -13,9 +13,10 @@ intermediate size (leading dims flattened)::
 
 Why one Function: PEFT runs each of the three projections as ~8 ops plus an autograd node, and small-model
 QLoRA steps are bound by that host work, not by the GPU (an H200 host spends 13-35 us per op). Here the
-MLP is 3 dequants, 3 GEMMs, 6 rank-r GEMMs and one SwiGLU kernel, one node, and the backward's two input
-gradients accumulate into one buffer. Saved for backward: x, g, u, h, the three (M, r) LoRA activations,
-the packed weights and the compute-dtype adapter copies (never a dense weight).
+MLP is 3 dequants, 3 GEMMs, 5 rank-r GEMMs (gate and up share ``x @ [Ag; Au].T``) and one SwiGLU kernel, one
+node, and the backward's two input gradients accumulate into one buffer. Saved for backward: x, g, u, h, the
+(M, 2r) and (M, r) LoRA activations and the compute-dtype adapter copies in one buffer (the packed weights ride
+on ctx; never a dense weight).
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from __future__ import annotations
 import torch
 
 from .._compat import pick_backend
-from .lora import LoRAFrozen, adapter_views, cast_adapters, frozen_parts, lora_backward, lora_forward
+from .lora import (
+    LoRAFrozen,
+    adapter_views,
+    cast_adapters,
+    frozen_parts,
+    lora_backward,
+    lora_forward,
+    shared_down_projection,
+)
 from .nf4 import no_autocast
 from .swiglu import swiglu_backward, swiglu_forward
 
@@ -39,22 +48,25 @@ class LoRAMLPFunction(torch.autograd.Function):
             (wg, wu, wd), (sg_, su_, sd_) = frozen.weights, frozen.states
             sg, su, sd = frozen.scales
             x2 = x.reshape(-1, x.shape[-1])
-            # compute-dtype copies in one launch, reused in backward
-            flat, (Agc, Bgc, Auc, Buc, Adc, Bdc) = cast_adapters((Ag, Bg, Au, Bu, Ad, Bd), x.dtype)
-            g, xag = lora_forward(x2, wg, sg_, Agc, Bgc, sg, None, frozen.backend)
-            u, xau = lora_forward(x2, wu, su_, Auc, Buc, su, None, frozen.backend)
+            # compute-dtype copies in one launch, reused in backward; Ag over Au first, for the shared GEMM
+            order = (Ag, Au, Bg, Bu, Ad, Bd)
+            flat, (Agc, Auc, Bgc, Buc, Adc, Bdc) = cast_adapters(order, x.dtype)
+            xa_gu, (xag, xau) = shared_down_projection(x2, flat, (Ag.shape[0], Au.shape[0]))
+            g, _ = lora_forward(x2, wg, sg_, Agc, Bgc, sg, None, frozen.backend, xa=xag)
+            u, _ = lora_forward(x2, wu, su_, Auc, Buc, su, None, frozen.backend, xa=xau)
             h = swiglu_forward(g, u, frozen.use_triton)
             y, had = lora_forward(h, wd, sd_, Adc, Bdc, sd, None, frozen.backend)
-            ctx.save_for_backward(x2, g, u, h, xag, xau, had, flat)  # weights: frozen, on ctx.frozen
+            ctx.save_for_backward(x2, g, u, h, xa_gu, had, flat)  # weights: frozen, on ctx.frozen
             ctx.frozen, ctx.x_shape = frozen, x.shape
             ctx.dtypes = tuple(p.dtype for p in (Ag, Bg, Au, Bu, Ad, Bd))
-            ctx.shapes = tuple(p.shape for p in (Ag, Bg, Au, Bu, Ad, Bd))
+            ctx.shapes = tuple(p.shape for p in order)
             return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, g, u, h, xag, xau, had, flat = ctx.saved_tensors
-        Agc, Bgc, Auc, Buc, Adc, Bdc = adapter_views(flat, ctx.shapes)
+        x2, g, u, h, xa_gu, had, flat = ctx.saved_tensors
+        Agc, Auc, Bgc, Buc, Adc, Bdc = adapter_views(flat, ctx.shapes)
+        xag, xau = xa_gu.split([Agc.shape[0], Auc.shape[0]], dim=1)
         f = ctx.frozen
         wg, wu, wd = f.weights
         (sg_, su_, sd_), (sg, su, sd) = f.states, f.scales

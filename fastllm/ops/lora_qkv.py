@@ -15,7 +15,15 @@ from __future__ import annotations
 
 import torch
 
-from .lora import LoRAFrozen, adapter_views, cast_adapters, frozen_parts, lora_backward, lora_forward
+from .lora import (
+    LoRAFrozen,
+    adapter_views,
+    cast_adapters,
+    frozen_parts,
+    lora_backward,
+    lora_forward,
+    shared_down_projection,
+)
 from .nf4 import no_autocast
 
 __all__ = ["LoRAQKVFunction", "lora_qkv"]
@@ -28,15 +36,16 @@ class LoRAQKVFunction(torch.autograd.Function):
     def forward(ctx, x, Aq, Bq, Ak, Bk, Av, Bv, frozen: LoRAFrozen):
         with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
             x2 = x.reshape(-1, x.shape[-1])
-            # compute-dtype copies in one launch, reused in backward
-            flat, casts = cast_adapters((Aq, Bq, Ak, Bk, Av, Bv), x.dtype)
-            outs, acts = [], []
+            # compute-dtype copies in one launch, reused in backward; Aq, Ak, Av first, for the shared GEMM
+            order = (Aq, Ak, Av, Bq, Bk, Bv)
+            flat, casts = cast_adapters(order, x.dtype)
+            xa, acts = shared_down_projection(x2, flat, (Aq.shape[0], Ak.shape[0], Av.shape[0]))
+            outs = []
             for i, (w, state, scale) in enumerate(zip(frozen.weights, frozen.states, frozen.scales)):
-                y, xa = lora_forward(x2, w, state, casts[2 * i], casts[2 * i + 1], scale, None, frozen.backend)
+                y, _ = lora_forward(x2, w, state, casts[i], casts[3 + i], scale, None, frozen.backend, xa=acts[i])
                 outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-                acts.append(xa)
-            ctx.save_for_backward(x2, *acts, flat)  # weights: frozen, on ctx.frozen
-            ctx.shapes = tuple(p.shape for p in (Aq, Bq, Ak, Bk, Av, Bv))
+            ctx.save_for_backward(x2, xa, flat)  # weights: frozen, on ctx.frozen
+            ctx.shapes = tuple(p.shape for p in order)
             ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, as PEFT would
             ctx.frozen, ctx.x_shape = frozen, x.shape
             ctx.dtypes = tuple(p.dtype for p in (Aq, Bq, Ak, Bk, Av, Bv))
@@ -44,8 +53,9 @@ class LoRAQKVFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        x2, *rest = ctx.saved_tensors
-        acts, casts = rest[:3], adapter_views(rest[3], ctx.shapes)
+        x2, xa, flat = ctx.saved_tensors
+        casts = adapter_views(flat, ctx.shapes)  # Aq, Ak, Av, Bq, Bk, Bv
+        acts = xa.split([a.shape[0] for a in casts[:3]], dim=1)
         f = ctx.frozen
         weights = f.weights
         need_dx = ctx.needs_input_grad[0]
@@ -55,7 +65,7 @@ class LoRAQKVFunction(torch.autograd.Function):
                 grads += [None, None]
                 continue
             dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-            dx, dA, dB = lora_backward(dy2, x2, acts[i], weights[i], f.states[i], casts[2 * i], casts[2 * i + 1],
+            dx, dA, dB = lora_backward(dy2, x2, acts[i], weights[i], f.states[i], casts[i], casts[3 + i],
                                        f.scales[i], f.backend, need_dx=need_dx, dx_out=dx)
             grads += [dA, dB]
         grads = [None if d is None or not need else d.to(dt)

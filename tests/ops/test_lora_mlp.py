@@ -105,3 +105,23 @@ def test_gpu_fused_mlp_matches_dense_maths_bf16():
         bf16_err = (b - e).abs().max().item()
         assert (g - e).abs().max().item() <= 1.5 * bf16_err + 1e-6 * e.abs().max().item(), name
         torch.testing.assert_close(g, e, rtol=0, atol=3e-2 * e.abs().max().item(), msg=name)
+
+
+def test_fused_mlp_with_a_rank_per_projection():
+    """PEFT's ``rank_pattern`` gives gate, up and down their own ranks: the shared ``x @ [Ag; Au].T`` GEMM
+    splits its output by rank."""
+    hid, inter, ranks = 64, 192, (4, 8, 6)
+    weights = [_params4bit(inter, hid, 0), _params4bit(inter, hid, 1), _params4bit(hid, inter, 2)]
+    dense = [dequantize_nf4(w.data, w.quant_state, backend="torch").float() for w in weights]
+    adapters = [_adapter(n, k, r, 3 + i) for i, ((n, k), r) in
+                enumerate(zip(((inter, hid), (inter, hid), (hid, inter)), ranks))]
+    x = torch.randn(2, 5, hid, generator=torch.Generator().manual_seed(7))
+    dy = torch.randn(2, 5, hid, generator=torch.Generator().manual_seed(8))
+    leaves = [x.clone().requires_grad_()] + [p.clone().requires_grad_() for ab in adapters for p in ab]
+    y = lora_mlp(leaves[0], *[(w, leaves[1 + 2 * i], leaves[2 + 2 * i], 1.5) for i, w in enumerate(weights)],
+                 backend="torch")
+    y.backward(dy)
+    got = [y] + [p.grad for p in leaves]
+    want = _dense_mlp_grads(x, dense, adapters, dy, torch.float32, 1.5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w, rtol=1e-5, atol=1e-5)

@@ -13,13 +13,15 @@ bnb = pytest.importorskip("bitsandbytes")
 
 @pytest.mark.parametrize("dtype,backend", [(torch.float32, "torch"), (torch.bfloat16, "torch"),
                                            (torch.float32, "triton")])  # triton: the interpreter on CPU
-@pytest.mark.parametrize("shape", [(2, 9, 128, 128, 64, 8), (1, 5, 64, 192, 64, 4)])  # (B, T, H, Nq, Nkv, r)
+# (B, T, H, Nq, Nkv, r); a rank per projection as PEFT's rank_pattern gives (the shared x @ [Aq; Ak; Av].T splits)
+@pytest.mark.parametrize("shape", [(2, 9, 128, 128, 64, 8), (1, 5, 64, 192, 64, (4, 2, 6))])
 def test_fused_qkv_matches_dense_maths(dtype, backend, shape):
     b, t, hid, nq, nkv, r = shape
     outs = (nq, nkv, nkv)
     weights = [_params4bit(n, hid, i) for i, n in enumerate(outs)]
     dense = [dequantize_nf4(w.data, w.quant_state, backend="torch").float() for w in weights]
-    adapters = [_adapter(n, hid, r, 3 + i) for i, n in enumerate(outs)]
+    ranks = r if isinstance(r, tuple) else (r,) * 3
+    adapters = [_adapter(n, hid, ranks[i], 3 + i) for i, n in enumerate(outs)]
     scales = (2.0, 0.5, 1.5)
     g = torch.Generator().manual_seed(6)
     x = (torch.randn(b, t, hid, generator=g) * 0.5).to(dtype)
