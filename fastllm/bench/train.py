@@ -74,8 +74,11 @@ def _prepare(provider: str, model, gc: bool):
     if provider.startswith("fastllm"):
         from .. import FastLlama, patch
 
-        report = patch(model, _patch_config(provider))
-        return FastLlama.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=gc), str(report)
+        cfg = _patch_config(provider)
+        report = patch(model, cfg)
+        # get_peft_model's argument decides checkpointing: pass the provider's "offload" through
+        use_gc = "offload" if gc and cfg.gradient_checkpointing == "offload" else gc
+        return FastLlama.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=use_gc), str(report)
     if provider == "hf-bf16":  # no fp32 upcasts: the same precision as fastllm, to compare losses
         from .._compat import enable_hf_checkpointing
 

@@ -3,11 +3,16 @@
 transformers calls ``layer._gradient_checkpointing_func(partial(forward, **kwargs), *args)``; the patch
 registry sets that attribute per decoder layer to one of the functions below.
 
-``offload_checkpoint`` also parks the tensors the checkpoint keeps (the layer's inputs: hidden states,
-rotary cos/sin) in pinned CPU memory until backward, so a long sequence's per-layer inputs no longer sit
-on the GPU. Non-reentrant checkpointing saves its inputs through the autograd saved-tensor hooks that
-are active when it is entered, so ``save_on_cpu`` around the call catches exactly those, while the
-checkpoint's own inner hooks (innermost wins) still drop everything saved inside the layer.
+``offload_checkpoint`` also parks the tensors the checkpoint keeps (the layer's positional inputs: the hidden
+states) in pinned CPU memory until backward, so a long sequence's per-layer inputs no longer sit on the GPU.
+Non-reentrant checkpointing saves its positional inputs through the autograd saved-tensor hooks that are active
+when it is entered, so hooks around the call catch exactly those, while the checkpoint's own inner hooks
+(innermost wins) still drop everything saved inside the layer. The copies are queued on the current stream
+(``non_blocking``): ``torch.autograd.graph.save_on_cpu`` copies device-to-host synchronously, which makes the
+host wait for the GPU at every layer, and a QLoRA step lives on that overlap. Stream order makes the async copies
+safe: the source's memory is only reused by work queued after the copy, the host copy is only read by the
+host-to-device copy queued in backward, and the pinned block is not recycled before that copy ends (the caching
+host allocator records the stream).
 """
 
 from __future__ import annotations
@@ -21,10 +26,26 @@ def nonreentrant_checkpoint(function, *args, **kwargs):
     return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
+def _pack_to_pinned(t: torch.Tensor):
+    """A CUDA tensor -> (device, pinned CPU copy), the copy queued on the current stream; others as they are."""
+    if not t.is_cuda:
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return t.device, host
+
+
+def _unpack_from_pinned(packed):
+    if isinstance(packed, torch.Tensor):
+        return packed
+    device, host = packed
+    return host.to(device, non_blocking=True)
+
+
 def offload_checkpoint(function, *args, **kwargs):
     """Non-reentrant checkpoint whose saved inputs live in pinned CPU memory (CUDA inputs only)."""
     on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
     if not on_cuda:
         return checkpoint(function, *args, use_reentrant=False, **kwargs)
-    with torch.autograd.graph.save_on_cpu(pin_memory=True):
+    with torch.autograd.graph.saved_tensors_hooks(_pack_to_pinned, _unpack_from_pinned):
         return checkpoint(function, *args, use_reentrant=False, **kwargs)

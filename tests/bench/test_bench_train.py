@@ -39,3 +39,16 @@ def test_provider_list_keeps_options_with_their_provider():
     assert cfg.compile is True and cfg.compile_mode == "max-autotune-no-cudagraphs"
     with pytest.raises(ValueError, match="compile_mode"):
         _patch_config("fastllm:compile_mode=fast")
+
+
+def test_offload_provider_reaches_the_layers():
+    """``fastllm:gradient_checkpointing=offload`` measures the offloading checkpoint (get_peft_model's own
+    argument would otherwise set plain non-reentrant checkpointing)."""
+    from fastllm.bench.train import _prepare
+    from fastllm.integrations.checkpointing import nonreentrant_checkpoint, offload_checkpoint
+
+    for provider, fn in (("fastllm:gradient_checkpointing=offload", offload_checkpoint),
+                         ("fastllm", nonreentrant_checkpoint)):
+        model, _ = _prepare(provider, build_qlora_base("tiny", "cpu"), True)
+        layers = model.base_model.model.model.layers
+        assert all(layer.gradient_checkpointing and layer._gradient_checkpointing_func is fn for layer in layers)
