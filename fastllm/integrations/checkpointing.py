@@ -31,7 +31,8 @@ def _pack_to_pinned(t: torch.Tensor):
     if not t.is_cuda:
         return t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
+    with torch.no_grad():  # a copy, not an op autograd should record
+        host.copy_(t, non_blocking=True)
     return t.device, host
 
 
