@@ -12,6 +12,6 @@ if [ "${TESTS:-1}" = 1 ]; then
   python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -15 | tee "$out/gpu-tests.txt"
 fi
 python -m fastllm.bench.train --shapes "${SHAPES:-1b}" \
-  --providers "${PROVIDERS:-hf,liger,unsloth,fastllm,fastllm:lora=1,fastllm:compile=1}" \
+  --providers "${PROVIDERS:-hf,liger,unsloth,fastllm,fastllm:gradient_checkpointing=offload,fastllm:compile=1}" \
   --profile --timeout 300 --out "$out/bench" 2>&1 | tail -16
 tar czf "$out/bench.tgz" -C "$out" bench && rm -rf "$out/bench"
