@@ -69,7 +69,10 @@ def plain_tensor(t: torch.Tensor) -> torch.Tensor:
     runs Python (1.2 against 0.05 us for ``.dtype`` on a dev CPU; a Triton launch reads several per tensor
     argument, checkpointing's pack hooks more). Hot paths take this alias once per call instead.
     """
-    if type(t) is torch.Tensor:
+    # Only subclasses that keep real storage (Params4bit: __torch_function__ only). A wrapper subclass with its
+    # own __torch_dispatch__ (FSDP2's NF4Param) has no storage of its own and serves its packed bytes through
+    # overrides (data_ptr), so it stays as it is.
+    if type(t) is torch.Tensor or type(t).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
         return t
     with torch._C.DisableTorchFunctionSubclass():
         return t.as_subclass(torch.Tensor)

@@ -292,3 +292,18 @@ def _worker(model_dir: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])
+
+
+def test_plain_tensor_unwraps_params4bit_but_not_the_fsdp2_wrapper():
+    """The fused QLoRA ops take plain aliases of bnb's Params4bit (no __torch_function__ per read). FSDP2's
+    NF4Param has no storage of its own (its data_ptr() is an override onto the packed bytes): left as is."""
+    from fastllm.integrations.nf4_fsdp import nf4_param_from_params4bit
+    from fastllm.ops.nf4 import plain_tensor
+
+    w = _params4bit()
+    alias = plain_tensor(w)
+    assert type(alias) is torch.Tensor and alias.data_ptr() == w.data_ptr() and torch.equal(alias, w.data)
+    t = nf4_param_from_params4bit(w)
+    assert plain_tensor(t) is t and t.data_ptr() == w.data_ptr()
+    plain = torch.zeros(3)
+    assert plain_tensor(plain) is plain
