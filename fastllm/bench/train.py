@@ -99,8 +99,11 @@ def _prepare(provider: str, model, gc: bool):
     return get_peft_model(model, cfg), note
 
 
-def _profile(step, path: str, device: torch.device) -> None:
-    """Two steps under torch.profiler; the top ops by device (or CPU) time go to ``path`` as a table."""
+def _profile(step, path: str, device: torch.device) -> float | None:
+    """Two steps under torch.profiler; the top ops by device (or CPU) time go to ``path`` as a table.
+
+    Returns the GPU's busy time per step in ms (the sum of all kernels' own time), None without a GPU:
+    a step much longer than that is bound by the host, not the GPU."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -118,6 +121,11 @@ def _profile(step, path: str, device: torch.device) -> None:
         f.write(table.table(sort_by="self_cpu_time_total", row_limit=25))
         f.write("\n\nPython functions, 2 steps under cProfile (no torch.profiler), by own time\n")
         f.write(_python_profile(step, device))
+    if device.type != "cuda":
+        return None
+    busy_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+                  for e in table)
+    return busy_us / 2 / 1000
 
 
 def _python_profile(step, device: torch.device) -> str:
@@ -170,12 +178,12 @@ def run_worker(provider: str, shape: str, *, steps: int, warmup: int, batch: int
     sync()
     secs, cpu = time.perf_counter() - t1, time.process_time() - c1
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
-    if profile_path:
-        _profile(step, profile_path, dev)
+    gpu_busy_ms = _profile(step, profile_path, dev) if profile_path else None
     return {"bench": "train", "provider": provider, "shape": shape, "batch": batch, "seq": seq, "steps": steps,
             "tokens_per_s": batch * seq * steps / secs, "step_ms": 1000 * secs / steps, "peak_gib": peak,
             # CPU time of all the process's threads per step: near step_ms, the step is host-bound
             "cpu_ms": 1000 * cpu / steps,
+            "gpu_busy_ms": gpu_busy_ms,  # with --profile on a GPU: kernel time per step (step_ms >> it: host-bound)
             "loss": float(losses[-1]), "build_s": build_s, "setup": note, **stamp()}
 
 
@@ -256,7 +264,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     write_jsonl(rows, os.path.join(args.out, "train.jsonl"))
     ok = [r for r in rows if "error" not in r]
-    print(format_table(ok, ["shape", "provider", "tokens_per_s", "step_ms", "cpu_ms", "peak_gib", "loss",
+    print(format_table(ok, ["shape", "provider", "tokens_per_s", "step_ms", "gpu_busy_ms", "peak_gib", "loss",
                             "speedup_vs_hf", "memory_vs_hf", "speedup_vs_liger", "speedup_vs_unsloth"]))
     for r in rows:
         if "error" in r:
