@@ -92,12 +92,15 @@ def lora_backward(dy2, x2, xa, weight, state: tuple, Ac, Bc, scale: float, backe
     """
     dx = None
     with no_autocast(dy2):
-        g = torch.mm(dy2, Bc).mul_(scale)  # (M, r), scaled once here for both dx and dA
+        g = torch.mm(dy2, Bc)  # (M, r), scaled once here for both dx and dA
+        dB = torch.mm(dy2.t(), xa)
+        if scale != 1.0:  # lora_alpha == r (scale 1) is common: two launches fewer
+            g.mul_(scale)
+            dB.mul_(scale)
         if need_dx:
             dx = _linear_bwd_input(dy2, weight, state, backend, out=dx_out)
             dx.addmm_(g, Ac)
         dA = torch.mm(g.t(), x2)
-        dB = torch.mm(dy2.t(), xa).mul_(scale)
     return dx, dA, dB
 
 
