@@ -63,3 +63,35 @@ def test_offloaded_checkpointing_on_cuda_matches_plain(tiny_llama_dir):
     num = sum((g_off[n] - g[n]).float().norm() ** 2 for n in g) ** 0.5
     den = sum(g[n].float().norm() ** 2 for n in g) ** 0.5
     assert (num / den).item() < 1e-3
+
+
+def test_decode_step_with_lora_goes_to_bitsandbytes_gemv(tiny_llama_dir):
+    """With the lora patch on (auto on CUDA), a one-token no-grad call (generation's decode step) takes PEFT's
+    forward down to bnb's own 4-bit GEMV, not the fused dequant + GEMM ops; the logits follow eager PEFT + bnb
+    (within the norm and RoPE kernels' rounding)."""
+    from fastllm.ops import lora as lora_ops
+    from fastllm.ops import lora_mlp as mlp_ops
+    from fastllm.ops import lora_qkv as qkv_ops
+
+    model, _ = FastLlama.from_pretrained(tiny_llama_dir, max_seq_length=256)
+    model = FastLlama.get_peft_model(model, r=8, lora_alpha=16)
+    assert patch_report(model).counts["lora"] == 14
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero B so the adapters show in the output
+            torch.nn.init.normal_(p, std=0.02)
+    model.eval()
+    calls = []
+    real = {fn: fn.apply for fn in (lora_ops.LoRANF4Function, mlp_ops.LoRAMLPFunction, qkv_ops.LoRAQKVFunction)}
+    try:
+        for fn, apply in real.items():
+            fn.apply = lambda *a, _apply=apply: calls.append(1) or _apply(*a)
+        x = torch.randint(0, 320, (1, 1), device="cuda")
+        with torch.no_grad():
+            out = model(input_ids=x).logits
+            with eager(model):
+                ref = model(input_ids=x).logits
+    finally:
+        for fn, apply in real.items():
+            fn.apply = apply
+    assert calls == []
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)

@@ -6,7 +6,8 @@ projection involved carries this patch and takes the fused path.
 Bound per instance by the patch registry. The fused path takes the common training case: one active
 plain-LoRA adapter (no DoRA or other variant, no LoRA bias, no dropout), not merged, adapters enabled,
 no per-call ``adapter_names``, eager (compiled regions trace PEFT's own forward, which inductor fuses),
-and the LoRA branch in the base layer's compute dtype (autocast off or at that dtype). Anything else
+the LoRA branch in the base layer's compute dtype (autocast off or at that dtype), and not a one-token
+no-grad CUDA call (a decode step: PEFT's forward reaches bnb's fused 4-bit GEMV there). Anything else
 runs PEFT's forward unchanged, so multiple adapters, ``disable_adapter()``, merging and mixed batches
 keep working.
 """
@@ -20,7 +21,7 @@ from .._compat import is_linear4bit
 from ..ops.lora import lora_nf4_linear
 from ..ops.lora_mlp import lora_mlp
 from ..ops.lora_qkv import lora_qkv
-from .nf4_linear import nf4_linear_eligible, prepare_nf4_call
+from .nf4_linear import goes_to_bnb_gemv, nf4_linear_eligible, prepare_nf4_call
 
 __all__ = ["fused_lora_forward", "fused_lora_mlp", "fused_lora_qkv", "is_lora_linear4bit", "lora_eligible"]
 
@@ -77,6 +78,8 @@ def _fusable(layer, x: torch.Tensor):
     if adapter is None:
         return None
     base = _base_layer(layer)
+    if goes_to_bnb_gemv(x, base._parameters["weight"]):
+        return None  # a decode step: PEFT's forward reaches bnb's 4-bit GEMV through the nf4_linear patch
     prepared = prepare_nf4_call(base, x)
     if prepared is None:
         return None

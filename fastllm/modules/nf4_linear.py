@@ -77,6 +77,13 @@ def prepare_nf4_call(module, x: torch.Tensor):
     return x, inp_dtype, bias
 
 
+def goes_to_bnb_gemv(x: torch.Tensor, weight) -> bool:
+    """One token without grad on CUDA over a bnb ``Params4bit`` (a decode step): bnb's own forward, with its
+    fused 4-bit GEMV, serves it better than dequant + GEMM (not FSDP2's NF4Param: only fastllm reads that)."""
+    return (x.numel() == x.shape[-1] and x.is_cuda and not (x.requires_grad and torch.is_grad_enabled())
+            and type(weight) is bnb().nn.Params4bit)
+
+
 def nf4_linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``Linear4bit.forward`` replacement: ``(x.to(compute_dtype) @ W.T + b).to(x.dtype)``.
 
@@ -87,8 +94,7 @@ def nf4_linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     it costs ~40 us of host time a call against ~130 us for the autograd path (H200 host,
     ``examples/host_overhead.py``). The condition is bnb's own, so the output is bnb's, bit for bit.
     """
-    if (x.numel() == x.shape[-1] and x.is_cuda and not (x.requires_grad and torch.is_grad_enabled())
-            and type(self.weight) is bnb().nn.Params4bit):  # not FSDP2's NF4Param: only fastllm reads that
+    if goes_to_bnb_gemv(x, self._parameters["weight"]):
         return bnb().nn.Linear4bit.forward(self, x)
     prepared = prepare_nf4_call(self, x)
     if prepared is None:
