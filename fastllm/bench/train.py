@@ -173,16 +173,14 @@ def run_worker(provider: str, shape: str, *, steps: int, warmup: int, batch: int
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t1, c1 = time.perf_counter(), time.process_time()
+    t1 = time.perf_counter()
     losses = [step() for _ in range(steps)]
     sync()
-    secs, cpu = time.perf_counter() - t1, time.process_time() - c1
+    secs = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
     gpu_busy_ms = _profile(step, profile_path, dev) if profile_path else None
     return {"bench": "train", "provider": provider, "shape": shape, "batch": batch, "seq": seq, "steps": steps,
             "tokens_per_s": batch * seq * steps / secs, "step_ms": 1000 * secs / steps, "peak_gib": peak,
-            # CPU time of all the process's threads per step: near step_ms, the step is host-bound
-            "cpu_ms": 1000 * cpu / steps,
             "gpu_busy_ms": gpu_busy_ms,  # with --profile on a GPU: kernel time per step (step_ms >> it: host-bound)
             "loss": float(losses[-1]), "build_s": build_s, "setup": note, **stamp()}
 

@@ -94,13 +94,14 @@ def nf4_linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     it costs ~40 us of host time a call against ~130 us for the autograd path (H200 host,
     ``examples/host_overhead.py``). The condition is bnb's own, so the output is bnb's, bit for bit.
     """
-    if goes_to_bnb_gemv(x, self._parameters["weight"]):
+    weight = self._parameters["weight"]
+    if goes_to_bnb_gemv(x, weight):
         return bnb().nn.Linear4bit.forward(self, x)
     prepared = prepare_nf4_call(self, x)
     if prepared is None:
         return bnb().nn.Linear4bit.forward(self, x)
     x, inp_dtype, bias = prepared
-    return nf4_linear(x, self.weight, bias).to(inp_dtype)
+    return nf4_linear(x, weight, bias).to(inp_dtype)
 
 
 # ---- the compiled path: plain tensors only ---------------------------------------------------------
