@@ -123,8 +123,12 @@ def _profile(step, path: str, device: torch.device) -> float | None:
         f.write(_python_profile(step, device))
     if device.type != "cuda":
         return None
+    # Kernel rows only: an op row (aten::mm) carries its kernels' time as its own "self" device time too,
+    # so summing every row counted each kernel twice.
+    from torch.autograd import DeviceType
+
     busy_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-                  for e in table)
+                  for e in table if e.device_type == DeviceType.CUDA)
     return busy_us / 2 / 1000
 
 
