@@ -34,14 +34,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _nf4_dequant_fwd_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, n_elements, n_bytes,
-                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                            ROWS: tl.constexpr, COLS: tl.constexpr):
-    """out[2b + j] = code[nib_j(packed[b])] * absmax[(2b) // BLOCKSIZE], j = 0 (high), 1 (low)."""
+def _dequant_tile(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, tile, n_elements, n_bytes,
+                  BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                  ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Tile ``tile`` of one weight: out[2b + j] = code[nib_j(packed[b])] * absmax[(2b) // BLOCKSIZE]."""
     HALF: tl.constexpr = BLOCKSIZE // 2  # packed bytes per quantization block
     # 64-bit only in the scalar tile base (a 128256x4096 weight has 2^29 elements); per-element
     # offsets stay 32-bit, which halves the integer work of the address maths.
-    base = tl.program_id(0).to(tl.int64) * (ROWS * COLS)
+    base = tile.to(tl.int64) * (ROWS * COLS)
     left_bytes = tl.minimum(n_bytes - base, ROWS * COLS).to(tl.int32)
     left_elems = tl.minimum(n_elements - 2 * base, 2 * ROWS * COLS).to(tl.int32)
 
@@ -68,6 +68,34 @@ def _nf4_dequant_fwd_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, n
     elem = 2 * row[:, None] + tl.arange(0, 2 * COLS)[None, :]
     # Compute stays fp32 and is cast once on store (the interpreter mishandles bf16 arithmetic).
     tl.store(OUT + 2 * base + elem, vals.to(OUT.dtype.element_ty), mask=elem < left_elems)
+
+
+@triton.jit
+def _nf4_dequant_fwd_kernel(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, n_elements, n_bytes,
+                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                            ROWS: tl.constexpr, COLS: tl.constexpr):
+    """One weight, one tile per program."""
+    _dequant_tile(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, tl.program_id(0), n_elements, n_bytes,
+                  BLOCKSIZE, BLOCKSIZE2, NESTED, ROWS, COLS)
+
+
+@triton.jit
+def _nf4_dequant_parts_kernel(P0, A0, C0, D0, S0, O0, n0, b0, t0,
+                              P1, A1, C1, D1, S1, O1, n1, b1, t1,
+                              P2, A2, C2, D2, S2, O2, n2, b2,
+                              OUT, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                              ROWS: tl.constexpr, COLS: tl.constexpr, PARTS: tl.constexpr):
+    """Two or three weights stacked along dim 0 of OUT in one launch: programs [0, t0) take part 0,
+    [t0, t0 + t1) part 1, the rest part 2 (parts of a layer sharing one input: q/k/v, gate/up)."""
+    pid = tl.program_id(0)
+    if pid < t0:
+        _dequant_tile(P0, A0, C0, D0, S0, O0, OUT, pid, n0, b0, BLOCKSIZE, BLOCKSIZE2, NESTED, ROWS, COLS)
+    elif PARTS == 2 or pid < t0 + t1:
+        _dequant_tile(P1, A1, C1, D1, S1, O1, OUT + n0, pid - t0, n1, b1,
+                      BLOCKSIZE, BLOCKSIZE2, NESTED, ROWS, COLS)
+    else:
+        _dequant_tile(P2, A2, C2, D2, S2, O2, OUT + n0 + n1, pid - t0 - t1, n2, b2,
+                      BLOCKSIZE, BLOCKSIZE2, NESTED, ROWS, COLS)
 
 
 # Bytes per program and warps, swept on an H200 (``fastllm bench dequant --sweep``, tiles 1024..16384
@@ -131,4 +159,41 @@ def nf4_dequant_fwd(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
         offset if nested else absmax, out, n, n_bytes,
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested,
         ROWS=rows, COLS=cols, num_warps=warps, enable_fp_fusion=False)
+    return out
+
+
+def nf4_dequant_parts(parts, blocksize: int, out: torch.Tensor, blocksize2: int = 256) -> torch.Tensor:
+    """Dequantize two or three weights into consecutive rows of ``out`` in one launch and return ``out``.
+
+    parts: ``(packed, absmax, code, code2, absmax2, offset, numel)`` per weight, as for ``nf4_dequant_fwd``
+    (all nested or none, one blocksize); out: contiguous, ``sum(numel)`` elements, part i starting at element
+    ``numel_0 + .. + numel_{i-1}``. Each part's element count must be even (whole packed bytes), which holds
+    for any weight with an even in_features.
+    """
+    if not 2 <= len(parts) <= 3:
+        raise ValueError(f"nf4_dequant_parts takes 2 or 3 weights, got {len(parts)}")
+    if not out.is_contiguous() or out.numel() != sum(p[6] for p in parts):
+        raise ValueError("nf4_dequant_parts writes a contiguous output holding all parts")
+    nested = parts[0][3] is not None
+    args = []
+    tiles = []
+    rows, cols, warps, _ = launch_config(out.numel() // 2, blocksize)  # one tile shape for all parts
+    for packed, absmax, code, code2, absmax2, offset, n in parts:
+        if n % 2:
+            raise ValueError("nf4_dequant_parts needs an even element count per part")
+        if (code2 is not None) != nested:
+            raise ValueError("nf4_dequant_parts needs all parts nested or none")
+        if packed.dtype != torch.uint8:
+            packed = packed.view(torch.uint8)
+        nb = n // 2
+        t = triton.cdiv(nb, rows * cols)
+        tiles.append(t)
+        args.append((packed, absmax, code, code2 if nested else code, absmax2 if nested else absmax,
+                     offset if nested else absmax, n, nb, t))
+    if len(args) == 2:
+        args.append(args[1])  # part 2 is never reached with PARTS=2
+    flat = [*args[0], *args[1], *args[2][:-1]]
+    _nf4_dequant_parts_kernel[(sum(tiles),)](
+        *flat, out, BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested,
+        ROWS=rows, COLS=cols, PARTS=len(parts), num_warps=warps, enable_fp_fusion=False)
     return out

@@ -8,7 +8,8 @@ position embeddings, length D; ``c1, c2`` / ``s1, s2`` their halves)::
 
 which is ``x * cos + rotate_half(x) * sin`` and its transpose (``rotate_half(x) = [-x2, x1]``). fp32 inside,
 one rounding on store; compiled without fp fusion so fp32 results equal transformers' op-by-op maths.
-Layout: q (rows, nq, D) and k (rows, nk, D) contiguous, rows = batch * seq; cos, sin (cos_rows, D)
+Layout: q (rows, nq, D) and k (rows, nk, D), rows = batch * seq, each row contiguous (any row stride: q and
+k may be column blocks of one fused q/k/v output); cos, sin (cos_rows, D)
 contiguous, with cos_rows = seq (one position row shared by the batch) or rows.
 """
 
@@ -20,16 +21,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_heads(X, Y, row, n_heads, c1, c2, s1, s2, D: tl.constexpr, HALF: tl.constexpr,
+def _rotate_heads(X, Y, row, x_stride, n_heads, c1, c2, s1, s2, D: tl.constexpr, HALF: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
     d = tl.arange(0, BLOCK_D)
     h = tl.arange(0, BLOCK_H)
     for h0 in range(0, n_heads, BLOCK_H):
         hh = h0 + h
-        offs = row * n_heads * D + hh[:, None] * D + d[None, :]  # (BLOCK_H, BLOCK_D), first halves
+        head = hh[:, None] * D + d[None, :]  # (BLOCK_H, BLOCK_D), first halves
+        offs = row * n_heads * D + head  # the output is contiguous
+        xoffs = row * x_stride + head  # the input may be a column block of a wider (rows, N) tensor
         m = (hh[:, None] < n_heads) & (d[None, :] < HALF)
-        x1 = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(X + offs + HALF, mask=m, other=0.0).to(tl.float32)
+        x1 = tl.load(X + xoffs, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(X + xoffs + HALF, mask=m, other=0.0).to(tl.float32)
         if BACKWARD:
             y1 = x1 * c1 + x2 * s2
             y2 = x2 * c2 - x1 * s1
@@ -41,7 +44,7 @@ def _rotate_heads(X, Y, row, n_heads, c1, c2, s1, s2, D: tl.constexpr, HALF: tl.
 
 
 @triton.jit
-def _rope_kernel(Q, K, COS, SIN, QO, KO, nq, nk, cos_rows, D: tl.constexpr, HALF: tl.constexpr,
+def _rope_kernel(Q, K, COS, SIN, QO, KO, q_stride, k_stride, nq, nk, cos_rows, D: tl.constexpr, HALF: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     crow = row % cos_rows  # the batch shares one position row when cos has seq rows only
@@ -51,18 +54,20 @@ def _rope_kernel(Q, K, COS, SIN, QO, KO, nq, nk, cos_rows, D: tl.constexpr, HALF
     c2 = tl.load(COS + crow * D + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
     s1 = tl.load(SIN + crow * D + d, mask=dm, other=0.0).to(tl.float32)[None, :]
     s2 = tl.load(SIN + crow * D + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(Q, QO, row, nq, c1, c2, s1, s2, D, HALF, BLOCK_H, BLOCK_D, BACKWARD)
-    _rotate_heads(K, KO, row, nk, c1, c2, s1, s2, D, HALF, BLOCK_H, BLOCK_D, BACKWARD)
+    _rotate_heads(Q, QO, row, q_stride, nq, c1, c2, s1, s2, D, HALF, BLOCK_H, BLOCK_D, BACKWARD)
+    _rotate_heads(K, KO, row, k_stride, nk, c1, c2, s1, s2, D, HALF, BLOCK_H, BLOCK_D, BACKWARD)
 
 
 def rope_apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated (or, with ``backward``, gradient-rotated) copies of q (rows, nq, D) and k (rows, nk, D)."""
+    """Rotated (or, with ``backward``, gradient-rotated) copies of q (rows, nq, D) and k (rows, nk, D), each
+    contiguous within a row (stride(1) == D, stride(2) == 1) with any row stride; the copies are contiguous."""
     rows, nq, d = q.shape
-    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     half = d // 2
     block_h = min(16, triton.next_power_of_2(max(nq, k.shape[1])))
-    _rope_kernel[(rows,)](q, k, cos, sin, qo, ko, nq, k.shape[1], cos.shape[0], D=d, HALF=half,
+    _rope_kernel[(rows,)](q, k, cos, sin, qo, ko, q.stride(0), k.stride(0), nq, k.shape[1], cos.shape[0], D=d, HALF=half,
                           BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half), BACKWARD=backward,
                           num_warps=4, enable_fp_fusion=False)
     return qo, ko

@@ -43,6 +43,50 @@ def _swiglu_bwd_kernel(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
     tl.store(DU + offs, du.to(DU.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _swiglu_packed_fwd_kernel(GU, H, inter, BLOCK: tl.constexpr):
+    """Row ``pid(0)`` of gu (M, 2I) = [g | u]: h[row] = silu(g[row]) * u[row], h (M, I)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    g = tl.load(GU + row * 2 * inter + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * 2 * inter + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(H + row * inter + cols, (g * tl.sigmoid(g) * u).to(H.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_packed_bwd_kernel(DH, GU, DGU, inter, BLOCK: tl.constexpr):
+    """dgu[row] = [dg | du] of h = silu(g) * u for gu[row] = [g | u]."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    dh = tl.load(DH + row * inter + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GU + row * 2 * inter + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * 2 * inter + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    dg = dh * u * s * (1.0 + g * (1.0 - s))
+    du = dh * g * s
+    tl.store(DGU + row * 2 * inter + cols, dg.to(DGU.dtype.element_ty), mask=mask)
+    tl.store(DGU + row * 2 * inter + inter + cols, du.to(DGU.dtype.element_ty), mask=mask)
+
+
+def swiglu_packed_fwd(gu: torch.Tensor) -> torch.Tensor:
+    """gu (M, 2I) contiguous, gate columns then up columns (one stacked GEMM's output). Returns h (M, I)."""
+    m, two_i = gu.shape
+    h = gu.new_empty(m, two_i // 2)
+    _swiglu_packed_fwd_kernel[(m, triton.cdiv(two_i // 2, _BLOCK))](gu, h, two_i // 2, BLOCK=_BLOCK, num_warps=4)
+    return h
+
+
+def swiglu_packed_bwd(dh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
+    """dh (M, I), gu (M, 2I) contiguous. Returns dgu (M, 2I) = [dg | du], gu's layout (one GEMM takes it)."""
+    m, two_i = gu.shape
+    dgu = torch.empty_like(gu)
+    _swiglu_packed_bwd_kernel[(m, triton.cdiv(two_i // 2, _BLOCK))](dh.contiguous(), gu, dgu, two_i // 2,
+                                                                     BLOCK=_BLOCK, num_warps=4)
+    return dgu
+
+
 def swiglu_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """g, u: contiguous, same shape and dtype. Returns silu(g) * u."""
     h = torch.empty_like(g)

@@ -24,10 +24,10 @@ from typing import NamedTuple
 
 import torch
 
-from .nf4 import _bias_grad, _linear_bwd_input, _linear_fwd, _state_args, no_autocast, plain_tensor
+from .nf4 import _bias_grad, _state_args, no_autocast, plain_tensor, stacked_dequant
 
 __all__ = ["LoRAFrozen", "LoRANF4Function", "adapter_views", "cast_adapters", "check_adapter", "frozen_parts",
-           "lora_backward", "lora_forward", "lora_nf4_linear", "shared_down_projection"]
+           "lora_group_backward", "lora_group_forward", "lora_nf4_linear", "master_grads", "stacked_rows"]
 
 
 class LoRAFrozen(NamedTuple):
@@ -58,50 +58,90 @@ def adapter_views(flat: torch.Tensor, shapes: tuple) -> tuple:
     return tuple(v.view(s) for v, s in zip(flat.split(sizes), shapes))
 
 
-def shared_down_projection(x2: torch.Tensor, flat: torch.Tensor, ranks: tuple) -> tuple:
-    """``x2 @ A_i.T`` for adapters whose A (r_i, K) lie one after another at the start of ``flat`` (as
-    ``cast_adapters`` lays them out): one GEMM for all of them, x2 (M, K) -> (M, sum r_i), and that output's
-    column views (M, r_i). Projections of one input (gate/up, q/k/v) share it: one launch instead of three."""
-    k = x2.shape[-1]
-    stacked = flat[: sum(ranks) * k].view(-1, k)  # (sum r_i, K): A_1 over A_2 over ...
-    with no_autocast(x2):
-        xa = x2 @ stacked.t()
-    return xa, xa.split(list(ranks), dim=1)
+def stacked_rows(flat: torch.Tensor, n_rows: int, k: int) -> torch.Tensor:
+    """The first ``n_rows`` rows of width ``k`` of ``flat``: adapters A_1 (r_1, K), A_2, .. laid one after another
+    at its start (``cast_adapters``' order) read as one stacked (sum r_i, K) matrix, for the shared GEMM."""
+    return flat[: n_rows * k].view(n_rows, k)
 
 
-def lora_forward(x2, weight, state: tuple, Ac, Bc, scale: float, bias, backend: str, xa=None):
-    """``y = x2 @ W.T + b + scale * xa @ Bc.T`` and ``xa = x2 @ Ac.T``, no autograd.
+def lora_group_forward(x2, weights, states, A_stack, Bs, scales, backend: str, bias=None):
+    """Projections of one input, NF4 base + LoRA each, as one dense GEMM plus the rank-r terms; no autograd.
 
-    x2: (M, K) in the compute dtype; Ac (r, K) and Bc (N, r) already in it; ``xa`` when already computed
-    (``shared_down_projection``). Returns (y (M, N), xa (M, r)).
+    x2 (M, K) in the compute dtype; A_stack = [A_1; A_2; ..] (R, K) (R = sum r_i); Bs[i] (N_i, r_i)::
+
+        y  = x2 @ [W_1; W_2; ..].T (+ b)            (M, sum N_i)   one dequant launch, one GEMM
+        xa = x2 @ A_stack.T                         (M, R)         one GEMM for every adapter
+        y[:, cols_i] += s_i * xa[:, ranks_i] @ B_i.T               in place (addmm epilogue)
+
+    Returns (y, xa). Output i is ``y``'s column block i (a view); with one projection, y itself.
     """
-    y = _linear_fwd(x2, weight, state, bias, backend)  # a fresh tensor
+    w = stacked_dequant(weights, states, x2.device, x2.dtype, backend)
     with no_autocast(x2):
-        if xa is None:
-            xa = x2 @ Ac.t()
-        y.addmm_(xa, Bc.t(), alpha=scale)  # the LoRA term added in place
+        y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
+        xa = x2 @ A_stack.t()
+        if len(Bs) == 1:
+            y.addmm_(xa, Bs[0].t(), alpha=scales[0])
+            return y, xa
+        cols = y.split([b.shape[0] for b in Bs], dim=1)
+        for y_i, xa_i, b, s in zip(cols, xa.split([b.shape[1] for b in Bs], dim=1), Bs, scales):
+            y_i.addmm_(xa_i, b.t(), alpha=s)
     return y, xa
 
 
-def lora_backward(dy2, x2, xa, weight, state: tuple, Ac, Bc, scale: float, backend: str, *,
-                  need_dx: bool = True, dx_out: torch.Tensor | None = None):
-    """Gradients of ``lora_forward`` for upstream dy2 (M, N), no autograd: (dx, dA, dB) in the compute dtype.
+def lora_group_backward(dys, x2, xa, weights, states, A_stack, Bs, scales, backend: str, gA_stack, gBs, *,
+                        need_dx: bool = True, dy_all=None):
+    """Gradients of ``lora_group_forward`` for upstream ``dys[i]`` (M, N_i), no autograd.
 
-    dx = dy2 @ W + scale * (dy2 @ Bc) @ Ac, accumulated into ``dx_out`` (M, K) when given; dx is None when
-    not ``need_dx``. dA = scale * (dy2 @ Bc).T @ x2 (r, K); dB = scale * dy2.T @ xa (N, r).
+    Written into ``gA_stack`` (R, K) and ``gBs[i]`` (N_i, r_i) (compute dtype, e.g. views of one flat buffer)::
+
+        G_i^T = s_i * B_i.T @ dy_i.T        (r_i, M), stacked as G^T (R, M)
+        dA    = G^T @ x2                    (R, K)    one GEMM for every adapter
+        dB_i  = s_i * dy_i.T @ xa_i         (N_i, r_i)
+        dx    = sum_i dy_i @ W_i + G @ A_stack        (M, K); one GEMM for the base when ``dy_all``
+                                                      (M, sum N_i), the dys' concatenation, is given
+
+    A ``dys[i]`` of None (an unused output) counts as zero. Returns dx, or None when not ``need_dx``.
     """
-    dx = None
-    with no_autocast(dy2):
-        g = torch.mm(dy2, Bc)  # (M, r), scaled once here for both dx and dA
-        dB = torch.mm(dy2.t(), xa)
-        if scale != 1.0:  # lora_alpha == r (scale 1) is common: two launches fewer
-            g.mul_(scale)
-            dB.mul_(scale)
-        if need_dx:
-            dx = _linear_bwd_input(dy2, weight, state, backend, out=dx_out)
-            dx.addmm_(g, Ac)
-        dA = torch.mm(g.t(), x2)
-    return dx, dA, dB
+    ranks = [b.shape[1] for b in Bs]
+    with no_autocast(x2):
+        gt = x2.new_empty(sum(ranks), x2.shape[0])
+        xas = (xa,) if len(Bs) == 1 else xa.split(ranks, dim=1)
+        gts = (gt,) if len(Bs) == 1 else gt.split(ranks)
+        for dy, b, s, xa_i, gt_i, gb in zip(dys, Bs, scales, xas, gts, gBs):
+            if dy is None:
+                gt_i.zero_()
+                gb.zero_()
+                continue
+            torch.mm(b.t(), dy.t(), out=gt_i)
+            torch.mm(dy.t(), xa_i, out=gb)
+            if s != 1.0:  # lora_alpha == r (scale 1) is common: two launches fewer
+                gt_i.mul_(s)
+                gb.mul_(s)
+        torch.mm(gt, x2, out=gA_stack)
+        if not need_dx:
+            return None
+        w = stacked_dequant(weights, states, x2.device, x2.dtype, backend)
+        if dy_all is not None:
+            dx = dy_all @ w
+        else:
+            dx = None
+            for dy, w_i in zip(dys, (w,) if len(Bs) == 1 else w.split([b.shape[0] for b in Bs])):
+                if dy is not None:
+                    dx = dy @ w_i if dx is None else dx.addmm_(dy, w_i)
+            if dx is None:
+                dx = x2.new_zeros(x2.shape)
+        return dx.addmm_(gt.t(), A_stack)
+
+
+def master_grads(gflat: torch.Tensor, shapes: tuple, dtypes: tuple, needs: tuple) -> list:
+    """The adapter gradients from one flat compute-dtype buffer (``cast_adapters``' layout), cast to the
+    adapters' own dtypes in one launch when they share one (fp32 masters): views of one buffer, None where
+    not needed."""
+    if len(set(dtypes)) == 1:
+        views = adapter_views(gflat.to(dtypes[0]), shapes)
+    else:
+        views = [v.to(d) for v, d in zip(adapter_views(gflat, shapes), dtypes)]
+    return [v if need else None for v, need in zip(views, needs)]
 
 
 class LoRANF4Function(torch.autograd.Function):
@@ -114,11 +154,11 @@ class LoRANF4Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, A, B, frozen: LoRAFrozen):
         with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
-            (weight,), (state,), (scale,) = frozen.weights, frozen.states, frozen.scales
             x2 = x.reshape(-1, x.shape[-1])
             # Compute-dtype copies, saved for backward (LoRA-sized) so it does not cast them again.
             flat, (Ac, Bc) = cast_adapters((A, B), x.dtype)
-            y, xa = lora_forward(x2, weight, state, Ac, Bc, scale, bias, frozen.backend)
+            y, xa = lora_group_forward(x2, frozen.weights, frozen.states, Ac, (Bc,), frozen.scales,
+                                       frozen.backend, bias)
             ctx.save_for_backward(x2, xa, flat)
             ctx.ab_dtypes, ctx.ab_shapes = (A.dtype, B.dtype), (A.shape, B.shape)
             ctx.frozen, ctx.x_shape = frozen, x.shape
@@ -131,12 +171,13 @@ class LoRANF4Function(torch.autograd.Function):
         Ac, Bc = adapter_views(flat, ctx.ab_shapes)  # A, B in the compute dtype (x2.dtype)
         f = ctx.frozen
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        dx, dA, dB = lora_backward(dy2, x2, xa, f.weights[0], f.states[0], Ac, Bc, f.scales[0], f.backend,
-                                   need_dx=ctx.needs_input_grad[0])
+        gflat = torch.empty_like(flat)
+        gA, gB = adapter_views(gflat, ctx.ab_shapes)
+        dx = lora_group_backward((dy2,), x2, xa, f.weights, f.states, Ac, (Bc,), f.scales, f.backend, gA, (gB,),
+                                 need_dx=ctx.needs_input_grad[0])
         db = _bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[1] else None
         dx = None if dx is None else dx.view(ctx.x_shape)
-        dA = dA.to(ctx.ab_dtypes[0]) if ctx.needs_input_grad[2] else None
-        dB = dB.to(ctx.ab_dtypes[1]) if ctx.needs_input_grad[3] else None
+        dA, dB = master_grads(gflat, ctx.ab_shapes, ctx.ab_dtypes, ctx.needs_input_grad[2:4])
         return dx, db, dA, dB, None
 
 

@@ -29,14 +29,17 @@ from .lora import (
     adapter_views,
     cast_adapters,
     frozen_parts,
-    lora_backward,
-    lora_forward,
-    shared_down_projection,
+    lora_group_backward,
+    lora_group_forward,
+    master_grads,
+    stacked_rows,
 )
 from .nf4 import no_autocast
-from .swiglu import swiglu_backward, swiglu_forward
+from .swiglu import swiglu_packed_backward, swiglu_packed_forward
 
 __all__ = ["LoRAMLPFunction", "lora_mlp"]
+
+_ORDER = (0, 2, 1, 3, 4, 5)  # (Ag, Au, Bg, Bu, Ad, Bd) positions of Ag, Bg, Au, Bu, Ad, Bd
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -45,41 +48,47 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, frozen: LoRAFrozen):
         with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
-            (wg, wu, wd), (sg_, su_, sd_) = frozen.weights, frozen.states
+            wg, wu, wd = frozen.weights
+            stg, stu, std = frozen.states
             sg, su, sd = frozen.scales
             x2 = x.reshape(-1, x.shape[-1])
-            # compute-dtype copies in one launch, reused in backward; Ag over Au first, for the shared GEMM
+            # compute-dtype copies in one launch, reused in backward; Ag over Au first, stacked for one GEMM
             order = (Ag, Au, Bg, Bu, Ad, Bd)
-            flat, (Agc, Auc, Bgc, Buc, Adc, Bdc) = cast_adapters(order, x.dtype)
-            xa_gu, (xag, xau) = shared_down_projection(x2, flat, (Ag.shape[0], Au.shape[0]))
-            g, _ = lora_forward(x2, wg, sg_, Agc, Bgc, sg, None, frozen.backend, xa=xag)
-            u, _ = lora_forward(x2, wu, su_, Auc, Buc, su, None, frozen.backend, xa=xau)
-            h = swiglu_forward(g, u, frozen.use_triton)
-            y, had = lora_forward(h, wd, sd_, Adc, Bdc, sd, None, frozen.backend)
-            ctx.save_for_backward(x2, g, u, h, xa_gu, had, flat)  # weights: frozen, on ctx.frozen
+            flat, (_, _, Bgc, Buc, Adc, Bdc) = cast_adapters(order, x.dtype)
+            r_gu = Ag.shape[0] + Au.shape[0]
+            gu, xa_gu = lora_group_forward(x2, (wg, wu), (stg, stu), stacked_rows(flat, r_gu, x2.shape[1]),
+                                           (Bgc, Buc), (sg, su), frozen.backend)  # (M, 2I) = [g | u]
+            h = swiglu_packed_forward(gu, frozen.use_triton)
+            y, had = lora_group_forward(h, (wd,), (std,), Adc, (Bdc,), (sd,), frozen.backend)
+            ctx.save_for_backward(x2, gu, h, xa_gu, had, flat)  # weights: frozen, on ctx.frozen
             ctx.frozen, ctx.x_shape = frozen, x.shape
-            ctx.dtypes = tuple(p.dtype for p in (Ag, Bg, Au, Bu, Ad, Bd))
+            ctx.dtypes = tuple(p.dtype for p in order)
             ctx.shapes = tuple(p.shape for p in order)
             return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, g, u, h, xa_gu, had, flat = ctx.saved_tensors
-        Agc, Auc, Bgc, Buc, Adc, Bdc = adapter_views(flat, ctx.shapes)
-        xag, xau = xa_gu.split([Agc.shape[0], Auc.shape[0]], dim=1)
+        x2, gu, h, xa_gu, had, flat = ctx.saved_tensors
+        _, _, Bgc, Buc, Adc, Bdc = adapter_views(flat, ctx.shapes)
+        gflat = torch.empty_like(flat)
+        _, _, gBg, gBu, gAd, gBd = adapter_views(gflat, ctx.shapes)
         f = ctx.frozen
         wg, wu, wd = f.weights
-        (sg_, su_, sd_), (sg, su, sd) = f.states, f.scales
+        stg, stu, std = f.states
+        sg, su, sd = f.scales
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        dh, dAd, dBd = lora_backward(dy2, h, had, wd, sd_, Adc, Bdc, sd, f.backend)
-        dg, du = swiglu_backward(dh, g, u, f.use_triton)
+        dh = lora_group_backward((dy2,), h, had, (wd,), (std,), Adc, (Bdc,), (sd,), f.backend, gAd, (gBd,))
+        dgu = swiglu_packed_backward(dh, gu, f.use_triton)  # (M, 2I) = [dg | du]: one GEMM for dx
         del dh
-        need_dx = ctx.needs_input_grad[0]
-        dx, dAu, dBu = lora_backward(du, x2, xau, wu, su_, Auc, Buc, su, f.backend, need_dx=need_dx)
-        dx, dAg, dBg = lora_backward(dg, x2, xag, wg, sg_, Agc, Bgc, sg, f.backend, need_dx=need_dx, dx_out=dx)
-        grads = [d.to(dt) if need else None
-                 for d, dt, need in zip((dAg, dBg, dAu, dBu, dAd, dBd), ctx.dtypes, ctx.needs_input_grad[1:7])]
-        return (None if dx is None else dx.view(ctx.x_shape), *grads, None)
+        inter = gu.shape[1] // 2
+        r_gu = ctx.shapes[0][0] + ctx.shapes[1][0]
+        dx = lora_group_backward(dgu.split(inter, dim=1), x2, xa_gu, (wg, wu), (stg, stu),
+                                 stacked_rows(flat, r_gu, x2.shape[1]), (Bgc, Buc), (sg, su), f.backend,
+                                 stacked_rows(gflat, r_gu, x2.shape[1]), (gBg, gBu),
+                                 need_dx=ctx.needs_input_grad[0], dy_all=dgu)
+        needs = [ctx.needs_input_grad[1 + _ORDER.index(i)] for i in range(6)]
+        out = master_grads(gflat, ctx.shapes, ctx.dtypes, needs)
+        return (None if dx is None else dx.view(ctx.x_shape), *(out[i] for i in _ORDER), None)
 
 
 def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, *, backend: str = "auto") -> torch.Tensor:

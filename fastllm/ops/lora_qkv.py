@@ -20,13 +20,16 @@ from .lora import (
     adapter_views,
     cast_adapters,
     frozen_parts,
-    lora_backward,
-    lora_forward,
-    shared_down_projection,
+    lora_group_backward,
+    lora_group_forward,
+    master_grads,
+    stacked_rows,
 )
 from .nf4 import no_autocast
 
 __all__ = ["LoRAQKVFunction", "lora_qkv"]
+
+_ORDER = (0, 3, 1, 4, 2, 5)  # (Aq, Ak, Av, Bq, Bk, Bv) positions of Aq, Bq, Ak, Bk, Av, Bv
 
 
 class LoRAQKVFunction(torch.autograd.Function):
@@ -36,41 +39,39 @@ class LoRAQKVFunction(torch.autograd.Function):
     def forward(ctx, x, Aq, Bq, Ak, Bk, Av, Bv, frozen: LoRAFrozen):
         with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
             x2 = x.reshape(-1, x.shape[-1])
-            # compute-dtype copies in one launch, reused in backward; Aq, Ak, Av first, for the shared GEMM
+            # compute-dtype copies in one launch, reused in backward; Aq, Ak, Av first, stacked for one GEMM
             order = (Aq, Ak, Av, Bq, Bk, Bv)
             flat, casts = cast_adapters(order, x.dtype)
-            xa, acts = shared_down_projection(x2, flat, (Aq.shape[0], Ak.shape[0], Av.shape[0]))
-            outs = []
-            for i, (w, state, scale) in enumerate(zip(frozen.weights, frozen.states, frozen.scales)):
-                y, _ = lora_forward(x2, w, state, casts[i], casts[3 + i], scale, None, frozen.backend, xa=acts[i])
-                outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            r = Aq.shape[0] + Ak.shape[0] + Av.shape[0]
+            y, xa = lora_group_forward(x2, frozen.weights, frozen.states, stacked_rows(flat, r, x2.shape[1]),
+                                       casts[3:], frozen.scales, frozen.backend)
             ctx.save_for_backward(x2, xa, flat)  # weights: frozen, on ctx.frozen
             ctx.shapes = tuple(p.shape for p in order)
+            ctx.dtypes = tuple(p.dtype for p in order)
             ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, as PEFT would
             ctx.frozen, ctx.x_shape = frozen, x.shape
-            ctx.dtypes = tuple(p.dtype for p in (Aq, Bq, Ak, Bk, Av, Bv))
-            return tuple(outs)
+            # column blocks of one (M, Nq + Nk + Nv) output: RoPE and attention read them in place
+            return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in y.split([b.shape[0] for b in casts[3:]], 1))
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         x2, xa, flat = ctx.saved_tensors
         casts = adapter_views(flat, ctx.shapes)  # Aq, Ak, Av, Bq, Bk, Bv
-        acts = xa.split([a.shape[0] for a in casts[:3]], dim=1)
         f = ctx.frozen
-        weights = f.weights
+        gflat = torch.empty_like(flat)
+        grads = adapter_views(gflat, ctx.shapes)
+        r = sum(a.shape[0] for a in casts[:3])
+        dys = [None if d is None else d.reshape(-1, d.shape[-1]).to(x2.dtype) for d in (dq, dk, dv)]
         need_dx = ctx.needs_input_grad[0]
-        dx, grads = None, []
-        for i, dy in enumerate((dq, dk, dv)):
-            if dy is None:  # an output nobody used: no gradient through it
-                grads += [None, None]
-                continue
-            dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-            dx, dA, dB = lora_backward(dy2, x2, acts[i], weights[i], f.states[i], casts[i], casts[3 + i],
-                                       f.scales[i], f.backend, need_dx=need_dx, dx_out=dx)
-            grads += [dA, dB]
-        grads = [None if d is None or not need else d.to(dt)
-                 for d, dt, need in zip(grads, ctx.dtypes, ctx.needs_input_grad[1:7])]
-        return (None if dx is None else dx.view(ctx.x_shape), *grads, None)
+        dx = lora_group_backward(dys, x2, xa, f.weights, f.states, stacked_rows(flat, r, x2.shape[1]), casts[3:],
+                                 f.scales, f.backend, stacked_rows(gflat, r, x2.shape[1]), grads[3:],
+                                 need_dx=need_dx)
+        needs = [ctx.needs_input_grad[1 + _ORDER.index(i)] for i in range(6)]
+        for i, d in enumerate((dq, dk, dv)):  # an unused output: no gradient for its adapter, as PEFT
+            if d is None:
+                needs[i] = needs[3 + i] = False
+        out = master_grads(gflat, ctx.shapes, ctx.dtypes, needs)
+        return (None if dx is None else dx.view(ctx.x_shape), *(out[i] for i in _ORDER), None)
 
 
 def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, *, backend: str = "auto"):

@@ -165,6 +165,35 @@ def _workspace(device: torch.device, dtype: torch.dtype, shape) -> torch.Tensor:
     return view
 
 
+def stacked_dequant(weights, states, device: torch.device, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """``[W_1; W_2; ..]`` (sum N_i, K): the dense weights of projections sharing one input (q/k/v, gate/up)
+    stacked along dim 0 in the workspace, so one GEMM serves them all.
+
+    One Triton launch for two or three weights of one blocksize and nesting (``nf4_dequant_parts``); one
+    dequant per weight otherwise, into consecutive rows. weights: packed plain tensors; states: ``_state_args``.
+    """
+    if len(weights) == 1:
+        absmax, code, code2, absmax2, offset, bs, bs2, shape = states[0]
+        return _dequant_into(weights[0], absmax, code, code2, absmax2, offset, bs, bs2,
+                             _workspace(device, dtype, shape), backend)
+    k = states[0][7][1]
+    rows = [st[7][0] for st in states]
+    out = _workspace(device, dtype, (sum(rows), k))
+    same = all(st[7][1] == k and st[5] == states[0][5] and (st[2] is None) == (states[0][2] is None)
+               and (st[7][0] * k) % 2 == 0 for st in states)
+    if same and 2 <= len(weights) <= 3 and pick_backend(backend, device) == "triton":
+        from ..kernels.nf4 import nf4_dequant_parts
+
+        parts = [(w, st[0], st[1], st[2], st[3], st[4], st[7][0] * k) for w, st in zip(weights, states)]
+        return nf4_dequant_parts(parts, states[0][5], out, states[0][6] or 256)
+    for w, st, part in zip(weights, states, out.split(rows)):
+        if st[7][1] != k:
+            raise ValueError(f"stacked weights need one in_features, got {[tuple(s[7]) for s in states]}")
+        absmax, code, code2, absmax2, offset, bs, bs2, _ = st
+        _dequant_into(w, absmax, code, code2, absmax2, offset, bs, bs2, part, backend)
+    return out
+
+
 def clear_workspaces() -> None:
     """Release the cached dense-weight buffers (e.g. before measuring memory)."""
     _VIEWS.clear()

@@ -46,14 +46,22 @@ def _apply(q, k, cos, sin, use_triton: bool, backward: bool):
     return _rotate_torch(q, c, s, backward), _rotate_torch(k, c, s, backward)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (B, T, heads, D) as (B * T, heads, D) with contiguous rows, copied only when it must be: a column block
+    of the fused q/k/v output ((B, T, N) sliced) is read in place."""
+    rows = x.reshape(-1, *x.shape[2:])  # a view whenever the batch and sequence strides chain
+    if rows.stride(2) != 1 or rows.stride(1) != rows.shape[2]:
+        return rows.contiguous()
+    return rows
+
+
 class _RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, use_triton: bool):
         B, T = q.shape[:2]
         c = cos.reshape(-1, cos.shape[-1]).contiguous()  # (B*T or T, D)
         s = sin.reshape(-1, sin.shape[-1]).contiguous()
-        qo, ko = _apply(q.reshape(B * T, *q.shape[2:]).contiguous(), k.reshape(B * T, *k.shape[2:]).contiguous(),
-                        c, s, use_triton, backward=False)
+        qo, ko = _apply(_rows(q), _rows(k), c, s, use_triton, backward=False)
         ctx.save_for_backward(c, s)
         ctx.use_triton, ctx.shapes = use_triton, (q.shape, k.shape)
         return qo.view(q.shape), ko.view(k.shape)
@@ -62,9 +70,7 @@ class _RoPEFunction(torch.autograd.Function):
     def backward(ctx, dq, dk):
         c, s = ctx.saved_tensors
         q_shape, k_shape = ctx.shapes
-        rows = q_shape[0] * q_shape[1]
-        dqi, dki = _apply(dq.reshape(rows, *q_shape[2:]).contiguous(), dk.reshape(rows, *k_shape[2:]).contiguous(),
-                          c, s, ctx.use_triton, backward=True)
+        dqi, dki = _apply(_rows(dq), _rows(dk), c, s, ctx.use_triton, backward=True)
         return dqi.view(q_shape), dki.view(k_shape), None, None, None
 
 

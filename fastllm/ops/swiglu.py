@@ -43,6 +43,26 @@ def swiglu_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
     return _bwd_torch(dh, g, u)
 
 
+def swiglu_packed_forward(gu: torch.Tensor, use_triton: bool) -> torch.Tensor:
+    """h = silu(g) * u for gu (M, 2I) = [g | u] (contiguous), without autograd: h (M, I)."""
+    if use_triton:
+        from ..kernels.swiglu import swiglu_packed_fwd
+
+        return swiglu_packed_fwd(gu)
+    g, u = gu.chunk(2, dim=-1)
+    return _fwd_torch(g, u)
+
+
+def swiglu_packed_backward(dh: torch.Tensor, gu: torch.Tensor, use_triton: bool) -> torch.Tensor:
+    """dgu (M, 2I) = [dg | du] of ``swiglu_packed_forward`` for upstream dh (M, I), without autograd."""
+    if use_triton:
+        from ..kernels.swiglu import swiglu_packed_bwd
+
+        return swiglu_packed_bwd(dh, gu)
+    g, u = gu.chunk(2, dim=-1)
+    return torch.cat(_bwd_torch(dh, g, u), dim=-1)
+
+
 class _SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g: torch.Tensor, u: torch.Tensor, use_triton: bool) -> torch.Tensor:

@@ -122,3 +122,40 @@ def test_gpu_bit_identical_to_bitsandbytes(blocksize, dtype, nested):
         packed, qs = quantize(shape, blocksize, nested, dtype, device="cuda")
         got = run_kernel(packed, qs, dtype)
         assert torch.equal(got, F.dequantize_4bit(packed, qs)), (shape, blocksize, dtype, nested)
+
+
+def _parts_args(packed, qs):
+    n = qs.shape.numel()
+    if qs.nested:
+        return packed, qs.absmax, qs.code, qs.state2.code, qs.state2.absmax, qs.offset.reshape(1), n
+    return packed, qs.absmax, qs.code, None, None, None, n
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("rows", [(48, 16, 16), (40, 24)])
+def test_parts_kernel_equals_one_launch_per_weight(rows, blocksize, nested):
+    """q/k/v (or gate/up) stacked in one launch: each part's rows equal its own single-weight dequant,
+    with parts whose sizes are not multiples of the tile (odd block counts)."""
+    from fastllm.kernels.nf4 import nf4_dequant_parts
+
+    dtype = torch.float16
+    k = 96  # 1.5 blocks of 64 per row: a block spans rows
+    quants = [quantize((r, k), blocksize, nested, dtype) for r in rows]
+    out = torch.full((sum(rows), k), float("nan"), dtype=dtype)
+    nf4_dequant_parts([_parts_args(p, qs) for p, qs in quants], blocksize, out)
+    want = torch.cat([run_kernel(p, qs, dtype) for p, qs in quants])
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nested", [True, False])
+def test_gpu_parts_kernel_bit_identical_to_bitsandbytes(nested):
+    from fastllm.kernels.nf4 import nf4_dequant_parts
+
+    for rows, k in [((4096, 1024, 1024), 4096), ((14336, 14336), 4096), ((333, 77), 96)]:
+        quants = [quantize((r, k), 64, nested, torch.bfloat16, device="cuda") for r in rows]
+        out = torch.empty((sum(rows), k), dtype=torch.bfloat16, device="cuda")
+        nf4_dequant_parts([_parts_args(p, qs) for p, qs in quants], 64, out)
+        want = torch.cat([F.dequantize_4bit(p, qs) for p, qs in quants])
+        assert torch.equal(out, want), (rows, k, nested)

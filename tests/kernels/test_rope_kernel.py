@@ -76,3 +76,19 @@ def test_gpu_rope_at_llama_shapes():
     torch.autograd.backward((qr.transpose(1, 2), kr.transpose(1, 2)), (dq.float(), dk.float()))
     for got, want in ((qo, qr.transpose(1, 2)), (ko, kr.transpose(1, 2)), (q1.grad, q2.grad), (k1.grad, k2.grad)):
         torch.testing.assert_close(got.float(), want, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_rope_reads_column_blocks_of_a_fused_qkv_output(backend):
+    """q and k as column blocks of one (B, T, Nq + Nk + Nv) output (the fused q/k/v op's): read in place with
+    their row stride, the same result as contiguous copies."""
+    b, t, nq, nk, d = 2, 5, 3, 1, 32
+    qkv = torch.randn(b, t, (nq + 2 * nk) * d, device=DEV)
+    q, k, _ = qkv.split([nq * d, nk * d, nk * d], dim=-1)
+    q, k = q.view(b, t, nq, d), k.view(b, t, nk, d)
+    cos, sin = _cos_sin(1, t, d, torch.float32)
+    qo, ko = rope(q, k, cos, sin, backend=backend)
+    qc, kc = rope(q.contiguous(), k.contiguous(), cos, sin, backend=backend)
+    assert not q.is_contiguous()
+    torch.testing.assert_close(qo, qc, rtol=0, atol=0)
+    torch.testing.assert_close(ko, kc, rtol=0, atol=0)

@@ -35,3 +35,23 @@ def test_swiglu_matches_eager(backend, shape, dtype):
 def test_swiglu_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="one shape and dtype"):
         swiglu(torch.randn(3, 4), torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("m,inter", [(5, 123), (3, 1030)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_swiglu_matches_eager(backend, m, inter, dtype):
+    """The MLP's form: gu (M, 2I) = [g | u] from one stacked GEMM; h (M, I) and dgu = [dg | du]."""
+    from fastllm.ops.swiglu import swiglu_packed_backward, swiglu_packed_forward
+
+    gu = (torch.randn(m, 2 * inter, device=DEV) * 3).to(dtype)
+    ref = gu.float().requires_grad_()
+    h_ref = F.silu(ref[:, :inter]) * ref[:, inter:]
+    dh = torch.randn(m, inter, device=DEV)
+    h_ref.backward(dh)
+    use_triton = backend == "triton"
+    h = swiglu_packed_forward(gu, use_triton)
+    dgu = swiglu_packed_backward(dh.to(dtype), gu, use_triton)
+    assert h.shape == (m, inter) and h.dtype == dtype and dgu.shape == gu.shape and dgu.dtype == dtype
+    torch.testing.assert_close(h.float(), h_ref, **TOL[dtype])
+    torch.testing.assert_close(dgu.float(), ref.grad, **TOL[dtype])
