@@ -55,7 +55,7 @@ def cast_adapters(params, dtype: torch.dtype) -> tuple[torch.Tensor, tuple]:
 def adapter_views(flat: torch.Tensor, shapes: tuple) -> tuple:
     """Views of ``flat`` shaped as ``shapes``, in order (the inverse of ``cast_adapters``' concatenation)."""
     sizes = [s[0] * s[1] for s in shapes]
-    return tuple(v.view(s) for v, s in zip(flat.split(sizes), shapes))
+    return tuple(v.view(s) for v, s in zip(flat.split_with_sizes(sizes), shapes))
 
 
 def stacked_rows(flat: torch.Tensor, n_rows: int, k: int) -> torch.Tensor:
@@ -82,8 +82,8 @@ def lora_group_forward(x2, weights, states, A_stack, Bs, scales, backend: str, b
         if len(Bs) == 1:
             y.addmm_(xa, Bs[0].t(), alpha=scales[0])
             return y, xa
-        cols = y.split([b.shape[0] for b in Bs], dim=1)
-        for y_i, xa_i, b, s in zip(cols, xa.split([b.shape[1] for b in Bs], dim=1), Bs, scales):
+        cols = y.split_with_sizes([b.shape[0] for b in Bs], 1)
+        for y_i, xa_i, b, s in zip(cols, xa.split_with_sizes([b.shape[1] for b in Bs], 1), Bs, scales):
             y_i.addmm_(xa_i, b.t(), alpha=s)
     return y, xa
 
@@ -105,8 +105,8 @@ def lora_group_backward(dys, x2, xa, weights, states, A_stack, Bs, scales, backe
     ranks = [b.shape[1] for b in Bs]
     with no_autocast(x2):
         gt = x2.new_empty(sum(ranks), x2.shape[0])
-        xas = (xa,) if len(Bs) == 1 else xa.split(ranks, dim=1)
-        gts = (gt,) if len(Bs) == 1 else gt.split(ranks)
+        xas = (xa,) if len(Bs) == 1 else xa.split_with_sizes(ranks, 1)
+        gts = (gt,) if len(Bs) == 1 else gt.split_with_sizes(ranks)
         for dy, b, s, xa_i, gt_i, gb in zip(dys, Bs, scales, xas, gts, gBs):
             if dy is None:
                 gt_i.zero_()
@@ -125,7 +125,7 @@ def lora_group_backward(dys, x2, xa, weights, states, A_stack, Bs, scales, backe
             dx = dy_all @ w
         else:
             dx = None
-            for dy, w_i in zip(dys, (w,) if len(Bs) == 1 else w.split([b.shape[0] for b in Bs])):
+            for dy, w_i in zip(dys, (w,) if len(Bs) == 1 else w.split_with_sizes([b.shape[0] for b in Bs])):
                 if dy is not None:
                     dx = dy @ w_i if dx is None else dx.addmm_(dy, w_i)
             if dx is None:

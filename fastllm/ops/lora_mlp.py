@@ -82,7 +82,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         del dh
         inter = gu.shape[1] // 2
         r_gu = ctx.shapes[0][0] + ctx.shapes[1][0]
-        dx = lora_group_backward(dgu.split(inter, dim=1), x2, xa_gu, (wg, wu), (stg, stu),
+        dx = lora_group_backward(dgu.split_with_sizes([inter, inter], 1), x2, xa_gu, (wg, wu), (stg, stu),
                                  stacked_rows(flat, r_gu, x2.shape[1]), (Bgc, Buc), (sg, su), f.backend,
                                  stacked_rows(gflat, r_gu, x2.shape[1]), (gBg, gBu),
                                  need_dx=ctx.needs_input_grad[0], dy_all=dgu)

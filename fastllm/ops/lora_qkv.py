@@ -51,7 +51,7 @@ class LoRAQKVFunction(torch.autograd.Function):
             ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, as PEFT would
             ctx.frozen, ctx.x_shape = frozen, x.shape
             # column blocks of one (M, Nq + Nk + Nv) output: RoPE and attention read them in place
-            return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in y.split([b.shape[0] for b in casts[3:]], 1))
+            return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in y.split_with_sizes([b.shape[0] for b in casts[3:]], 1))
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
