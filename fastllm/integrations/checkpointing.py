@@ -17,12 +17,42 @@ host allocator records the stream).
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 from torch.utils.checkpoint import checkpoint
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def _recomputing():
+    _STATE.depth = getattr(_STATE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _STATE.depth -= 1
+
+
+def _contexts():
+    """``checkpoint``'s ``context_fn``: nothing around the forward, ``is_recomputing()`` true around the recompute."""
+    return contextlib.nullcontext(), _recomputing()
+
+
+def is_recomputing() -> bool:
+    """True while one of these checkpoint functions re-runs a decoder layer's forward in backward.
+
+    That re-run exists only to rebuild the tensors the layer saved for backward; its output is dropped (and
+    torch's early stop ends it once the last saved tensor is rebuilt). The fused QLoRA MLP, the layer's last op,
+    reads this to skip its down projection there: nothing saved depends on that output.
+    """
+    return getattr(_STATE, "depth", 0) > 0
 
 
 def nonreentrant_checkpoint(function, *args, **kwargs):
     """``torch.utils.checkpoint`` with ``use_reentrant=False`` (works with frozen inputs and kwargs)."""
+    kwargs.setdefault("context_fn", _contexts)
     return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
 
@@ -47,6 +77,6 @@ def offload_checkpoint(function, *args, **kwargs):
     """Non-reentrant checkpoint whose saved inputs live in pinned CPU memory (CUDA inputs only)."""
     on_cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
     if not on_cuda:
-        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+        return nonreentrant_checkpoint(function, *args, **kwargs)
     with torch.autograd.graph.saved_tensors_hooks(_pack_to_pinned, _unpack_from_pinned):
-        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+        return nonreentrant_checkpoint(function, *args, **kwargs)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._compat import is_linear4bit
+from ..integrations.checkpointing import is_recomputing
 from ..ops.lora import lora_nf4_linear
 from ..ops.lora_mlp import lora_mlp
 from ..ops.lora_qkv import lora_qkv
@@ -122,9 +123,11 @@ def _fused_parts(projs, x: torch.Tensor) -> list | None:
 def fused_lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
     """``down(silu(gate(x)) * up(x))`` as one op (a Llama MLP under QLoRA with the lora patch), or None.
 
-    down_proj's input h has x's dtype, so checking its fused path against x serves all three."""
+    down_proj's input h has x's dtype, so checking its fused path against x serves all three. In the decoder
+    layer the MLP output only feeds the residual add that ends the layer, so while fastllm's checkpointing
+    re-runs the layer in backward (where that output is dropped) the down projection is skipped."""
     parts = _fused_parts((mlp.gate_proj, mlp.up_proj, mlp.down_proj), x)
-    return None if parts is None else lora_mlp(x, *parts)
+    return None if parts is None else lora_mlp(x, *parts, need_output=not is_recomputing())
 
 
 def fused_lora_qkv(attn, x: torch.Tensor):

@@ -46,7 +46,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     """``down(silu(gate(x)) * up(x))`` for three NF4 + LoRA projections, gradients for x and the six adapters."""
 
     @staticmethod
-    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, frozen: LoRAFrozen):
+    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, frozen: LoRAFrozen, need_output: bool = True):
         with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
             wg, wu, wd = frozen.weights
             stg, stu, std = frozen.states
@@ -59,7 +59,10 @@ class LoRAMLPFunction(torch.autograd.Function):
             gu, xa_gu = lora_group_forward(x2, (wg, wu), (stg, stu), stacked_rows(flat, r_gu, x2.shape[1]),
                                            (Bgc, Buc), (sg, su), frozen.backend)  # (M, 2I) = [g | u]
             h = swiglu_packed_forward(gu, frozen.use_triton)
-            y, had = lora_group_forward(h, (wd,), (std,), Adc, (Bdc,), (sd,), frozen.backend)
+            if need_output:
+                y, had = lora_group_forward(h, (wd,), (std,), Adc, (Bdc,), (sd,), frozen.backend)
+            else:  # a checkpoint's recompute: only the saved tensors matter, y is dropped
+                had, y = h @ Adc.t(), torch.empty_like(x)
             ctx.save_for_backward(x2, gu, h, xa_gu, had, flat)  # weights: frozen, on ctx.frozen
             ctx.frozen, ctx.x_shape = frozen, x.shape
             ctx.dtypes = tuple(p.dtype for p in order)
@@ -88,14 +91,18 @@ class LoRAMLPFunction(torch.autograd.Function):
                                  need_dx=ctx.needs_input_grad[0], dy_all=dgu)
         needs = [ctx.needs_input_grad[1 + _ORDER.index(i)] for i in range(6)]
         out = master_grads(gflat, ctx.shapes, ctx.dtypes, needs)
-        return (None if dx is None else dx.view(ctx.x_shape), *(out[i] for i in _ORDER), None)
+        return (None if dx is None else dx.view(ctx.x_shape), *(out[i] for i in _ORDER), None, None)
 
 
-def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, *, backend: str = "auto") -> torch.Tensor:
+def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, *, backend: str = "auto",
+             need_output: bool = True) -> torch.Tensor:
     """The QLoRA SwiGLU MLP in one op. Each of gate/up/down is ``(weight, A, B, scale)``: a bnb NF4
     ``Params4bit`` weight (quant_state.shape (N, K)), A (r, K), B (N, r) in any float dtype, a float scale.
 
     x: (..., H) in the compute dtype; gate/up weights (I, H), down (H, I). Returns (..., H) in x.dtype.
+    ``need_output=False`` (a checkpoint's recompute, where only the saved tensors are used) skips the down
+    projection (its dequant and both GEMMs: a seventh of the layer's GEMM work) and returns uninitialised memory
+    of the output's shape, with the same saved tensors and the same backward.
     """
     parts = (gate, up, down)
     frozen = frozen_parts(parts, ("gate", "up", "down"), backend, pick_backend(backend, x.device) == "triton")
@@ -103,4 +110,4 @@ def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, *, backend: s
     if not (h_g == h_u == h_d == x.shape[-1] and i_g == i_u == i_d):
         raise ValueError(f"MLP weights do not chain: gate {(i_g, h_g)}, up {(i_u, h_u)}, down {(h_d, i_d)} "
                          f"for x (..., {x.shape[-1]})")
-    return LoRAMLPFunction.apply(x, gate[1], gate[2], up[1], up[2], down[1], down[2], frozen)
+    return LoRAMLPFunction.apply(x, gate[1], gate[2], up[1], up[2], down[1], down[2], frozen, need_output)

@@ -79,11 +79,17 @@ def fused_calls(monkeypatch):
     from fastllm.ops import lora_mlp as mlp_ops
     from fastllm.ops import lora_qkv as qkv_ops
 
-    calls = []
+    class Calls(list):
+        mlp_outputs: list  # the MLP op's need_output per call (False in a checkpoint's recompute)
+
+    calls = Calls()
+    calls.mlp_outputs = []
     for fn, tag in ((lora_ops.LoRANF4Function, "linear"), (mlp_ops.LoRAMLPFunction, "mlp"),
                     (qkv_ops.LoRAQKVFunction, "qkv")):
         def counting(*args, _real=fn.apply, _tag=tag):
             calls.append(_tag)
+            if _tag == "mlp":
+                calls.mlp_outputs.append(args[-1])
             return _real(*args)
 
         monkeypatch.setattr(fn, "apply", counting)
@@ -99,6 +105,8 @@ def test_patched_lora_matches_peft_and_bitsandbytes(tiny_llama_i128_dir, fused_c
     # Forward + checkpointed recompute, in both layers: q/k/v as one op, o alone, the MLP as one op.
     assert patch_report(model).counts["lora_attention"] == 2
     assert [fused_calls.count(t) for t in ("qkv", "linear", "mlp")] == [2 * 2, 2 * 2, 2 * 2]
+    # The recompute skips the MLP's down projection (its output is dropped there); the grads below show it is.
+    assert fused_calls.mlp_outputs == [True, True, False, False]
     with eager(model):  # PEFT's forward over bitsandbytes' own Linear4bit
         ref_loss, ref_grads = _loss_grads(model, ids)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
