@@ -32,6 +32,7 @@ from .._compat import SUPPORTED_MODEL_TYPES
 from ..losses import get_loss
 from ..ops.chunked_linear_loss import chunked_linear_loss
 from ..ops.linear_cross_entropy import _chunks, auto_chunk_size, linear_cross_entropy
+from .fused_head import fused_head_forward, linear_head_map
 
 IGNORE_INDEX = -100
 
@@ -52,29 +53,34 @@ def _plain_linear(module: nn.Module) -> nn.Linear | None:
     return None
 
 
-def _chunk_loss_sum(head: nn.Module, fn: Callable, h_c: torch.Tensor, y_c: torch.Tensor,
-                    valid_c: torch.Tensor) -> torch.Tensor:
-    losses = fn(head(h_c).float(), y_c)  # fp32 upcast inside the chunk
-    return torch.where(valid_c, losses, torch.zeros_like(losses)).sum()
+def _chunk_map(head: nn.Module, fn: Callable, h_c: torch.Tensor, y_c: torch.Tensor) -> torch.Tensor:
+    return fn(head(h_c).float(), y_c)  # fp32 upcast inside the chunk
+
+
+def module_chunked_map(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, fn: Callable, *,
+                       vocab_size: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """``fn(head(h).float(), y)`` per token (``[N]`` or ``[N, k]``) for ``hidden [N, H]``, ``labels [N]``.
+
+    Runs the head *module* (a PEFT LoRA layer, a ``modules_to_save`` wrapper: its adapter's delta counts and
+    gets gradients) on row chunks, each under non-reentrant checkpointing, so only one chunk's logits is alive
+    in forward and in backward. A trainable full-size head weight gets one ``[V, H]`` gradient per chunk.
+    """
+    vocab = vocab_size or getattr(head, "out_features", None) or hidden.shape[-1]
+    chunk = chunk_size or auto_chunk_size(hidden.shape[0], hidden.shape[1], vocab, hidden.dtype, hidden.device)
+    outs = [checkpoint(_chunk_map, head, fn, hidden[s:e], labels[s:e], use_reentrant=False)
+            for s, e in _chunks(hidden.shape[0], chunk)]
+    return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def module_chunked_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, fn: Callable, *,
                         ignore_index: int = IGNORE_INDEX, num_items_in_batch=None, vocab_size: int | None = None,
                         chunk_size: int | None = None) -> torch.Tensor:
-    """Mean (or sum / ``num_items_in_batch``) of ``fn(head(h).float(), y)`` over non-ignored tokens.
-
-    ``hidden [N, H]``, ``labels [N]``. Runs the head *module* on row chunks, each under
-    non-reentrant checkpointing, so only one chunk's logits is alive in forward and in backward.
-    A trainable full-size head weight gets one ``[V, H]`` gradient per chunk that autograd adds up.
-    """
+    """Mean (or sum / ``num_items_in_batch``) of ``fn(head(h).float(), y)`` over non-ignored tokens
+    (``module_chunked_map``'s memory behaviour)."""
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels))
-    vocab = vocab_size or getattr(head, "out_features", None) or hidden.shape[-1]
-    chunk = chunk_size or auto_chunk_size(hidden.shape[0], hidden.shape[1], vocab, hidden.dtype, hidden.device)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for s, e in _chunks(hidden.shape[0], chunk):
-        total = total + checkpoint(_chunk_loss_sum, head, fn, hidden[s:e], safe[s:e], valid[s:e],
-                                   use_reentrant=False)
+    losses = module_chunked_map(head, hidden, safe, fn, vocab_size=vocab_size, chunk_size=chunk_size)
+    total = torch.where(valid, losses, torch.zeros_like(losses)).sum()
     if num_items_in_batch is not None:
         denom = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=total.device)
     else:
@@ -97,6 +103,18 @@ def _head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, loss
                                vocab_size=vocab_size)
 
 
+def _head_map(head: nn.Module, h: torch.Tensor, y: torch.Tensor, fn: Callable, vocab_size: int, *,
+              fp32: bool = False) -> torch.Tensor:
+    """Per-token ``fn`` of the head's fp32 logits by the best path the head allows (see ``_head_loss``)."""
+    linear = _plain_linear(head)
+    if linear is not None:
+        return linear_head_map(linear.weight, linear.bias, h, y, fn, fp32=fp32)
+    if fp32:
+        raise ValueError("cast_lm_head_to_fp32=True with a wrapped lm_head (LoRA, modules_to_save) is not "
+                         "supported; pass cast_lm_head_to_fp32=False")
+    return module_chunked_map(head, h, y, fn, vocab_size=vocab_size)
+
+
 def _keeps_all(logits_to_keep) -> bool:
     return isinstance(logits_to_keep, int) and logits_to_keep == 0
 
@@ -111,6 +129,9 @@ def make_causal_lm_forward(loss: str | Callable = "cross_entropy") -> Callable:
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 use_cache=None, logits_to_keep=0, **kwargs):
+        if kwargs.pop("fused_lm_head", False):  # TRL's protocol (trainers that score per-token log-probs)
+            return fused_head_forward(self, input_ids, attention_mask, position_ids, inputs_embeds, labels, kwargs,
+                                      head_map=_head_map)
         if not (self.training and labels is not None and _keeps_all(logits_to_keep)):
             # The class's own forward (the patch is per instance): eval, generation, logits_to_keep.
             return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,

@@ -11,6 +11,7 @@ from torch import nn
 from .._compat import SUPPORTED_MODEL_TYPES
 from ..config import PatchConfig
 from ..integrations.checkpointing import nonreentrant_checkpoint, offload_checkpoint
+from ..integrations.trl import route_fused_lm_head
 from . import registry
 from .registry import ModelState
 from .report import PatchReport, logger
@@ -124,6 +125,9 @@ def patch(model: nn.Module, config: PatchConfig | None = None) -> PatchReport:
             state.set_attr(module, "forward", types.MethodType(forwards[spec.name], module), spec.name)
             state.report.add(spec.name)
             state.report.backends[spec.name] = backend_of(spec.name, device)
+    if state.report.counts["loss"]:
+        # TRL trainers would replace the loss forward with their own head: route that to fastllm instead.
+        route_fused_lm_head()
     if config.gradient_checkpointing is not False:
         _apply_checkpointing(base, config.gradient_checkpointing, state)
     if config.max_seq_length is not None:

@@ -98,8 +98,9 @@ def _chat_rows(n):
 def test_trl_sft_trainer_on_the_default_model(tmp_path, packing, padding_free, lora):
     """Chat SFT with packing (and padding-free rows): trains, every LoRA weight moves.
 
-    TRL >= 1.1x scores the loss with its own chunked log-prob head (it never builds the logits either) and
-    calls the backbone directly, so fastllm's loss patch is bypassed there while its layer patches run.
+    TRL >= 1.16 installs its own fused log-prob head on the model (``add_fused_lm_head``); on a fastllm model
+    that call is routed to fastllm, so ``model(..., fused_lm_head=True)`` runs fastllm's loss forward
+    (``modules.fused_head``) and the forward stays fastllm's.
     """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -118,6 +119,7 @@ def test_trl_sft_trainer_on_the_default_model(tmp_path, packing, padding_free, l
                     gradient_accumulation_steps=2, logging_steps=1, report_to=[], max_length=128, packing=packing,
                     padding_free=padding_free, save_strategy="no", learning_rate=5e-4, use_cpu=True, bf16=False)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    assert hasattr(model.get_base_model().__dict__["forward"].__func__, "_fastllm_loss")
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(0 < v < 20 for v in losses)

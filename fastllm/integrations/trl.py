@@ -1,0 +1,76 @@
+"""TRL trainers keep fastllm's loss: their ``add_fused_lm_head`` is routed to fastllm for fastllm-patched models.
+
+TRL >= 1.16 trainers (SFT, DPO, GRPO, KTO, RLOO) call ``add_fused_lm_head(model, ...)`` on the model they train,
+which replaces ``model.forward`` with TRL's own logit-free head: on a fastllm model that would bypass the ``loss``
+patch (fastllm's kernels, and a LoRA delta on ``lm_head``, which TRL's head reads as ``lm_head.weight`` alone).
+``route_fused_lm_head()`` wraps that function once per process: for a model whose forward is fastllm's loss
+forward it records the call's arguments (``modules.fused_head.set_fused_head``) and leaves the forward alone, so
+``model(..., fused_lm_head=True)`` is answered by fastllm; every other model (a reference model, an unpatched one)
+gets TRL's own function unchanged. Trainer modules bind the name at import, so the ones already imported are
+rebound too, and later imports pick up the wrapper from ``trl.trainer.utils``. ``unroute_fused_lm_head()`` undoes it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import sys
+
+from torch import nn
+
+from ..modules.fused_head import FusedHead, set_fused_head
+
+log = logging.getLogger("fastllm")
+_TRAINER_MODULES = ("sft_trainer", "dpo_trainer", "grpo_trainer", "kto_trainer", "rloo_trainer")
+
+
+def _fastllm_loss_forward(model: nn.Module) -> bool:
+    bound = model.__dict__.get("forward")
+    return hasattr(getattr(bound, "__func__", None), "_fastllm_loss")
+
+
+def _rebind(old, new) -> None:
+    for name in _TRAINER_MODULES:
+        mod = sys.modules.get(f"trl.trainer.{name}")
+        if mod is not None and getattr(mod, "add_fused_lm_head", None) is old:
+            mod.add_fused_lm_head = new
+
+
+def route_fused_lm_head() -> bool:
+    """Install the routing (idempotent). Returns False when this TRL has no ``add_fused_lm_head``."""
+    if importlib.util.find_spec("trl") is None:
+        return False
+    import trl.trainer.utils as utils
+
+    current = getattr(utils, "add_fused_lm_head", None)
+    if current is None:
+        return False
+    if getattr(current, "_fastllm_original", None) is not None:
+        return True
+
+    @functools.wraps(current)
+    def add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, outputs=("log_probs",)):
+        if _fastllm_loss_forward(model):
+            set_fused_head(model, FusedHead(float(temperature), bool(cast_lm_head_to_fp32), tuple(outputs)))
+            log.info("fastllm: TRL's fused LM head on %s is served by fastllm's loss forward",
+                     type(model).__name__)
+            return None
+        return current(model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, outputs=outputs)
+
+    add_fused_lm_head._fastllm_original = current
+    utils.add_fused_lm_head = add_fused_lm_head
+    _rebind(current, add_fused_lm_head)
+    return True
+
+
+def unroute_fused_lm_head() -> None:
+    """Put TRL's own ``add_fused_lm_head`` back everywhere it was rebound."""
+    if "trl.trainer.utils" not in sys.modules:
+        return
+    utils = sys.modules["trl.trainer.utils"]
+    wrapper = getattr(utils, "add_fused_lm_head", None)
+    original = getattr(wrapper, "_fastllm_original", None)
+    if original is not None:
+        utils.add_fused_lm_head = original
+        _rebind(wrapper, original)
