@@ -7,16 +7,18 @@ intermediate size (leading dims flattened)::
               u = x @ Wu.T + su * (x @ Au.T) @ Bu.T          (M, I)
               h = silu(g) * u                                (M, I)
               y = h @ Wd.T + sd * (h @ Ad.T) @ Bd.T          (M, K)
-    backward  dh      = dy @ Wd + sd * (dy @ Bd) @ Ad        and dAd, dBd (see ``lora_backward``)
+    backward  dh      = dy @ Wd + sd * (dy @ Bd) @ Ad        and dAd, dBd (see ``lora_group_backward``)
               dg, du  = SwiGLU backward of dh
-              dx      = dg @ Wg + sg * (dg @ Bg) @ Ag + du @ Wu + su * (du @ Bu) @ Au
+              dx      = [dg | du] @ [Wg; Wu] + [sg dg @ Bg | su du @ Bu] @ [Ag; Au]
 
 Why one Function: PEFT runs each of the three projections as ~8 ops plus an autograd node, and small-model
-QLoRA steps are bound by that host work, not by the GPU (an H200 host spends 13-35 us per op). Here the
-MLP is 3 dequants, 3 GEMMs, 5 rank-r GEMMs (gate and up share ``x @ [Ag; Au].T``) and one SwiGLU kernel, one
-node, and the backward's two input gradients accumulate into one buffer. Saved for backward: x, g, u, h, the
-(M, 2r) and (M, r) LoRA activations and the compute-dtype adapter copies in one buffer (the packed weights ride
-on ctx; never a dense weight).
+QLoRA steps are bound by that host work, not by the GPU (an H200 host spends 13-35 us per op). Here gate and
+up are one stacked projection (``lora_group_forward``): one dequant launch, one GEMM to ``gu = [g | u]``
+(M, 2I), one ``x @ [Ag; Au].T``; SwiGLU reads and writes that packed layout, so the backward's dx is one GEMM
+over ``[dg | du]``. Forward: 2 dequant launches, 2 base GEMMs, 4 rank-r GEMMs, one SwiGLU kernel, one node.
+Saved for backward: x, gu, h, the (M, 2r) and (M, r) LoRA activations and the compute-dtype adapter copies in
+one buffer (the packed weights ride on ctx; never a dense weight). In a checkpoint's recompute
+(``need_output=False``) the down projection is skipped: its output is dropped there.
 """
 
 from __future__ import annotations
