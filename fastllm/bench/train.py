@@ -1,7 +1,8 @@
 """``fastllm bench train``: the headline QLoRA training-step benchmark, providers side by side.
 
 One QLoRA step = forward + backward + AdamW on the LoRA weights (r=16 on all 7 linears, gradient
-checkpointing, bf16 autocast as HF Trainer runs it), batch 2 x 2048 random tokens, ``--steps`` timed steps
+checkpointing, bf16 autocast and, on CUDA, the fused AdamW, as HF Trainer runs them: its default ``optim`` is
+``adamw_torch_fused``), batch 2 x 2048 random tokens, ``--steps`` timed steps
 after ``--warmup``. Providers, each in its own fresh process (some patch process-wide):
 
 - ``hf``: transformers + PEFT + bitsandbytes, ``prepare_model_for_kbit_training`` (the QLoRA recipe),
@@ -160,7 +161,8 @@ def run_worker(provider: str, shape: str, *, steps: int, warmup: int, batch: int
     vocab = model.config.vocab_size
     x = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    # HF Trainer's default optimizer (adamw_torch_fused); the same for every provider
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
     model.train()
 
     def step():
