@@ -133,7 +133,7 @@ def _parts_args(packed, qs):
 
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("blocksize", [64, 128])
-@pytest.mark.parametrize("rows", [(48, 16, 16), (40, 24)])
+@pytest.mark.parametrize("rows", [(48, 16, 16), (40, 24), (5, 3, 7)])  # (5, 3, 7) x 96: partial last blocks
 def test_parts_kernel_equals_one_launch_per_weight(rows, blocksize, nested):
     """q/k/v (or gate/up) stacked in one launch: each part's rows equal its own single-weight dequant,
     with parts whose sizes are not multiples of the tile (odd block counts)."""
