@@ -1,6 +1,6 @@
 """TRL trainers keep fastllm's loss: their ``add_fused_lm_head`` is routed to fastllm for fastllm-patched models.
 
-TRL >= 1.16 trainers (SFT, DPO, GRPO, KTO, RLOO) call ``add_fused_lm_head(model, ...)`` on the model they train,
+TRL >= 1.16 trainers (SFT, DPO, GRPO, KTO, RLOO, the experimental async GRPO) call ``add_fused_lm_head(model, ...)`` on the model they train,
 which replaces ``model.forward`` with TRL's own logit-free head: on a fastllm model that would bypass the ``loss``
 patch (fastllm's kernels, and a LoRA delta on ``lm_head``, which TRL's head reads as ``lm_head.weight`` alone).
 ``route_fused_lm_head()`` wraps that function once per process: for a model whose forward is fastllm's loss
@@ -22,7 +22,6 @@ from torch import nn
 from ..modules.fused_head import FusedHead, set_fused_head
 
 log = logging.getLogger("fastllm")
-_TRAINER_MODULES = ("sft_trainer", "dpo_trainer", "grpo_trainer", "kto_trainer", "rloo_trainer")
 
 
 def _fastllm_loss_forward(model: nn.Module) -> bool:
@@ -31,9 +30,10 @@ def _fastllm_loss_forward(model: nn.Module) -> bool:
 
 
 def _rebind(old, new) -> None:
-    for name in _TRAINER_MODULES:
-        mod = sys.modules.get(f"trl.trainer.{name}")
-        if mod is not None and getattr(mod, "add_fused_lm_head", None) is old:
+    """Every imported ``trl.*`` module that bound ``old`` by name (the trainers, experimental ones too)."""
+    for name, mod in list(sys.modules.items()):
+        if (name == "trl" or name.startswith("trl.")) and mod is not None \
+                and getattr(mod, "__dict__", {}).get("add_fused_lm_head") is old:
             mod.add_fused_lm_head = new
 
 

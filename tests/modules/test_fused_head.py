@@ -113,3 +113,18 @@ def test_unpatched_models_get_trls_own_head(tiny_llama_dir):
     assert "forward" not in base.__dict__
     trl_utils.add_fused_lm_head(base)  # routed to TRL's own function: it installs its forward
     assert base.__dict__["forward"].__func__.__code__.co_name == "_fused_forward"  # TRL's, under functools.wraps
+
+
+def test_routing_rebinds_imported_trainer_modules_and_unroutes(tiny_llama_dir):
+    import trl.trainer.grpo_trainer as grpo
+    import trl.trainer.sft_trainer as sft
+
+    from fastllm.integrations.trl import route_fused_lm_head, unroute_fused_lm_head
+
+    _model(tiny_llama_dir)  # patching with the loss patch installs the routing
+    routed = trl_utils.add_fused_lm_head
+    assert routed._fastllm_original is not None
+    assert sft.add_fused_lm_head is routed and grpo.add_fused_lm_head is routed
+    unroute_fused_lm_head()
+    assert sft.add_fused_lm_head is routed._fastllm_original is trl_utils.add_fused_lm_head
+    assert route_fused_lm_head() and sft.add_fused_lm_head is trl_utils.add_fused_lm_head is not routed._fastllm_original
