@@ -22,9 +22,23 @@ def commit() -> str:
         return "unknown"
 
 
+def host_cpu() -> str:
+    """The host CPU's model name: a host-bound step moves 10-30% between machines with the same GPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 def stamp() -> dict:
-    """GPU name, versions, commit and time: put on every benchmark row."""
-    return {**versions(), "commit": commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    """GPU name, host CPU, versions, commit and time: put on every benchmark row."""
+    return {**versions(), "cpu": host_cpu(), "commit": commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def bench_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> float:
