@@ -210,6 +210,22 @@ def test_generate_with_cache_matches_eager(tiny_llama_i128_dir, fused_calls):
     torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_cache_holds_only_its_own_keys_and_values(tiny_llama_i128_dir, fused_calls):
+    """The fused q/k/v op returns column blocks of one output; the cache must not keep that whole output alive
+    (transformers' caches copy on update today: this guards it)."""
+    from transformers import DynamicCache
+
+    model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True)
+    model.eval()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 320, (2, 13)), past_key_values=cache, use_cache=True)
+    assert fused_calls.count("qkv") == 2
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
 def test_adapters_cast_in_one_buffer_round_trip():
     """``cast_adapters``: one flat compute-dtype buffer whose views equal each weight's own cast (mixed dtypes,
     a non-contiguous weight), and ``adapter_views`` re-views it (what backward does from the saved buffer)."""
