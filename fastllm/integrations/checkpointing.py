@@ -27,17 +27,24 @@ _STATE = threading.local()
 
 
 @contextlib.contextmanager
-def _recomputing():
-    _STATE.depth = getattr(_STATE, "depth", 0) + 1
+def _inside(key: str):
+    setattr(_STATE, key, getattr(_STATE, key, 0) + 1)
     try:
         yield
     finally:
-        _STATE.depth -= 1
+        setattr(_STATE, key, getattr(_STATE, key) - 1)
 
 
 def _contexts():
-    """``checkpoint``'s ``context_fn``: nothing around the forward, ``is_recomputing()`` true around the recompute."""
-    return contextlib.nullcontext(), _recomputing()
+    """``checkpoint``'s ``context_fn``: ``in_checkpoint()`` true around the forward and the recompute,
+    ``is_recomputing()`` around the recompute."""
+    return _inside("forward"), _inside("depth")
+
+
+def in_checkpoint() -> bool:
+    """True inside a decoder layer run by one of these checkpoint functions (its forward or its recompute):
+    tensors saved for backward there are dropped after the forward and rebuilt in backward."""
+    return getattr(_STATE, "forward", 0) > 0 or is_recomputing()
 
 
 def is_recomputing() -> bool:

@@ -38,6 +38,7 @@ from collections import Counter
 
 import torch
 
+from ..integrations.checkpointing import in_checkpoint
 from ..ops.rope import rope
 from .lora import fused_lora_qkv
 from .nf4_linear import refresh_nf4_aliases
@@ -87,6 +88,11 @@ def qkv_region(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         return q, k, v
     fused = fused_lora_qkv(attn, x)
     q, k, v = fused if fused is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    if fused is not None and torch.is_grad_enabled() and not in_checkpoint():
+        # v is a column block of the fused op's (M, Nq + Nk + Nv) output; attention may save it for backward as
+        # it is, which would keep q's and k's columns alive too until backward (each layer's, without
+        # checkpointing). Inside fastllm's checkpoint the saved tensors are dropped anyway: no copy there.
+        v = v.contiguous()
     # Eagerly, RoPE of q and k is one op (one Triton launch on CUDA) in the projections' layout.
     q, k = rope(q.view(shape), k.view(shape), cos, sin)
     return q.transpose(1, 2), k.transpose(1, 2), v.view(shape).transpose(1, 2)

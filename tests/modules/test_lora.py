@@ -240,3 +240,44 @@ def test_adapters_cast_in_one_buffer_round_trip():
         assert torch.equal(v, w.to(torch.bfloat16))
     again = adapter_views(flat, tuple(w.shape for w in weights))
     assert all(a.data_ptr() == b.data_ptr() and torch.equal(a, b) for a, b in zip(views, again))
+
+
+def test_fused_v_is_copied_only_outside_fastllms_checkpoint(tiny_llama_i128_dir):
+    """Without checkpointing attention could save v, a column block of the fused q/k/v output, and so keep the
+    whole output alive until backward: there v is made its own tensor. Inside fastllm's checkpoint it stays a view
+    (saved tensors are dropped there), and training through both paths gives the same grads."""
+    from fastllm.integrations.checkpointing import nonreentrant_checkpoint
+    from fastllm.modules.decoder import qkv_region
+
+    model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True)
+    attn = model.base_model.model.model.layers[0].self_attn
+    x = torch.randn(2, 9, model.config.hidden_size, requires_grad=True)
+    cos = torch.ones(1, 9, attn.head_dim)
+    sin = torch.zeros(1, 9, attn.head_dim)
+
+    def own_storage(t):
+        return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+    _, _, v = qkv_region(attn, x, cos, sin)
+    assert own_storage(v)
+    seen = []
+
+    def region(x):
+        q, k, v = qkv_region(attn, x, cos, sin)
+        seen.append(own_storage(v))
+        return q.sum() + k.sum() + v.sum()
+
+    nonreentrant_checkpoint(region, x).backward()
+    assert seen == [False]  # a view, no copy (the recompute stops early, after RoPE's saved tensors)
+    with torch.no_grad():
+        _, _, v = qkv_region(attn, x, cos, sin)
+    assert not own_storage(v)  # inference: nothing is saved, no copy
+
+    ids = torch.randint(0, 320, (2, 21))
+    model.train()
+    loss_ckpt, grads_ckpt = _loss_grads(model, ids)
+    model.gradient_checkpointing_disable()
+    loss_plain, grads_plain = _loss_grads(model, ids)
+    torch.testing.assert_close(loss_plain, loss_ckpt, rtol=1e-6, atol=1e-6)
+    for n in grads_ckpt:
+        torch.testing.assert_close(grads_plain[n], grads_ckpt[n], rtol=1e-5, atol=1e-7, msg=n)
