@@ -1,13 +1,14 @@
 """TRL trainers keep fastllm's loss: their ``add_fused_lm_head`` is routed to fastllm for fastllm-patched models.
 
-TRL >= 1.16 trainers (SFT, DPO, GRPO, KTO, RLOO, the experimental async GRPO) call ``add_fused_lm_head(model, ...)`` on the model they train,
-which replaces ``model.forward`` with TRL's own logit-free head: on a fastllm model that would bypass the ``loss``
-patch (fastllm's kernels, and a LoRA delta on ``lm_head``, which TRL's head reads as ``lm_head.weight`` alone).
-``route_fused_lm_head()`` wraps that function once per process: for a model whose forward is fastllm's loss
-forward it records the call's arguments (``modules.fused_head.set_fused_head``) and leaves the forward alone, so
-``model(..., fused_lm_head=True)`` is answered by fastllm; every other model (a reference model, an unpatched one)
-gets TRL's own function unchanged. Trainer modules bind the name at import, so the ones already imported are
-rebound too, and later imports pick up the wrapper from ``trl.trainer.utils``. ``unroute_fused_lm_head()`` undoes it.
+TRL >= 1.16 trainers (SFT, DPO, GRPO, KTO, RLOO, the experimental async GRPO) call ``add_fused_lm_head(model,
+...)`` on the model they train, which replaces ``model.forward`` with TRL's own logit-free head: on a fastllm model
+that would bypass the ``loss`` patch (fastllm's kernels, and a LoRA delta on ``lm_head``, which TRL's head reads as
+``lm_head.weight`` alone). ``route_fused_lm_head()`` wraps that function once per process: for a model whose
+forward is fastllm's loss forward it records the call's arguments (``modules.fused_head.set_fused_head``) and
+leaves the forward alone, so ``model(..., fused_lm_head=True)`` is answered by fastllm; every other model (a
+reference model, an unpatched one) gets TRL's own function unchanged. Trainer modules bind the name at import, so
+the ones already imported are rebound too, and later imports pick up the wrapper from ``trl.trainer.utils``.
+``unroute_fused_lm_head()`` undoes it.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..ops.chunked_linear_loss import chunked_linear_map
+from ..ops.chunked_linear_loss import chunked_linear_map, log_prob_entropy
 
 IGNORE_INDEX = -100
 FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
@@ -61,10 +61,8 @@ def _fields_fn(temperature: float, fields: tuple):
     def fn(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:  # z (n, V) fp32, ids (n,)
         if temperature != 1.0:
             z = z / temperature
-        lse = torch.logsumexp(z, dim=-1)
-        cols = [z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse]
-        if "entropy" in fields:
-            cols.append(lse - (torch.softmax(z, dim=-1) * z).sum(-1))
+        logp, ent, lse = log_prob_entropy(z, ids, "entropy" in fields)
+        cols = [logp] if ent is None else [logp, ent]
         with torch.no_grad():
             zd = z.detach()
             if "log_sum_sq_probs" in fields:

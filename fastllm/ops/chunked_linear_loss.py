@@ -111,16 +111,20 @@ def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
     return total / valid.sum().clamp_min(1)
 
 
+def log_prob_entropy(z: torch.Tensor, ids: torch.Tensor, entropy: bool):
+    """(log p[ids], entropy or None, logsumexp) of logits ``z`` (n, V) fp32 at ``ids`` (n,), with gradients."""
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+    ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1) if entropy else None  # H = lse - sum_j p_j z_j
+    return logp, ent, lse
+
+
 def _log_prob_fn(temperature: float, entropy: bool) -> PerTokenFn:
     def fn(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if temperature != 1.0:
             z = z / temperature
-        lse = torch.logsumexp(z, dim=-1)
-        logp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
-        if not entropy:
-            return logp
-        ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1)  # H = lse - sum_j p_j z_j
-        return torch.stack([logp, ent], dim=-1)
+        logp, ent, _ = log_prob_entropy(z, ids, entropy)
+        return logp if ent is None else torch.stack([logp, ent], dim=-1)
 
     return fn
 

@@ -42,6 +42,7 @@ from .swiglu import swiglu_packed_backward, swiglu_packed_forward
 __all__ = ["LoRAMLPFunction", "lora_mlp"]
 
 _ORDER = (0, 2, 1, 3, 4, 5)  # (Ag, Au, Bg, Bu, Ad, Bd) positions of Ag, Bg, Au, Bu, Ad, Bd
+_ARG = tuple(_ORDER.index(i) for i in range(6))  # and the reverse: the argument at each position
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -91,7 +92,7 @@ class LoRAMLPFunction(torch.autograd.Function):
                                  stacked_rows(flat, r_gu, x2.shape[1]), (Bgc, Buc), (sg, su), f.backend,
                                  stacked_rows(gflat, r_gu, x2.shape[1]), (gBg, gBu),
                                  need_dx=ctx.needs_input_grad[0], dy_all=dgu)
-        needs = [ctx.needs_input_grad[1 + _ORDER.index(i)] for i in range(6)]
+        needs = [ctx.needs_input_grad[1 + a] for a in _ARG]
         out = master_grads(gflat, ctx.shapes, ctx.dtypes, needs)
         return (None if dx is None else dx.view(ctx.x_shape), *(out[i] for i in _ORDER), None, None)
 

@@ -30,6 +30,7 @@ from .nf4 import no_autocast
 __all__ = ["LoRAQKVFunction", "lora_qkv"]
 
 _ORDER = (0, 3, 1, 4, 2, 5)  # (Aq, Ak, Av, Bq, Bk, Bv) positions of Aq, Bq, Ak, Bk, Av, Bv
+_ARG = tuple(_ORDER.index(i) for i in range(6))  # and the reverse: the argument at each position
 
 
 class LoRAQKVFunction(torch.autograd.Function):
@@ -51,7 +52,8 @@ class LoRAQKVFunction(torch.autograd.Function):
             ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, as PEFT would
             ctx.frozen, ctx.x_shape = frozen, x.shape
             # column blocks of one (M, Nq + Nk + Nv) output: RoPE and attention read them in place
-            return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in y.split_with_sizes([b.shape[0] for b in casts[3:]], 1))
+            cols = y.split_with_sizes([b.shape[0] for b in casts[3:]], 1)
+            return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in cols)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
@@ -66,7 +68,7 @@ class LoRAQKVFunction(torch.autograd.Function):
         dx = lora_group_backward(dys, x2, xa, f.weights, f.states, stacked_rows(flat, r, x2.shape[1]), casts[3:],
                                  f.scales, f.backend, stacked_rows(gflat, r, x2.shape[1]), grads[3:],
                                  need_dx=need_dx)
-        needs = [ctx.needs_input_grad[1 + _ORDER.index(i)] for i in range(6)]
+        needs = [ctx.needs_input_grad[1 + a] for a in _ARG]
         for i, d in enumerate((dq, dk, dv)):  # an unused output: no gradient for its adapter, as PEFT
             if d is None:
                 needs[i] = needs[3 + i] = False

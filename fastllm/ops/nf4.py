@@ -210,22 +210,16 @@ def no_autocast(t: torch.Tensor):
 # ---- shared forward / backward maths ---------------------------------------------------------
 
 def _linear_fwd(x, packed, state: tuple, bias, backend: str) -> torch.Tensor:
-    absmax, code, code2, absmax2, offset, bs, bs2, shape = state
-    w = _dequant_into(packed, absmax, code, code2, absmax2, offset, bs, bs2,
-                      _workspace(x.device, x.dtype, shape), backend)  # (N, K) in x.dtype
+    w = stacked_dequant((packed,), (state,), x.device, x.dtype, backend)  # (N, K) in x.dtype
     # Computed in x's dtype, as bnb does after Linear4bit.forward cast x to compute_dtype.
     with no_autocast(x):
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
-def _linear_bwd_input(dy, packed, state: tuple, backend: str, out: torch.Tensor | None = None) -> torch.Tensor:
-    """dy @ W, W dequantized again; with ``out`` (2-D, (M, K)) it accumulates ``out += dy @ W`` instead."""
-    absmax, code, code2, absmax2, offset, bs, bs2, shape = state
-    w = _dequant_into(packed, absmax, code, code2, absmax2, offset, bs, bs2,
-                      _workspace(dy.device, dy.dtype, shape), backend)  # (N, K)
+def _linear_bwd_input(dy, packed, state: tuple, backend: str) -> torch.Tensor:
+    """dy @ W, W dequantized again."""
+    w = stacked_dequant((packed,), (state,), dy.device, dy.dtype, backend)  # (N, K)
     with no_autocast(dy):
-        if out is not None:
-            return out.addmm_(dy, w)
         return dy @ w  # (..., N) @ (N, K) -> (..., K)
 
 

@@ -127,4 +127,5 @@ def test_routing_rebinds_imported_trainer_modules_and_unroutes(tiny_llama_dir):
     assert sft.add_fused_lm_head is routed and grpo.add_fused_lm_head is routed
     unroute_fused_lm_head()
     assert sft.add_fused_lm_head is routed._fastllm_original is trl_utils.add_fused_lm_head
-    assert route_fused_lm_head() and sft.add_fused_lm_head is trl_utils.add_fused_lm_head is not routed._fastllm_original
+    assert route_fused_lm_head()
+    assert sft.add_fused_lm_head is trl_utils.add_fused_lm_head is not routed._fastllm_original
