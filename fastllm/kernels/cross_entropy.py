@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def _softcap(x, cap):
@@ -137,7 +139,8 @@ def cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, *, ignore_in
         row_scale = row_scale.reshape(n).contiguous()
     block, num_warps = _launch_config(V)
     scale_arg = row_scale if row_scale is not None else loss  # unread when HAS_SCALE is False
-    _cross_entropy_fwd_kernel[(n,)](
+    launch(
+        _cross_entropy_fwd_kernel, (n,),
         logits, logits.stride(0), labels.contiguous(), loss, lse, scale_arg,
         V, ignore_index, float(label_smoothing), float(z_loss), float(logit_softcap or 1.0),
         HAS_SOFTCAP=logit_softcap is not None, HAS_SMOOTHING=label_smoothing > 0.0,

@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def _dequant_tile(PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, OUT, tile, n_elements, n_bytes,
@@ -154,7 +156,8 @@ def nf4_dequant_fwd(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     if nested and (absmax2 is None or offset is None):
         raise ValueError("nested NF4 needs code2, absmax2 and offset")
     rows, cols, warps, grid = launch_config(n_bytes, blocksize, tile_bytes, num_warps)
-    _nf4_dequant_fwd_kernel[(grid,)](
+    launch(
+        _nf4_dequant_fwd_kernel, (grid,),
         packed, absmax, code, code2 if nested else code, absmax2 if nested else absmax,
         offset if nested else absmax, out, n, n_bytes,
         BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested,
@@ -193,7 +196,8 @@ def nf4_dequant_parts(parts, blocksize: int, out: torch.Tensor, blocksize2: int 
     if len(args) == 2:
         args.append(args[1])  # part 2 is never reached with PARTS=2
     flat = [*args[0], *args[1], *args[2][:-1]]
-    _nf4_dequant_parts_kernel[(sum(tiles),)](
+    launch(
+        _nf4_dequant_parts_kernel, (sum(tiles),),
         *flat, out, BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested,
         ROWS=rows, COLS=cols, PARTS=len(parts), num_warps=warps, enable_fp_fusion=False)
     return out

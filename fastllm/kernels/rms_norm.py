@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
@@ -76,8 +78,8 @@ def rms_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[t
     y = torch.empty((m, n), dtype=torch.result_type(x2d, weight), device=x2d.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x2d.device)
     block, num_warps = _launch_config(n)
-    _rms_norm_fwd_kernel[(m,)](x2d, weight, y, rstd, x2d.stride(0), y.stride(0), n, eps,
-                               BLOCK=block, num_warps=num_warps)
+    launch(_rms_norm_fwd_kernel, (m,), x2d, weight, y, rstd, x2d.stride(0), y.stride(0), n, eps,
+           BLOCK=block, num_warps=num_warps)
     return y, rstd
 
 
@@ -97,8 +99,8 @@ def rms_norm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rs
     rows_per_prog = triton.cdiv(m, programs)
     programs = triton.cdiv(m, rows_per_prog)
     dw_part = torch.empty((programs, n), dtype=torch.float32, device=x2d.device) if need_dw else dx
-    _rms_norm_bwd_kernel[(programs,)](dy2d, x2d, weight, rstd, dx, dw_part, dy2d.stride(0), x2d.stride(0),
-                                      dx.stride(0), m, n, ROWS_PER_PROG=rows_per_prog, BLOCK=block,
-                                      HAS_DW=need_dw, num_warps=num_warps)
+    launch(_rms_norm_bwd_kernel, (programs,), dy2d, x2d, weight, rstd, dx, dw_part, dy2d.stride(0), x2d.stride(0),
+           dx.stride(0), m, n, ROWS_PER_PROG=rows_per_prog, BLOCK=block,
+           HAS_DW=need_dw, num_warps=num_warps)
     dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
     return dx, dw

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def _rotate_heads(X, Y, row, x_stride, n_heads, c1, c2, s1, s2, D: tl.constexpr, HALF: tl.constexpr,
@@ -67,7 +69,7 @@ def rope_apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     half = d // 2
     block_h = min(16, triton.next_power_of_2(max(nq, k.shape[1])))
-    _rope_kernel[(rows,)](q, k, cos, sin, qo, ko, q.stride(0), k.stride(0), nq, k.shape[1], cos.shape[0],
-                          D=d, HALF=half, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half), BACKWARD=backward,
-                          num_warps=4, enable_fp_fusion=False)
+    launch(_rope_kernel, (rows,), q, k, cos, sin, qo, ko, q.stride(0), k.stride(0), nq, k.shape[1], cos.shape[0],
+           D=d, HALF=half, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half), BACKWARD=backward,
+           num_warps=4, enable_fp_fusion=False)
     return qo, ko
