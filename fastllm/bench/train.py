@@ -122,6 +122,12 @@ def _profile(step, path: str, device: torch.device) -> float | None:
         f.write(table.table(sort_by="self_cpu_time_total", row_limit=25))
         f.write("\n\nPython functions, 2 steps under cProfile (no torch.profiler), by own time\n")
         f.write(_python_profile(step, device))
+        if device.type == "cuda":
+            f.write("\n\nHost-device synchronisations in one step (each one drains the GPU's queue)\n")
+            try:
+                f.write(_sync_points(step))
+            except Exception as exc:  # a diagnostic: never lose the row for it
+                f.write(f"not measured: {exc!r}\n")
     if device.type != "cuda":
         return None
     # Kernel rows only: an op row (aten::mm) carries its kernels' time as its own "self" device time too,
@@ -131,6 +137,33 @@ def _profile(step, path: str, device: torch.device) -> float | None:
     busy_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
                   for e in table if e.device_type == DeviceType.CUDA)
     return busy_us / 2 / 1000
+
+
+def _sync_points(step) -> str:
+    """Where one step synchronises the host with the GPU (``torch.cuda.set_sync_debug_mode``): a count per
+    call site. A step without them keeps the GPU's queue full whenever the host is ahead on average."""
+    import traceback
+    import warnings
+    from collections import Counter
+
+    sites = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename][-4:]
+        sites[" <- ".join(f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(frames))] += 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    lines = [f"{n:5d}  {site}" for site, n in sites.most_common(25)]
+    return f"{sum(sites.values())} synchronising calls\n" + "\n".join(lines) + "\n"
 
 
 def _python_profile(step, device: torch.device) -> str:
