@@ -273,7 +273,33 @@ def _dequantize_impl(packed, absmax, code, code2, absmax2, offset, blocksize, bl
     return _dequant_into(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, out)
 
 
+def _bnb_gemm_op():
+    """bitsandbytes' ``gemm_4bit`` op (bnb >= 0.50), or None: looked up once (``torch.ops`` lookups are Python)."""
+    global _BNB_GEMM
+    if _BNB_GEMM is _UNSET:
+        _BNB_GEMM = getattr(getattr(torch.ops, "bitsandbytes", None), "gemm_4bit", None)
+    return _BNB_GEMM
+
+
+_UNSET = object()
+_BNB_GEMM = _UNSET
+
+
+def _goes_to_bnb_gemm(x, packed, code2, blocksize, blocksize2, shape) -> bool:
+    """A one-token call on CUDA (a decode step): bnb's fused 4-bit GEMV kernel reads only the packed weight,
+    where dequant + GEMM writes and re-reads a dense one. bnb takes it for K a multiple of the blocksize and
+    nested states with a second-level blocksize of 256 (what ``quantize_4bit`` writes)."""
+    return (x.is_cuda and x.numel() == x.shape[-1] and shape[1] % blocksize == 0 and packed.dtype == torch.uint8
+            and (code2 is None or blocksize2 == 256) and _bnb_gemm_op() is not None)
+
+
 def _linear_impl(x, packed, absmax, code, code2, absmax2, offset, bias, blocksize, blocksize2, shape):
+    if _goes_to_bnb_gemm(x, packed, code2, blocksize, blocksize2, shape):
+        # bnb's own no-grad call (``matmul_4bit``): the nested absmax is decoded inside its kernel
+        if code2 is None:
+            return _bnb_gemm_op()(x, packed, list(shape), absmax, blocksize, "nf4", bias=bias)
+        return _bnb_gemm_op()(x, packed, list(shape), absmax2, blocksize, "nf4", bias=bias, absmax_8bit=absmax,
+                              absmax_code=code2, absmax_offset=offset)
     return _linear_fwd(x, packed, (absmax, code, code2, absmax2, offset, blocksize, blocksize2, shape), bias, "auto")
 
 
