@@ -12,8 +12,9 @@ as they are. That key is at least as fine as Triton's own, so a hit always names
 have chosen. The first call with a new key goes through ``kernel[grid]`` (which compiles or finds the
 binary and launches it); later calls go straight to the compiled kernel's launcher.
 
-Under the Triton interpreter (``TRITON_INTERPRET=1``), or with ``FASTLLM_FAST_LAUNCH=0``, every call takes
-``kernel[grid]``. Arguments are positional in the kernel's parameter order, constexprs by keyword.
+Under the Triton interpreter (``TRITON_INTERPRET=1``), or with ``FASTLLM_FAST_LAUNCH=0`` (both read at the
+first launch; ``set_enabled`` switches at run time), every call takes ``kernel[grid]``. Arguments are
+positional in the kernel's parameter order, constexprs by keyword.
 """
 
 from __future__ import annotations
@@ -22,26 +23,46 @@ import os
 
 import torch
 
-__all__ = ["launch", "launch_stats"]
+__all__ = ["launch", "launch_stats", "set_enabled"]
 
 _CACHE: dict = {}                 # (id(kernel), device, traits) -> (launcher, function, packed metadata)
 _STATS = {"fast": 0, "slow": 0}   # launches through each path (tests read it)
 
 
+_ENABLED: bool | None = None  # read from the environment at the first launch (``set_enabled`` overrides)
+
+
+def set_enabled(on: bool | None) -> None:
+    """Turn the direct path on or off (None: read the environment again at the next launch)."""
+    global _ENABLED
+    _ENABLED = on
+
+
 def _enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and os.environ.get("FASTLLM_FAST_LAUNCH", "1") != "0"
+    global _ENABLED
+    if _ENABLED is None:  # os.environ lookups cost ~2 us each: once, not per launch
+        _ENABLED = (os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+                    and os.environ.get("FASTLLM_FAST_LAUNCH", "1") != "0")
+    return _ENABLED
+
+
+_Tensor = torch.Tensor
 
 
 def _trait(a):
-    """What Triton specialises a runtime argument on (or finer)."""
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() & 15 == 0
-    if isinstance(a, bool):
-        return bool, a
-    if isinstance(a, int):
+    """What Triton specialises a runtime argument on (or finer). Exact type checks first: this runs per
+    argument per launch (bool is an int subclass and is told apart by its exact type)."""
+    t = type(a)
+    if t is int:
         return a == 1, a & 15 == 0, -(2 ** 31) <= a < 2 ** 31
-    if isinstance(a, float):
+    if t is bool:
+        return bool, a
+    if t is float:
         return float
+    if isinstance(a, _Tensor):
+        return a.dtype, a.data_ptr() & 15 == 0
+    if isinstance(a, int):  # int subclasses (numpy ints are not): as ints
+        return a == 1, a & 15 == 0, -(2 ** 31) <= a < 2 ** 31
     return a  # None and other constants: by value
 
 

@@ -18,6 +18,7 @@ def test_traits_separate_what_triton_specialises_on():
     assert L._trait(16) == L._trait(4096)          # the same binary serves both
     assert L._trait(True) != L._trait(1)
     assert L._trait(0.5) == L._trait(2.0)          # floats are not specialised
+    assert L._trait(None) is None
 
 
 def _swiglu(g, u):
@@ -47,6 +48,11 @@ def test_direct_launches_follow_alignment_and_sizes(monkeypatch):
     after = L.launch_stats()
     assert after["fast"] - before["fast"] >= len(cases)
     monkeypatch.setenv("FASTLLM_FAST_LAUNCH", "0")  # the switch back to Triton's own path
-    g, u = cases[1]
-    torch.testing.assert_close(_swiglu(g, u), torch.nn.functional.silu(g) * u)
-    assert L.launch_stats()["fast"] == after["fast"]
+    L.set_enabled(None)
+    try:
+        g, u = cases[1]
+        torch.testing.assert_close(_swiglu(g, u), torch.nn.functional.silu(g) * u)
+        assert L.launch_stats()["fast"] == after["fast"]
+    finally:
+        monkeypatch.delenv("FASTLLM_FAST_LAUNCH")
+        L.set_enabled(None)
