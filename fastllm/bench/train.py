@@ -120,6 +120,14 @@ def _profile(step, path: str, device: torch.device) -> float | None:
         # A step whose wall time exceeds its device time is host-bound: show where the host goes too.
         f.write("\n\nby host (self CPU) time\n")
         f.write(table.table(sort_by="self_cpu_time_total", row_limit=25))
+        if device.type == "cuda":
+            from .idle import idle_report
+
+            f.write("\n\nGPU idle time, charged to the host's work at the late launch\n")
+            try:
+                f.write(idle_report(prof, steps=2))
+            except Exception as exc:  # a diagnostic: never lose the row for it
+                f.write(f"not measured: {exc!r}\n")
         f.write("\n\nPython functions, 2 steps under cProfile (no torch.profiler), by own time\n")
         f.write(_python_profile(step, device))
         if device.type == "cuda":
@@ -198,12 +206,16 @@ def run_worker(provider: str, shape: str, *, steps: int, warmup: int, batch: int
     opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
     model.train()
 
+    phase = torch.profiler.record_function  # markers for --profile's idle report (a no-op cost otherwise)
+
     def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
+        with phase("phase:forward"), torch.autocast(dev.type, dtype=torch.bfloat16):
             loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with phase("phase:backward"):
+            loss.backward()
+        with phase("phase:optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss.detach()
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -1,0 +1,72 @@
+"""Where a profiled step leaves the GPU idle: each gap between device activities, charged to what the host
+was doing when it launched the work that ended the gap.
+
+A step whose wall time exceeds its kernels' time is waiting on the host somewhere. The device ran everything
+queued before a gap, so the gap ends when the host launches the next piece of work: the op around that
+launch, and the step phase (``record_function("phase:...")`` markers), say where the host fell behind.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+
+__all__ = ["idle_report"]
+
+_RUNTIME = ("cuda", "cu")  # runtime / driver API events (cudaLaunchKernel, cuLaunchKernelEx, ...)
+
+
+def _is_runtime(name: str) -> bool:
+    return name.startswith(_RUNTIME)
+
+
+def idle_report(prof, steps: int, min_gap_us: float = 2.0, top: int = 25) -> str:
+    """A text table of device idle time per step: total, per phase, and per op around the late launch."""
+    from torch.autograd import DeviceType
+
+    events = prof.profiler.kineto_results.events()
+    device = sorted((e for e in events if e.device_type() == DeviceType.CUDA), key=lambda e: e.start_ns())
+    if not device:
+        return "no device events\n"
+    host = [e for e in events if e.device_type() == DeviceType.CPU]
+    launches = {e.correlation_id(): e for e in host if _is_runtime(e.name())}
+    ops = sorted((e for e in host if not _is_runtime(e.name())), key=lambda e: e.start_ns())
+    starts = [e.start_ns() for e in ops]
+    phases = [e for e in ops if e.name().startswith("phase:")]
+
+    def around(t: int):
+        """Innermost op (not a phase marker) and the phase containing host time t."""
+        i = bisect.bisect_right(starts, t) - 1
+        best = None
+        for e in ops[max(0, i - 400): i + 1][::-1]:  # nested ops start before t; look back a window
+            if e.end_ns() >= t and not e.name().startswith("phase:"):
+                if best is None or e.duration_ns() < best.duration_ns():
+                    best = e
+        phase = next((p.name()[6:] for p in phases if p.start_ns() <= t <= p.end_ns()), "other")
+        return (best.name() if best is not None else "?"), phase
+
+    by_op: dict = defaultdict(float)
+    by_phase: dict = defaultdict(float)
+    busy_end = device[0].end_ns()
+    total = 0.0
+    n = 0
+    for e in device[1:]:
+        gap = (e.start_ns() - busy_end) / 1e3  # us
+        busy_end = max(busy_end, e.end_ns())
+        if gap < min_gap_us:
+            continue
+        launch = launches.get(e.correlation_id())
+        t = launch.start_ns() if launch is not None else e.start_ns()
+        op, phase = around(t)
+        by_op[(phase, op)] += gap
+        by_phase[phase] += gap
+        total += gap
+        n += 1
+    span = (busy_end - device[0].start_ns()) / 1e3
+    lines = [f"device idle {total / steps / 1e3:.1f} ms per step in {n // max(steps, 1)} gaps >= {min_gap_us} us "
+             f"(first to last device activity: {span / steps / 1e3:.1f} ms per step)"]
+    lines += [f"  {p:<10} {v / steps / 1e3:8.2f} ms" for p, v in sorted(by_phase.items(), key=lambda kv: -kv[1])]
+    lines.append("by (phase, op around the late launch), ms per step:")
+    lines += [f"  {v / steps / 1e3:8.2f}  {p:<10} {o}" for (p, o), v in
+              sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]
+    return "\n".join(lines) + "\n"
