@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .._compat import is_linear4bit
-from ..integrations.checkpointing import is_recomputing
+from ..integrations.checkpointing import in_checkpoint, is_recomputing
 from ..ops.lora import lora_nf4_linear
 from ..ops.lora_mlp import lora_mlp
 from ..ops.lora_qkv import lora_qkv
@@ -96,7 +96,15 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if fusable is None:
         return type(self).forward(self, x, *args, **kwargs)
     xc, inp_dtype, bias, base, name, A, B = fusable
-    return lora_nf4_linear(xc, base._parameters["weight"], A, B, self.scaling[name], bias).to(inp_dtype)
+    return lora_nf4_linear(xc, base._parameters["weight"], A, B, self.scaling[name], bias,
+                           cast_cache=_cast_cache()).to(inp_dtype)
+
+
+def _cast_cache() -> str | None:
+    """The adapters' compute-dtype copies made in a checkpointed forward serve that layer's recompute."""
+    if is_recomputing():
+        return "reuse"
+    return "store" if in_checkpoint() and torch.is_grad_enabled() else None
 
 
 def _patched(layer) -> bool:
@@ -127,10 +135,10 @@ def fused_lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
     layer the MLP output only feeds the residual add that ends the layer, so while fastllm's checkpointing
     re-runs the layer in backward (where that output is dropped) the down projection is skipped."""
     parts = _fused_parts((mlp.gate_proj, mlp.up_proj, mlp.down_proj), x)
-    return None if parts is None else lora_mlp(x, *parts, need_output=not is_recomputing())
+    return None if parts is None else lora_mlp(x, *parts, need_output=not is_recomputing(), cast_cache=_cast_cache())
 
 
 def fused_lora_qkv(attn, x: torch.Tensor):
     """(q, k, v) projections of x as one op (Llama attention under QLoRA with the lora patch), or None."""
     parts = _fused_parts((attn.q_proj, attn.k_proj, attn.v_proj), x)
-    return None if parts is None else lora_qkv(x, *parts)
+    return None if parts is None else lora_qkv(x, *parts, cast_cache=_cast_cache())

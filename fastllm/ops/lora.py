@@ -15,7 +15,8 @@ PEFT's ``lora.Linear4bit`` computes the same with a defensive ``clone`` of the b
 ``x`` to the adapter's dtype, a separate ``* scaling`` and ``+``: five extra passes over an (M, N)
 tensor per call. Here everything runs in x's (compute) dtype, as PEFT does under autocast; the
 adapter's own dtype (fp32 master weights) only receives the gradients. Saved for backward: x, the
-small ``xa`` (M, r), the packed 4-bit weight (never a dense copy) and the adapter weights.
+small ``xa`` (M, r); on ctx: the packed 4-bit weight (never a dense copy) and the cached compute-dtype
+adapter copies (``cast_adapters``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .nf4 import _bias_grad, _state_args, no_autocast, plain_tensor, stacked_dequant
 
@@ -38,18 +40,32 @@ class LoRAFrozen(NamedTuple):
     scales: tuple           # LoRA scale of each projection (floats)
     backend: str
     use_triton: bool        # for an elementwise kernel between projections (the MLP's SwiGLU)
+    cast_cache: str | None = None  # ``cast_adapters``' cache mode: "store" / "reuse" in checkpointed layers
 
 
-def cast_adapters(params, dtype: torch.dtype) -> tuple[torch.Tensor, tuple]:
+_CASTS = WeakIdKeyDictionary()  # first adapter weight -> (key, flat, views): a forward's cast, kept for its recompute
+
+
+def cast_adapters(params, dtype: torch.dtype, cache: str | None = None) -> tuple[torch.Tensor, tuple]:
     """The adapter weights ``params`` cast to the compute ``dtype`` in one launch: (flat buffer, views).
 
-    One ``cat`` into a flat buffer instead of a cast per weight, and one tensor to save for backward
-    (``adapter_views`` re-views it there): each cast is a launch, and each saved tensor costs checkpointing's
-    pack/unpack hooks, on a host-bound step. Call without grad mode (inside an autograd Function).
+    One ``cat`` into a flat buffer instead of a cast per weight: each cast is a launch on a host-bound step.
+    ``cache="store"`` (a checkpointed forward) keeps the result for the group's next ``cache="reuse"`` call (that
+    layer's recompute in backward), which takes it instead of casting again: the adapters cannot change between
+    a layer's forward and its backward. Nothing longer-lived is safe to assume: fused AdamW updates weights in
+    place without bumping their version counters. Call without grad mode (inside an autograd Function).
     """
+    key = (dtype, *map(id, params))
+    if cache == "reuse":
+        hit = _CASTS.pop(params[0], None)
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
     flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
     torch.cat([p.reshape(-1) for p in params], out=flat)
-    return flat, adapter_views(flat, tuple(p.shape for p in params))
+    views = adapter_views(flat, tuple(p.shape for p in params))
+    if cache == "store":
+        _CASTS[params[0]] = (key, flat, views)
+    return flat, views
 
 
 _TEMPLATES: dict[tuple, list] = {}  # shapes -> meta tensors of those shapes (no memory), for unflatten
@@ -164,11 +180,12 @@ class LoRANF4Function(torch.autograd.Function):
     def forward(ctx, x, bias, A, B, frozen: LoRAFrozen):
         with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
             x2 = x.reshape(-1, x.shape[-1])
-            # Compute-dtype copies, saved for backward (LoRA-sized) so it does not cast them again.
-            flat, (Ac, Bc) = cast_adapters((A, B), x.dtype)
+            # Compute-dtype copies (cached until the adapters change), kept for backward: no cast there.
+            flat, (Ac, Bc) = cast_adapters((A, B), x.dtype, frozen.cast_cache)
             y, xa = lora_group_forward(x2, frozen.weights, frozen.states, Ac, (Bc,), frozen.scales,
                                        frozen.backend, bias)
-            ctx.save_for_backward(x2, xa, flat)
+            ctx.save_for_backward(x2, xa)
+            ctx.flat = flat  # cached copies (cast_adapters): on ctx, no checkpoint hooks
             ctx.ab_dtypes, ctx.ab_shapes = (A.dtype, B.dtype), (A.shape, B.shape)
             ctx.frozen, ctx.x_shape = frozen, x.shape
             ctx.bias_dtype = None if bias is None else bias.dtype
@@ -176,7 +193,8 @@ class LoRANF4Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, flat = ctx.saved_tensors
+        x2, xa = ctx.saved_tensors
+        flat = ctx.flat
         Ac, Bc = adapter_views(flat, ctx.ab_shapes)  # A, B in the compute dtype (x2.dtype)
         f = ctx.frozen
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
@@ -191,13 +209,15 @@ class LoRANF4Function(torch.autograd.Function):
 
 
 def lora_nf4_linear(x: torch.Tensor, weight, A: torch.Tensor, B: torch.Tensor, scale: float,
-                    bias: torch.Tensor | None = None, *, backend: str = "auto") -> torch.Tensor:
+                    bias: torch.Tensor | None = None, *, backend: str = "auto",
+                    cast_cache: str | None = None) -> torch.Tensor:
     """The QLoRA linear ``x @ dequant(weight).T + bias + scale * (x @ A.T) @ B.T``.
 
     x: (..., K) in the compute dtype; weight: a bnb NF4 ``Params4bit`` (quant_state.shape (N, K));
     A: (r, K); B: (N, r) (any float dtype, e.g. fp32 masters). Returns (..., N) in x.dtype.
+    ``cast_cache``: see ``cast_adapters`` ("store" in a checkpointed forward, "reuse" in its recompute).
     """
-    frozen = frozen_parts(((weight, A, B, scale),), ("",), backend, False)
+    frozen = frozen_parts(((weight, A, B, scale),), ("",), backend, False, cast_cache)
     return LoRANF4Function.apply(x, bias, A, B, frozen)
 
 
@@ -207,10 +227,10 @@ def check_adapter(A: torch.Tensor, B: torch.Tensor, prefix: str = "") -> None:
                          f"got {tuple(A.shape)} and {tuple(B.shape)}")
 
 
-def frozen_parts(parts, names, backend: str, use_triton: bool) -> LoRAFrozen:
+def frozen_parts(parts, names, backend: str, use_triton: bool, cast_cache: str | None = None) -> LoRAFrozen:
     """Check each projection's ``(weight, A, B, scale)`` and gather what gets no gradient."""
     for name, (_, A, B, _) in zip(names, parts):
         check_adapter(A, B, f"{name}: " if name else "")
     states = tuple(_state_args(w.quant_state) for w, *_ in parts)
     weights = tuple(plain_tensor(p[0]) for p in parts)
-    return LoRAFrozen(weights, states, tuple(float(p[3]) for p in parts), backend, use_triton)
+    return LoRAFrozen(weights, states, tuple(float(p[3]) for p in parts), backend, use_triton, cast_cache)

@@ -16,8 +16,8 @@ QLoRA steps are bound by that host work, not by the GPU (an H200 host spends 13-
 up are one stacked projection (``lora_group_forward``): one dequant launch, one GEMM to ``gu = [g | u]``
 (M, 2I), one ``x @ [Ag; Au].T``; SwiGLU reads and writes that packed layout, so the backward's dx is one GEMM
 over ``[dg | du]``. Forward: 2 dequant launches, 2 base GEMMs, 4 rank-r GEMMs, one SwiGLU kernel, one node.
-Saved for backward: x, gu, h, the (M, 2r) and (M, r) LoRA activations and the compute-dtype adapter copies in
-one buffer (the packed weights ride on ctx; never a dense weight). In a checkpoint's recompute
+Saved for backward: x, gu, h, the (M, 2r) and (M, r) LoRA activations; on ctx: the packed weights (never a dense
+weight) and the cached compute-dtype adapter copies in one buffer (``cast_adapters``). In a checkpoint's recompute
 (``need_output=False``) the down projection is skipped: its output is dropped there.
 """
 
@@ -57,7 +57,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1])
             # compute-dtype copies in one launch, reused in backward; Ag over Au first, stacked for one GEMM
             order = (Ag, Au, Bg, Bu, Ad, Bd)
-            flat, (_, _, Bgc, Buc, Adc, Bdc) = cast_adapters(order, x.dtype)
+            flat, (_, _, Bgc, Buc, Adc, Bdc) = cast_adapters(order, x.dtype, frozen.cast_cache)
             r_gu = Ag.shape[0] + Au.shape[0]
             gu, xa_gu = lora_group_forward(x2, (wg, wu), (stg, stu), stacked_rows(flat, r_gu, x2.shape[1]),
                                            (Bgc, Buc), (sg, su), frozen.backend)  # (M, 2I) = [g | u]
@@ -66,7 +66,8 @@ class LoRAMLPFunction(torch.autograd.Function):
                 y, had = lora_group_forward(h, (wd,), (std,), Adc, (Bdc,), (sd,), frozen.backend)
             else:  # a checkpoint's recompute: only the saved tensors matter, y is dropped
                 had, y = h @ Adc.t(), torch.empty_like(x)
-            ctx.save_for_backward(x2, gu, h, xa_gu, had, flat)  # weights: frozen, on ctx.frozen
+            ctx.save_for_backward(x2, gu, h, xa_gu, had)  # weights: frozen, on ctx.frozen
+            ctx.flat = flat  # cached adapter copies (cast_adapters): on ctx, no checkpoint hooks
             ctx.frozen, ctx.x_shape = frozen, x.shape
             ctx.dtypes = tuple(p.dtype for p in order)
             ctx.shapes = tuple(p.shape for p in order)
@@ -74,7 +75,8 @@ class LoRAMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, gu, h, xa_gu, had, flat = ctx.saved_tensors
+        x2, gu, h, xa_gu, had = ctx.saved_tensors
+        flat = ctx.flat
         _, _, Bgc, Buc, Adc, Bdc = adapter_views(flat, ctx.shapes)
         gflat = torch.empty_like(flat)
         _, _, gBg, gBu, gAd, gBd = adapter_views(gflat, ctx.shapes)
@@ -98,17 +100,19 @@ class LoRAMLPFunction(torch.autograd.Function):
 
 
 def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, *, backend: str = "auto",
-             need_output: bool = True) -> torch.Tensor:
+             need_output: bool = True, cast_cache: str | None = None) -> torch.Tensor:
     """The QLoRA SwiGLU MLP in one op. Each of gate/up/down is ``(weight, A, B, scale)``: a bnb NF4
     ``Params4bit`` weight (quant_state.shape (N, K)), A (r, K), B (N, r) in any float dtype, a float scale.
 
     x: (..., H) in the compute dtype; gate/up weights (I, H), down (H, I). Returns (..., H) in x.dtype.
     ``need_output=False`` (a checkpoint's recompute, where only the saved tensors are used) skips the down
     projection (its dequant and both GEMMs: a seventh of the layer's GEMM work) and returns uninitialised memory
-    of the output's shape, with the same saved tensors and the same backward.
+    of the output's shape, with the same saved tensors and the same backward. ``cast_cache``: see
+    ``ops.lora.cast_adapters``.
     """
     parts = (gate, up, down)
-    frozen = frozen_parts(parts, ("gate", "up", "down"), backend, pick_backend(backend, x.device) == "triton")
+    frozen = frozen_parts(parts, ("gate", "up", "down"), backend, pick_backend(backend, x.device) == "triton",
+                          cast_cache)
     (i_g, h_g), (i_u, h_u), (h_d, i_d) = (tuple(s[7]) for s in frozen.states)
     if not (h_g == h_u == h_d == x.shape[-1] and i_g == i_u == i_d):
         raise ValueError(f"MLP weights do not chain: gate {(i_g, h_g)}, up {(i_u, h_u)}, down {(h_d, i_d)} "

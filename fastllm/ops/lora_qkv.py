@@ -7,8 +7,8 @@ With ``W* = dequant(weight*)``, adapters ``A*`` (r, H), ``B*`` (N*, r), scales `
               dAp = sp * (dp @ Bp).T @ x ,  dBp = sp * dp.T @ (x @ Ap.T)
 
 One node and one gradient buffer instead of three PEFT layers (about eight ops and an autograd node each):
-the step is host-bound on small models (see ``fastllm.ops.lora_mlp``). Saved for backward: x, the three
-(M, r) LoRA activations, the packed weights and the compute-dtype adapter copies.
+the step is host-bound on small models (see ``fastllm.ops.lora_mlp``). Saved for backward: x and the three
+(M, r) LoRA activations; on ctx: the packed weights and the cached compute-dtype adapter copies.
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ class LoRAQKVFunction(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1])
             # compute-dtype copies in one launch, reused in backward; Aq, Ak, Av first, stacked for one GEMM
             order = (Aq, Ak, Av, Bq, Bk, Bv)
-            flat, casts = cast_adapters(order, x.dtype)
+            flat, casts = cast_adapters(order, x.dtype, frozen.cast_cache)
             r = Aq.shape[0] + Ak.shape[0] + Av.shape[0]
             y, xa = lora_group_forward(x2, frozen.weights, frozen.states, stacked_rows(flat, r, x2.shape[1]),
                                        casts[3:], frozen.scales, frozen.backend)
-            ctx.save_for_backward(x2, xa, flat)  # weights: frozen, on ctx.frozen
+            ctx.save_for_backward(x2, xa)  # weights: frozen, on ctx.frozen
+            ctx.flat = flat  # cached adapter copies (cast_adapters): on ctx, no checkpoint hooks
             ctx.shapes = tuple(p.shape for p in order)
             ctx.dtypes = tuple(p.dtype for p in order)
             ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, as PEFT would
@@ -57,7 +58,8 @@ class LoRAQKVFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        x2, xa, flat = ctx.saved_tensors
+        x2, xa = ctx.saved_tensors
+        flat = ctx.flat
         casts = adapter_views(flat, ctx.shapes)  # Aq, Ak, Av, Bq, Bk, Bv
         f = ctx.frozen
         gflat = torch.empty_like(flat)
@@ -76,13 +78,15 @@ class LoRAQKVFunction(torch.autograd.Function):
         return (None if dx is None else dx.view(ctx.x_shape), *(out[i] for i in _ORDER), None)
 
 
-def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, *, backend: str = "auto"):
+def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, *, backend: str = "auto",
+             cast_cache: str | None = None):
     """(q, k, v) of one input in one op. Each of q/k/v is ``(weight, A, B, scale)``: a bnb NF4 ``Params4bit``
     weight (quant_state.shape (N, H)), A (r, H), B (N, r) in any float dtype, a float scale.
 
-    x: (..., H) in the compute dtype; returns three (..., N*) tensors in x.dtype.
+    x: (..., H) in the compute dtype; returns three (..., N*) tensors in x.dtype. ``cast_cache``: see
+    ``ops.lora.cast_adapters``.
     """
-    frozen = frozen_parts((q, k, v), "qkv", backend, False)
+    frozen = frozen_parts((q, k, v), "qkv", backend, False, cast_cache)
     if any(s[7][1] != x.shape[-1] for s in frozen.states):
         raise ValueError(f"q/k/v weights {[tuple(s[7]) for s in frozen.states]} do not take x (..., {x.shape[-1]})")
     return LoRAQKVFunction.apply(x, q[1], q[2], k[1], k[2], v[1], v[2], frozen)

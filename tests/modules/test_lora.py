@@ -81,15 +81,17 @@ def fused_calls(monkeypatch):
 
     class Calls(list):
         mlp_outputs: list  # the MLP op's need_output per call (False in a checkpoint's recompute)
+        cast_modes: list   # each call's adapter-cast cache mode ("store" forward, "reuse" recompute)
 
     calls = Calls()
-    calls.mlp_outputs = []
+    calls.mlp_outputs, calls.cast_modes = [], []
     for fn, tag in ((lora_ops.LoRANF4Function, "linear"), (mlp_ops.LoRAMLPFunction, "mlp"),
                     (qkv_ops.LoRAQKVFunction, "qkv")):
         def counting(*args, _real=fn.apply, _tag=tag):
             calls.append(_tag)
             if _tag == "mlp":
                 calls.mlp_outputs.append(args[-1])
+            calls.cast_modes.append(next(a for a in args if isinstance(a, lora_ops.LoRAFrozen)).cast_cache)
             return _real(*args)
 
         monkeypatch.setattr(fn, "apply", counting)
@@ -107,6 +109,8 @@ def test_patched_lora_matches_peft_and_bitsandbytes(tiny_llama_i128_dir, fused_c
     assert [fused_calls.count(t) for t in ("qkv", "linear", "mlp")] == [2 * 2, 2 * 2, 2 * 2]
     # The recompute skips the MLP's down projection (its output is dropped there); the grads below show it is.
     assert fused_calls.mlp_outputs == [True, True, False, False]
+    # The forward keeps its adapter casts for the recompute, which takes them instead of casting again.
+    assert fused_calls.cast_modes == ["store"] * 6 + ["reuse"] * 6
     with eager(model):  # PEFT's forward over bitsandbytes' own Linear4bit
         ref_loss, ref_grads = _loss_grads(model, ids)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
