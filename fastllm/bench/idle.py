@@ -25,7 +25,9 @@ def idle_report(prof, steps: int, min_gap_us: float = 2.0, top: int = 25) -> str
     from torch.autograd import DeviceType
 
     events = prof.profiler.kineto_results.events()
-    device = sorted((e for e in events if e.device_type() == DeviceType.CUDA), key=lambda e: e.start_ns())
+    # device activity: kernels, copies, memsets (not the markers' annotation spans, which cover whole phases)
+    device = sorted((e for e in events if e.device_type() == DeviceType.CUDA and not e.name().startswith("phase:")),
+                    key=lambda e: e.start_ns())
     if not device:
         return "no device events\n"
     host = [e for e in events if e.device_type() == DeviceType.CPU]

@@ -220,18 +220,21 @@ def test_gpu_one_token_op_call_goes_to_bitsandbytes(monkeypatch, nested, with_bi
     bias = torch.randn(1024, dtype=torch.bfloat16, device="cuda") if with_bias else None
     args = nf4_args(w.data, w.quant_state)
     x = torch.randn(1, 1, 4096, dtype=torch.bfloat16, device="cuda")
-    tol = dict(rtol=1e-2, atol=1e-2)
+
+    def rel_err(a, b):  # outputs are ~64 in size: compare by norm (bf16 rounding differs per element)
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
     with torch.no_grad():
         ref = bnb.matmul_4bit(x, w.t(), quant_state=w.quant_state, bias=bias)
-        torch.testing.assert_close(nf4_linear_args(x, args, bias), ref, **tol)
+        assert rel_err(nf4_linear_args(x, args, bias), ref) < 1e-3
         assert len(calls) == 1
         torch._dynamo.reset()
         compiled = torch.compile(nf4_linear_args, fullgraph=True)
-        torch.testing.assert_close(compiled(x, args, bias), ref, **tol)
+        assert rel_err(compiled(x, args, bias), ref) < 1e-3
         assert len(calls) == 2
         x2 = torch.randn(1, 2, 4096, dtype=torch.bfloat16, device="cuda")
-        torch.testing.assert_close(nf4_linear_args(x2, args, bias),
-                                   bnb.matmul_4bit(x2, w.t(), quant_state=w.quant_state, bias=bias), **tol)
+        assert rel_err(nf4_linear_args(x2, args, bias),
+                       bnb.matmul_4bit(x2, w.t(), quant_state=w.quant_state, bias=bias)) < 1e-2
         assert len(calls) == 2
     torch._dynamo.reset()
 
