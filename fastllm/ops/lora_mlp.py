@@ -39,10 +39,55 @@ from .lora import (
 from .nf4 import no_autocast
 from .swiglu import swiglu_packed_backward, swiglu_packed_forward
 
-__all__ = ["LoRAMLPFunction", "lora_mlp"]
+__all__ = ["LoRAMLPFunction", "lora_mlp", "mlp_adapters", "mlp_backward", "mlp_forward"]
 
 _ORDER = (0, 2, 1, 3, 4, 5)  # (Ag, Au, Bg, Bu, Ad, Bd) positions of Ag, Bg, Au, Bu, Ad, Bd
 _ARG = tuple(_ORDER.index(i) for i in range(6))  # and the reverse: the argument at each position
+
+
+def mlp_forward(x2, frozen: LoRAFrozen, flat, shapes, need_output: bool = True):
+    """The MLP on x2 (M, K) with the compute-dtype adapters ``flat`` (``cast_adapters`` of (Ag, Au, Bg, Bu, Ad, Bd),
+    shapes ``shapes``); no autograd. Returns (y (M, K), saved) with saved = (gu, h, xa_gu, had) for
+    ``mlp_backward``; y is uninitialised when not ``need_output`` (the down projection skipped)."""
+    wg, wu, wd = frozen.weights
+    stg, stu, std = frozen.states
+    sg, su, sd = frozen.scales
+    _, _, Bgc, Buc, Adc, Bdc = adapter_views(flat, shapes)
+    r_gu = shapes[0][0] + shapes[1][0]
+    gu, xa_gu = lora_group_forward(x2, (wg, wu), (stg, stu), stacked_rows(flat, r_gu, x2.shape[1]),
+                                   (Bgc, Buc), (sg, su), frozen.backend)  # (M, 2I) = [g | u]
+    h = swiglu_packed_forward(gu, frozen.use_triton)
+    if need_output:
+        y, had = lora_group_forward(h, (wd,), (std,), Adc, (Bdc,), (sd,), frozen.backend)
+    else:  # a checkpoint's recompute: only the saved tensors matter, y is dropped
+        had, y = h @ Adc.t(), torch.empty_like(x2)
+    return y, (gu, h, xa_gu, had)
+
+
+def mlp_backward(dy2, x2, saved, frozen: LoRAFrozen, flat, shapes, need_dx: bool = True):
+    """Gradients of ``mlp_forward`` for dy2 (M, K): (dx2 or None, gflat), gflat holding the adapter grads in
+    ``flat``'s layout and dtype."""
+    gu, h, xa_gu, had = saved
+    _, _, Bgc, Buc, Adc, Bdc = adapter_views(flat, shapes)
+    gflat = torch.empty_like(flat)
+    _, _, gBg, gBu, gAd, gBd = adapter_views(gflat, shapes)
+    wg, wu, wd = frozen.weights
+    stg, stu, std = frozen.states
+    sg, su, sd = frozen.scales
+    dh = lora_group_backward((dy2,), h, had, (wd,), (std,), Adc, (Bdc,), (sd,), frozen.backend, gAd, (gBd,))
+    dgu = swiglu_packed_backward(dh, gu, frozen.use_triton)  # (M, 2I) = [dg | du]: one GEMM for dx
+    del dh
+    inter = gu.shape[1] // 2
+    r_gu = shapes[0][0] + shapes[1][0]
+    dx = lora_group_backward(dgu.split_with_sizes([inter, inter], 1), x2, xa_gu, (wg, wu), (stg, stu),
+                             stacked_rows(flat, r_gu, x2.shape[1]), (Bgc, Buc), (sg, su), frozen.backend,
+                             stacked_rows(gflat, r_gu, x2.shape[1]), (gBg, gBu), need_dx=need_dx, dy_all=dgu)
+    return dx, gflat
+
+
+def mlp_adapters(Ag, Bg, Au, Bu, Ad, Bd) -> tuple:
+    """The adapters in ``mlp_forward``'s flat order (A of gate over A of up first: one stacked GEMM)."""
+    return Ag, Au, Bg, Bu, Ad, Bd
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -51,49 +96,22 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, frozen: LoRAFrozen, need_output: bool = True):
         with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
-            wg, wu, wd = frozen.weights
-            stg, stu, std = frozen.states
-            sg, su, sd = frozen.scales
             x2 = x.reshape(-1, x.shape[-1])
-            # compute-dtype copies in one launch, reused in backward; Ag over Au first, stacked for one GEMM
-            order = (Ag, Au, Bg, Bu, Ad, Bd)
-            flat, (_, _, Bgc, Buc, Adc, Bdc) = cast_adapters(order, x.dtype, frozen.cast_cache)
-            r_gu = Ag.shape[0] + Au.shape[0]
-            gu, xa_gu = lora_group_forward(x2, (wg, wu), (stg, stu), stacked_rows(flat, r_gu, x2.shape[1]),
-                                           (Bgc, Buc), (sg, su), frozen.backend)  # (M, 2I) = [g | u]
-            h = swiglu_packed_forward(gu, frozen.use_triton)
-            if need_output:
-                y, had = lora_group_forward(h, (wd,), (std,), Adc, (Bdc,), (sd,), frozen.backend)
-            else:  # a checkpoint's recompute: only the saved tensors matter, y is dropped
-                had, y = h @ Adc.t(), torch.empty_like(x)
-            ctx.save_for_backward(x2, gu, h, xa_gu, had)  # weights: frozen, on ctx.frozen
+            order = mlp_adapters(Ag, Bg, Au, Bu, Ad, Bd)
+            flat, _ = cast_adapters(order, x.dtype, frozen.cast_cache)  # one launch, reused in backward
+            ctx.shapes = tuple(p.shape for p in order)
+            y, saved = mlp_forward(x2, frozen, flat, ctx.shapes, need_output)
+            ctx.save_for_backward(x2, *saved)  # weights: frozen, on ctx.frozen
             ctx.flat = flat  # cached adapter copies (cast_adapters): on ctx, no checkpoint hooks
             ctx.frozen, ctx.x_shape = frozen, x.shape
             ctx.dtypes = tuple(p.dtype for p in order)
-            ctx.shapes = tuple(p.shape for p in order)
             return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, gu, h, xa_gu, had = ctx.saved_tensors
-        flat = ctx.flat
-        _, _, Bgc, Buc, Adc, Bdc = adapter_views(flat, ctx.shapes)
-        gflat = torch.empty_like(flat)
-        _, _, gBg, gBu, gAd, gBd = adapter_views(gflat, ctx.shapes)
-        f = ctx.frozen
-        wg, wu, wd = f.weights
-        stg, stu, std = f.states
-        sg, su, sd = f.scales
+        x2, *saved = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        dh = lora_group_backward((dy2,), h, had, (wd,), (std,), Adc, (Bdc,), (sd,), f.backend, gAd, (gBd,))
-        dgu = swiglu_packed_backward(dh, gu, f.use_triton)  # (M, 2I) = [dg | du]: one GEMM for dx
-        del dh
-        inter = gu.shape[1] // 2
-        r_gu = ctx.shapes[0][0] + ctx.shapes[1][0]
-        dx = lora_group_backward(dgu.split_with_sizes([inter, inter], 1), x2, xa_gu, (wg, wu), (stg, stu),
-                                 stacked_rows(flat, r_gu, x2.shape[1]), (Bgc, Buc), (sg, su), f.backend,
-                                 stacked_rows(gflat, r_gu, x2.shape[1]), (gBg, gBu),
-                                 need_dx=ctx.needs_input_grad[0], dy_all=dgu)
+        dx, gflat = mlp_backward(dy2, x2, saved, ctx.frozen, ctx.flat, ctx.shapes, ctx.needs_input_grad[0])
         needs = [ctx.needs_input_grad[1 + a] for a in _ARG]
         out = master_grads(gflat, ctx.shapes, ctx.dtypes, needs)
         return (None if dx is None else dx.view(ctx.x_shape), *(out[i] for i in _ORDER), None, None)

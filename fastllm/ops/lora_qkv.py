@@ -27,10 +27,37 @@ from .lora import (
 )
 from .nf4 import no_autocast
 
-__all__ = ["LoRAQKVFunction", "lora_qkv"]
+__all__ = ["LoRAQKVFunction", "lora_qkv", "qkv_adapters", "qkv_backward", "qkv_forward"]
 
 _ORDER = (0, 3, 1, 4, 2, 5)  # (Aq, Ak, Av, Bq, Bk, Bv) positions of Aq, Bq, Ak, Bk, Av, Bv
 _ARG = tuple(_ORDER.index(i) for i in range(6))  # and the reverse: the argument at each position
+
+
+def qkv_adapters(Aq, Bq, Ak, Bk, Av, Bv) -> tuple:
+    """The adapters in ``qkv_forward``'s flat order (the three A first: one stacked GEMM)."""
+    return Aq, Ak, Av, Bq, Bk, Bv
+
+
+def qkv_forward(x2, frozen: LoRAFrozen, flat, shapes):
+    """q/k/v of x2 (M, K) with the compute-dtype adapters ``flat`` (``cast_adapters`` of ``qkv_adapters``' order,
+    shapes ``shapes``); no autograd. Returns (y (M, Nq + Nk + Nv), xa (M, rq + rk + rv))."""
+    casts = adapter_views(flat, shapes)
+    r = sum(a[0] for a in shapes[:3])
+    return lora_group_forward(x2, frozen.weights, frozen.states, stacked_rows(flat, r, x2.shape[1]), casts[3:],
+                              frozen.scales, frozen.backend)
+
+
+def qkv_backward(dys, x2, xa, frozen: LoRAFrozen, flat, shapes, need_dx: bool = True):
+    """Gradients of ``qkv_forward`` for ``dys`` = (dq, dk, dv), each (M, N*) or None (unused): (dx2 or None,
+    gflat), gflat holding the adapter grads in ``flat``'s layout and dtype."""
+    casts = adapter_views(flat, shapes)  # Aq, Ak, Av, Bq, Bk, Bv
+    gflat = torch.empty_like(flat)
+    grads = adapter_views(gflat, shapes)
+    r = sum(a[0] for a in shapes[:3])
+    dx = lora_group_backward(dys, x2, xa, frozen.weights, frozen.states, stacked_rows(flat, r, x2.shape[1]),
+                             casts[3:], frozen.scales, frozen.backend, stacked_rows(gflat, r, x2.shape[1]),
+                             grads[3:], need_dx=need_dx)
+    return dx, gflat
 
 
 class LoRAQKVFunction(torch.autograd.Function):
@@ -40,36 +67,24 @@ class LoRAQKVFunction(torch.autograd.Function):
     def forward(ctx, x, Aq, Bq, Ak, Bk, Av, Bv, frozen: LoRAFrozen):
         with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
             x2 = x.reshape(-1, x.shape[-1])
-            # compute-dtype copies in one launch, reused in backward; Aq, Ak, Av first, stacked for one GEMM
-            order = (Aq, Ak, Av, Bq, Bk, Bv)
-            flat, casts = cast_adapters(order, x.dtype, frozen.cast_cache)
-            r = Aq.shape[0] + Ak.shape[0] + Av.shape[0]
-            y, xa = lora_group_forward(x2, frozen.weights, frozen.states, stacked_rows(flat, r, x2.shape[1]),
-                                       casts[3:], frozen.scales, frozen.backend)
+            order = qkv_adapters(Aq, Bq, Ak, Bk, Av, Bv)
+            flat, _ = cast_adapters(order, x.dtype, frozen.cast_cache)  # one launch, reused in backward
+            ctx.shapes = tuple(p.shape for p in order)
+            y, xa = qkv_forward(x2, frozen, flat, ctx.shapes)
             ctx.save_for_backward(x2, xa)  # weights: frozen, on ctx.frozen
             ctx.flat = flat  # cached adapter copies (cast_adapters): on ctx, no checkpoint hooks
-            ctx.shapes = tuple(p.shape for p in order)
             ctx.dtypes = tuple(p.dtype for p in order)
             ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, as PEFT would
             ctx.frozen, ctx.x_shape = frozen, x.shape
             # column blocks of one (M, Nq + Nk + Nv) output: RoPE and attention read them in place
-            cols = y.split_with_sizes([b.shape[0] for b in casts[3:]], 1)
+            cols = y.split_with_sizes([s[0] for s in ctx.shapes[3:]], 1)
             return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in cols)
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
         x2, xa = ctx.saved_tensors
-        flat = ctx.flat
-        casts = adapter_views(flat, ctx.shapes)  # Aq, Ak, Av, Bq, Bk, Bv
-        f = ctx.frozen
-        gflat = torch.empty_like(flat)
-        grads = adapter_views(gflat, ctx.shapes)
-        r = sum(a.shape[0] for a in casts[:3])
         dys = [None if d is None else d.reshape(-1, d.shape[-1]).to(x2.dtype) for d in (dq, dk, dv)]
-        need_dx = ctx.needs_input_grad[0]
-        dx = lora_group_backward(dys, x2, xa, f.weights, f.states, stacked_rows(flat, r, x2.shape[1]), casts[3:],
-                                 f.scales, f.backend, stacked_rows(gflat, r, x2.shape[1]), grads[3:],
-                                 need_dx=need_dx)
+        dx, gflat = qkv_backward(dys, x2, xa, ctx.frozen, ctx.flat, ctx.shapes, ctx.needs_input_grad[0])
         needs = [ctx.needs_input_grad[1 + a] for a in _ARG]
         for i, d in enumerate((dq, dk, dv)):  # an unused output: no gradient for its adapter, as PEFT
             if d is None:
