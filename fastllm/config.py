@@ -26,6 +26,10 @@ class PatchConfig:
     - ``lora``: PEFT's LoRA-over-``Linear4bit`` layers as one fused autograd op (base + adapter);
       auto-on on CUDA (with ``nf4_linear``), opt-in elsewhere; off under ``compile`` (inductor fuses
       PEFT's ops there).
+    - ``fused_layer``: under gradient checkpointing, each decoder layer as one op that recomputes itself in
+      backward without an autograd graph (``ops.lora_layer``); auto-on with ``lora``, needs ``rms_norm``,
+      ``mlp`` and ``lora`` on; a call it cannot take (a KV cache, hooks on sub-modules, ...) is checkpointed
+      op by op as before, counted in the report.
     - ``loss``: chunked lm_head + loss that never materialises the logits in training.
       ``True`` / ``"cross_entropy"``, ``"focal"``, or a callable ``(logits_fp32 [n, V], labels [n]) -> [n]``.
     - ``compile``: ``torch.compile`` the decoder layer's regions.
@@ -42,6 +46,7 @@ class PatchConfig:
     mlp: bool = True
     nf4_linear: bool | None = None
     lora: bool | None = None
+    fused_layer: bool | None = None
     loss: bool | str | Callable | None = None
     compile: bool | None = None
     compile_mode: str = "default"
@@ -61,7 +66,7 @@ class PatchConfig:
         for name in ("rms_norm", "mlp"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"PatchConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("nf4_linear", "lora", "compile"):
+        for name in ("nf4_linear", "lora", "fused_layer", "compile"):
             if getattr(self, name) not in (None, True, False):
                 raise TypeError(f"PatchConfig.{name} must be None (auto), True or False, got {getattr(self, name)!r}")
         if not (self.loss in (None, True, False) or self.loss in _LOSS_NAMES or callable(self.loss)):

@@ -8,10 +8,10 @@ from fastllm import FastLlama, PatchConfig, eager, patch_report
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("compile,lora", [(False, None), (None, None), (False, True)])
-def test_patched_qlora_on_cuda_matches_eager(tiny_llama_dir, compile, lora):
+@pytest.mark.parametrize("compile,lora,fused_layer", [(False, None, None), (None, None, None), (False, True, False)])
+def test_patched_qlora_on_cuda_matches_eager(tiny_llama_dir, compile, lora, fused_layer):
     model, _ = FastLlama.from_pretrained(tiny_llama_dir, max_seq_length=256,
-                                         patch=PatchConfig(compile=compile, lora=lora))
+                                         patch=PatchConfig(compile=compile, lora=lora, fused_layer=fused_layer))
     report = patch_report(model)
     # With compile on, the 4-bit linears take the compiled twin (compile_nf4_linear) instead of nf4_linear.
     assert report.counts.get("nf4_linear", 0) + report.counts.get("compile_nf4_linear", 0) == 14

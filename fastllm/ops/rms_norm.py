@@ -38,6 +38,31 @@ class _RMSNormFunction(torch.autograd.Function):
         return dx.view(ctx.x_shape), dw, None
 
 
+def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, use_triton: bool):
+    """RMSNorm of x2d (M, N) without autograd: (y, state) with state for ``rms_norm_backward``. Triton: one
+    kernel, state (x, weight, rstd); torch: transformers' maths, state (x, weight, eps)."""
+    if use_triton:
+        from ..kernels.rms_norm import rms_norm_fwd
+
+        x2d = x2d.contiguous()
+        y, rstd = rms_norm_fwd(x2d, weight, eps)
+        return y, (x2d, weight, rstd)
+    return _rms_norm_torch(x2d, weight, eps), (x2d, weight, eps)
+
+
+def rms_norm_backward(dy2d: torch.Tensor, state: tuple, use_triton: bool) -> torch.Tensor:
+    """dx (M, N) of ``rms_norm_forward`` for dy2d (M, N); the weight gets no gradient (frozen norms)."""
+    x2d, weight, extra = state
+    if use_triton:
+        from ..kernels.rms_norm import rms_norm_bwd
+
+        return rms_norm_bwd(dy2d, x2d, weight, extra, False)[0]
+    with torch.enable_grad():  # the fallback differentiates transformers' own maths
+        xr = x2d.detach().requires_grad_()
+        (dx,) = torch.autograd.grad(_rms_norm_torch(xr, weight.detach(), extra), xr, dy2d)
+    return dx
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dim; ``backend`` is "auto" (Triton on CUDA), "triton" or "torch"."""
     if pick_backend(backend, x.device) == "triton":

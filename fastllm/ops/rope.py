@@ -17,7 +17,7 @@ import torch
 
 from .._compat import pick_backend
 
-__all__ = ["rope"]
+__all__ = ["rope", "rope_rotate", "rope_tables"]
 
 
 def _rotate_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
@@ -55,23 +55,31 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B or 1, T, D) as the (B*T or T, D) contiguous tables ``rope_rotate`` reads."""
+    return cos.reshape(-1, cos.shape[-1]).contiguous(), sin.reshape(-1, sin.shape[-1]).contiguous()
+
+
+def rope_rotate(q, k, c, s, use_triton: bool, backward: bool = False):
+    """RoPE (or, ``backward``, its transpose for gradients) of q (B, T, nq, D) and k (B, T, nk, D) with the
+    ``rope_tables`` c, s; no autograd. Returns new contiguous tensors of q's and k's shapes."""
+    qo, ko = _apply(_rows(q), _rows(k), c, s, use_triton, backward)
+    return qo.view(q.shape), ko.view(k.shape)
+
+
 class _RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, use_triton: bool):
-        B, T = q.shape[:2]
-        c = cos.reshape(-1, cos.shape[-1]).contiguous()  # (B*T or T, D)
-        s = sin.reshape(-1, sin.shape[-1]).contiguous()
-        qo, ko = _apply(_rows(q), _rows(k), c, s, use_triton, backward=False)
+        c, s = rope_tables(cos, sin)
         ctx.save_for_backward(c, s)
-        ctx.use_triton, ctx.shapes = use_triton, (q.shape, k.shape)
-        return qo.view(q.shape), ko.view(k.shape)
+        ctx.use_triton = use_triton
+        return rope_rotate(q, k, c, s, use_triton)
 
     @staticmethod
     def backward(ctx, dq, dk):
         c, s = ctx.saved_tensors
-        q_shape, k_shape = ctx.shapes
-        dqi, dki = _apply(_rows(dq), _rows(dk), c, s, ctx.use_triton, backward=True)
-        return dqi.view(q_shape), dki.view(k_shape), None, None, None
+        dqi, dki = rope_rotate(dq, dk, c, s, ctx.use_triton, backward=True)
+        return dqi, dki, None, None, None
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,

@@ -12,6 +12,7 @@ from .._compat import SUPPORTED_MODEL_TYPES
 from ..config import PatchConfig
 from ..integrations.checkpointing import nonreentrant_checkpoint, offload_checkpoint
 from ..integrations.trl import route_fused_lm_head
+from ..modules.layer import fused_layer_checkpoint
 from . import registry
 from .registry import ModelState
 from .report import PatchReport, logger
@@ -47,8 +48,9 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _apply_checkpointing(base: nn.Module, mode, state: ModelState) -> None:
-    """Make the decoder layers' checkpointing non-reentrant (``mode`` None/True) or offloading."""
+def _apply_checkpointing(base: nn.Module, mode, state: ModelState, fused_layer: bool = False) -> None:
+    """Make the decoder layers' checkpointing non-reentrant (``mode`` None/True) or offloading; with
+    ``fused_layer`` (not offloading), eligible calls run the layer as one self-recomputing op."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -56,13 +58,16 @@ def _apply_checkpointing(base: nn.Module, mode, state: ModelState) -> None:
         layers = [m for m in layers if m.gradient_checkpointing]
     if not layers:
         return
-    fn = offload_checkpoint if mode == "offload" else nonreentrant_checkpoint
+    fused_layer = fused_layer and mode != "offload"
+    fn = offload_checkpoint if mode == "offload" else fused_layer_checkpoint if fused_layer else nonreentrant_checkpoint
     for layer in layers:
         if mode in (True, "offload"):
             state.set_attr(layer, "gradient_checkpointing", True, "gradient_checkpointing")
         state.set_attr(layer, "_gradient_checkpointing_func", fn, "gradient_checkpointing")
     state.report.add("gradient_checkpointing", len(layers))
-    state.report.backends["gradient_checkpointing"] = "offload" if mode == "offload" else "non-reentrant"
+    state.report.backends["gradient_checkpointing"] = ("offload" if mode == "offload" else
+                                                       "non-reentrant, fused QLoRA layers" if fused_layer else
+                                                       "non-reentrant")
     if mode == "offload" and _device_of(base).type != "cuda":
         state.report.notes.append("gradient_checkpointing='offload' is a no-op for CPU tensors")
 
@@ -129,7 +134,7 @@ def patch(model: nn.Module, config: PatchConfig | None = None) -> PatchReport:
         # TRL trainers would replace the loss forward with their own head: route that to fastllm instead.
         route_fused_lm_head()
     if config.gradient_checkpointing is not False:
-        _apply_checkpointing(base, config.gradient_checkpointing, state)
+        _apply_checkpointing(base, config.gradient_checkpointing, state, on.get("fused_layer", False))
     if config.max_seq_length is not None:
         inner = getattr(base, "model", base)
         state.hooks.append(inner.register_forward_pre_hook(_seq_guard(config.max_seq_length), with_kwargs=True))

@@ -185,7 +185,20 @@ def resolve(cfg: PatchConfig, device: torch.device) -> tuple[dict[str, bool], di
             why[name] = "disabled by PatchConfig"
     _resolve_compile(cfg, cuda, on, why)
     _resolve_lora(cfg, on, why, device)
+    _resolve_fused_layer(cfg, on, why)
     return on, why
+
+
+def _resolve_fused_layer(cfg: PatchConfig, on: dict[str, bool], why: dict[str, str]) -> None:
+    """fused_layer: auto-on with lora (its ops are the fused ones); needs the rms_norm and mlp patches too."""
+    needs = [name for name in ("lora", "rms_norm", "mlp") if not on[name]]
+    if cfg.fused_layer is False:
+        on["fused_layer"], why["fused_layer"] = False, "disabled by PatchConfig"
+    elif needs:
+        on["fused_layer"] = False
+        why["fused_layer"] = f"needs the {', '.join(needs)} patch(es) on"
+    else:
+        on["fused_layer"] = True
 
 
 def _resolve_lora(cfg: PatchConfig, on: dict[str, bool], why: dict[str, str], device: torch.device) -> None:

@@ -98,19 +98,27 @@ def fused_calls(monkeypatch):
     return calls
 
 
-def test_patched_lora_matches_peft_and_bitsandbytes(tiny_llama_i128_dir, fused_calls):
-    model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True)
+@pytest.mark.parametrize("fused_layer", [False, True])
+def test_patched_lora_matches_peft_and_bitsandbytes(tiny_llama_i128_dir, fused_calls, fused_layer):
+    from fastllm.modules.layer import LAYER_CALLS
+
+    model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True, fused_layer=fused_layer)
     assert patch_report(model).counts["lora"] == 14
     model.train()
     ids = torch.randint(0, 320, (2, 37))
+    before = LAYER_CALLS["fused"]
     loss, grads = _loss_grads(model, ids)
-    # Forward + checkpointed recompute, in both layers: q/k/v as one op, o alone, the MLP as one op.
     assert patch_report(model).counts["lora_attention"] == 2
-    assert [fused_calls.count(t) for t in ("qkv", "linear", "mlp")] == [2 * 2, 2 * 2, 2 * 2]
-    # The recompute skips the MLP's down projection (its output is dropped there); the grads below show it is.
-    assert fused_calls.mlp_outputs == [True, True, False, False]
-    # The forward keeps its adapter casts for the recompute, which takes them instead of casting again.
-    assert fused_calls.cast_modes == ["store"] * 6 + ["reuse"] * 6
+    if fused_layer:  # each decoder layer is one op (forward, then its own recompute and backward)
+        assert LAYER_CALLS["fused"] - before == 2 and fused_calls == []
+    else:
+        # Forward + checkpointed recompute, in both layers: q/k/v as one op, o alone, the MLP as one op.
+        assert [fused_calls.count(t) for t in ("qkv", "linear", "mlp")] == [2 * 2, 2 * 2, 2 * 2]
+        # The recompute skips the MLP's down projection (its output is dropped there); the grads below show it
+        # is right to.
+        assert fused_calls.mlp_outputs == [True, True, False, False]
+        # The forward keeps its adapter casts for the recompute, which takes them instead of casting again.
+        assert fused_calls.cast_modes == ["store"] * 6 + ["reuse"] * 6
     with eager(model):  # PEFT's forward over bitsandbytes' own Linear4bit
         ref_loss, ref_grads = _loss_grads(model, ids)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
@@ -285,3 +293,67 @@ def test_fused_v_is_copied_only_outside_fastllms_checkpoint(tiny_llama_i128_dir)
     torch.testing.assert_close(loss_plain, loss_ckpt, rtol=1e-6, atol=1e-6)
     for n in grads_ckpt:
         torch.testing.assert_close(grads_plain[n], grads_ckpt[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def _grads_of(model, ids, use_autograd_grad=False):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if use_autograd_grad:
+        return loss.detach(), dict(zip((n for n, _ in named), torch.autograd.grad(loss, [p for _, p in named])))
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in named}
+
+
+def _rel(a: dict, b: dict) -> float:
+    num = sum((a[n].float() - b[n].float()).norm() ** 2 for n in b) ** 0.5
+    return (num / sum(b[n].float().norm() ** 2 for n in b) ** 0.5).item()
+
+
+def test_fused_layer_in_bf16_follows_the_op_by_op_path_and_autograd_grad(tiny_llama_i128_dir):
+    """bf16 weights and activations: the fused decoder layer gives the per-op fused path's loss and grads (the
+    same kernels, in another order of launches), also through ``torch.autograd.grad``."""
+    from fastllm.modules.layer import LAYER_CALLS
+
+    ids = torch.randint(0, 320, (2, 41))
+    results = []
+    for fused_layer in (False, True):
+        model, _ = FastLlama.from_pretrained(tiny_llama_i128_dir, dtype=torch.bfloat16,
+                                             patch=PatchConfig(lora=True, nf4_linear=True, fused_layer=fused_layer))
+        torch.manual_seed(0)
+        model = FastLlama.get_peft_model(model, r=8, lora_alpha=16)
+        torch.manual_seed(1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05)
+        model.train()
+        before = LAYER_CALLS["fused"]
+        results.append((_grads_of(model, ids), _grads_of(model, ids, use_autograd_grad=True)))
+        assert LAYER_CALLS["fused"] - before == (4 if fused_layer else 0)
+        assert ("fused QLoRA layers" in patch_report(model).backends["gradient_checkpointing"]) == fused_layer
+    ((loss, g), (loss_ag, g_ag)), ((f_loss, f_g), (f_loss_ag, f_g_ag)) = results
+    torch.testing.assert_close(f_loss, loss, rtol=1e-2, atol=1e-2)
+    assert _rel(f_g, g) < 2e-2
+    assert torch.equal(f_loss_ag, f_loss) and _rel(f_g_ag, f_g) < 1e-6  # autograd.grad = backward, same op
+
+
+def test_fused_layer_leaves_hooked_layers_to_op_by_op_checkpointing(tiny_llama_i128_dir, fused_calls):
+    from fastllm.modules.layer import LAYER_CALLS
+
+    model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True)
+    layers = model.base_model.model.model.layers
+    seen = []
+    handle = layers[0].mlp.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    model.train()
+    ids = torch.randint(0, 320, (2, 23))
+    reason = "forward hooks on modules the fused op bypasses"
+    before, before_reason = LAYER_CALLS["fused"], LAYER_CALLS[reason]
+    loss, grads = _loss_grads(model, ids)
+    assert LAYER_CALLS["fused"] - before == 1 and LAYER_CALLS[reason] - before_reason == 1
+    assert len(seen) == 1  # layer 0 ran its own forward: the hook saw it (the recompute stops early, before it)
+    handle.remove()
+    with eager(model):
+        ref_loss, ref_grads = _loss_grads(model, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)

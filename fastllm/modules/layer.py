@@ -1,0 +1,107 @@
+"""The checkpoint function that runs a QLoRA Llama decoder layer as one self-recomputing op (``ops.lora_layer``).
+
+transformers' ``GradientCheckpointingLayer`` calls ``layer._gradient_checkpointing_func(partial(forward, layer,
+**kwargs), hidden_states)`` in training; the patch registry sets that attribute to ``fused_layer_checkpoint``
+(the ``fused_layer`` patch). Each call is checked: when the layer is what the fused op computes (a Llama
+decoder layer whose norms, MLP and seven projections carry fastllm's rms_norm, mlp and lora patches and take
+the fused path on this input, SDPA or eager attention without dropout, no KV cache, no hooks on the modules
+the op bypasses), the op runs; otherwise the call is checkpointed op by op (``nonreentrant_checkpoint``), and
+the reason is counted in ``LAYER_CALLS`` and logged once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import Counter
+
+import torch
+
+from .._compat import pick_backend
+from ..integrations.checkpointing import nonreentrant_checkpoint
+from ..ops.lora import frozen_parts
+from ..ops.lora_layer import LayerParts, lora_decoder_layer
+from .decoder import _attention_interface, _needs_eager
+from .lora import _fused_parts
+from .mlp import fast_mlp_forward
+from .rms_norm import fast_rms_norm_forward
+
+__all__ = ["LAYER_CALLS", "fused_layer_checkpoint"]
+
+logger = logging.getLogger("fastllm")
+LAYER_CALLS: Counter = Counter()  # "fused", or the reason a call was checkpointed op by op -> calls
+_LOGGED: set = set()
+_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def _bound(module, fn) -> bool:
+    return getattr(module.__dict__.get("forward"), "__func__", None) is fn
+
+
+def _attend(attn, interface, mask, q, k, v):
+    """transformers' attention call (as ``decoder.attend_region`` makes it), without dropout."""
+    return interface(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)[0]
+
+
+def _plan(function, args, kwargs):
+    """The fused op's arguments for this checkpoint call, or the reason it cannot take it."""
+    if kwargs or len(args) != 1 or not isinstance(function, functools.partial) or len(function.args) != 1:
+        return "not transformers' checkpoint call of a decoder layer"
+    layer, kw, x = function.args[0], function.keywords, args[0]
+    mods = getattr(layer, "_modules", {})
+    if not all(name in mods for name in _PARTS) or not isinstance(x, torch.Tensor) or x.dim() != 3:
+        return "not a Llama decoder layer"
+    norm1, attn, norm2, mlp = (mods[name] for name in _PARTS)
+    if kw.get("cache", kw.get("past_key_values")) is not None:
+        return "a KV cache"
+    if kw.get("position_embeddings") is None:
+        return "no position_embeddings"
+    interface = _attention_interface(attn)
+    if interface is None or _needs_eager(attn, kw):
+        return "attention the fused op does not run (implementation or kwargs)"
+    if attn.training and attn.attention_dropout:
+        return "attention dropout"
+    if not (_bound(norm1, fast_rms_norm_forward) and _bound(norm2, fast_rms_norm_forward)
+            and _bound(mlp, fast_mlp_forward)):
+        return "norms or MLP without fastllm's patches"
+    for norm in (norm1, norm2):
+        w = norm._parameters.get("weight")
+        if w is None or w.requires_grad or torch.result_type(x, w) != x.dtype:
+            return "an RMSNorm weight that is trained or changes the dtype"
+    a_mods, m_mods = attn._modules, mlp._modules
+    projs = [a_mods.get(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    projs += [m_mods.get(n) for n in ("gate_proj", "up_proj", "down_proj")]
+    if any(p is None for p in projs):
+        return "not a Llama decoder layer"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (norm1, attn, norm2, mlp, *projs)):
+        return "forward hooks on modules the fused op bypasses"
+    groups = [_fused_parts(projs[:3], x), _fused_parts(projs[3:4], x), _fused_parts(projs[4:], x)]
+    if any(g is None for g in groups):
+        return "a projection outside the fused QLoRA path"
+    nq, d = attn.config.num_attention_heads, attn.head_dim
+    nkv = attn.config.num_key_value_heads
+    if [p[0].quant_state.shape[0] for p in groups[0]] != [nq * d, nkv * d, nkv * d]:
+        return "q/k/v widths do not match the heads"
+    use_triton = pick_backend("auto", x.device) == "triton"
+    frozen = [frozen_parts(g, names, "auto", use_triton) for g, names in
+              zip(groups, (("q", "k", "v"), ("o",), ("gate", "up", "down")))]
+    cos, sin = kw["position_embeddings"]
+    parts = LayerParts((norm1.weight, norm1.variance_epsilon), (norm2.weight, norm2.variance_epsilon), *frozen,
+                       (nq, nkv, d), functools.partial(_attend, attn, interface, kw.get("attention_mask")),
+                       use_triton)
+    adapters = tuple(t for g in groups for (_, a, b, _) in g for t in (a, b))
+    return x, cos, sin, parts, adapters
+
+
+def fused_layer_checkpoint(function, *args, **kwargs):
+    """A ``_gradient_checkpointing_func``: the fused decoder-layer op where it applies, else non-reentrant
+    checkpointing of the layer's own forward."""
+    plan = _plan(function, args, kwargs)
+    if isinstance(plan, str):
+        LAYER_CALLS[plan] += 1
+        if plan not in _LOGGED:
+            _LOGGED.add(plan)
+            logger.info("fastllm: a decoder layer is checkpointed op by op (fused_layer skipped): %s", plan)
+        return nonreentrant_checkpoint(function, *args, **kwargs)
+    LAYER_CALLS["fused"] += 1
+    return lora_decoder_layer(*plan)

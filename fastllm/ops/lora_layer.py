@@ -1,0 +1,152 @@
+"""A whole QLoRA Llama decoder layer as one autograd Function that recomputes itself in backward.
+
+With x (B, T, H), M = B*T rows, the seven projections NF4 + LoRA (see ``ops.lora``)::
+
+    forward   n1 = rmsnorm(x) ; q, k, v = qkv(n1) ; q, k = rope(q, k)
+              a  = attention(q, k, v) ; m = x + o_proj(a)
+              n2 = rmsnorm(m) ; y = m + mlp(n2)                       (y returned; only x is kept)
+    backward  the forward again, keeping its intermediates (the MLP's down projection skipped), then
+              dm  = dy + rmsnorm'(mlp'(dy))
+              da  = o_proj'(dm) ; dq, dk, dv = attention'(da) ; dq, dk = rope'(dq, dk)
+              dx  = dm + rmsnorm'(qkv'(dq, dk, dv))                   plus the 14 adapter gradients
+
+This is gradient checkpointing of the layer (only its input is kept between forward and backward) without
+an autograd graph inside it: non-reentrant checkpointing re-runs the layer through ~12 autograd nodes with
+saved-tensor hooks (~27 per layer per pass) and Python module forwards, and on an H200 host that recompute
+plus backward takes about as long as the GPU's own work for the layer, so the GPU waits on the host for
+~10% of an 8B step. Here the backward calls the same ops' plain forward/backward functions
+(``qkv_forward``, ``mlp_backward``, ...) directly; attention's backward alone goes through autograd (one
+local graph around the attention call, which picks its kernel as in transformers). Works with
+``torch.autograd.grad`` and inputs that need no grad, unlike reentrant checkpointing: nothing here calls
+``backward`` on an outer graph.
+
+The numbers are the per-op fused path's (same functions, same compute-dtype adapter copies), except that
+the attention backward's recompute is bitwise the forward's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from .lora import LoRAFrozen, adapter_views, cast_adapters, lora_group_backward, lora_group_forward, master_grads
+from .lora_mlp import _ORDER as _MLP_ORDER
+from .lora_mlp import mlp_adapters, mlp_backward, mlp_forward
+from .lora_qkv import _ORDER as _QKV_ORDER
+from .lora_qkv import qkv_adapters, qkv_backward, qkv_forward
+from .nf4 import no_autocast
+from .rms_norm import rms_norm_backward, rms_norm_forward
+from .rope import rope_rotate, rope_tables
+
+__all__ = ["LayerParts", "LoRADecoderLayerFunction", "lora_decoder_layer"]
+
+
+class LayerParts(NamedTuple):
+    """What the layer op needs besides x, cos/sin and the adapter weights (all frozen or plain values)."""
+
+    norm1: tuple              # (weight, eps) of the input RMSNorm
+    norm2: tuple              # (weight, eps) of the post-attention RMSNorm
+    qkv: LoRAFrozen
+    o: LoRAFrozen
+    mlp: LoRAFrozen
+    heads: tuple              # (query heads, key/value heads, head dim)
+    attend: Callable          # (q, k, v) (B, heads, T, D) -> attention output (B, T, query heads, D)
+    use_triton: bool          # RMSNorm / RoPE kernels
+
+
+def _groups(adapters):
+    """The 14 adapter weights (q, k, v, o, gate, up, down: A then B each) as the three ops' flat orders."""
+    aq, bq, ak, bk, av, bv, ao, bo, ag, bg, au, bu, ad, bd = adapters
+    return qkv_adapters(aq, bq, ak, bk, av, bv), (ao, bo), mlp_adapters(ag, bg, au, bu, ad, bd)
+
+
+def _run(x, c, s, p: LayerParts, flats, shapes, keep: bool):
+    """The layer's forward on x (B, T, H). Returns y, or (with ``keep``) everything backward reads."""
+    B, T, H = x.shape
+    nq, nkv, d = p.heads
+    x2 = x.reshape(B * T, H)
+    n1, st1 = rms_norm_forward(x2, *p.norm1, p.use_triton)
+    qkv, xa_qkv = qkv_forward(n1, p.qkv, flats[0], shapes[0])
+    q, k, v = qkv.split_with_sizes([nq * d, nkv * d, nkv * d], 1)
+    q, k = rope_rotate(q.view(B, T, nq, d), k.view(B, T, nkv, d), c, s, p.use_triton)
+    q4, k4, v4 = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, nkv, d).transpose(1, 2)
+    if keep:  # attention's backward comes from autograd on this one call
+        q4, k4, v4 = (t.detach().requires_grad_() for t in (q4, k4, v4))
+        with torch.enable_grad():
+            o4 = p.attend(q4, k4, v4)
+        a2 = o4.detach().reshape(B * T, nq * d)
+    else:
+        a2 = p.attend(q4, k4, v4).reshape(B * T, nq * d)
+    a_o, b_o = adapter_views(flats[1], shapes[1])
+    ao, xa_o = lora_group_forward(a2, p.o.weights, p.o.states, a_o, (b_o,), p.o.scales, p.o.backend)
+    m2 = x2 + ao
+    n2, st2 = rms_norm_forward(m2, *p.norm2, p.use_triton)
+    y, saved_mlp = mlp_forward(n2, p.mlp, flats[2], shapes[2], need_output=not keep)
+    if not keep:
+        return (m2 + y).view(B, T, H)
+    return dict(st1=st1, n1=n1, xa_qkv=xa_qkv, q4=q4, k4=k4, v4=v4, o4=o4, a2=a2, xa_o=xa_o, st2=st2, n2=n2,
+                mlp=saved_mlp)
+
+
+class LoRADecoderLayerFunction(torch.autograd.Function):
+    """y = decoder_layer(x) with gradients for x and the 14 adapter weights (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, parts: LayerParts, *adapters):
+        with no_autocast(x):
+            groups = _groups(adapters)
+            flats = tuple(cast_adapters(g, x.dtype)[0] for g in groups)
+            shapes = tuple(tuple(a.shape for a in g) for g in groups)
+            c, s = rope_tables(cos, sin)
+            y = _run(x, c, s, parts, flats, shapes, keep=False)
+        ctx.save_for_backward(x)
+        # frozen or plain values: on ctx (the adapter copies are reused by the recompute, never cast twice)
+        ctx.parts, ctx.flats, ctx.shapes, ctx.tables = parts, flats, shapes, (c, s)
+        ctx.dtypes = tuple(tuple(a.dtype for a in g) for g in groups)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        p, flats, shapes = ctx.parts, ctx.flats, ctx.shapes
+        B, T, H = x.shape
+        nq, nkv, d = p.heads
+        with torch.no_grad(), no_autocast(x):
+            st = _run(x, *ctx.tables, p, flats, shapes, keep=True)
+            dy2 = dy.reshape(B * T, H).to(x.dtype)
+            dn2, g_mlp = mlp_backward(dy2, st["n2"], st["mlp"], p.mlp, flats[2], shapes[2])
+            dm2 = dy2 + rms_norm_backward(dn2, st["st2"], p.use_triton)
+            del dn2
+            g_o = torch.empty_like(flats[1])
+            a_o, b_o = adapter_views(flats[1], shapes[1])
+            ga_o, gb_o = adapter_views(g_o, shapes[1])
+            da2 = lora_group_backward((dm2,), st["a2"], st["xa_o"], p.o.weights, p.o.states, a_o, (b_o,), p.o.scales,
+                                      p.o.backend, ga_o, (gb_o,))
+            with torch.enable_grad():
+                dq4, dk4, dv4 = torch.autograd.grad(st["o4"], (st["q4"], st["k4"], st["v4"]), da2.view(B, T, nq, d))
+            del da2
+            dq, dk = rope_rotate(dq4.transpose(1, 2), dk4.transpose(1, 2), *ctx.tables, p.use_triton, backward=True)
+            dv = dv4.transpose(1, 2).reshape(B * T, nkv * d)
+            dys = (dq.view(B * T, nq * d), dk.view(B * T, nkv * d), dv)
+            need_dx = ctx.needs_input_grad[0]
+            dn1, g_qkv = qkv_backward(dys, st["n1"], st["xa_qkv"], p.qkv, flats[0], shapes[0], need_dx)
+            dx = (dm2 + rms_norm_backward(dn1, st["st1"], p.use_triton)).view(B, T, H) if need_dx else None
+        needs = ctx.needs_input_grad[4:]
+        q_need = [needs[i] for i in (0, 2, 4, 1, 3, 5)]    # flat order Aq Ak Av Bq Bk Bv from argument order
+        m_need = [needs[8 + i] for i in (0, 2, 1, 3, 4, 5)]  # Ag Au Bg Bu Ad Bd
+        gq = master_grads(g_qkv, shapes[0], ctx.dtypes[0], q_need)
+        go = master_grads(g_o, shapes[1], ctx.dtypes[1], needs[6:8])
+        gm = master_grads(g_mlp, shapes[2], ctx.dtypes[2], m_need)
+        return (dx, None, None, None, *(gq[i] for i in _QKV_ORDER), *go, *(gm[i] for i in _MLP_ORDER))
+
+
+def lora_decoder_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, parts: LayerParts,
+                       adapters: tuple) -> torch.Tensor:
+    """The decoder layer on x (B, T, H) with RoPE tables cos, sin (B or 1, T, D); ``adapters`` are the 14 LoRA
+    weights (A, B of q, k, v, o, gate, up, down) in any float dtype. Returns (B, T, H) in x's dtype."""
+    if len(adapters) != 14:
+        raise ValueError(f"lora_decoder_layer takes the 14 adapter weights of q, k, v, o, gate, up, down, got "
+                         f"{len(adapters)}")
+    return LoRADecoderLayerFunction.apply(x, cos, sin, parts, *adapters)
