@@ -43,11 +43,39 @@ def _attend(attn, interface, mask, q, k, v):
     return interface(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)[0]
 
 
+def _module_hooks(module) -> bool:
+    """Hooks a module's ``__call__`` would run: its own or global ones."""
+    from torch.nn.modules import module as m
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)
+
+
+def _layer_of(function):
+    """The decoder layer of transformers' checkpoint call: ``partial(forward, layer, **kwargs)`` (transformers
+    >= 5.2x checkpoints ``forward``: module hooks stay outside) or ``partial(super().__call__, **kwargs)``
+    (5.1x checkpoints ``__call__``: the fused op may bypass it only when no hooks would run); or the reason."""
+    if not isinstance(function, functools.partial):
+        return "not transformers' checkpoint call of a decoder layer"
+    if len(function.args) == 1:
+        return function.args[0]
+    layer = getattr(function.func, "__self__", None)
+    if function.args or layer is None or getattr(function.func, "__func__", None) is not torch.nn.Module.__call__:
+        return "not transformers' checkpoint call of a decoder layer"
+    if _module_hooks(layer):
+        return "module hooks on the decoder layer (its __call__ runs inside the checkpoint)"
+    return layer
+
+
 def _plan(function, args, kwargs):
     """The fused op's arguments for this checkpoint call, or the reason it cannot take it."""
-    if kwargs or len(args) != 1 or not isinstance(function, functools.partial) or len(function.args) != 1:
+    layer = _layer_of(function)
+    if isinstance(layer, str):
+        return layer
+    if kwargs or len(args) != 1:
         return "not transformers' checkpoint call of a decoder layer"
-    layer, kw, x = function.args[0], function.keywords, args[0]
+    kw, x = function.keywords, args[0]
     mods = getattr(layer, "_modules", {})
     if not all(name in mods for name in _PARTS) or not isinstance(x, torch.Tensor) or x.dim() != 3:
         return "not a Llama decoder layer"

@@ -357,3 +357,33 @@ def test_fused_layer_leaves_hooked_layers_to_op_by_op_checkpointing(tiny_llama_i
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
     for n in grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fused_layer_takes_both_forms_of_transformers_checkpoint_call(tiny_llama_i128_dir):
+    """transformers >= 5.2x checkpoints ``partial(forward, layer, **kw)``; 5.1x (the GPU image's 5.17)
+    ``partial(super().__call__, **kw)``, where module hooks would run inside: taken only without them."""
+    import functools
+
+    from fastllm.modules import layer as fl
+
+    model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True)
+    model.train()
+    layer0 = model.base_model.model.model.layers[0]
+    seen = []
+
+    def capture(function, *args, **kwargs):
+        seen.append((function, args))
+        return fl.fused_layer_checkpoint(function, *args, **kwargs)
+
+    layer0._gradient_checkpointing_func = capture
+    ids = torch.randint(0, 320, (1, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    (function, args), = seen
+    assert not isinstance(fl._plan(function, args, {}), str)
+    old_form = functools.partial(super(type(layer0), layer0).__call__, **function.keywords)
+    assert not isinstance(fl._plan(old_form, args, {}), str)
+    handle = layer0.register_forward_pre_hook(lambda m, a: None)
+    assert fl._plan(old_form, args, {}) == "module hooks on the decoder layer (its __call__ runs inside the checkpoint)"
+    assert not isinstance(fl._plan(function, args, {}), str)  # the new form keeps hooks outside the checkpoint
+    handle.remove()
+    assert isinstance(fl._plan(functools.partial(print), args, {}), str)
