@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import launch, next_power_of_2
 
 
 @triton.jit
@@ -111,7 +111,7 @@ def _cross_entropy_fwd_kernel(
 
 def _launch_config(V: int) -> tuple[int, int]:
     """The one place that maps a vocab width to (BLOCK, num_warps)."""
-    block = min(triton.next_power_of_2(V), 16384)
+    block = min(next_power_of_2(V), 16384)
     num_warps = 16 if block >= 8192 else (8 if block >= 2048 else 4)
     return block, num_warps
 

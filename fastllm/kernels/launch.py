@@ -23,7 +23,7 @@ import os
 
 import torch
 
-__all__ = ["launch", "launch_stats", "set_enabled"]
+__all__ = ["cdiv", "launch", "launch_stats", "next_power_of_2", "set_enabled"]
 
 _CACHE: dict = {}                 # (id(kernel), device, traits) -> (launcher, function, packed metadata)
 _STATS = {"fast": 0, "slow": 0}   # launches through each path (tests read it)
@@ -101,3 +101,16 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
 def launch_stats() -> dict:
     """Launch counts per path since import: {"fast": n, "slow": n}."""
     return dict(_STATS)
+
+
+# Host-side grid maths. ``triton.cdiv`` / ``triton.next_power_of_2`` are jit-callable functions: calling them
+# from Python goes through Triton's JIT wrapper, ~5 us each, a few per launch.
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive ints."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+

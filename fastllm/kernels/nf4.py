@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch
 
 
 @triton.jit
@@ -121,12 +121,12 @@ def launch_config(n_bytes: int, blocksize: int, tile_bytes: int | None = None,
     """
     tile = tile_bytes or _TILE_BYTES
     if tile_bytes is None:
-        while tile > _MIN_TILE_BYTES and triton.cdiv(n_bytes, tile) < _MIN_PROGRAMS:
+        while tile > _MIN_TILE_BYTES and cdiv(n_bytes, tile) < _MIN_PROGRAMS:
             tile //= 2
     cols = min(blocksize // 2, tile)
     rows = tile // cols
     warps = num_warps or _NUM_WARPS
-    return rows, cols, warps, triton.cdiv(n_bytes, tile)
+    return rows, cols, warps, cdiv(n_bytes, tile)
 
 
 def nf4_dequant_fwd(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
@@ -189,7 +189,7 @@ def nf4_dequant_parts(parts, blocksize: int, out: torch.Tensor, blocksize2: int 
         if packed.dtype != torch.uint8:
             packed = packed.view(torch.uint8)
         nb = n // 2
-        t = triton.cdiv(nb, rows * cols)
+        t = cdiv(nb, rows * cols)
         tiles.append(t)
         args.append((packed, absmax, code, code2 if nested else code, absmax2 if nested else absmax,
                      offset if nested else absmax, n, nb, t))

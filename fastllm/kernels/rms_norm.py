@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch, next_power_of_2
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, strid
 
 def _launch_config(n: int) -> tuple[int, int]:
     """The one place that maps a row width to (BLOCK, num_warps)."""
-    block = triton.next_power_of_2(n)
+    block = next_power_of_2(n)
     if block > 65536:
         raise ValueError(f"rms_norm Triton kernel supports rows up to 65536 wide, got {n}")
     num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
@@ -96,8 +96,8 @@ def rms_norm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rs
     else:
         programs = min(m, 8)
     programs = max(programs, 1)
-    rows_per_prog = triton.cdiv(m, programs)
-    programs = triton.cdiv(m, rows_per_prog)
+    rows_per_prog = cdiv(m, programs)
+    programs = cdiv(m, rows_per_prog)
     dw_part = torch.empty((programs, n), dtype=torch.float32, device=x2d.device) if need_dw else dx
     launch(_rms_norm_bwd_kernel, (programs,), dy2d, x2d, weight, rstd, dx, dw_part, dy2d.stride(0), x2d.stride(0),
            dx.stride(0), m, n, ROWS_PER_PROG=rows_per_prog, BLOCK=block,

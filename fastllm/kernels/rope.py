@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import launch, next_power_of_2
 
 
 @triton.jit
@@ -68,8 +68,8 @@ def rope_apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     half = d // 2
-    block_h = min(16, triton.next_power_of_2(max(nq, k.shape[1])))
+    block_h = min(16, next_power_of_2(max(nq, k.shape[1])))
     launch(_rope_kernel, (rows,), q, k, cos, sin, qo, ko, q.stride(0), k.stride(0), nq, k.shape[1], cos.shape[0],
-           D=d, HALF=half, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(half), BACKWARD=backward,
+           D=d, HALF=half, BLOCK_H=block_h, BLOCK_D=next_power_of_2(half), BACKWARD=backward,
            num_warps=4, enable_fp_fusion=False)
     return qo, ko

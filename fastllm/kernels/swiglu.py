@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
+from .launch import cdiv, launch
 
 _BLOCK = 1024
 
@@ -76,7 +76,7 @@ def swiglu_packed_fwd(gu: torch.Tensor) -> torch.Tensor:
     """gu (M, 2I) contiguous, gate columns then up columns (one stacked GEMM's output). Returns h (M, I)."""
     m, two_i = gu.shape
     h = gu.new_empty(m, two_i // 2)
-    launch(_swiglu_packed_fwd_kernel, (m, triton.cdiv(two_i // 2, _BLOCK)), gu, h, two_i // 2, BLOCK=_BLOCK,
+    launch(_swiglu_packed_fwd_kernel, (m, cdiv(two_i // 2, _BLOCK)), gu, h, two_i // 2, BLOCK=_BLOCK,
            num_warps=4)
     return h
 
@@ -85,7 +85,7 @@ def swiglu_packed_bwd(dh: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
     """dh (M, I), gu (M, 2I) contiguous. Returns dgu (M, 2I) = [dg | du], gu's layout (one GEMM takes it)."""
     m, two_i = gu.shape
     dgu = torch.empty_like(gu)
-    launch(_swiglu_packed_bwd_kernel, (m, triton.cdiv(two_i // 2, _BLOCK)), dh.contiguous(), gu, dgu, two_i // 2,
+    launch(_swiglu_packed_bwd_kernel, (m, cdiv(two_i // 2, _BLOCK)), dh.contiguous(), gu, dgu, two_i // 2,
            BLOCK=_BLOCK, num_warps=4)
     return dgu
 
@@ -94,7 +94,7 @@ def swiglu_fwd(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """g, u: contiguous, same shape and dtype. Returns silu(g) * u."""
     h = torch.empty_like(g)
     n = g.numel()
-    launch(_swiglu_fwd_kernel, (triton.cdiv(n, _BLOCK),), g, u, h, n, BLOCK=_BLOCK, num_warps=4)
+    launch(_swiglu_fwd_kernel, (cdiv(n, _BLOCK),), g, u, h, n, BLOCK=_BLOCK, num_warps=4)
     return h
 
 
@@ -102,5 +102,5 @@ def swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torc
     """Returns (dg, du), each shaped and typed like g."""
     dg, du = torch.empty_like(g), torch.empty_like(u)
     n = g.numel()
-    launch(_swiglu_bwd_kernel, (triton.cdiv(n, _BLOCK),), dh.contiguous(), g, u, dg, du, n, BLOCK=_BLOCK, num_warps=4)
+    launch(_swiglu_bwd_kernel, (cdiv(n, _BLOCK),), dh.contiguous(), g, u, dg, du, n, BLOCK=_BLOCK, num_warps=4)
     return dg, du

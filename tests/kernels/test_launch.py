@@ -56,3 +56,10 @@ def test_direct_launches_follow_alignment_and_sizes(monkeypatch):
     finally:
         monkeypatch.delenv("FASTLLM_FAST_LAUNCH")
         L.set_enabled(None)
+
+
+def test_host_grid_maths_match_triton():
+    import triton
+
+    assert all(L.next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
+    assert all(L.cdiv(a, b) == triton.cdiv(a, b) for a in range(1, 300) for b in range(1, 70))
