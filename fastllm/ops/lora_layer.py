@@ -62,13 +62,13 @@ def _groups(adapters):
     return qkv_adapters(aq, bq, ak, bk, av, bv), (ao, bo), mlp_adapters(ag, bg, au, bu, ad, bd)
 
 
-def _run(x, c, s, p: LayerParts, flats, shapes, keep: bool):
+def _run(x, c, s, p: LayerParts, casts, shapes, keep: bool):
     """The layer's forward on x (B, T, H). Returns y, or (with ``keep``) everything backward reads."""
     B, T, H = x.shape
     nq, nkv, d = p.heads
     x2 = x.reshape(B * T, H)
     n1, st1 = rms_norm_forward(x2, *p.norm1, p.use_triton)
-    qkv, xa_qkv = qkv_forward(n1, p.qkv, flats[0], shapes[0])
+    qkv, xa_qkv = qkv_forward(n1, p.qkv, casts[0][0], shapes[0], views=casts[0][1])
     q, k, v = qkv.split_with_sizes([nq * d, nkv * d, nkv * d], 1)
     q, k = rope_rotate(q.view(B, T, nq, d), k.view(B, T, nkv, d), c, s, p.use_triton)
     q4, k4, v4 = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, nkv, d).transpose(1, 2)
@@ -79,11 +79,11 @@ def _run(x, c, s, p: LayerParts, flats, shapes, keep: bool):
         a2 = o4.detach().reshape(B * T, nq * d)
     else:
         a2 = p.attend(q4, k4, v4).reshape(B * T, nq * d)
-    a_o, b_o = adapter_views(flats[1], shapes[1])
+    a_o, b_o = casts[1][1]
     ao, xa_o = lora_group_forward(a2, p.o.weights, p.o.states, a_o, (b_o,), p.o.scales, p.o.backend)
     m2 = x2 + ao
     n2, st2 = rms_norm_forward(m2, *p.norm2, p.use_triton)
-    y, saved_mlp = mlp_forward(n2, p.mlp, flats[2], shapes[2], need_output=not keep)
+    y, saved_mlp = mlp_forward(n2, p.mlp, casts[2][0], shapes[2], need_output=not keep, views=casts[2][1])
     if not keep:
         return (m2 + y).view(B, T, H)
     return dict(st1=st1, n1=n1, xa_qkv=xa_qkv, q4=q4, k4=k4, v4=v4, o4=o4, a2=a2, xa_o=xa_o, st2=st2, n2=n2,
@@ -97,30 +97,31 @@ class LoRADecoderLayerFunction(torch.autograd.Function):
     def forward(ctx, x, cos, sin, parts: LayerParts, *adapters):
         with no_autocast(x):
             groups = _groups(adapters)
-            flats = tuple(cast_adapters(g, x.dtype)[0] for g in groups)
+            casts = tuple(cast_adapters(g, x.dtype) for g in groups)  # (flat, views) per group
             shapes = tuple(tuple(a.shape for a in g) for g in groups)
             c, s = rope_tables(cos, sin)
-            y = _run(x, c, s, parts, flats, shapes, keep=False)
+            y = _run(x, c, s, parts, casts, shapes, keep=False)
         ctx.save_for_backward(x)
         # frozen or plain values: on ctx (the adapter copies are reused by the recompute, never cast twice)
-        ctx.parts, ctx.flats, ctx.shapes, ctx.tables = parts, flats, shapes, (c, s)
+        ctx.parts, ctx.casts, ctx.shapes, ctx.tables = parts, casts, shapes, (c, s)
         ctx.dtypes = tuple(tuple(a.dtype for a in g) for g in groups)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
-        p, flats, shapes = ctx.parts, ctx.flats, ctx.shapes
+        p, casts, shapes = ctx.parts, ctx.casts, ctx.shapes
+        flats = [c[0] for c in casts]
         B, T, H = x.shape
         nq, nkv, d = p.heads
         with torch.no_grad(), no_autocast(x):
-            st = _run(x, *ctx.tables, p, flats, shapes, keep=True)
+            st = _run(x, *ctx.tables, p, casts, shapes, keep=True)
             dy2 = dy.reshape(B * T, H).to(x.dtype)
-            dn2, g_mlp = mlp_backward(dy2, st["n2"], st["mlp"], p.mlp, flats[2], shapes[2])
+            dn2, g_mlp = mlp_backward(dy2, st["n2"], st["mlp"], p.mlp, flats[2], shapes[2], views=casts[2][1])
             dm2 = dy2 + rms_norm_backward(dn2, st["st2"], p.use_triton)
             del dn2
             g_o = torch.empty_like(flats[1])
-            a_o, b_o = adapter_views(flats[1], shapes[1])
+            a_o, b_o = casts[1][1]
             ga_o, gb_o = adapter_views(g_o, shapes[1])
             da2 = lora_group_backward((dm2,), st["a2"], st["xa_o"], p.o.weights, p.o.states, a_o, (b_o,), p.o.scales,
                                       p.o.backend, ga_o, (gb_o,))
@@ -131,7 +132,8 @@ class LoRADecoderLayerFunction(torch.autograd.Function):
             dv = dv4.transpose(1, 2).reshape(B * T, nkv * d)
             dys = (dq.view(B * T, nq * d), dk.view(B * T, nkv * d), dv)
             need_dx = ctx.needs_input_grad[0]
-            dn1, g_qkv = qkv_backward(dys, st["n1"], st["xa_qkv"], p.qkv, flats[0], shapes[0], need_dx)
+            dn1, g_qkv = qkv_backward(dys, st["n1"], st["xa_qkv"], p.qkv, flats[0], shapes[0], need_dx,
+                                      views=casts[0][1])
             dx = (dm2 + rms_norm_backward(dn1, st["st1"], p.use_triton)).view(B, T, H) if need_dx else None
         needs = ctx.needs_input_grad[4:]
         q_need = [needs[i] for i in (0, 2, 4, 1, 3, 5)]    # flat order Aq Ak Av Bq Bk Bv from argument order

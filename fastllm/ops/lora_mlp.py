@@ -45,14 +45,15 @@ _ORDER = (0, 2, 1, 3, 4, 5)  # (Ag, Au, Bg, Bu, Ad, Bd) positions of Ag, Bg, Au,
 _ARG = tuple(_ORDER.index(i) for i in range(6))  # and the reverse: the argument at each position
 
 
-def mlp_forward(x2, frozen: LoRAFrozen, flat, shapes, need_output: bool = True):
+def mlp_forward(x2, frozen: LoRAFrozen, flat, shapes, need_output: bool = True, views=None):
     """The MLP on x2 (M, K) with the compute-dtype adapters ``flat`` (``cast_adapters`` of (Ag, Au, Bg, Bu, Ad, Bd),
     shapes ``shapes``); no autograd. Returns (y (M, K), saved) with saved = (gu, h, xa_gu, had) for
-    ``mlp_backward``; y is uninitialised when not ``need_output`` (the down projection skipped)."""
+    ``mlp_backward``; y is uninitialised when not ``need_output`` (the down projection skipped). ``views``:
+    ``flat``'s views, when the caller has them."""
     wg, wu, wd = frozen.weights
     stg, stu, std = frozen.states
     sg, su, sd = frozen.scales
-    _, _, Bgc, Buc, Adc, Bdc = adapter_views(flat, shapes)
+    _, _, Bgc, Buc, Adc, Bdc = adapter_views(flat, shapes) if views is None else views
     r_gu = shapes[0][0] + shapes[1][0]
     gu, xa_gu = lora_group_forward(x2, (wg, wu), (stg, stu), stacked_rows(flat, r_gu, x2.shape[1]),
                                    (Bgc, Buc), (sg, su), frozen.backend)  # (M, 2I) = [g | u]
@@ -64,11 +65,11 @@ def mlp_forward(x2, frozen: LoRAFrozen, flat, shapes, need_output: bool = True):
     return y, (gu, h, xa_gu, had)
 
 
-def mlp_backward(dy2, x2, saved, frozen: LoRAFrozen, flat, shapes, need_dx: bool = True):
+def mlp_backward(dy2, x2, saved, frozen: LoRAFrozen, flat, shapes, need_dx: bool = True, views=None):
     """Gradients of ``mlp_forward`` for dy2 (M, K): (dx2 or None, gflat), gflat holding the adapter grads in
     ``flat``'s layout and dtype."""
     gu, h, xa_gu, had = saved
-    _, _, Bgc, Buc, Adc, Bdc = adapter_views(flat, shapes)
+    _, _, Bgc, Buc, Adc, Bdc = adapter_views(flat, shapes) if views is None else views
     gflat = torch.empty_like(flat)
     _, _, gBg, gBu, gAd, gBd = adapter_views(gflat, shapes)
     wg, wu, wd = frozen.weights
@@ -98,11 +99,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
             x2 = x.reshape(-1, x.shape[-1])
             order = mlp_adapters(Ag, Bg, Au, Bu, Ad, Bd)
-            flat, _ = cast_adapters(order, x.dtype, frozen.cast_cache)  # one launch, reused in backward
+            flat, views = cast_adapters(order, x.dtype, frozen.cast_cache)  # one launch, reused in backward
             ctx.shapes = tuple(p.shape for p in order)
-            y, saved = mlp_forward(x2, frozen, flat, ctx.shapes, need_output)
+            y, saved = mlp_forward(x2, frozen, flat, ctx.shapes, need_output, views)
             ctx.save_for_backward(x2, *saved)  # weights: frozen, on ctx.frozen
-            ctx.flat = flat  # cached adapter copies (cast_adapters): on ctx, no checkpoint hooks
+            ctx.flat, ctx.views = flat, views  # cached adapter copies (cast_adapters): on ctx, no checkpoint hooks
             ctx.frozen, ctx.x_shape = frozen, x.shape
             ctx.dtypes = tuple(p.dtype for p in order)
             return y.view(x.shape)
@@ -111,7 +112,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x2, *saved = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-        dx, gflat = mlp_backward(dy2, x2, saved, ctx.frozen, ctx.flat, ctx.shapes, ctx.needs_input_grad[0])
+        dx, gflat = mlp_backward(dy2, x2, saved, ctx.frozen, ctx.flat, ctx.shapes, ctx.needs_input_grad[0], ctx.views)
         needs = [ctx.needs_input_grad[1 + a] for a in _ARG]
         out = master_grads(gflat, ctx.shapes, ctx.dtypes, needs)
         return (None if dx is None else dx.view(ctx.x_shape), *(out[i] for i in _ORDER), None, None)

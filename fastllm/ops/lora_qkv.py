@@ -38,19 +38,20 @@ def qkv_adapters(Aq, Bq, Ak, Bk, Av, Bv) -> tuple:
     return Aq, Ak, Av, Bq, Bk, Bv
 
 
-def qkv_forward(x2, frozen: LoRAFrozen, flat, shapes):
+def qkv_forward(x2, frozen: LoRAFrozen, flat, shapes, views=None):
     """q/k/v of x2 (M, K) with the compute-dtype adapters ``flat`` (``cast_adapters`` of ``qkv_adapters``' order,
-    shapes ``shapes``); no autograd. Returns (y (M, Nq + Nk + Nv), xa (M, rq + rk + rv))."""
-    casts = adapter_views(flat, shapes)
+    shapes ``shapes``; ``views``: its views, when the caller has them); no autograd. Returns
+    (y (M, Nq + Nk + Nv), xa (M, rq + rk + rv))."""
+    casts = adapter_views(flat, shapes) if views is None else views
     r = sum(a[0] for a in shapes[:3])
     return lora_group_forward(x2, frozen.weights, frozen.states, stacked_rows(flat, r, x2.shape[1]), casts[3:],
                               frozen.scales, frozen.backend)
 
 
-def qkv_backward(dys, x2, xa, frozen: LoRAFrozen, flat, shapes, need_dx: bool = True):
+def qkv_backward(dys, x2, xa, frozen: LoRAFrozen, flat, shapes, need_dx: bool = True, views=None):
     """Gradients of ``qkv_forward`` for ``dys`` = (dq, dk, dv), each (M, N*) or None (unused): (dx2 or None,
     gflat), gflat holding the adapter grads in ``flat``'s layout and dtype."""
-    casts = adapter_views(flat, shapes)  # Aq, Ak, Av, Bq, Bk, Bv
+    casts = adapter_views(flat, shapes) if views is None else views  # Aq, Ak, Av, Bq, Bk, Bv
     gflat = torch.empty_like(flat)
     grads = adapter_views(gflat, shapes)
     r = sum(a[0] for a in shapes[:3])
@@ -68,11 +69,11 @@ class LoRAQKVFunction(torch.autograd.Function):
         with no_autocast(x):  # once here; the helpers' own no_autocast() are then no-ops
             x2 = x.reshape(-1, x.shape[-1])
             order = qkv_adapters(Aq, Bq, Ak, Bk, Av, Bv)
-            flat, _ = cast_adapters(order, x.dtype, frozen.cast_cache)  # one launch, reused in backward
+            flat, views = cast_adapters(order, x.dtype, frozen.cast_cache)  # one launch, reused in backward
             ctx.shapes = tuple(p.shape for p in order)
-            y, xa = qkv_forward(x2, frozen, flat, ctx.shapes)
+            y, xa = qkv_forward(x2, frozen, flat, ctx.shapes, views)
             ctx.save_for_backward(x2, xa)  # weights: frozen, on ctx.frozen
-            ctx.flat = flat  # cached adapter copies (cast_adapters): on ctx, no checkpoint hooks
+            ctx.flat, ctx.views = flat, views  # cached adapter copies (cast_adapters): on ctx, no checkpoint hooks
             ctx.dtypes = tuple(p.dtype for p in order)
             ctx.set_materialize_grads(False)  # an unused output's gradient stays None: skipped, as PEFT would
             ctx.frozen, ctx.x_shape = frozen, x.shape
@@ -84,7 +85,7 @@ class LoRAQKVFunction(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         x2, xa = ctx.saved_tensors
         dys = [None if d is None else d.reshape(-1, d.shape[-1]).to(x2.dtype) for d in (dq, dk, dv)]
-        dx, gflat = qkv_backward(dys, x2, xa, ctx.frozen, ctx.flat, ctx.shapes, ctx.needs_input_grad[0])
+        dx, gflat = qkv_backward(dys, x2, xa, ctx.frozen, ctx.flat, ctx.shapes, ctx.needs_input_grad[0], ctx.views)
         needs = [ctx.needs_input_grad[1 + a] for a in _ARG]
         for i, d in enumerate((dq, dk, dv)):  # an unused output: no gradient for its adapter, as PEFT
             if d is None:
