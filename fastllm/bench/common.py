@@ -22,6 +22,19 @@ def commit() -> str:
         return "unknown"
 
 
+def source_hash() -> str:
+    """A fingerprint of the fastllm sources that ran (the device copy's git HEAD can lag the working tree)."""
+    import hashlib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha1()
+    for d, _, files in sorted(os.walk(root)):
+        for name in sorted(f for f in files if f.endswith(".py")):
+            with open(os.path.join(d, name), "rb") as f:
+                h.update(name.encode() + f.read())
+    return h.hexdigest()[:10]
+
+
 def host_cpu() -> str:
     """The host CPU's model name: a host-bound step moves 10-30% between machines with the same GPU."""
     try:
@@ -37,8 +50,9 @@ def host_cpu() -> str:
 
 
 def stamp() -> dict:
-    """GPU name, host CPU, versions, commit and time: put on every benchmark row."""
-    return {**versions(), "cpu": host_cpu(), "commit": commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    """GPU name, host CPU, versions, commit, a hash of the sources and time: put on every benchmark row."""
+    return {**versions(), "cpu": host_cpu(), "commit": commit(), "source": source_hash(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def bench_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> float:
