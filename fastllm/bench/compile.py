@@ -42,6 +42,10 @@ decode is host-bound and eager's one-token 4-bit linears take bnb's GEMV (~40 us
 ~130 us (the eager patch now defers those calls to bnb; the compiled regions do not yet). Training 1B (2 x
 1024): eager 7,889 tokens/s, fastllm 5,349, compiled 7,916.
 
+Session 6: one-token calls of the compiled regions' NF4 op go to bitsandbytes' own ``gemm_4bit`` kernel (bnb's
+no-grad ``matmul_4bit`` path): 8B ``--quick --modes infer`` eager 15.45 s, compiled 11.94 s (1.29x), 0 graph
+breaks. Training was not re-measured; the eager default now runs fused QLoRA decoder layers (``fused_layer``).
+
 Next GPU run (one shape and mode per call keeps each under the 10-minute limit)::
 
     fastllm bench compile --shapes 1b --modes infer --quick --out $OUT/b1   # then --shapes 8b, then --modes train
