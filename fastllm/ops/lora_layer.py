@@ -117,19 +117,22 @@ class LoRADecoderLayerFunction(torch.autograd.Function):
         with torch.no_grad(), no_autocast(x):
             st = _run(x, *ctx.tables, p, casts, shapes, keep=True)
             dy2 = dy.reshape(B * T, H).to(x.dtype)
-            dn2, g_mlp = mlp_backward(dy2, st["n2"], st["mlp"], p.mlp, flats[2], shapes[2], views=casts[2][1])
-            dm2 = dy2 + rms_norm_backward(dn2, st["st2"], p.use_triton)
+            # st.pop: each intermediate is dropped once its backward has read it (the MLP's are the largest)
+            dn2, g_mlp = mlp_backward(dy2, st.pop("n2"), st.pop("mlp"), p.mlp, flats[2], shapes[2], views=casts[2][1])
+            dm2 = dy2 + rms_norm_backward(dn2, st.pop("st2"), p.use_triton)
             del dn2
             g_o = torch.empty_like(flats[1])
             a_o, b_o = casts[1][1]
             ga_o, gb_o = adapter_views(g_o, shapes[1])
-            da2 = lora_group_backward((dm2,), st["a2"], st["xa_o"], p.o.weights, p.o.states, a_o, (b_o,), p.o.scales,
-                                      p.o.backend, ga_o, (gb_o,))
+            da2 = lora_group_backward((dm2,), st.pop("a2"), st.pop("xa_o"), p.o.weights, p.o.states, a_o, (b_o,),
+                                      p.o.scales, p.o.backend, ga_o, (gb_o,))
             with torch.enable_grad():
-                dq4, dk4, dv4 = torch.autograd.grad(st["o4"], (st["q4"], st["k4"], st["v4"]), da2.view(B, T, nq, d))
+                dq4, dk4, dv4 = torch.autograd.grad(st.pop("o4"), (st.pop("q4"), st.pop("k4"), st.pop("v4")),
+                                                    da2.view(B, T, nq, d))
             del da2
             dq, dk = rope_rotate(dq4.transpose(1, 2), dk4.transpose(1, 2), *ctx.tables, p.use_triton, backward=True)
             dv = dv4.transpose(1, 2).reshape(B * T, nkv * d)
+            del dq4, dk4, dv4
             dys = (dq.view(B * T, nq * d), dk.view(B * T, nkv * d), dv)
             need_dx = ctx.needs_input_grad[0]
             dn1, g_qkv = qkv_backward(dys, st["n1"], st["xa_qkv"], p.qkv, flats[0], shapes[0], need_dx,

@@ -387,3 +387,22 @@ def test_fused_layer_takes_both_forms_of_transformers_checkpoint_call(tiny_llama
     assert not isinstance(fl._plan(function, args, {}), str)  # the new form keeps hooks outside the checkpoint
     handle.remove()
     assert isinstance(fl._plan(functools.partial(print), args, {}), str)
+
+
+def test_fused_layer_with_triton_kernels_matches_torch_fallbacks(tiny_llama_i128_dir, monkeypatch):
+    """The fused layer's RMSNorm / RoPE / SwiGLU Triton path (through the interpreter on the CPU) against its torch
+    fallbacks: same loss and LoRA grads (fp32)."""
+    from fastllm.modules import layer as fl
+
+    ids = torch.randint(0, 320, (2, 19))
+    results = []
+    for backend in ("torch", "triton"):
+        monkeypatch.setattr(fl, "pick_backend", lambda *a, _b=backend: _b)
+        model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True)
+        model.train()
+        before = fl.LAYER_CALLS["fused"]
+        results.append(_loss_grads(model, ids))
+        assert fl.LAYER_CALLS["fused"] - before == 2
+    (loss, grads), (t_loss, t_grads) = results
+    torch.testing.assert_close(t_loss, loss, rtol=1e-5, atol=1e-5)
+    assert _rel(t_grads, grads) < 1e-4
