@@ -6,7 +6,7 @@ transformers' ``GradientCheckpointingLayer`` calls ``layer._gradient_checkpointi
 decoder layer whose norms, MLP and seven projections carry fastllm's rms_norm, mlp and lora patches and take
 the fused path on this input, SDPA or eager attention without dropout, no KV cache, no hooks on the modules
 the op bypasses), the op runs; otherwise the call is checkpointed op by op (``nonreentrant_checkpoint``), and
-the reason is counted in ``LAYER_CALLS`` and logged once.
+the reason is counted in ``LAYER_CALLS`` (shown in ``patch_report(model)``) and logged once as a warning.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def fused_layer_checkpoint(function, *args, **kwargs):
         LAYER_CALLS[plan] += 1
         if plan not in _LOGGED:
             _LOGGED.add(plan)
-            logger.info("fastllm: a decoder layer is checkpointed op by op (fused_layer skipped): %s", plan)
+            logger.warning("fastllm: a decoder layer is checkpointed op by op (fused_layer skipped): %s", plan)
         return nonreentrant_checkpoint(function, *args, **kwargs)
     LAYER_CALLS["fused"] += 1
     return lora_decoder_layer(*plan)

@@ -39,6 +39,11 @@ class PatchReport:
         if self.disabled:
             parts.append("off: " + ", ".join(f"{k} ({v})" for k, v in self.disabled.items()))
         parts.extend(self.notes)
+        if "fused" in self.backends.get("gradient_checkpointing", ""):
+            from ..modules.layer import LAYER_CALLS
+
+            if LAYER_CALLS:  # per call, process-wide: fused layers and the reasons a call went op by op
+                parts.append("fused_layer calls so far: " + ", ".join(f"{k}: {n}" for k, n in LAYER_CALLS.items()))
         return " | ".join(parts)
 
     def __str__(self) -> str:

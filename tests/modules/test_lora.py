@@ -350,6 +350,7 @@ def test_fused_layer_leaves_hooked_layers_to_op_by_op_checkpointing(tiny_llama_i
     before, before_reason = LAYER_CALLS["fused"], LAYER_CALLS[reason]
     loss, grads = _loss_grads(model, ids)
     assert LAYER_CALLS["fused"] - before == 1 and LAYER_CALLS[reason] - before_reason == 1
+    assert reason in str(patch_report(model))  # the report shows the calls that went op by op
     assert len(seen) == 1  # layer 0 ran its own forward: the hook saw it (the recompute stops early, before it)
     handle.remove()
     with eager(model):
