@@ -15,7 +15,10 @@ after ``--warmup``. Providers, each in its own fresh process (some patch process
   runs an ablation with those PatchConfig options (``0``/``1``/``none``).
 
 Rows (tokens/s, peak GiB, loss after the timed steps) go to JSON lines with the GPU name and versions,
-plus a table with ratios vs ``hf`` (and ``liger``, ``unsloth``) and a PNG.
+plus a table with ratios vs ``hf`` (and ``liger``, ``unsloth``) and a PNG. ``--profile`` adds, per provider,
+the GPU's busy time per step and a text file: top ops by device and host time, where the GPU waits on the host
+(idle time by step phase and by the op around each late launch, ``bench.idle``), a cProfile of two steps and
+the host-device synchronisations of one step.
 """
 
 from __future__ import annotations
