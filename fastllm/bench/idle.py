@@ -20,13 +20,20 @@ def _is_runtime(name: str) -> bool:
     return name.startswith(_RUNTIME)
 
 
+def _annotation(e) -> bool:
+    """A record_function range shown on the device, not device work."""
+    flag = getattr(e, "is_user_annotation", None)
+    return bool(flag()) if callable(flag) else e.name().startswith("phase:")
+
+
 def idle_report(prof, steps: int, min_gap_us: float = 2.0, top: int = 25) -> str:
     """A text table of device idle time per step: total, per phase, and per op around the late launch."""
     from torch.autograd import DeviceType
 
     events = prof.profiler.kineto_results.events()
-    # device activity: kernels, copies, memsets (not the markers' annotation spans, which cover whole phases)
-    device = sorted((e for e in events if e.device_type() == DeviceType.CUDA and not e.name().startswith("phase:")),
+    # device activity: kernels, copies, memsets; not the annotation spans that record_function ranges (the phase
+    # markers, torch.optim's step) leave on the device timeline, which cover whole stretches of it
+    device = sorted((e for e in events if e.device_type() == DeviceType.CUDA and not _annotation(e)),
                     key=lambda e: e.start_ns())
     if not device:
         return "no device events\n"

@@ -142,11 +142,12 @@ def _profile(step, path: str, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     # Kernel rows only: an op row (aten::mm) carries its kernels' time as its own "self" device time too,
-    # so summing every row counted each kernel twice; the phase markers show on the device as annotations.
+    # so summing every row counted each kernel twice; record_function ranges show on the device as annotations.
     from torch.autograd import DeviceType
 
     busy_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-                  for e in table if e.device_type == DeviceType.CUDA and not e.key.startswith("phase:"))
+                  for e in table if e.device_type == DeviceType.CUDA
+                  and not getattr(e, "is_user_annotation", e.key.startswith("phase:")))
     return busy_us / 2 / 1000
 
 

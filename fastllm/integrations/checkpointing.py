@@ -17,7 +17,6 @@ host allocator records the stream).
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import torch
@@ -26,19 +25,25 @@ from torch.utils.checkpoint import checkpoint
 _STATE = threading.local()
 
 
-@contextlib.contextmanager
-def _inside(key: str):
-    setattr(_STATE, key, getattr(_STATE, key, 0) + 1)
-    try:
-        yield
-    finally:
-        setattr(_STATE, key, getattr(_STATE, key) - 1)
+class _Inside:
+    """A re-enterable context that counts its depth in a thread-local field. torch enters the recompute context of
+    one checkpoint again at every backward through it (``retain_graph``, ``autograd.grad`` twice): a one-shot
+    generator context would fail there."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __enter__(self) -> None:
+        setattr(_STATE, self.key, getattr(_STATE, self.key, 0) + 1)
+
+    def __exit__(self, *exc) -> None:
+        setattr(_STATE, self.key, getattr(_STATE, self.key) - 1)
 
 
 def _contexts():
     """``checkpoint``'s ``context_fn``: ``in_checkpoint()`` true around the forward and the recompute,
     ``is_recomputing()`` around the recompute."""
-    return _inside("forward"), _inside("depth")
+    return _Inside("forward"), _Inside("depth")
 
 
 def in_checkpoint() -> bool:

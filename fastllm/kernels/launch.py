@@ -12,8 +12,10 @@ as they are. That key is at least as fine as Triton's own, so a hit always names
 have chosen. The first call with a new key goes through ``kernel[grid]`` (which compiles or finds the
 binary and launches it); later calls go straight to the compiled kernel's launcher.
 
-Under the Triton interpreter (``TRITON_INTERPRET=1``), or with ``FASTLLM_FAST_LAUNCH=0`` (both read at the
-first launch; ``set_enabled`` switches at run time), every call takes ``kernel[grid]``. Arguments are
+Under the Triton interpreter (``TRITON_INTERPRET=1``), with ``FASTLLM_FAST_LAUNCH=0`` (both read at the first
+launch; ``set_enabled`` switches at run time) or with Triton older than 3.3 (another launcher signature), every
+call takes ``kernel[grid]``. Launch hooks (Triton's ``knobs.runtime.launch_enter_hook``, e.g. Proton) and runtime
+knobs changed after a kernel's first launch are not seen by the direct path: turn it off for those. Arguments are
 positional in the kernel's parameter order, constexprs by keyword.
 """
 
@@ -38,11 +40,22 @@ def set_enabled(on: bool | None) -> None:
     _ENABLED = on
 
 
+def _triton_at_least(major: int, minor: int) -> bool:
+    import triton
+
+    try:
+        return tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (major, minor)
+    except ValueError:
+        return False
+
+
 def _enabled() -> bool:
     global _ENABLED
     if _ENABLED is None:  # os.environ lookups cost ~2 us each: once, not per launch
+        # Triton >= 3.3's launcher takes every parameter (constexprs too) after the metadata; older ones take
+        # the runtime arguments only, so they keep kernel[grid].
         _ENABLED = (os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-                    and os.environ.get("FASTLLM_FAST_LAUNCH", "1") != "0")
+                    and os.environ.get("FASTLLM_FAST_LAUNCH", "1") != "0" and _triton_at_least(3, 3))
     return _ENABLED
 
 

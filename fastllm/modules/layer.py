@@ -101,8 +101,8 @@ def _plan(function, args, kwargs):
     projs += [m_mods.get(n) for n in ("gate_proj", "up_proj", "down_proj")]
     if any(p is None for p in projs):
         return "not a Llama decoder layer"
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (norm1, attn, norm2, mlp, *projs)):
-        return "forward hooks on modules the fused op bypasses"
+    if any(_module_hooks(m) for m in (norm1, attn, norm2, mlp, *projs)):
+        return "module hooks on modules the fused op bypasses"
     groups = [_fused_parts(projs[:3], x), _fused_parts(projs[3:4], x), _fused_parts(projs[4:], x)]
     if any(g is None for g in groups):
         return "a projection outside the fused QLoRA path"

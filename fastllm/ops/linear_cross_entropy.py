@@ -147,6 +147,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             _, grad_h, grad_W, grad_b = _linear_ce_pass(h, W, b, y, ctx.opts, ctx.backend, ctx.chunk,
                                                         ctx.needs, row_scale=scale)
         else:
+            if getattr(ctx, "used", False):
+                raise RuntimeError("fastllm's fused linear cross-entropy serves one backward per forward: it computes "
+                                   "the gradients in forward and scales them in place here (as Liger's fused loss "
+                                   "does). Compute the loss again for another backward, or patch with "
+                                   "PatchConfig(loss=False) to keep the logits for retain_graph")
+            ctx.used = True
             grad_h, grad_W, grad_b, denom = ctx.saved_tensors
             factor = grad_out.float() / denom.clamp_min(1)
             # In place: these buffers were made for this backward and are handed over, not copied.

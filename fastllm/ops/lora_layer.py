@@ -20,8 +20,8 @@ local graph around the attention call, which picks its kernel as in transformers
 ``torch.autograd.grad`` and inputs that need no grad, unlike reentrant checkpointing: nothing here calls
 ``backward`` on an outer graph.
 
-The numbers are the per-op fused path's (same functions, same compute-dtype adapter copies), except that
-the attention backward's recompute is bitwise the forward's.
+The numbers are the per-op fused path's (same functions, same compute-dtype adapter copies); attention is
+re-run with grad enabled in backward, as checkpointing's recompute does (SDPA may pick another kernel there).
 """
 
 from __future__ import annotations

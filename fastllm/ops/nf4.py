@@ -295,7 +295,9 @@ def _goes_to_bnb_gemm(x, packed, code2, blocksize, blocksize2, shape) -> bool:
 
 def _linear_impl(x, packed, absmax, code, code2, absmax2, offset, bias, blocksize, blocksize2, shape):
     if _goes_to_bnb_gemm(x, packed, code2, blocksize, blocksize2, shape):
-        # bnb's own no-grad call (``matmul_4bit``): the nested absmax is decoded inside its kernel
+        # bnb's own no-grad call (``matmul_4bit``): the nested absmax is decoded inside its kernel; bnb wants the
+        # bias in x's dtype (the dequant path casts it too)
+        bias = None if bias is None else bias.to(x.dtype)
         if code2 is None:
             return _bnb_gemm_op()(x, packed, list(shape), absmax, blocksize, "nf4", bias=bias)
         return _bnb_gemm_op()(x, packed, list(shape), absmax2, blocksize, "nf4", bias=bias, absmax_8bit=absmax,

@@ -63,3 +63,13 @@ def test_host_grid_maths_match_triton():
 
     assert all(L.next_power_of_2(n) == triton.next_power_of_2(n) for n in range(1, 5000))
     assert all(L.cdiv(a, b) == triton.cdiv(a, b) for a in range(1, 300) for b in range(1, 70))
+
+
+def test_direct_path_needs_triton_3_3(monkeypatch):
+    """Older launchers take the runtime arguments only: the direct path stays off there."""
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    assert not L._triton_at_least(3, 3)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert L._triton_at_least(3, 3)

@@ -346,7 +346,7 @@ def test_fused_layer_leaves_hooked_layers_to_op_by_op_checkpointing(tiny_llama_i
     handle = layers[0].mlp.register_forward_hook(lambda m, a, out: seen.append(out.shape))
     model.train()
     ids = torch.randint(0, 320, (2, 23))
-    reason = "forward hooks on modules the fused op bypasses"
+    reason = "module hooks on modules the fused op bypasses"
     before, before_reason = LAYER_CALLS["fused"], LAYER_CALLS[reason]
     loss, grads = _loss_grads(model, ids)
     assert LAYER_CALLS["fused"] - before == 1 and LAYER_CALLS[reason] - before_reason == 1
@@ -387,6 +387,9 @@ def test_fused_layer_takes_both_forms_of_transformers_checkpoint_call(tiny_llama
     assert fl._plan(old_form, args, {}) == "module hooks on the decoder layer (its __call__ runs inside the checkpoint)"
     assert not isinstance(fl._plan(function, args, {}), str)  # the new form keeps hooks outside the checkpoint
     handle.remove()
+    handle = layer0.self_attn.o_proj.register_full_backward_hook(lambda m, gi, go: None)
+    assert fl._plan(function, args, {}) == "module hooks on modules the fused op bypasses"
+    handle.remove()
     assert isinstance(fl._plan(functools.partial(print), args, {}), str)
 
 
@@ -407,3 +410,20 @@ def test_fused_layer_with_triton_kernels_matches_torch_fallbacks(tiny_llama_i128
     (loss, grads), (t_loss, t_grads) = results
     torch.testing.assert_close(t_loss, loss, rtol=1e-5, atol=1e-5)
     assert _rel(t_grads, grads) < 1e-4
+
+
+@pytest.mark.parametrize("fused_layer", [False, True])
+def test_second_backward_through_checkpointed_layers(tiny_llama_i128_dir, fused_layer):
+    """``retain_graph``: a second backward re-runs each checkpointed layer's recompute (torch enters its recompute
+    context again) and adds the same gradients once more. (The loss is taken from the logits: the chunked loss op,
+    like Liger's, scales its saved gradient in place and serves one backward.)"""
+    model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True, fused_layer=fused_layer)
+    model.train()
+    ids = torch.randint(0, 320, (2, 17))
+    loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+    loss.backward(retain_graph=True)
+    once = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, 2 * once[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -150,3 +150,13 @@ def test_gpu_bf16_matches_and_is_lighter(w_grad):
     linear_cross_entropy(h, W, y).backward()
     logits_bytes = 2048 * 32000 * 4
     assert torch.cuda.max_memory_allocated() - base < logits_bytes / 2
+
+
+def test_second_backward_is_a_clear_error():
+    """The fused loss computes its gradients in forward and scales them in place in backward: one backward per
+    forward, and a second one says so (instead of autograd's in-place version error)."""
+    h, W, _, y = _inputs()
+    loss = linear_cross_entropy(h, W, y, backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
