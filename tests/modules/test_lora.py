@@ -67,10 +67,7 @@ def _model(path, **cfg):
 
 
 def _loss_grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return _grads_of(model, ids)
 
 
 @pytest.fixture
