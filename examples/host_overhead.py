@@ -78,10 +78,54 @@ def main() -> None:
         us = per_call_us(fn, args.n)
         results.append({"case": name, "us_per_call": us})
         print(f"{name:42s} {us:8.1f} us")
+    with torch.no_grad():
+        for name, fn in _launch_cases().items():
+            us = per_call_us(fn, args.n)
+            results.append({"case": name, "us_per_call": us})
+            print(f"{name:42s} {us:8.1f} us")
     if args.out:
         with open(args.out, "w") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
+
+
+def _launch_cases() -> dict:
+    """A 256x256 weight (the GPU part is ~2 us): where the host time of one dequant goes."""
+    import bitsandbytes.functional as F
+
+    from fastllm.bench.dequant import bnb_direct
+    from fastllm.kernels import launch as L
+    from fastllm.kernels.nf4 import _nf4_dequant_fwd_kernel, launch_config
+    from fastllm.ops import dequantize_nf4
+    from fastllm.ops.nf4 import _state_args
+
+    w = torch.randn(256, 256, dtype=torch.bfloat16, device="cuda")
+    packed, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    out = torch.empty(256, 256, dtype=torch.bfloat16, device="cuda")
+    absmax, code, code2, absmax2, offset, bs, bs2, shape = _state_args(qs)
+    n = out.numel()
+    rows, cols, warps, grid = launch_config((n + 1) // 2, bs)
+    kargs = (packed, absmax, code, code2, absmax2, offset, out, n, (n + 1) // 2)
+    kw = dict(BLOCKSIZE=bs, BLOCKSIZE2=bs2, NESTED=True, ROWS=rows, COLS=cols, num_warps=warps,
+              enable_fp_fusion=False)
+    L.launch(_nf4_dequant_fwd_kernel, (grid,), *kargs, **kw)
+    hit = next((v for k, v in L._CACHE.items() if k[0] == id(_nf4_dequant_fwd_kernel)), None)
+    cases = {"256x256: fastllm dequantize_nf4": lambda: dequantize_nf4(packed, qs, out=out),
+             "256x256: bnb-direct (ctypes)": bnb_direct(packed, qs, torch.bfloat16),
+             "256x256: launch() only": lambda: L.launch(_nf4_dequant_fwd_kernel, (grid,), *kargs, **kw),
+             "256x256: kernel[grid]": lambda: _nf4_dequant_fwd_kernel[(grid,)](*kargs, **kw),
+             "current_device + raw stream": lambda: torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())}
+    if hit is not None:
+        run, function, metadata, tail = hit
+        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+        cases["256x256: compiled launcher call"] = lambda: run(grid, 1, 1, stream, function, metadata, None, None,
+                                                                None, *kargs, *tail)
+        import inspect
+        try:
+            print(inspect.getsource(type(run).__call__))
+        except (OSError, TypeError) as e:
+            print("no launcher source:", e)
+    return cases
 
 
 if __name__ == "__main__":

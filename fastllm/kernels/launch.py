@@ -60,23 +60,44 @@ def _enabled() -> bool:
 
 
 _Tensor = torch.Tensor
+_I32 = (-(2 ** 31), 2 ** 31)
 
 
-def _trait(a):
-    """What Triton specialises a runtime argument on (or finer). Exact type checks first: this runs per
-    argument per launch (bool is an int subclass and is told apart by its exact type)."""
-    t = type(a)
-    if t is int:
-        return a == 1, a & 15 == 0, -(2 ** 31) <= a < 2 ** 31
-    if t is bool:
-        return bool, a
-    if t is float:
-        return float
-    if isinstance(a, _Tensor):
-        return a.dtype, a.data_ptr() & 15 == 0
-    if isinstance(a, int):  # int subclasses (numpy ints are not): as ints
-        return a == 1, a & 15 == 0, -(2 ** 31) <= a < 2 ** 31
-    return a  # None and other constants: by value
+def _traits(args) -> tuple:
+    """What Triton specialises the runtime arguments on (or finer), flat: per tensor its dtype and address mod
+    16; per int whether it is 1, divisible by 16 and 32-bit; other values as they are. Exact type checks first
+    (this runs per launch; bool is an int subclass and is told apart by its exact type)."""
+    key = []
+    for a in args:
+        t = type(a)
+        if t is _Tensor or (t is not int and t is not bool and isinstance(a, _Tensor)):
+            key.append(a.dtype)
+            key.append(a.data_ptr() & 15 == 0)
+        elif t is int or (t is not bool and isinstance(a, int)):  # int subclasses (numpy ints are not) as ints
+            key.append(1 if a == 1 else (a & 15 == 0, _I32[0] <= a < _I32[1]))
+        elif t is bool:
+            key.append((bool, a))
+        elif t is float:
+            key.append(float)
+        else:
+            key.append(a)  # None and other constants: by value
+    return tuple(key)
+
+
+def _c_launcher(run):
+    """(launch, cooperative, pdl) of Triton 3.6's CUDA launcher when the C function can be called directly,
+    else None. Triton 3.6's ``CudaLauncher.__call__`` only allocates scratch buffers (none for kernels that ask
+    for none) and forwards to ``self.launch(grid, stream, function, cooperative, pdl, global_scratch,
+    profile_scratch, *rest)``; skipping it saves ~3 us of Python a launch on an H200 host. Other Triton
+    versions change that signature, so they keep ``run``."""
+    if not _triton_at_least(3, 6) or _triton_at_least(3, 7) or type(run).__name__ != "CudaLauncher":
+        return None
+    if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+        return None
+    fn = getattr(run, "launch", None)
+    if fn is None or not hasattr(run, "launch_cooperative_grid") or not hasattr(run, "launch_pdl"):
+        return None
+    return fn, run.launch_cooperative_grid, run.launch_pdl
 
 
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
@@ -85,11 +106,11 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     grid: a tuple of 1 to 3 ints; args: the kernel's runtime (and any leading constexpr) parameters in order;
     kwargs: the remaining constexpr parameters by name plus launch options (``num_warps``...).
     """
-    if not _enabled():
+    if not (_ENABLED if _ENABLED is not None else _enabled()):
         kernel[grid](*args, **kwargs)
         return
-    device = torch.cuda.current_device()
-    key = (id(kernel), device, tuple(map(_trait, args)), tuple(kwargs.items()))  # kernels live for the process
+    device = torch._C._cuda_getDevice()
+    key = (id(kernel), device, _traits(args), tuple(kwargs.items()))  # kernels live for the process
     hit = _CACHE.get(key)
     if hit is None:
         compiled = kernel[grid](*args, **kwargs)
@@ -99,15 +120,20 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
             # the full argument list in parameter order: positional ones, then keywords (constexprs too; the
             # launcher skips those itself), options left out
             names = [p.name for p in kernel.params][len(args):]
-            _CACHE[key] = (run, compiled.function, compiled.packed_metadata,
-                           tuple(kwargs[n] if n in kwargs else kernel.params[len(args) + i].default
-                                 for i, n in enumerate(names)))
+            tail = tuple(kwargs[n] if n in kwargs else kernel.params[len(args) + i].default
+                         for i, n in enumerate(names))
+            _CACHE[key] = (run, _c_launcher(run), compiled.function, compiled.packed_metadata, tail)
         return
-    run, function, metadata, tail = hit
+    run, c_launch, function, metadata, tail = hit
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     stream = torch._C._cuda_getCurrentRawStream(device)
-    run(grid[0], g1, g2, stream, function, metadata, None, None, None, *args, *tail)
+    if c_launch is not None:
+        fn, cooperative, pdl = c_launch
+        fn(grid[0], g1, g2, stream, function, cooperative, pdl, None, None, metadata, None, None, None,
+           *args, *tail)
+    else:
+        run(grid[0], g1, g2, stream, function, metadata, None, None, None, *args, *tail)
     _STATS["fast"] += 1
 
 

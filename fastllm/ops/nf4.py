@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._compat import pick_backend
+from .._compat import pick_backend, triton_available
 
 __all__ = ["NF4Args", "NF4LinearFunction", "dequantize_nf4", "nf4_args", "nf4_linear", "nf4_linear_args",
            "plain_tensor"]
@@ -123,13 +123,25 @@ def _dequant_torch(packed, absmax, code, code2, absmax2, offset, blocksize, bloc
     out.view(-1).copy_(vals.view(-1)[:n])
 
 
+_KERNELS = None  # fastllm.kernels.nf4 once imported (an import statement per call is ~0.5 us of host time)
+
+
+def _nf4_kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        from ..kernels import nf4
+
+        _KERNELS = nf4
+    return _KERNELS
+
+
 def _dequant_into(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, out,
                   backend: str = "auto") -> torch.Tensor:
-    if pick_backend(backend, packed.device) == "triton":
-        from ..kernels.nf4 import nf4_dequant_fwd
-
-        return nf4_dequant_fwd(packed, absmax, code, blocksize, out, code2, absmax2, offset,
-                               blocksize2 or 256)
+    # the common case (auto on CUDA) first: this runs three times per linear per step
+    if ((backend == "auto" and packed.is_cuda and triton_available())
+            or pick_backend(backend, packed.device) == "triton"):
+        return _nf4_kernels().nf4_dequant_fwd(packed, absmax, code, blocksize, out, code2, absmax2, offset,
+                                              blocksize2 or 256)
     _dequant_torch(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, out)
     return out
 
@@ -182,10 +194,8 @@ def stacked_dequant(weights, states, device: torch.device, dtype: torch.dtype, b
     same = all(st[7][1] == k and st[5] == states[0][5] and (st[2] is None) == (states[0][2] is None)
                and (st[7][0] * k) % 2 == 0 for st in states)
     if same and 2 <= len(weights) <= 3 and pick_backend(backend, device) == "triton":
-        from ..kernels.nf4 import nf4_dequant_parts
-
         parts = [(w, st[0], st[1], st[2], st[3], st[4], st[7][0] * k) for w, st in zip(weights, states)]
-        return nf4_dequant_parts(parts, states[0][5], out, states[0][6] or 256)
+        return _nf4_kernels().nf4_dequant_parts(parts, states[0][5], out, states[0][6] or 256)
     for w, st, part in zip(weights, states, out.split(rows)):
         if st[7][1] != k:
             raise ValueError(f"stacked weights need one in_features, got {[tuple(s[7]) for s in states]}")
