@@ -75,12 +75,12 @@ def _single_plain_adapter(layer):
 def _fusable(layer, x: torch.Tensor):
     """(x in the compute dtype, input dtype, bias, base layer, adapter name, A, B) when the fused path serves
     ``layer(x)``, else None (PEFT's forward must run)."""
+    base = _base_layer(layer)
+    if goes_to_bnb_gemv(x, base._parameters.get("weight")):
+        return None  # a decode step: PEFT's forward reaches bnb's 4-bit GEMV through the nf4_linear patch
     adapter = None if torch.compiler.is_compiling() else _single_plain_adapter(layer)
     if adapter is None:
         return None
-    base = _base_layer(layer)
-    if goes_to_bnb_gemv(x, base._parameters["weight"]):
-        return None  # a decode step: PEFT's forward reaches bnb's 4-bit GEMV through the nf4_linear patch
     prepared = prepare_nf4_call(base, x)
     if prepared is None:
         return None
@@ -116,6 +116,8 @@ def _fused_parts(projs, x: torch.Tensor) -> list | None:
     """``(weight, A, B, scale)`` of each projection when all carry the lora patch and can take the fused path
     on ``x`` with no cast and no bias; None otherwise (then the caller runs them one by one, each still fused
     on its own where it can be)."""
+    if goes_to_bnb_gemv(x, _base_layer(projs[0])._parameters.get("weight")):
+        return None  # a decode step (checked first: it is the whole answer there, ~15 times per token and layer)
     if not all(_patched(p) for p in projs):
         return None
     parts = []

@@ -66,5 +66,9 @@ def rms_norm_backward(dy2d: torch.Tensor, state: tuple, use_triton: bool) -> tor
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dim; ``backend`` is "auto" (Triton on CUDA), "triton" or "torch"."""
     if pick_backend(backend, x.device) == "triton":
-        return _RMSNormFunction.apply(x, weight, eps)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _RMSNormFunction.apply(x, weight, eps)
+        # no graph to record (inference, decode): the kernel alone, without autograd.Function's ~20 us of host work
+        y, _ = rms_norm_forward(x.reshape(-1, x.shape[-1]), weight, eps, True)
+        return y.view(*x.shape[:-1], y.shape[-1])
     return _rms_norm_torch(x, weight, eps)

@@ -92,4 +92,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[1:] != (T, D) or cos.shape[0] not in (1, B):
         raise ValueError(f"rope needs cos and sin of shape (1 or {B}, {T}, {D}), got {tuple(cos.shape)} and "
                          f"{tuple(sin.shape)}")
-    return _RoPEFunction.apply(q, k, cos, sin, pick_backend(backend, q.device) == "triton")
+    use_triton = pick_backend(backend, q.device) == "triton"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return _RoPEFunction.apply(q, k, cos, sin, use_triton)
+    return rope_rotate(q, k, *rope_tables(cos, sin), use_triton)  # no graph to record: no autograd.Function
