@@ -18,20 +18,25 @@ import torch
 
 def main() -> None:
     from fastllm import PatchConfig, patch, unpatch
-    from fastllm.bench.compile import build_qlora
+    from fastllm.bench.compile import build_qlora, measure_train
 
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="1b")
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--rows", type=int, default=35)
+    p.add_argument("--train-first", action="store_true", help="two training steps before (as bench compile does)")
+    p.add_argument("--providers", default="eager,fastllm", help="from eager, fastllm, fastllm+compile")
     args = p.parse_args()
     model = build_qlora(args.shape, torch.device("cuda"))
     x = torch.randint(0, model.config.vocab_size, (1, 64), device="cuda")
     gen = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, use_cache=True)
-    for provider in ("eager", "fastllm"):
+    for provider in args.providers.split(","):
         unpatch(model)
-        if provider == "fastllm":
-            patch(model, PatchConfig(compile=False, gradient_checkpointing=True))
+        if provider != "eager":
+            patch(model, PatchConfig(compile=provider == "fastllm+compile", gradient_checkpointing=True))
+        torch._dynamo.reset()
+        if args.train_first:
+            measure_train(model, batch=2, seq=1024, steps=1)
         model.eval()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             model.generate(input_ids=x, **gen)
