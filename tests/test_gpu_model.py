@@ -65,10 +65,12 @@ def test_offloaded_checkpointing_on_cuda_matches_plain(tiny_llama_dir):
     assert (num / den).item() < 1e-3
 
 
-def test_decode_step_with_lora_goes_to_bitsandbytes_gemv(tiny_llama_dir):
-    """With the lora patch on (auto on CUDA), a one-token no-grad call (generation's decode step) takes PEFT's
-    forward down to bnb's own 4-bit GEMV, not the fused dequant + GEMM ops; the logits follow eager PEFT + bnb
-    (within the norm and RoPE kernels' rounding)."""
+def test_decode_step_with_lora_takes_the_decode_op(tiny_llama_dir, monkeypatch):
+    """With the lora patch on (auto on CUDA), a one-token no-grad call (generation's decode step) runs each group of
+    projections through ``lora_decode`` (bnb's own 4-bit GEMV plus the rank-r terms), not the fused dequant + GEMM
+    ops; the logits follow eager PEFT + bnb (within the norm and RoPE kernels' rounding), also a few steps into a
+    KV cache. With grad mode on, a one-token call still trains the adapters (PEFT's path)."""
+    from fastllm.modules import lora as lora_mod
     from fastllm.ops import lora as lora_ops
     from fastllm.ops import lora_mlp as mlp_ops
     from fastllm.ops import lora_qkv as qkv_ops
@@ -80,18 +82,27 @@ def test_decode_step_with_lora_goes_to_bitsandbytes_gemv(tiny_llama_dir):
         if "lora_B" in name:  # non-zero B so the adapters show in the output
             torch.nn.init.normal_(p, std=0.02)
     model.eval()
-    calls = []
-    real = {fn: fn.apply for fn in (lora_ops.LoRANF4Function, mlp_ops.LoRAMLPFunction, qkv_ops.LoRAQKVFunction)}
-    try:
-        for fn, apply in real.items():
-            fn.apply = lambda *a, _apply=apply: calls.append(1) or _apply(*a)
-        x = torch.randint(0, 320, (1, 1), device="cuda")
-        with torch.no_grad():
-            out = model(input_ids=x).logits
-            with eager(model):
-                ref = model(input_ids=x).logits
-    finally:
-        for fn, apply in real.items():
-            fn.apply = apply
-    assert calls == []
+    calls, decodes = [], []
+    for fn in (lora_ops.LoRANF4Function, mlp_ops.LoRAMLPFunction, qkv_ops.LoRAQKVFunction):
+        monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply: calls.append(1) or _apply(*a))
+    real_decode = lora_mod.lora_decode
+    monkeypatch.setattr(lora_mod, "lora_decode", lambda *a: decodes.append(1) or real_decode(*a))
+    x = torch.randint(0, 320, (1, 1), device="cuda")
+    prompt = torch.randint(0, 320, (1, 9), device="cuda")
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    n_layers = model.config.num_hidden_layers
+    with torch.no_grad():
+        out = model(input_ids=x).logits
+        assert calls == [] and len(decodes) == 4 * n_layers  # q/k/v, gate/up, down and o_proj of each layer
+        steps = model.generate(input_ids=prompt, **gen).logits
+        with eager(model):
+            ref = model(input_ids=x).logits
+            ref_steps = model.generate(input_ids=prompt, **gen).logits
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    for a, b in zip(steps, ref_steps):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    # grad mode on: a one-token call records the adapters' graph (PEFT's forward), so they get gradients
+    model.train()
+    model(input_ids=x).logits.float().pow(2).mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert grads and all(g is not None for g in grads)

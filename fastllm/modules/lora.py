@@ -6,10 +6,10 @@ projection involved carries this patch and takes the fused path.
 Bound per instance by the patch registry. The fused path takes the common training case: one active
 plain-LoRA adapter (no DoRA or other variant, no LoRA bias, no dropout), not merged, adapters enabled,
 no per-call ``adapter_names``, eager (compiled regions trace PEFT's own forward, which inductor fuses),
-the LoRA branch in the base layer's compute dtype (autocast off or at that dtype), and not a one-token
-no-grad CUDA call (a decode step: PEFT's forward reaches bnb's fused 4-bit GEMV there). Anything else
-runs PEFT's forward unchanged, so multiple adapters, ``disable_adapter()``, merging and mixed batches
-keep working.
+the LoRA branch in the base layer's compute dtype (autocast off or at that dtype). A one-token no-grad CUDA
+call (a decode step) takes ``ops.lora.lora_decode`` instead: bnb's fused 4-bit GEMV plus the rank-r terms, one
+group of projections at a time. Anything else runs PEFT's forward unchanged, so multiple adapters,
+``disable_adapter()``, merging and mixed batches keep working.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from torch import nn
 
 from .._compat import is_linear4bit
 from ..integrations.checkpointing import in_checkpoint, is_recomputing
-from ..ops.lora import lora_nf4_linear
+from ..ops.lora import decode_states, lora_decode, lora_nf4_linear
 from ..ops.lora_mlp import lora_mlp
 from ..ops.lora_qkv import lora_qkv
+from ..ops.swiglu import swiglu
 from .nf4_linear import goes_to_bnb_gemv, nf4_linear_eligible, prepare_nf4_call
 
 __all__ = ["fused_lora_forward", "fused_lora_mlp", "fused_lora_qkv", "is_lora_linear4bit", "lora_eligible"]
@@ -72,12 +73,13 @@ def _single_plain_adapter(layer):
     return name, lora_A[name]._parameters["weight"], lora_B._parameters["weight"]
 
 
-def _fusable(layer, x: torch.Tensor):
+def _fusable(layer, x: torch.Tensor, decode: bool = False):
     """(x in the compute dtype, input dtype, bias, base layer, adapter name, A, B) when the fused path serves
-    ``layer(x)``, else None (PEFT's forward must run)."""
+    ``layer(x)``, else None (PEFT's forward must run). ``decode``: the caller serves a decode step itself
+    (``lora_decode``); without it such a call is refused here."""
     base = _base_layer(layer)
-    if goes_to_bnb_gemv(x, base._parameters.get("weight")):
-        return None  # a decode step: PEFT's forward reaches bnb's 4-bit GEMV through the nf4_linear patch
+    if not decode and goes_to_bnb_gemv(x, base._parameters.get("weight")):
+        return None  # a decode step: the group's decode op or PEFT's forward (bnb's GEMV) serves it
     adapter = None if torch.compiler.is_compiling() else _single_plain_adapter(layer)
     if adapter is None:
         return None
@@ -92,12 +94,20 @@ def _fusable(layer, x: torch.Tensor):
 
 def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``lora.Linear4bit.forward`` replacement: ``base(x) + scaling * lora_B(lora_A(x))`` in one op."""
-    fusable = None if (args or kwargs) else _fusable(self, x)
-    if fusable is None:
+    if args or kwargs:
         return type(self).forward(self, x, *args, **kwargs)
+    decode = _decode_step(self, x)
+    fusable = _fusable(self, x, decode)
+    if fusable is None:
+        return type(self).forward(self, x)
     xc, inp_dtype, bias, base, name, A, B = fusable
-    return lora_nf4_linear(xc, base._parameters["weight"], A, B, self.scaling[name], bias,
-                           cast_cache=_cast_cache()).to(inp_dtype)
+    weight = base._parameters["weight"]
+    if decode:
+        states = decode_states((weight,))
+        if states is None:
+            return type(self).forward(self, x)
+        return lora_decode(xc, ((weight, A, B, self.scaling[name]),), states, (bias,))[0].to(inp_dtype)
+    return lora_nf4_linear(xc, weight, A, B, self.scaling[name], bias, cast_cache=_cast_cache()).to(inp_dtype)
 
 
 def _cast_cache() -> str | None:
@@ -112,17 +122,15 @@ def _patched(layer) -> bool:
     return getattr(layer.__dict__.get("forward"), "__func__", None) is fused_lora_forward
 
 
-def _fused_parts(projs, x: torch.Tensor) -> list | None:
+def _fused_parts(projs, x: torch.Tensor, decode: bool = False) -> list | None:
     """``(weight, A, B, scale)`` of each projection when all carry the lora patch and can take the fused path
     on ``x`` with no cast and no bias; None otherwise (then the caller runs them one by one, each still fused
-    on its own where it can be)."""
-    if goes_to_bnb_gemv(x, _base_layer(projs[0])._parameters.get("weight")):
-        return None  # a decode step (checked first: it is the whole answer there, ~15 times per token and layer)
+    on its own where it can be). ``decode``: for ``lora_decode`` (a decode step)."""
     if not all(_patched(p) for p in projs):
         return None
     parts = []
     for p in projs:
-        fusable = _fusable(p, x)
+        fusable = _fusable(p, x, decode)
         if fusable is None or fusable[0].dtype != x.dtype or fusable[2] is not None:
             return None
         _, _, _, base, name, A, B = fusable
@@ -130,17 +138,45 @@ def _fused_parts(projs, x: torch.Tensor) -> list | None:
     return parts
 
 
+def _decode_step(layer, x: torch.Tensor) -> bool:
+    """A decode step: one token on CUDA where bnb's GEMV serves the base layer, with grad mode off (``lora_decode``
+    records no graph; with grad mode on, a one-token call still trains the adapters through PEFT)."""
+    return not torch.is_grad_enabled() and goes_to_bnb_gemv(x, _base_layer(layer)._parameters.get("weight"))
+
+
+def _decode_group(projs, x: torch.Tensor) -> list | None:
+    """The outputs of ``projs`` on ``x`` through ``lora_decode`` when ``x`` is a decode step they can all take
+    that way, else None."""
+    parts = _fused_parts(projs, x, decode=True)
+    states = None if parts is None else decode_states([p[0] for p in parts])
+    return None if states is None else lora_decode(x, parts, states)
+
+
 def fused_lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
     """``down(silu(gate(x)) * up(x))`` as one op (a Llama MLP under QLoRA with the lora patch), or None.
 
     down_proj's input h has x's dtype, so checking its fused path against x serves all three. In the decoder
     layer the MLP output only feeds the residual add that ends the layer, so while fastllm's checkpointing
-    re-runs the layer in backward (where that output is dropped) the down projection is skipped."""
-    parts = _fused_parts((mlp.gate_proj, mlp.up_proj, mlp.down_proj), x)
+    re-runs the layer in backward (where that output is dropped) the down projection is skipped. A decode step
+    runs gate/up as one ``lora_decode`` group, the SwiGLU, then down_proj's."""
+    projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    if _decode_step(projs[0], x):
+        gu = _decode_group(projs[:2], x)
+        if gu is None:
+            return None
+        h = swiglu(*gu)
+        down = _decode_group(projs[2:], h)
+        return down[0] if down is not None else mlp.down_proj(h)
+    parts = _fused_parts(projs, x)
     return None if parts is None else lora_mlp(x, *parts, need_output=not is_recomputing(), cast_cache=_cast_cache())
 
 
 def fused_lora_qkv(attn, x: torch.Tensor):
-    """(q, k, v) projections of x as one op (Llama attention under QLoRA with the lora patch), or None."""
-    parts = _fused_parts((attn.q_proj, attn.k_proj, attn.v_proj), x)
+    """(q, k, v) projections of x as one op (Llama attention under QLoRA with the lora patch), or None. A decode
+    step runs them as one ``lora_decode`` group."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if _decode_step(projs[0], x):
+        out = _decode_group(projs, x)
+        return None if out is None else tuple(out)
+    parts = _fused_parts(projs, x)
     return None if parts is None else lora_qkv(x, *parts, cast_cache=_cast_cache())

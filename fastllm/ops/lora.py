@@ -26,10 +26,11 @@ from typing import NamedTuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .nf4 import _bias_grad, _state_args, no_autocast, plain_tensor, stacked_dequant
+from .nf4 import _bias_grad, _state_args, bnb_gemv, bnb_gemv_ok, no_autocast, plain_tensor, stacked_dequant
 
-__all__ = ["LoRAFrozen", "LoRANF4Function", "adapter_views", "cast_adapters", "check_adapter", "frozen_parts",
-           "lora_group_backward", "lora_group_forward", "lora_nf4_linear", "master_grads", "stacked_rows"]
+__all__ = ["LoRAFrozen", "LoRANF4Function", "adapter_views", "cast_adapters", "check_adapter", "decode_states",
+           "frozen_parts", "lora_decode", "lora_group_backward", "lora_group_forward", "lora_nf4_linear",
+           "master_grads", "stacked_rows"]
 
 
 class LoRAFrozen(NamedTuple):
@@ -156,6 +157,49 @@ def lora_group_backward(dys, x2, xa, weights, states, A_stack, Bs, scales, backe
             if dx is None:
                 dx = x2.new_zeros(x2.shape)
         return dx.addmm_(gt.t(), A_stack)
+
+
+def decode_states(weights) -> tuple | None:
+    """``_state_args`` of each bnb ``Params4bit`` in ``weights`` when bnb's 4-bit GEMV takes them all, else None."""
+    states = []
+    for w in weights:
+        st = _state_args(w.quant_state)
+        if not bnb_gemv_ok(w, st[2], st[5], st[6], st[7]):
+            return None
+        states.append(st)
+    return tuple(states)
+
+
+def lora_decode(x: torch.Tensor, parts, states, biases=None) -> list:
+    """A decode step of projections sharing one input: one token, no autograd. For each projection i::
+
+        xa  = x @ [A_1; A_2; ..].T              (1, R)     one GEMM for every adapter
+        y_i = gemv4bit(x, W_i) + b_i + s_i * xa_i @ B_i.T   (1, N_i)   bnb's GEMV, the rank-r term in place
+
+    bnb's fused 4-bit GEMV reads only the packed weight (dequant + GEMM would write and re-read a dense one),
+    and the whole step is a few ops where PEFT runs about seven per projection plus its Python: a decode step
+    is bound by that host work. Same numbers as PEFT's forward under autocast up to the rank-r term's
+    rounding (one addmm instead of a GEMM, a multiply and an add).
+
+    x: (..., K) holding one token, in the compute dtype; parts: ``(weight, A, B, scale)`` per projection (bnb
+    ``Params4bit`` weights); states: ``decode_states`` of the weights; biases: None or one per projection.
+    Returns the outputs (..., N_i) in x's dtype.
+    """
+    n, k = len(parts), x.shape[-1]
+    x2 = x.reshape(1, k)
+    flat, views = cast_adapters([p[1] for p in parts] + [p[2] for p in parts], x.dtype)  # one launch
+    ranks = [a.shape[0] for a in views[:n]]
+    with no_autocast(x2):
+        xa = x2 @ stacked_rows(flat, sum(ranks), k).t()
+        xas = (xa,) if n == 1 else xa.split_with_sizes(ranks, 1)
+        outs = []
+        for i, ((w, _, _, s), st, b, xa_i) in enumerate(zip(parts, states, views[n:], xas)):
+            absmax, code, code2, absmax2, offset, bs, _, shape = st
+            bias = None if biases is None else biases[i]
+            y = bnb_gemv(x2, plain_tensor(w), absmax, code, code2, absmax2, offset, bias, bs, shape)
+            y.addmm_(xa_i, b.t(), alpha=float(s))
+            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+    return outs
 
 
 def master_grads(gflat: torch.Tensor, shapes: tuple, dtypes: tuple, needs: tuple) -> list:

@@ -296,22 +296,31 @@ _BNB_GEMM = _UNSET
 
 
 def _goes_to_bnb_gemm(x, packed, code2, blocksize, blocksize2, shape) -> bool:
-    """A one-token call on CUDA (a decode step): bnb's fused 4-bit GEMV kernel reads only the packed weight,
-    where dequant + GEMM writes and re-reads a dense one. bnb takes it for K a multiple of the blocksize and
-    nested states with a second-level blocksize of 256 (what ``quantize_4bit`` writes)."""
-    return (x.is_cuda and x.numel() == x.shape[-1] and shape[1] % blocksize == 0 and packed.dtype == torch.uint8
-            and (code2 is None or blocksize2 == 256) and _bnb_gemm_op() is not None)
+    """A one-token call on CUDA (a decode step) that bnb's fused 4-bit GEMV takes (``bnb_gemv_ok``)."""
+    return x.is_cuda and x.numel() == x.shape[-1] and bnb_gemv_ok(packed, code2, blocksize, blocksize2, shape)
+
+
+def bnb_gemv_ok(packed, code2, blocksize, blocksize2, shape) -> bool:
+    """bnb's fused 4-bit GEMV kernel reads only the packed weight, where dequant + GEMM writes and re-reads a dense
+    one. bnb takes it for K a multiple of the blocksize and nested states with a second-level blocksize of 256
+    (what ``quantize_4bit`` writes)."""
+    return (shape[1] % blocksize == 0 and packed.dtype == torch.uint8 and (code2 is None or blocksize2 == 256)
+            and _bnb_gemm_op() is not None)
+
+
+def bnb_gemv(x, packed, absmax, code, code2, absmax2, offset, bias, blocksize, shape) -> torch.Tensor:
+    """``x @ dequant(W).T + bias`` for one token through bnb's own no-grad call (``matmul_4bit``'s
+    ``gemm_4bit``): the nested absmax is decoded inside its kernel. x (1, K) -> (1, N); needs ``bnb_gemv_ok``."""
+    bias = None if bias is None else bias.to(x.dtype)  # bnb wants the bias in x's dtype (the dequant path casts too)
+    if code2 is None:
+        return _bnb_gemm_op()(x, packed, list(shape), absmax, blocksize, "nf4", bias=bias)
+    return _bnb_gemm_op()(x, packed, list(shape), absmax2, blocksize, "nf4", bias=bias, absmax_8bit=absmax,
+                          absmax_code=code2, absmax_offset=offset)
 
 
 def _linear_impl(x, packed, absmax, code, code2, absmax2, offset, bias, blocksize, blocksize2, shape):
     if _goes_to_bnb_gemm(x, packed, code2, blocksize, blocksize2, shape):
-        # bnb's own no-grad call (``matmul_4bit``): the nested absmax is decoded inside its kernel; bnb wants the
-        # bias in x's dtype (the dequant path casts it too)
-        bias = None if bias is None else bias.to(x.dtype)
-        if code2 is None:
-            return _bnb_gemm_op()(x, packed, list(shape), absmax, blocksize, "nf4", bias=bias)
-        return _bnb_gemm_op()(x, packed, list(shape), absmax2, blocksize, "nf4", bias=bias, absmax_8bit=absmax,
-                              absmax_code=code2, absmax_offset=offset)
+        return bnb_gemv(x, packed, absmax, code, code2, absmax2, offset, bias, blocksize, shape)
     return _linear_fwd(x, packed, (absmax, code, code2, absmax2, offset, blocksize, blocksize2, shape), bias, "auto")
 
 

@@ -1,0 +1,44 @@
+"""The decode-step QLoRA op (``fastllm.ops.lora.lora_decode``): bitsandbytes' own 4-bit GEMV op (it runs on the
+CPU too) plus the rank-r terms, against the dense maths."""
+
+import pytest
+import torch
+
+from fastllm.ops import dequantize_nf4
+from fastllm.ops.lora import decode_states, lora_decode
+
+from .test_lora_mlp import _adapter, _params4bit
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("outs,ranks,with_bias", [((192, 64, 64), (4, 2, 6), False), ((320,), (8,), True),
+                                                  ((96, 160), (3, 5), True)])
+def test_decode_matches_dense_maths(dtype, tol, outs, ranks, with_bias):
+    k = 128
+    weights = [_params4bit(n, k, i) for i, n in enumerate(outs)]
+    adapters = [_adapter(n, k, r, 7 + i) for i, (n, r) in enumerate(zip(outs, ranks))]  # fp32 masters
+    scales = [1.0, 0.5, 2.0][: len(outs)]
+    g = torch.Generator().manual_seed(3)
+    biases = [torch.randn(n, generator=g) for n in outs] if with_bias else None
+    x = torch.randn(1, 1, k, generator=g).to(dtype)
+    states = decode_states(weights)
+    assert states is not None
+    parts = [(w, a, b, s) for w, (a, b), s in zip(weights, adapters, scales)]
+    with torch.no_grad():
+        ys = lora_decode(x, parts, states, biases)
+    for i, (y, w, (a, b), s) in enumerate(zip(ys, weights, adapters, scales)):
+        dense = dequantize_nf4(w.data, w.quant_state, backend="torch").float()
+        ref = x.float() @ dense.t() + s * (x.float() @ a.t()) @ b.t()
+        if with_bias:
+            ref = ref + biases[i]
+        assert y.shape == (1, 1, outs[i]) and y.dtype == dtype
+        torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+
+
+def test_decode_states_refuse_what_the_gemv_cannot_take():
+    # bnb's GEMV wants in_features a multiple of the blocksize: 96 is not (blocksize 64)
+    assert decode_states([_params4bit(64, 96, 0)]) is None
+    assert decode_states([_params4bit(64, 128, 0), _params4bit(64, 96, 1)]) is None
+    assert decode_states([_params4bit(64, 128, 0)]) is not None
