@@ -93,7 +93,10 @@ def test_decode_step_with_lora_takes_the_decode_op(tiny_llama_dir, monkeypatch):
     n_layers = model.config.num_hidden_layers
     with torch.no_grad():
         out = model(input_ids=x).logits
-        assert calls == [] and len(decodes) == 4 * n_layers  # q/k/v, gate/up, down and o_proj of each layer
+        # q/k/v, gate/up and o_proj of each layer; down_proj too where bnb's GEMV takes its in_features (the
+        # tiny model's 160 is not a multiple of the blocksize 64: PEFT's forward serves that one)
+        per_layer = 3 + (model.config.intermediate_size % 64 == 0)
+        assert calls == [] and len(decodes) == per_layer * n_layers
         steps = model.generate(input_ids=prompt, **gen).logits
         with eager(model):
             ref = model(input_ids=x).logits
