@@ -35,6 +35,11 @@ def test_decode_matches_dense_maths(dtype, tol, outs, ranks, with_bias):
             ref = ref + biases[i]
         assert y.shape == (1, 1, outs[i]) and y.dtype == dtype
         torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+    if dtype == torch.bfloat16:  # under autocast at x's dtype (how generation runs): the very same numbers
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            ys_auto = lora_decode(x, parts, states, biases)
+        for y, y_auto in zip(ys, ys_auto):
+            torch.testing.assert_close(y_auto, y, rtol=0, atol=0)
 
 
 def test_decode_states_refuse_what_the_gemv_cannot_take():
