@@ -180,6 +180,10 @@ def test_auto_on_cuda_opt_in_on_cpu_and_compile_turns_it_off(tiny_llama_i128_dir
     assert on["lora"] is False and "compile" in why["lora"]
     on, why = resolve(PatchConfig(lora=False), cuda)
     assert on["lora"] is False and why["lora"] == "disabled by PatchConfig"
+    # compile is opt-in everywhere (the eager fused path is the faster default), with the measured reason
+    on, why = resolve(PatchConfig(), cuda)
+    assert on["compile"] is False and on["lora"] is True and "PatchConfig(compile=True)" in why["compile"]
+    assert resolve(PatchConfig(compile=True), cuda)[0]["compile"] is True
 
 
 def test_lora_patch_applies_without_checkpointing(tiny_llama_i128_dir):
