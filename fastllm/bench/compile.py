@@ -11,7 +11,7 @@ layer become bitsandbytes NF4 ``Linear4bit`` (double quant, bf16 compute), LoRA 
 Training: bs x seq tokens per step, non-reentrant gradient checkpointing, bf16 autocast (how HF Trainer runs
 QLoRA), AdamW on the LoRA weights; tokens/s from the median step, peak memory of a step, compile time = first
 step minus a median step. Inference: prefill of a ``prompt``-token prompt, then greedy decode of 128 tokens
-(``generate``, dynamic cache): latency (median of runs) and peak memory.
+(``generate``, dynamic cache): latency (median of runs, the providers' runs interleaved) and peak memory.
 
 Measured (H200, torch 2.11, transformers 5.17, ``--quick --shapes 1b --providers eager,fastllm+compile``, one
 run, before the fix below): train 2x1024 eager 5,156 tok/s at 4.22 GiB, compiled 3,046 tok/s (0.59x) at
@@ -125,18 +125,61 @@ def measure_train(model, *, batch: int, seq: int, steps: int) -> dict:
             "compile_s": max(first - med, 0.0), "peak_gib": torch.cuda.max_memory_allocated() / GiB}
 
 
-def measure_infer(model, *, prompt: int, new_tokens: int, runs: int) -> dict:
-    vocab = model.config.vocab_size
-    x = torch.randint(0, vocab, (1, prompt), device="cuda")
-    model.eval()
+def _infer_inputs(model, prompt: int, new_tokens: int):
+    x = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+    return x, gen
+
+
+def _infer_once(model, x, gen) -> tuple[float, float]:
+    """(prefill seconds, generate seconds) of one measurement: eval, no grad, bf16 autocast."""
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        prefill = _sync_time(lambda: model(input_ids=x, use_cache=True))
+        total = _sync_time(lambda: model.generate(input_ids=x, **gen))
+    return prefill, total
+
+
+def _infer_row(first: float, prefills: list, totals: list, new_tokens: int) -> dict:
+    prefill, total = statistics.median(prefills), statistics.median(totals)
+    return {"prefill_ms": prefill * 1e3, "generate_ms": total * 1e3, "generate_ms_min": min(totals) * 1e3,
+            "generate_ms_max": max(totals) * 1e3, "decode_ms_per_token": (total - prefill) * 1e3 / new_tokens,
+            "first_generate_s": first, "peak_gib": torch.cuda.max_memory_allocated() / GiB}
+
+
+def measure_infer(model, *, prompt: int, new_tokens: int, runs: int) -> dict:
+    """Prefill + greedy decode of one provider (the model as it is patched now): medians of ``runs``."""
+    x, gen = _infer_inputs(model, prompt, new_tokens)
+    model.eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         first = _sync_time(lambda: model.generate(input_ids=x, **gen))
-        torch.cuda.reset_peak_memory_stats()
-        prefill = statistics.median(_sync_time(lambda: model(input_ids=x, use_cache=True)) for _ in range(runs))
-        total = statistics.median(_sync_time(lambda: model.generate(input_ids=x, **gen)) for _ in range(runs))
-    return {"prefill_ms": prefill * 1e3, "generate_ms": total * 1e3, "decode_ms_per_token": (total - prefill)
-            * 1e3 / new_tokens, "first_generate_s": first, "peak_gib": torch.cuda.max_memory_allocated() / GiB}
+    torch.cuda.reset_peak_memory_stats()
+    samples = [_infer_once(model, x, gen) for _ in range(runs)]
+    return _infer_row(first, [p for p, _ in samples], [t for _, t in samples], new_tokens)
+
+
+def measure_infer_interleaved(model, providers, *, prompt: int, new_tokens: int, runs: int) -> dict:
+    """``measure_infer`` for every provider, the runs interleaved (provider 1, 2, 3, 1, 2, 3...): decode is
+    host-bound, and a host's speed drifts by 10-40% within minutes, which one provider's block of runs would
+    take for a difference between providers. Compiled regions keep their graphs between rounds."""
+    x, gen = _infer_inputs(model, prompt, new_tokens)
+    first, samples, peaks = {}, {p: [] for p in providers}, {}
+    for p in providers:  # warm-up (compiles) once per provider
+        _set_provider(model, p)
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            first[p] = _sync_time(lambda: model.generate(input_ids=x, **gen))
+    for _ in range(runs):
+        for p in providers:
+            _set_provider(model, p)
+            torch.cuda.reset_peak_memory_stats()
+            samples[p].append(_infer_once(model, x, gen))
+            peaks[p] = max(peaks.get(p, 0.0), torch.cuda.max_memory_allocated() / GiB)
+    rows = {}
+    for p in providers:
+        rows[p] = _infer_row(first[p], [a for a, _ in samples[p]], [b for _, b in samples[p]], new_tokens)
+        rows[p]["peak_gib"] = peaks[p]
+    return rows
 
 
 def _emit(row: dict, path: str | None) -> None:
@@ -154,19 +197,22 @@ def run(shape: str, *, batch: int, seq: int, steps: int, prompt: int, new_tokens
 
     model = build_qlora(shape, torch.device("cuda"))
     rows, base = [], stamp()
+    torch._dynamo.reset()
     for provider in providers:
         _set_provider(model, provider)
-        torch._dynamo.reset()
         common = {**base, "bench": "compile", "shape": shape, "provider": provider}
         if "train" in modes:
             res = measure_train(model, batch=batch, seq=seq, steps=steps)
             rows.append({**common, "mode": "train", "batch": batch, "seq": seq, **res,
-                         **_graphs(compile_report(model))})
+                         **_graphs(compile_report(model), provider)})
             _emit(rows[-1], jsonl)
-        if "infer" in modes:
-            res = measure_infer(model, prompt=prompt, new_tokens=new_tokens, runs=runs)
-            rows.append({**common, "mode": "infer", "prompt": prompt, "new_tokens": new_tokens, **res,
-                         **_graphs(compile_report(model))})
+    if "infer" in modes:
+        results = measure_infer_interleaved(model, providers, prompt=prompt, new_tokens=new_tokens, runs=runs)
+        for provider in providers:
+            _set_provider(model, provider)
+            rows.append({**base, "bench": "compile", "shape": shape, "provider": provider, "mode": "infer",
+                         "prompt": prompt, "new_tokens": new_tokens, "runs": runs, "interleaved": True,
+                         **results[provider], **_graphs(compile_report(model), provider)})
             _emit(rows[-1], jsonl)
     _set_provider(model, "eager")
     for mode, key in (("train", "tokens_per_s"), ("infer", "generate_ms")):
@@ -181,8 +227,10 @@ def run(shape: str, *, batch: int, seq: int, steps: int, prompt: int, new_tokens
     return rows
 
 
-def _graphs(rep) -> dict:
-    if rep is None:
+def _graphs(rep, provider: str) -> dict:
+    """The compile counters, on the compiled provider's rows only (the model keeps its regions' counts when
+    unpatched, which would read as if the other rows had compiled)."""
+    if rep is None or provider != "fastllm+compile":
         return {}
     return {"graphs": rep.graphs, "graph_breaks": rep.graph_breaks, "recompiles": rep.recompiles,
             "backend_compile_s": rep.compile_seconds}
@@ -216,7 +264,7 @@ def main(argv=None) -> int:
     bad = sorted(set(shapes) - set(SHAPES))
     if bad:
         p.error(f"unknown shape(s) {bad}; choose from {sorted(SHAPES)}")
-    kw = dict(batch=2, seq=1024, steps=3, prompt=256, new_tokens=128, runs=2) if args.quick else \
+    kw = dict(batch=2, seq=1024, steps=3, prompt=256, new_tokens=128, runs=3) if args.quick else \
         dict(batch=2, seq=2048, steps=10, prompt=512, new_tokens=128, runs=3)
     os.makedirs(args.out, exist_ok=True)
     jsonl = os.path.join(args.out, "compile.jsonl")  # rows are appended as each one finishes
