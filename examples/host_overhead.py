@@ -116,15 +116,14 @@ def _launch_cases() -> dict:
              "256x256: kernel[grid]": lambda: _nf4_dequant_fwd_kernel[(grid,)](*kargs, **kw),
              "current_device + raw stream": lambda: torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())}
     if hit is not None:
-        run, function, metadata, tail = hit
+        run, c_launch, function, metadata, tail = hit
         stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
         cases["256x256: compiled launcher call"] = lambda: run(grid, 1, 1, stream, function, metadata, None, None,
                                                                 None, *kargs, *tail)
-        import inspect
-        try:
-            print(inspect.getsource(type(run).__call__))
-        except (OSError, TypeError) as e:
-            print("no launcher source:", e)
+        if c_launch is not None:
+            fn, coop, pdl = c_launch
+            cases["256x256: C launch function"] = lambda: fn(grid, 1, 1, stream, function, coop, pdl, None, None,
+                                                             metadata, None, None, None, *kargs, *tail)
     return cases
 
 
