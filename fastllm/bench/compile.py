@@ -147,17 +147,6 @@ def _infer_row(first: float, prefills: list, totals: list, new_tokens: int) -> d
             "first_generate_s": first, "peak_gib": torch.cuda.max_memory_allocated() / GiB}
 
 
-def measure_infer(model, *, prompt: int, new_tokens: int, runs: int) -> dict:
-    """Prefill + greedy decode of one provider (the model as it is patched now): medians of ``runs``."""
-    x, gen = _infer_inputs(model, prompt, new_tokens)
-    model.eval()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        first = _sync_time(lambda: model.generate(input_ids=x, **gen))
-    torch.cuda.reset_peak_memory_stats()
-    samples = [_infer_once(model, x, gen) for _ in range(runs)]
-    return _infer_row(first, [p for p, _ in samples], [t for _, t in samples], new_tokens)
-
-
 def measure_infer_interleaved(model, providers, *, prompt: int, new_tokens: int, runs: int) -> dict:
     """``measure_infer`` for every provider, the runs interleaved (provider 1, 2, 3, 1, 2, 3...): decode is
     host-bound, and a host's speed drifts by 10-40% within minutes, which one provider's block of runs would

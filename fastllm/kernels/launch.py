@@ -10,13 +10,15 @@ computed directly: for each tensor its dtype and whether its address is 16-byte 
 whether it is 1, whether it is divisible by 16 and whether it fits in 32 bits; constexpr and option values
 as they are. That key is at least as fine as Triton's own, so a hit always names the binary Triton would
 have chosen. The first call with a new key goes through ``kernel[grid]`` (which compiles or finds the
-binary and launches it); later calls go straight to the compiled kernel's launcher.
+binary and launches it); later calls go straight to the compiled kernel's launcher (on Triton 3.6, to its C
+function: see ``_c_launcher``).
 
 Under the Triton interpreter (``TRITON_INTERPRET=1``), with ``FASTLLM_FAST_LAUNCH=0`` (both read at the first
 launch; ``set_enabled`` switches at run time) or with Triton older than 3.3 (another launcher signature), every
 call takes ``kernel[grid]``. Launch hooks (Triton's ``knobs.runtime.launch_enter_hook``, e.g. Proton) and runtime
 knobs changed after a kernel's first launch are not seen by the direct path: turn it off for those. Arguments are
-positional in the kernel's parameter order, constexprs by keyword.
+positional in the kernel's parameter order, constexprs by keyword (never positionally: the key records a runtime
+argument's traits, not its value).
 """
 
 from __future__ import annotations
@@ -61,12 +63,13 @@ def _enabled() -> bool:
 
 _Tensor = torch.Tensor
 _I32 = (-(2 ** 31), 2 ** 31)
+_U64 = 2 ** 63  # from here up Triton types an int as u64 (i64 below)
 
 
 def _traits(args) -> tuple:
     """What Triton specialises the runtime arguments on (or finer), flat: per tensor its dtype and address mod
-    16; per int whether it is 1, divisible by 16 and 32-bit; other values as they are. Exact type checks first
-    (this runs per launch; bool is an int subclass and is told apart by its exact type)."""
+    16; per int whether it is 1, divisible by 16, 32-bit and unsigned 64-bit; other values as they are. Exact
+    type checks first (this runs per launch; bool is an int subclass and is told apart by its exact type)."""
     key = []
     for a in args:
         t = type(a)
@@ -74,7 +77,7 @@ def _traits(args) -> tuple:
             key.append(a.dtype)
             key.append(a.data_ptr() & 15 == 0)
         elif t is int or (t is not bool and isinstance(a, int)):  # int subclasses (numpy ints are not) as ints
-            key.append(1 if a == 1 else (a & 15 == 0, _I32[0] <= a < _I32[1]))
+            key.append(1 if a == 1 else (a & 15 == 0, _I32[0] <= a < _I32[1], a >= _U64))
         elif t is bool:
             key.append((bool, a))
         elif t is float:
@@ -103,7 +106,8 @@ def _c_launcher(run):
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)``, through the compiled kernel's launcher once it is known.
 
-    grid: a tuple of 1 to 3 ints; args: the kernel's runtime (and any leading constexpr) parameters in order;
+    grid: a tuple of 1 to 3 ints; args: the kernel's runtime parameters in order (never a constexpr: those are
+    keyed by value and must come by keyword);
     kwargs: the remaining constexpr parameters by name plus launch options (``num_warps``...).
     """
     if not (_ENABLED if _ENABLED is not None else _enabled()):

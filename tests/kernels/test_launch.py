@@ -20,6 +20,7 @@ def test_traits_separate_what_triton_specialises_on():
     assert _t(1) != _t(3)              # 1 becomes a constant in Triton
     assert _t(32) != _t(33)            # divisibility by 16
     assert _t(2 ** 31) != _t(16)       # 64-bit ints
+    assert _t(2 ** 32) != _t(2 ** 63)  # signed and unsigned 64-bit
     assert _t(16) == _t(4096)          # the same binary serves both
     assert _t(True) != _t(1)
     assert _t(0.5) == _t(2.0)          # floats are not specialised
