@@ -99,6 +99,7 @@ class NF4Args(NamedTuple):
 def nf4_args(packed: torch.Tensor, quant_state) -> NF4Args:
     """``NF4Args`` for ``packed`` bytes and their bnb ``QuantState`` (run eagerly, outside compiled code)."""
     absmax, code, code2, absmax2, offset, bs, bs2, shape = _state_args(quant_state)
+    _bnb_gemm_op()  # looked up here, eagerly: traced code only reads the cached op (``_traced_decode``)
     return NF4Args(packed, absmax, code, code2, absmax2, offset, bs, bs2, tuple(shape))
 
 
@@ -427,5 +428,18 @@ def nf4_linear_args(x: torch.Tensor, args: NF4Args, bias: torch.Tensor | None = 
 
     x: (..., K) in the compute dtype; returns (..., N) in x.dtype. Differentiable in x and bias only.
     """
+    if torch.compiler.is_compiling() and _traced_decode(x, args):
+        # A decode step in compiled code: bnb's own op (it has a fake implementation) goes into the graph itself.
+        # The compiled call then runs no fastllm Python for it (the custom op's autograd and impl kernels: two
+        # Python frames per linear per token, on a host-bound step). Same kernel and numbers as _linear_impl's.
+        return bnb_gemv(x, args.packed, args.absmax, args.code, args.code2, args.absmax2, args.offset, bias,
+                        args.blocksize, args.shape)
     return _nf4_linear_op(x, args.packed, args.absmax, args.code, args.code2, args.absmax2, args.offset, bias,
                           args.blocksize, args.blocksize2, list(args.shape))
+
+
+def _traced_decode(x: torch.Tensor, args: NF4Args) -> bool:
+    """``_goes_to_bnb_gemm``'s condition, decided while tracing (dynamo guards on grad mode and the static
+    one-token shape), with grad mode off: bnb's op has no autograd formula. Reads the op cached by ``nf4_args``."""
+    return (_BNB_GEMM is not _UNSET and _BNB_GEMM is not None and not torch.is_grad_enabled()
+            and _goes_to_bnb_gemm(x, args.packed, args.code2, args.blocksize, args.blocksize2, args.shape))

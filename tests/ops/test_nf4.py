@@ -242,6 +242,37 @@ def test_gpu_one_token_op_call_goes_to_bitsandbytes(monkeypatch, nested, with_bi
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("nested", [True, False])
+def test_traced_decode_step_puts_bnb_op_in_the_graph(monkeypatch, nested):
+    """Inside compiled code a decode step calls bnb's own ``gemm_4bit`` op in the graph (no fastllm custom op at
+    run time): it traces with ``fullgraph`` through bnb's fake implementation and gives bnb's numbers. The device
+    condition (CUDA, where bnb's GEMV pays) is lifted here so the CPU runs the traced path with bnb's CPU op."""
+    monkeypatch.setattr(nf4_ops, "_goes_to_bnb_gemm", lambda x, packed, code2, bs, bs2, shape: (
+        x.numel() == x.shape[-1] and nf4_ops.bnb_gemv_ok(packed, code2, bs, bs2, shape)))
+    w = quantized_param((96, 128), 64, nested)
+    args = nf4_args(w.data, w.quant_state)
+    bias = torch.randn(96)
+    x = torch.randn(1, 1, 128)
+    fastllm_ops = []
+    real_op = nf4_ops._nf4_linear_op
+    monkeypatch.setattr(nf4_ops, "_nf4_linear_op", lambda *a: fastllm_ops.append(1) or real_op(*a))
+    absmax, code, code2, absmax2, offset, bs, _, shape = nf4_ops._state_args(w.quant_state)
+    ref = nf4_ops.bnb_gemv(x, w.data, absmax, code, code2, absmax2, offset, bias, bs, shape)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(nf4_linear_args, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, args, bias), ref, rtol=0, atol=0)
+        assert fastllm_ops == []  # bnb's op, not fastllm's, is in the graph
+        with torch.enable_grad():  # grad mode on: fastllm's op (bnb's has no autograd formula)
+            xg = x.clone().requires_grad_()
+            y = compiled(xg, args, bias)
+            assert y.requires_grad and fastllm_ops
+            torch.testing.assert_close(y.detach(), ref, rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_workspace_views_are_reused_and_dropped_when_the_buffer_grows():
     dev = torch.device("cpu")
     nf4_ops.clear_workspaces()
