@@ -27,6 +27,10 @@ FSDP2 all-gather. LoRA adapters (PEFT) trace as plain modules.
 
 The norm and SwiGLU maths inside the regions is transformers' own; inductor fuses it (the eager
 ``rms_norm``/``mlp`` patches' hand-written kernels would be opaque calls inside the graph).
+
+Decode steps (one token, grad mode off, CUDA) are host-bound: there the RMSNorms run as the eager Triton op (a
+region call's guards and wrappers cost more than the kernel; counted in ``compile_report``'s ``eager_calls``), and
+the 4-bit linears inside the graphs call bitsandbytes' own GEMV op directly (``ops.nf4.nf4_linear_args``).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from collections import Counter
 import torch
 
 from ..integrations.checkpointing import in_checkpoint
+from ..ops.rms_norm import rms_norm
 from ..ops.rope import rope
 from .lora import fused_lora_qkv
 from .nf4_linear import refresh_nf4_aliases
@@ -213,8 +218,18 @@ def _refresh_nf4(module) -> None:
 
 # ---- replacement forwards (same signatures as transformers'); made per model ---------------------------
 
+def _decode_step(x: torch.Tensor) -> bool:
+    """One token on CUDA with grad mode off: generation's decode step."""
+    return not torch.is_grad_enabled() and x.is_cuda and x.numel() == x.shape[-1]
+
+
 def make_rms_norm_forward(regions: CompiledRegions):
     def compiled_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if regions.mode != "eager" and _decode_step(hidden_states):
+            # A decode step is host-bound and one norm is one small kernel: a compiled region's call (dynamo's
+            # guards and wrappers) costs several times the Triton op's launch there. Same maths, no graph.
+            regions.stats.eager_calls["rms_norm (decode)"] += 1
+            return rms_norm(hidden_states, self.weight, self.variance_epsilon)
         x = _no_grad_view(hidden_states)
         _seq_dynamic((x, x.dim() - 2))
         return regions.rms_norm(self.weight, x, self.variance_epsilon)

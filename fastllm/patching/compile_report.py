@@ -23,7 +23,8 @@ class CompileReport:
     graph_breaks: int                 # dynamo graph breaks since the regions were made (process-wide)
     break_reasons: dict[str, int]     # reason -> count, from dynamo's counters (process-wide)
     compile_seconds: float            # wall time in the backend for forward graphs
-    eager_calls: dict[str, int]       # calls a region handed to the class's own forward (unsupported kwargs)
+    eager_calls: dict[str, int]       # calls run eagerly: unsupported kwargs (the class's own forward), and
+                                      # decode steps' RMSNorms (by design: a region call costs more there)
     recompile_limit: int              # dynamo's per-function limit: a region at it silently runs eagerly
 
     @property

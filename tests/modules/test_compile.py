@@ -133,6 +133,28 @@ def test_padding_mask_and_generation_match_eager(tiny_dir):
     assert rep.graphs <= 30
 
 
+def test_decode_steps_run_the_norms_eagerly(tiny_dir, monkeypatch):
+    """A decode step's RMSNorms skip their compiled region (a region call costs more than the kernel there): the
+    generated tokens stay eager's, no graph breaks, and the report counts those calls. The CUDA condition is
+    lifted so the CPU takes the decode path."""
+    from fastllm.modules import decoder
+
+    monkeypatch.setattr(decoder, "_decode_step", lambda x: not torch.is_grad_enabled() and x.numel() == x.shape[-1])
+    model = _qlora(tiny_dir, gc=False)
+    model.eval()
+    x = _ids(9, b=1)
+    with torch.no_grad():
+        got = model.generate(input_ids=x, max_new_tokens=5, do_sample=False)
+        with eager(model):
+            want = model.generate(input_ids=x, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, want)
+    rep = compile_report(model)
+    assert rep.graph_breaks == 0, rep.break_reasons
+    # 4 decode steps (the first new token comes from the prompt's forward), 2 norms per layer and the final norm
+    n_layers = len(model.get_base_model().model.layers)
+    assert rep.eager_calls == {"rms_norm (decode)": 4 * (2 * n_layers + 1)}
+
+
 def test_regions_explain_to_one_graph_each(tiny_dir):
     """``torch._dynamo.explain`` on each region with the real patched LoRA + 4-bit modules: one graph, no
     break (the break reasons, if any, are the assertion message)."""
