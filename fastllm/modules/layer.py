@@ -16,6 +16,7 @@ import logging
 from collections import Counter
 
 import torch
+from torch.nn.modules import module as _nn_module
 
 from .._compat import pick_backend
 from ..integrations.checkpointing import nonreentrant_checkpoint
@@ -45,8 +46,7 @@ def _attend(attn, interface, mask, q, k, v):
 
 def _module_hooks(module) -> bool:
     """Hooks a module's ``__call__`` would run: its own or global ones."""
-    from torch.nn.modules import module as m
-
+    m = _nn_module  # the module holding nn.Module's global hook dicts (read at call time: they may be rebound)
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
                 or m._global_backward_hooks or m._global_backward_pre_hooks)
