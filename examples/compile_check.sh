@@ -6,12 +6,12 @@
 set -uo pipefail
 source examples/device_env.sh
 # the GPU tests of the compiled paths first (compiled step, curve and generation; the one-token NF4 op)
-timeout 200 python -m pytest -q -m gpu tests/test_gpu_compile.py tests/ops/test_nf4.py -p no:cacheprovider 2>&1 \
+timeout 150 python -m pytest -q -m gpu tests/test_gpu_compile.py tests/ops/test_nf4.py -p no:cacheprovider 2>&1 \
   | tail -4 | tee "$out/compile-tests.txt"
 for shape in ${SHAPES:-1b 8b}; do
   providers=eager,fastllm,fastllm+compile
   [ "$shape" = 8b ] && providers=${PROVIDERS_8B:-eager,fastllm+compile}
-  timeout 280 python -m fastllm.bench.compile --shapes "$shape" --modes "${MODES:-infer}" --quick \
+  timeout 240 python -m fastllm.bench.compile --shapes "$shape" --modes "${MODES:-infer}" --quick \
     --providers "$providers" --out "$out/compile/$shape" 2>&1 | tail -6
 done
 tar czf "$out/compile.tgz" -C "$out" compile && rm -rf "$out/compile"
