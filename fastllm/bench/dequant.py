@@ -15,8 +15,8 @@ without ``nf4_linear4bit_forward`` bound. Results: ``<out>/dequant.jsonl``, ``de
 ``linear.png`` and a printed table. ``--sweep`` also times kernel tile sizes (for tuning).
 
 Measured on an H200 (bnb 0.50.2, torch 2.11, triton 3.6), session 7, two runs on two hosts (copy 4.25 and
-4.22 TB/s). GPU time: fastllm 1.68-1.83x bnb-direct at every shape and dtype (run 2; 1.76-2.18x in run 5), 82-83%
-of copy bandwidth at 14336x4096, 94% at 128256x4096; 1.71x bnb at 4096x4096 on the faster host, 4.7x on the slower
+4.22 TB/s). GPU time: fastllm 1.68-1.89x bnb-direct at every shape and dtype (run 2; 1.76-2.18x in run 5), 81-83%
+of copy bandwidth at 14336x4096, 92-95% at 128256x4096; 1.71x bnb at 4096x4096 on the faster host, 4.7x on the slower
 one, where even bnb's time with the cache flushed is host-bound. Back to back (host work included, as the NF4
 issue measured bnb: 0.116 ms at 4096x4096): 4096x4096 0.013-0.023 ms, 3.2-4.0x bnb and 1.29-2.00x bnb-direct;
 1024x4096 1.36-1.43x bnb-direct; 1.78-1.80x bnb-direct from 14336x4096 up. That took two host cuts: Triton
