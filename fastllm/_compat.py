@@ -65,6 +65,8 @@ def pick_backend(backend: str, device: torch.device | str) -> str:
     "auto" takes Triton on CUDA and the torch fallback elsewhere (never the interpreter: it is
     for tests, thousands of times slower).
     """
+    if backend == "auto" and type(device) is torch.device:  # the hot case: a tensor's own device, every op call
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "torch":
@@ -74,6 +76,12 @@ def pick_backend(backend: str, device: torch.device | str) -> str:
         return "triton"
     dev = torch.device(device)
     return "triton" if dev.type == "cuda" and triton_available() else "torch"
+
+
+def records_graph(*tensors) -> bool:
+    """Whether autograd records a graph for an op on ``tensors`` (grad mode on and one of them needs grad; None
+    entries are skipped). Ops take their autograd.Function only then, and the bare kernel otherwise."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def bf16_supported(device: torch.device | str | None = None) -> bool:

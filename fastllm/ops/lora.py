@@ -160,13 +160,14 @@ def lora_group_backward(dys, x2, xa, weights, states, A_stack, Bs, scales, backe
 
 
 def decode_states(weights) -> tuple | None:
-    """``_state_args`` of each bnb ``Params4bit`` in ``weights`` when bnb's 4-bit GEMV takes them all, else None."""
+    """``(packed plain tensor, _state_args)`` of each bnb ``Params4bit`` in ``weights`` when bnb's 4-bit GEMV takes
+    them all, else None."""
     states = []
     for w in weights:
-        st = _state_args(w.quant_state)
-        if not bnb_gemv_ok(w, st[2], st[5], st[6], st[7]):
+        packed, st = plain_tensor(w), _state_args(w.quant_state)
+        if not bnb_gemv_ok(packed, st[2], st[5], st[6], st[7]):
             return None
-        states.append(st)
+        states.append((packed, st))
     return tuple(states)
 
 
@@ -195,10 +196,10 @@ def lora_decode(x: torch.Tensor, parts, states, biases=None) -> list:
     xa = x2 @ stacked_rows(flat, sum(ranks), k).t()
     xas = (xa,) if n == 1 else xa.split_with_sizes(ranks, 1)
     outs = []
-    for i, ((w, _, _, s), st, b, xa_i) in enumerate(zip(parts, states, views[n:], xas)):
+    for i, ((_, _, _, s), (packed, st), b, xa_i) in enumerate(zip(parts, states, views[n:], xas)):
         absmax, code, code2, absmax2, offset, bs, _, shape = st
         bias = None if biases is None else biases[i]
-        y = bnb_gemv(x2, plain_tensor(w), absmax, code, code2, absmax2, offset, bias, bs, shape)
+        y = bnb_gemv(x2, packed, absmax, code, code2, absmax2, offset, bias, bs, shape)
         y.addmm_(xa_i, b.t(), alpha=float(s))
         outs.append(y.view(*x.shape[:-1], y.shape[-1]))
     return outs

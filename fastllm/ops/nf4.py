@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._compat import pick_backend, triton_available
+from .._compat import pick_backend, records_graph
 
 __all__ = ["NF4Args", "NF4LinearFunction", "dequantize_nf4", "nf4_args", "nf4_linear", "nf4_linear_args",
            "plain_tensor"]
@@ -138,9 +138,7 @@ def _nf4_kernels():
 
 def _dequant_into(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, out,
                   backend: str = "auto") -> torch.Tensor:
-    # the common case (auto on CUDA) first: this runs three times per linear per step
-    if ((backend == "auto" and packed.is_cuda and triton_available())
-            or pick_backend(backend, packed.device) == "triton"):
+    if pick_backend(backend, packed.device) == "triton":
         return _nf4_kernels().nf4_dequant_fwd(packed, absmax, code, blocksize, out, code2, absmax2, offset,
                                               blocksize2 or 256)
     _dequant_torch(packed, absmax, code, code2, absmax2, offset, blocksize, blocksize2, out)
@@ -377,7 +375,7 @@ class _NF4LinearOpFunction(torch.autograd.Function):
 
 
 def _linear_autograd(x, packed, absmax, code, code2, absmax2, offset, bias, bs, bs2, shape):
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+    if records_graph(x, bias):
         return _NF4LinearOpFunction.apply(x, packed, absmax, code, code2, absmax2, offset, bias, bs, bs2, shape)
     with torch._C._AutoDispatchBelowAutograd():
         return _nf4_linear_op(x, packed, absmax, code, code2, absmax2, offset, bias, bs, bs2, shape)
@@ -441,5 +439,5 @@ def nf4_linear_args(x: torch.Tensor, args: NF4Args, bias: torch.Tensor | None = 
 def _traced_decode(x: torch.Tensor, args: NF4Args) -> bool:
     """``_goes_to_bnb_gemm``'s condition, decided while tracing (dynamo guards on grad mode and the static
     one-token shape), with grad mode off: bnb's op has no autograd formula. Reads the op cached by ``nf4_args``."""
-    return (_BNB_GEMM is not _UNSET and _BNB_GEMM is not None and not torch.is_grad_enabled()
+    return (_BNB_GEMM is not _UNSET and not torch.is_grad_enabled()
             and _goes_to_bnb_gemm(x, args.packed, args.code2, args.blocksize, args.blocksize2, args.shape))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._compat import pick_backend
+from .._compat import pick_backend, records_graph
 
 
 def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,7 +66,7 @@ def rms_norm_backward(dy2d: torch.Tensor, state: tuple, use_triton: bool) -> tor
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
     """RMSNorm over the last dim; ``backend`` is "auto" (Triton on CUDA), "triton" or "torch"."""
     if pick_backend(backend, x.device) == "triton":
-        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        if records_graph(x, weight):
             return _RMSNormFunction.apply(x, weight, eps)
         # no graph to record (inference, decode): the kernel alone, without autograd.Function's ~20 us of host work
         y, _ = rms_norm_forward(x.reshape(-1, x.shape[-1]), weight, eps, True)

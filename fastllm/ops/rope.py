@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .._compat import pick_backend
+from .._compat import pick_backend, records_graph
 
 __all__ = ["rope", "rope_rotate", "rope_tables"]
 
@@ -93,6 +93,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         raise ValueError(f"rope needs cos and sin of shape (1 or {B}, {T}, {D}), got {tuple(cos.shape)} and "
                          f"{tuple(sin.shape)}")
     use_triton = pick_backend(backend, q.device) == "triton"
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+    if records_graph(q, k):
         return _RoPEFunction.apply(q, k, cos, sin, use_triton)
     return rope_rotate(q, k, *rope_tables(cos, sin), use_triton)  # no graph to record: no autograd.Function

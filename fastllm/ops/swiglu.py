@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .._compat import pick_backend
+from .._compat import pick_backend, records_graph
 
 
 def _fwd_torch(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -84,6 +84,6 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, *, backend: str = "auto") -> torch.
         raise ValueError(f"swiglu needs g and u of one shape and dtype, got {tuple(g.shape)} {g.dtype} "
                          f"and {tuple(u.shape)} {u.dtype}")
     use_triton = pick_backend(backend, g.device) == "triton"
-    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad):
+    if records_graph(g, u):
         return _SwiGLUFunction.apply(g, u, use_triton)
     return swiglu_forward(g.contiguous(), u.contiguous(), use_triton)  # no graph to record: no autograd.Function
