@@ -37,6 +37,9 @@ class PatchConfig:
     - ``compile_mode``: passed to ``torch.compile``: ``"default"`` or ``"max-autotune-no-cudagraphs"``
       (autotuned matmuls). The CUDA-graph modes (``"reduce-overhead"``, ``"max-autotune"``) are refused:
       CUDA-graph capture fails inside the checkpointed regions.
+    - ``decode_graphs``: generation's decode steps as CUDA graphs over a static KV cache (``generate`` is set to
+      ``cache_implementation="static"`` unless the user chose one); auto-on for a CUDA model, an error elsewhere.
+      A step that cannot be graphed runs eagerly, counted in the report (``modules.decode_graphs``).
     - ``gradient_checkpointing``: ``None`` keeps the model's own setting (made non-reentrant when on),
       ``True`` turns it on, ``"offload"`` also keeps the checkpointed activations in pinned CPU memory
       (GPU only; a logged no-op on the CPU), ``False`` leaves checkpointing alone.
@@ -51,6 +54,7 @@ class PatchConfig:
     loss: bool | str | Callable | None = None
     compile: bool | None = None
     compile_mode: str = "default"
+    decode_graphs: bool | None = None
     gradient_checkpointing: bool | str | None = None
     max_seq_length: int | None = None
 
@@ -67,7 +71,7 @@ class PatchConfig:
         for name in ("rms_norm", "mlp"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"PatchConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("nf4_linear", "lora", "fused_layer", "compile"):
+        for name in ("nf4_linear", "lora", "fused_layer", "compile", "decode_graphs"):
             if getattr(self, name) not in (None, True, False):
                 raise TypeError(f"PatchConfig.{name} must be None (auto), True or False, got {getattr(self, name)!r}")
         if not (self.loss in (None, True, False) or self.loss in _LOSS_NAMES or callable(self.loss)):

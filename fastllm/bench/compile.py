@@ -69,6 +69,8 @@ import time
 
 import torch
 
+from ..modules.decode_graphs import decode_graphs_of
+from ..patching.api import find_base
 from .common import bar_chart, format_table, stamp, write_jsonl
 from .models import SHAPES, build_qlora_base
 
@@ -84,14 +86,17 @@ def build_qlora(shape: str, device: torch.device, dtype=torch.bfloat16):
     return FastLlama.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=True)
 
 
+PROVIDERS = ("eager", "fastllm", "fastllm+compile", "fastllm-nographs", "fastllm+compile-nographs")
+
+
 def _set_provider(model, provider: str) -> None:
     from .. import PatchConfig, patch, unpatch
 
     unpatch(model)
-    if provider == "fastllm":
-        patch(model, PatchConfig(compile=False, gradient_checkpointing=True))
-    elif provider == "fastllm+compile":
-        patch(model, PatchConfig(compile=True, gradient_checkpointing=True))
+    name, _, suffix = provider.partition("-")  # "...-nographs": decode steps without CUDA graphs
+    if name in ("fastllm", "fastllm+compile"):
+        patch(model, PatchConfig(compile=name == "fastllm+compile", gradient_checkpointing=True,
+                                 decode_graphs=False if suffix == "nographs" else None))
 
 
 def _sync_time(fn) -> float:
@@ -152,7 +157,7 @@ def measure_infer_interleaved(model, providers, *, prompt: int, new_tokens: int,
     host-bound, and a host's speed drifts by 10-40% within minutes, which one provider's block of runs would
     take for a difference between providers. Compiled regions keep their graphs between rounds."""
     x, gen = _infer_inputs(model, prompt, new_tokens)
-    first, samples, peaks = {}, {p: [] for p in providers}, {}
+    first, samples, peaks, notes = {}, {p: [] for p in providers}, {}, {}
     for p in providers:  # warm-up (compiles) once per provider
         _set_provider(model, p)
         model.eval()
@@ -164,10 +169,15 @@ def measure_infer_interleaved(model, providers, *, prompt: int, new_tokens: int,
             torch.cuda.reset_peak_memory_stats()
             samples[p].append(_infer_once(model, x, gen))
             peaks[p] = max(peaks.get(p, 0.0), torch.cuda.max_memory_allocated() / GiB)
+            graphs = decode_graphs_of(find_base(model))
+            if graphs is not None:  # this round's decode steps: captured, replayed, eager and why
+                notes[p] = graphs.summary()
     rows = {}
     for p in providers:
         rows[p] = _infer_row(first[p], [a for a, _ in samples[p]], [b for _, b in samples[p]], new_tokens)
         rows[p]["peak_gib"] = peaks[p]
+        if p in notes:
+            rows[p]["decode_graphs"] = notes[p]
     return rows
 
 
@@ -219,7 +229,7 @@ def run(shape: str, *, batch: int, seq: int, steps: int, prompt: int, new_tokens
 def _graphs(rep, provider: str) -> dict:
     """The compile counters, on the compiled provider's rows only (the model keeps its regions' counts when
     unpatched, which would read as if the other rows had compiled)."""
-    if rep is None or provider != "fastllm+compile":
+    if rep is None or not provider.startswith("fastllm+compile"):
         return {}
     return {"graphs": rep.graphs, "graph_breaks": rep.graph_breaks, "recompiles": rep.recompiles,
             "backend_compile_s": rep.compile_seconds}
@@ -249,6 +259,10 @@ def main(argv=None) -> int:
         p.error(f"--modes takes train and/or infer, got {args.modes!r}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
+    providers = tuple(p for p in args.providers.split(",") if p)
+    bad = sorted(set(providers) - set(PROVIDERS))
+    if bad:
+        p.error(f"unknown provider(s) {bad}; choose from {', '.join(PROVIDERS)}")
     shapes = [s for s in args.shapes.split(",") if s]
     bad = sorted(set(shapes) - set(SHAPES))
     if bad:
@@ -259,7 +273,7 @@ def main(argv=None) -> int:
     jsonl = os.path.join(args.out, "compile.jsonl")  # rows are appended as each one finishes
     rows = []
     for shape in shapes:
-        rows += run(shape, providers=tuple(args.providers.split(",")), modes=modes, jsonl=jsonl, **kw)
+        rows += run(shape, providers=providers, modes=modes, jsonl=jsonl, **kw)
     cols = {"train": ["shape", "provider", "tokens_per_s", "step_ms", "peak_gib", "compile_s", "graphs",
                       "graph_breaks", "speedup_vs_eager"],
             "infer": ["shape", "provider", "prefill_ms", "decode_ms_per_token", "generate_ms", "peak_gib",

@@ -12,6 +12,7 @@ from .._compat import SUPPORTED_MODEL_TYPES
 from ..config import PatchConfig
 from ..integrations.checkpointing import nonreentrant_checkpoint, offload_checkpoint
 from ..integrations.trl import route_fused_lm_head
+from ..modules.decode_graphs import decode_graphs_of, static_generation
 from ..modules.layer import fused_layer_checkpoint
 from . import registry
 from .registry import ModelState
@@ -72,6 +73,18 @@ def _apply_checkpointing(base: nn.Module, mode, state: ModelState, fused_layer: 
         state.report.notes.append("gradient_checkpointing='offload' is a no-op for CPU tensors")
 
 
+def _use_static_cache(base: nn.Module, state: ModelState) -> None:
+    """Point ``generate`` at a static KV cache (what decode graphs replay over), recorded like any patch."""
+    config = getattr(base, "generation_config", None)
+    changes = static_generation(config)
+    for attr, value in changes.items():
+        state.set_attr(config, attr, value, "decode_graphs")
+    if not changes and config is not None:
+        state.report.notes.append(f"decode_graphs: generate keeps cache_implementation="
+                                  f"{config.cache_implementation!r} (set by the user); only static caches are graphed")
+    state.report.live["decode_graphs"] = decode_graphs_of(base)
+
+
 def _seq_guard(max_len: int):
     """Forward pre-hook on LlamaModel: over-long input raises instead of silently running past RoPE range.
 
@@ -86,6 +99,9 @@ def _seq_guard(max_len: int):
         if x is None or x.dim() < 2:
             return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        capacity = cache.get_max_length() if hasattr(cache, "get_max_length") else -1
+        if isinstance(capacity, int) and 0 < capacity <= max_len:
+            return None  # a static cache of this size cannot run past the limit: no per-step read (a device sync)
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         n = past + x.shape[1]
         pos = kwargs.get("position_ids")
@@ -107,12 +123,12 @@ def patch(model: nn.Module, config: PatchConfig | None = None) -> PatchReport:
         raise TypeError(f"config must be a fastllm.PatchConfig, got {type(config).__name__}")
     base = find_base(model)
     state = registry.get_state(base)
-    if state is not None:
-        if state.config == config:
-            return state.report
-        unpatch(base)
+    if state is not None and state.config == config:
+        return state.report
     device = _device_of(base)
-    on, why_off = resolve(config, device)
+    on, why_off = resolve(config, device)  # raises on a bad combination before anything is undone
+    if state is not None:
+        unpatch(base)
     state = ModelState(config=config, report=PatchReport(disabled=why_off))
     registry.set_state(base, state)
     specs = [s for s in SPECS if on.get(s.option)]
@@ -130,6 +146,8 @@ def patch(model: nn.Module, config: PatchConfig | None = None) -> PatchReport:
             state.set_attr(module, "forward", types.MethodType(forwards[spec.name], module), spec.name)
             state.report.add(spec.name)
             state.report.backends[spec.name] = backend_of(spec.name, device)
+    if state.report.counts["decode_graphs"]:
+        _use_static_cache(base, state)
     if state.report.counts["loss"]:
         # TRL trainers would replace the loss forward with their own head: route that to fastllm instead.
         route_fused_lm_head()

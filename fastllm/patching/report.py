@@ -18,6 +18,7 @@ class PatchReport:
     skipped: list[tuple[str, str, str]] = field(default_factory=list)   # (patch, module name, reason)
     disabled: dict[str, str] = field(default_factory=dict)              # option -> why it is off
     notes: list[str] = field(default_factory=list)
+    live: dict[str, object] = field(default_factory=dict)  # patch -> object with a ``summary()`` of its calls so far
 
     def add(self, spec: str, n: int = 1) -> None:
         self.counts[spec] += n
@@ -39,6 +40,7 @@ class PatchReport:
         if self.disabled:
             parts.append("off: " + ", ".join(f"{k} ({v})" for k, v in self.disabled.items()))
         parts.extend(self.notes)
+        parts.extend(f"{name}: {obj.summary()}" for name, obj in self.live.items())
         if "fused" in self.backends.get("gradient_checkpointing", ""):
             from ..modules.layer import LAYER_CALLS
 

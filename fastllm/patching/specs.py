@@ -17,6 +17,7 @@ from torch import nn
 from .._compat import is_linear4bit, pick_backend, triton_available
 from ..config import PatchConfig
 from ..modules import decoder
+from ..modules.decode_graphs import decode_graphs_eligible, make_graphed_forward, new_decode_graphs
 from ..modules.lora import fused_lora_forward, is_lora_linear4bit, lora_eligible
 from ..modules.mlp import fast_mlp_forward, mlp_eligible
 from ..modules.rms_norm import fast_rms_norm_forward, rms_norm_eligible
@@ -123,6 +124,9 @@ SPECS: tuple[PatchSpec, ...] = (
               _nf4_alias),
     PatchSpec("compile_rms_norm", "compile", _is("LlamaRMSNorm"), decoder.compiled_rms_norm_eligible,
               _compiled(decoder.make_rms_norm_forward)),
+    # generate's one-token steps over a static cache as CUDA graphs (the decoder stack; lm_head stays eager)
+    PatchSpec("decode_graphs", "decode_graphs", _is("LlamaModel"), decode_graphs_eligible,
+              lambda cfg, model: make_graphed_forward(new_decode_graphs(model))),
 )
 
 
@@ -184,9 +188,21 @@ def resolve(cfg: PatchConfig, device: torch.device) -> tuple[dict[str, bool], di
         if value is False:
             why[name] = "disabled by PatchConfig"
     _resolve_compile(cfg, on, why)
+    _resolve_decode_graphs(cfg, on, why, device)
     _resolve_lora(cfg, on, why, device)
     _resolve_fused_layer(cfg, on, why)
     return on, why
+
+
+def _resolve_decode_graphs(cfg: PatchConfig, on: dict[str, bool], why: dict[str, str], device: torch.device) -> None:
+    """decode_graphs: auto-on for a CUDA model; asking for it elsewhere is an error (CUDA graphs need CUDA)."""
+    if cfg.decode_graphs is True and device.type != "cuda":
+        raise ValueError(f"PatchConfig(decode_graphs=True) needs a model on a CUDA device (this one is on {device}); "
+                         "leave decode_graphs=None (auto) or set it False")
+    on["decode_graphs"] = device.type == "cuda" and cfg.decode_graphs is not False
+    if not on["decode_graphs"]:
+        why["decode_graphs"] = ("disabled by PatchConfig" if cfg.decode_graphs is False
+                                else "auto: on for a CUDA model only (CUDA graphs)")
 
 
 def _resolve_fused_layer(cfg: PatchConfig, on: dict[str, bool], why: dict[str, str]) -> None:
@@ -228,4 +244,6 @@ def backend_of(spec: str, device: torch.device) -> str:
         return "chunked-" + pick_backend("auto", device)
     if spec.startswith("compile_"):
         return "inductor"
+    if spec == "decode_graphs":
+        return "cuda-graphs"
     return "torch"

@@ -1,0 +1,258 @@
+"""Generation's decode steps as CUDA graphs over a static KV cache (``PatchConfig(decode_graphs=...)``).
+
+A decode step (one token) is host-bound: on an H200 a 1B QLoRA step has about 2.5 ms of GPU work under
+30-60 ms of Python and launches. With a static cache (fixed-address KV tensors, a device-side length
+counter) the whole decoder stack of one step is the same kernels on the same addresses every step, so it is
+captured once as a CUDA graph and replayed: the step's host cost becomes a few input copies and one replay.
+
+How a call of the patched ``LlamaModel.forward`` goes (``DecodeGraphs.step``):
+
+- not a graphable decode step (more than one token, grad mode on, no static cache, a 2-D attention mask that
+  grows every step, ...): the class's own forward; the reason is counted in ``stats``;
+- a new *key* (input shapes and dtypes, the cache's tensor addresses, the flags passed, autocast state):
+  first seen -> one eager step (it warms up lazy state: compiled regions, cuBLAS handles); seen again on the
+  next call -> capture, then replay. A key never seen twice in a row (beam search reorders the cache into new
+  tensors every step) is never captured;
+- a captured key: copy the tensor inputs into the graph's static buffers, replay, return fresh outputs.
+
+What a replay cannot notice, and how it is covered: the module state Python branches on (weights replaced,
+adapters switched, disabled or merged, train/eval) is fingerprinted at every call that is not a decode step
+(each ``generate`` starts with its prefill) and is part of the key. Weights updated in place (an optimizer
+step) are read by the replay as they are.
+
+A capture that fails (an op that syncs with the host, a lazily created tensor) is logged once, counted, and
+turns graphs off for the model; that step and every later one run eagerly, with the same results.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import weakref
+from collections import Counter, OrderedDict
+
+import torch
+from torch import nn
+
+logger = logging.getLogger("fastllm")
+
+MAX_GRAPHS = 4  # per model, least recently used dropped first (one per batch size / cache in use)
+_CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.2x / earlier 5.x
+_EAGER_FLAGS = ("output_attentions", "output_hidden_states")  # outputs a graph does not keep
+
+
+def static_cache_of(kwargs: dict):
+    """The cache passed (under either name) when it is a static one (compileable, not dynamic), else None."""
+    for name in _CACHE_KWARGS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            return cache if getattr(cache, "is_compileable", False) and hasattr(cache, "layers") else None
+    return None
+
+
+def cache_addresses(cache) -> tuple | None:
+    """The data pointers of every tensor the cache's layers hold, or None while a layer is not allocated yet
+    (static layers allocate at their first update, which must not happen inside a capture)."""
+    out = []
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", True):
+            return None
+        out.extend(t.data_ptr() for t in vars(layer).values() if isinstance(t, torch.Tensor))
+    return tuple(out)
+
+
+def module_fingerprint(model: nn.Module) -> tuple:
+    """What the forward's Python branches on besides its inputs: every parameter's and buffer's address (a
+    reloaded or moved weight), PEFT's adapter flags (disabled, merged, active), and train/eval."""
+    ptrs = tuple(t.data_ptr() for t in model.parameters()) + tuple(t.data_ptr() for t in model.buffers())
+    flags = tuple((getattr(m, "disable_adapters", None), tuple(getattr(m, "merged_adapters", ())),
+                   str(getattr(m, "active_adapters", "")))
+                  for m in model.modules() if hasattr(m, "merged_adapters"))
+    return ptrs, flags, model.training
+
+
+def _graphable_device(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def why_eager(args: tuple, kwargs: dict) -> str | None:
+    """Why this call of ``LlamaModel.forward`` is not a graphable decode step, or None when it is."""
+    if args:
+        return "positional arguments"
+    if torch.is_grad_enabled():
+        return "grad mode on"
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if not isinstance(x, torch.Tensor) or not _graphable_device(x):
+        return "inputs not on CUDA"
+    if x.dim() < 2 or x.shape[1] != 1:
+        return "not one token (prefill)"
+    if static_cache_of(kwargs) is None:
+        return "no static KV cache (generate with cache_implementation='static')"
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() != 4:
+        return "2-D attention mask (it grows every step)"
+    if any(kwargs.get(f) for f in _EAGER_FLAGS):
+        return "attentions or hidden states asked for"
+    return None
+
+
+def _autocast_state() -> tuple:
+    return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+
+
+class _Graph:
+    """One captured decode step: the graph, its static input buffers and the outputs it writes."""
+
+    def __init__(self, run, kwargs: dict, cache):
+        self.names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        self.inputs = {k: kwargs[k].clone() for k in self.names}
+        self.cache = cache
+        static = {**kwargs, **self.inputs}
+        self.graph = torch.cuda.CUDAGraph()
+        enabled, dtype = _autocast_state()
+        # Autocast's weight-cast cache would hand the capture a tensor that dies with the caller's autocast block.
+        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.out = run(**static)
+
+    def replay(self, kwargs: dict, cache):
+        for name in self.names:
+            self.inputs[name].copy_(kwargs[name])
+        self.graph.replay()
+        return _fresh(self.out, self.cache, cache)
+
+
+def _fresh(out, captured_cache, cache):
+    """``out`` with its tensors cloned (the next replay overwrites the graph's) and the captured cache object
+    replaced by this call's (transformers may build a new cache object over the same tensors)."""
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if out is captured_cache:
+        return cache
+    if isinstance(out, dict):  # transformers' ModelOutput is an OrderedDict dataclass
+        return type(out)(**{k: _fresh(v, captured_cache, cache) for k, v in out.items()})
+    if isinstance(out, tuple):
+        return type(out)(_fresh(v, captured_cache, cache) for v in out)
+    return out
+
+
+class DecodeGraphs:
+    """The decode-step graphs of one model (see the module docstring)."""
+
+    def __init__(self, max_graphs: int = MAX_GRAPHS):
+        self.graphs: OrderedDict = OrderedDict()
+        self.max_graphs = max_graphs
+        self.stats: Counter = Counter()
+        self.disabled: str | None = None
+        self._last_key = None
+        self._fingerprint = None
+        self._capture = _Graph  # tests on the CPU swap in a stand-in for the CUDA capture
+
+    def step(self, model: nn.Module, args: tuple, kwargs: dict):
+        run = type(model).forward.__get__(model)
+        reason = self.disabled or why_eager(args, kwargs)
+        if reason is not None:
+            self.stats[f"eager: {reason}"] += 1
+            self._fingerprint = None  # a prefill (or anything else) may come after a change: look again
+            return run(*args, **kwargs)
+        cache = static_cache_of(kwargs)
+        key = self._key(model, kwargs, cache)
+        if key is None:
+            self.stats["eager: cache not allocated yet"] += 1
+            return run(**kwargs)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if key != self._last_key:  # first sight: an eager step warms up lazy state; capture on the next
+                self._last_key = key
+                self.stats["eager: warm-up"] += 1
+                return run(**kwargs)
+            graph = self._new_graph(run, kwargs, cache, key)
+            if graph is None:
+                return run(**kwargs)
+        else:
+            self.graphs.move_to_end(key)
+        self.stats["replayed"] += 1
+        return graph.replay(kwargs, cache)
+
+    def _key(self, model: nn.Module, kwargs: dict, cache) -> tuple | None:
+        addresses = cache_addresses(cache)
+        if addresses is None:
+            return None
+        if self._fingerprint is None:
+            self._fingerprint = module_fingerprint(model)
+        parts = []
+        for name, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                parts.append((name, v.shape, v.dtype, v.device))
+            elif v is cache:
+                parts.append((name, "cache"))
+            else:
+                parts.append((name, v if isinstance(v, (bool, int, float, str, type(None))) else id(v)))
+        return tuple(parts), addresses, self._fingerprint, _autocast_state(), torch.is_inference_mode_enabled()
+
+    def _new_graph(self, run, kwargs: dict, cache, key):
+        try:
+            graph = self._capture(run, kwargs, cache)
+        except Exception as exc:  # noqa: BLE001 - any capture error turns graphs off, reported, results unchanged
+            self.disabled = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+            self.graphs.clear()
+            logger.warning("fastllm: decode_graphs off for this model, decode steps run eagerly: %s", self.disabled)
+            self.stats[f"eager: {self.disabled}"] += 1
+            return None
+        self.stats["captured"] += 1
+        self.graphs[key] = graph
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        return graph
+
+    def summary(self) -> str:
+        done = f"{self.stats['captured']} captured, {self.stats['replayed']} replayed"
+        eager = collections.Counter({k[7:]: n for k, n in self.stats.items() if k.startswith("eager: ")})
+        return done + ("; eager steps: " + ", ".join(f"{k} x{n}" for k, n in eager.most_common()) if eager else "")
+
+
+_BY_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decode_graphs_of(model: nn.Module) -> DecodeGraphs | None:
+    """The ``DecodeGraphs`` of a patched model (the transformers model ``patch`` found), or None."""
+    return _BY_MODEL.get(model)
+
+
+def new_decode_graphs(model: nn.Module) -> DecodeGraphs:
+    """Fresh (empty) decode graphs for ``model``: each ``patch`` starts over, as the forwards a graph captured may
+    have changed."""
+    graphs = _BY_MODEL[model] = DecodeGraphs()
+    return graphs
+
+
+def make_graphed_forward(graphs: DecodeGraphs):
+    """``LlamaModel.forward`` replacement: decode steps through ``graphs``, anything else as transformers'."""
+
+    def graphed_model_forward(self, *args, **kwargs):
+        return graphs.step(self, args, kwargs)
+
+    return graphed_model_forward
+
+
+def decode_graphs_eligible(module: nn.Module) -> str | None:
+    """Why a ``LlamaModel`` cannot take decode graphs, or None."""
+    p = next(module.parameters(), None)
+    if p is None or p.device.type != "cuda":
+        return "CUDA graphs need the model on a CUDA device"
+    return None
+
+
+def static_generation(generation_config) -> dict[str, object]:
+    """The generation-config changes that make ``generate`` decode over a static cache, with transformers' own
+    auto-compile of the forward off (fastllm graphs the decode step itself). Empty when the user already chose a
+    cache implementation."""
+    if generation_config is None or getattr(generation_config, "cache_implementation", None) not in (None, "dynamic"):
+        return {}
+    return {"cache_implementation": "static", "disable_compile": True}
+
+
+__all__ = ["DecodeGraphs", "cache_addresses", "decode_graphs_eligible", "decode_graphs_of", "make_graphed_forward",
+           "module_fingerprint", "new_decode_graphs", "static_cache_of", "static_generation", "why_eager"]

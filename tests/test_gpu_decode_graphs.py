@@ -1,0 +1,110 @@
+"""Decode steps as CUDA graphs (``PatchConfig(decode_graphs=...)``) on a real GPU: a replayed step computes what
+the same eager step over the same static cache computes, for the eager fused and the compiled paths, across
+generate calls, with adapters switched off between calls, with a padded batch, and when capture fails."""
+
+import pytest
+import torch
+
+from fastllm import FastLlama, PatchConfig, eager, patch_report
+from fastllm.modules.decode_graphs import decode_graphs_of
+from fastllm.patching.api import find_base
+
+pytestmark = pytest.mark.gpu
+
+NEW = 7  # new tokens: the prefill gives the first, a warm-up step the second, then a capture and 4 replays
+
+
+def _model(path, **cfg):
+    model, _ = FastLlama.from_pretrained(path, dtype=torch.bfloat16, max_seq_length=256, patch=PatchConfig(**cfg))
+    torch.manual_seed(0)
+    model = FastLlama.get_peft_model(model, r=16, lora_alpha=16)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # non-zero B so the adapters show in the logits
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()
+
+
+def _generate(model, x, mask=None, **extra):
+    gen = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, output_logits=True,
+               return_dict_in_generate=True, **extra)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model.generate(input_ids=x, attention_mask=mask, **gen)
+    return out.sequences, torch.stack(out.logits)
+
+
+def _reference(model, x, mask=None):
+    """The same decode steps without graphs over the same kind of (static) cache, transformers' compile off."""
+    graphs = decode_graphs_of(find_base(model))
+    graphs.disabled, saved = "reference run", graphs.disabled
+    try:
+        return _generate(model, x, mask)
+    finally:
+        graphs.disabled = saved
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_replayed_steps_equal_eager_steps(tiny_llama_i128_dir, compile):
+    model = _model(tiny_llama_i128_dir, compile=compile)
+    graphs = decode_graphs_of(find_base(model))
+    x = torch.randint(0, 320, (1, 13), device="cuda")
+    seq, logits = _generate(model, x)
+    assert graphs.stats["captured"] == 1 and graphs.stats["replayed"] == NEW - 2, graphs.summary()
+    ref_seq, ref_logits = _reference(model, x)
+    torch.testing.assert_close(seq, ref_seq, rtol=0, atol=0)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)  # the same kernels on the same data
+    # A second generate call: a new cache object (maybe new tensors); the results stay the same.
+    seq2, logits2 = _generate(model, x)
+    torch.testing.assert_close(seq2, seq, rtol=0, atol=0)
+    torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
+    assert graphs.stats["replayed"] >= 2 * (NEW - 2)
+    assert "decode_graphs: " in patch_report(model).summary()
+
+
+def test_graphs_follow_transformers_eager(tiny_llama_i128_dir):
+    """Against unpatched transformers + PEFT + bitsandbytes with its dynamic cache: the logits of every step."""
+    model = _model(tiny_llama_i128_dir)
+    x = torch.randint(0, 320, (1, 9), device="cuda")
+    _, logits = _generate(model, x)
+    with eager(model):
+        _, want = _generate(model, x)
+    err = ((logits.float() - want.float()).norm() / want.float().norm()).item()
+    assert err < 2e-2, err
+
+
+def test_disabled_adapters_and_padded_batch(tiny_llama_i128_dir):
+    model = _model(tiny_llama_i128_dir)
+    x = torch.randint(0, 320, (2, 11), device="cuda")
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0  # left padding on the second row
+    seq, logits = _generate(model, x, mask)
+    with model.disable_adapter():
+        seq_off, logits_off = _generate(model, x, mask)
+    assert (logits_off - logits).abs().max() > 0  # the adapters matter, so a stale graph would show
+    ref = _reference(model, x, mask)
+    with model.disable_adapter():
+        ref_off = _reference(model, x, mask)
+    torch.testing.assert_close(logits, ref[1], rtol=0, atol=0)
+    torch.testing.assert_close(logits_off, ref_off[1], rtol=0, atol=0)
+    assert decode_graphs_of(find_base(model)).stats["captured"] >= 2
+
+
+def _sync(out):
+    float(out[0].float().sum())  # reads a GPU value on the host: not allowed while capturing
+
+
+def test_failed_capture_runs_eagerly_and_says_so(tiny_llama_i128_dir):
+    model = _model(tiny_llama_i128_dir)
+    layer = find_base(model).model.layers[0]
+    handle = layer.register_forward_hook(lambda m, a, out: _sync(out))
+    try:
+        x = torch.randint(0, 320, (1, 10), device="cuda")
+        seq, logits = _generate(model, x)
+        graphs = decode_graphs_of(find_base(model))
+        assert graphs.disabled is not None and graphs.disabled.startswith("capture failed")
+        assert graphs.stats["captured"] == 0
+        graphs.disabled = None
+        ref = _reference(model, x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seq, ref[0], rtol=0, atol=0)
+    torch.testing.assert_close(logits, ref[1], rtol=0, atol=0)
