@@ -69,8 +69,7 @@ import time
 
 import torch
 
-from ..modules.decode_graphs import decode_graphs_of
-from ..patching.api import find_base
+from ..patching.api import patch_report
 from .common import bar_chart, format_table, stamp, write_jsonl
 from .models import SHAPES, build_qlora_base
 
@@ -169,7 +168,7 @@ def measure_infer_interleaved(model, providers, *, prompt: int, new_tokens: int,
             torch.cuda.reset_peak_memory_stats()
             samples[p].append(_infer_once(model, x, gen))
             peaks[p] = max(peaks.get(p, 0.0), torch.cuda.max_memory_allocated() / GiB)
-            graphs = decode_graphs_of(find_base(model))
+            graphs = patch_report(model).live.get("decode_graphs") if patch_report(model) is not None else None
             if graphs is not None:  # this round's decode steps: captured, replayed, eager and why
                 notes[p] = graphs.summary()
     rows = {}

@@ -102,6 +102,14 @@ def _autocast_state() -> tuple:
     return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
 
+def _capture_autocast():
+    """The caller's autocast without its weight-cast cache: a cached cast would hand the capture a tensor that dies
+    with the caller's autocast block. The warm-up step runs under it too: dynamo guards on that cache flag, and a
+    compiled region must not compile inside a capture."""
+    enabled, dtype = _autocast_state()
+    return torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
+
+
 class _Graph:
     """One captured decode step: the graph, its static input buffers and the outputs it writes."""
 
@@ -111,17 +119,30 @@ class _Graph:
         self.cache = cache
         static = {**kwargs, **self.inputs}
         self.graph = torch.cuda.CUDAGraph()
-        enabled, dtype = _autocast_state()
-        # Autocast's weight-cast cache would hand the capture a tensor that dies with the caller's autocast block.
-        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.out = run(**static)
+        with _capture_autocast(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.out = run(**static)
 
     def replay(self, kwargs: dict, cache):
         for name in self.names:
             self.inputs[name].copy_(kwargs[name])
         self.graph.replay()
         return _fresh(self.out, self.cache, cache)
+
+
+def _rng_snapshot():
+    """The CUDA generator and a copy of its state. A capture that fails midway never runs the generator's capture
+    epilogue, and its next random op outside a graph would then raise ("Offset increment outside graph capture
+    encountered unexpectedly", seen on an H200 with torch 2.11)."""
+    if not torch.cuda.is_available():
+        return None
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    return gen, gen.clone_state()
+
+
+def _rng_restore(snapshot) -> None:
+    if snapshot is not None:
+        gen, state = snapshot
+        gen.graphsafe_set_state(state)
 
 
 def _fresh(out, captured_cache, cache):
@@ -167,7 +188,8 @@ class DecodeGraphs:
             if key != self._last_key:  # first sight: an eager step warms up lazy state; capture on the next
                 self._last_key = key
                 self.stats["eager: warm-up"] += 1
-                return run(**kwargs)
+                with _capture_autocast():  # the capture's global state, so compiled regions compile now, not in it
+                    return run(**kwargs)
             graph = self._new_graph(run, kwargs, cache, key)
             if graph is None:
                 return run(**kwargs)
@@ -193,9 +215,11 @@ class DecodeGraphs:
         return tuple(parts), addresses, self._fingerprint, _autocast_state(), torch.is_inference_mode_enabled()
 
     def _new_graph(self, run, kwargs: dict, cache, key):
+        rng = _rng_snapshot()
         try:
             graph = self._capture(run, kwargs, cache)
         except Exception as exc:  # noqa: BLE001 - any capture error turns graphs off, reported, results unchanged
+            _rng_restore(rng)
             self.disabled = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
             self.graphs.clear()
             logger.warning("fastllm: decode_graphs off for this model, decode steps run eagerly: %s", self.disabled)

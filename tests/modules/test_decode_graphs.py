@@ -1,0 +1,430 @@
+"""Decode-step graphs (``fastllm.modules.decode_graphs``) on the CPU, with a stand-in for the CUDA capture.
+
+A CUDA graph cannot be captured on the CPU, so ``DecodeGraphs._capture`` is swapped for ``_Rerun``, which models
+one faithfully: at construction it clones the tensor inputs into static buffers (as ``_Graph`` does), and each
+replay copies the new inputs into those buffers and re-runs the captured call on them (the captured cache object
+included), returning ``_fresh`` outputs. Everything else is the real code path: ``why_eager``, the keys (shapes,
+cache addresses, module fingerprint), warm-up / capture / replay, the LRU, a failed capture, and the patch-level
+options and errors on a CPU model. The GPU counterpart with real CUDA graphs is ``tests/test_gpu_decode_graphs.py``.
+"""
+
+import inspect
+import logging
+import types
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("peft")
+
+import fastllm  # noqa: E402
+from fastllm import FastLlama, PatchConfig, patch_report  # noqa: E402
+from fastllm.modules import decode_graphs  # noqa: E402
+from fastllm.modules.decode_graphs import DecodeGraphs, make_graphed_forward, static_generation, why_eager  # noqa: E402
+from fastllm.patching.api import find_base, patch_config  # noqa: E402
+
+NEW = 7  # new tokens: the prefill gives the first, a warm-up step the second, then a capture and NEW - 3 replays
+PROMPT = 9  # odd on purpose
+VOCAB = 320
+PREFILL = "eager: not one token (prefill)"
+WARMUP = "eager: warm-up"
+
+
+def _write_into(dst, src):
+    """Copy the tensors of ``src`` into those of ``dst`` (the same structure)."""
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, dict):
+        for k, v in dst.items():
+            _write_into(v, src[k])
+    elif isinstance(dst, tuple):
+        for a, b in zip(dst, src):
+            _write_into(a, b)
+
+
+class _Rerun:
+    """Stand-in for ``decode_graphs._Graph``: static input buffers cloned at capture, the captured call re-run on
+    them at every replay (a CUDA graph replays the captured kernels on the captured addresses), its outputs written
+    into the same output tensors every time (as a graph's are)."""
+
+    def __init__(self, run, kwargs, cache):
+        self.names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        self.inputs = {k: kwargs[k].clone() for k in self.names}
+        self.cache = cache
+        self.run = run
+        self.static = {**kwargs, **self.inputs}
+        self.out = None  # a capture records the step's kernels without running them: the replay runs them
+
+    def replay(self, kwargs, cache):
+        for name in self.names:
+            self.inputs[name].copy_(kwargs[name])
+        out = self.run(**self.static)
+        if self.out is None:
+            self.out = out
+        else:
+            _write_into(self.out, out)
+        return decode_graphs._fresh(self.out, self.cache, cache)
+
+
+class _FailingCapture:
+    """A capture that raises (as one hitting a host sync inside ``torch.cuda.graph`` would)."""
+
+    calls = 0
+
+    def __init__(self, run, kwargs, cache):
+        type(self).calls += 1
+        raise RuntimeError("operation not permitted when stream is capturing\nsecond line of the message")
+
+
+# -- fixtures ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_i128_dir):
+    """A plain fp32 tiny Llama with LoRA on every linear (non-zero B, so adapters show in the logits), eval mode.
+    Shared by the module: each test binds its own ``DecodeGraphs`` and unbinds it after."""
+    m, _ = FastLlama.from_pretrained(tiny_llama_i128_dir, dtype=torch.float32, max_seq_length=256, load_in_4bit=False)
+    torch.manual_seed(0)
+    m = FastLlama.get_peft_model(m, r=8, lora_alpha=16)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    return m.eval()
+
+
+@pytest.fixture
+def cpu_as_cuda(monkeypatch):
+    """Let ``why_eager`` take CPU tensors as graphable."""
+    monkeypatch.setattr(decode_graphs, "_graphable_device", lambda x: x.device.type in ("cuda", "cpu"))
+
+
+@pytest.fixture
+def bind(model, cpu_as_cuda):
+    """``bind(max_graphs=..., capture=...)`` -> a fresh ``DecodeGraphs`` whose graphed forward is bound on the
+    model's ``LlamaModel`` (as ``patch`` binds it); unbound after the test."""
+    inner = find_base(model).model
+    assert "forward" not in vars(inner)  # on the CPU, patch leaves LlamaModel.forward alone
+
+    def _bind(max_graphs=decode_graphs.MAX_GRAPHS, capture=_Rerun):
+        graphs = DecodeGraphs(max_graphs=max_graphs)
+        graphs._capture = capture
+        inner.forward = types.MethodType(make_graphed_forward(graphs), inner)
+        return graphs
+
+    try:
+        yield _bind
+    finally:
+        vars(inner).pop("forward", None)
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _ids(batch=1, length=PROMPT, seed=7):
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _generate(model, x, mask=None, **extra):
+    if not extra:
+        extra = dict(cache_implementation="static")
+    with torch.no_grad():
+        out = model.generate(input_ids=x, attention_mask=mask if mask is not None else torch.ones_like(x),
+                             max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, disable_compile=True, **extra)
+    return out.sequences, torch.stack(out.logits)
+
+
+def _reference(graphs, model, x, mask=None, **extra):
+    """The same decode steps over the same kind of (static) cache, every one eager (graphs disabled)."""
+    saved, graphs.disabled = graphs.disabled, "reference"
+    try:
+        return _generate(model, x, mask, **extra)
+    finally:
+        graphs.disabled = saved
+
+
+def _assert_same(got, want):
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)  # sequences
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)  # logits
+
+
+# -- generation through the graphed forward ----------------------------------------------------------------------
+
+
+def test_replayed_steps_equal_eager_steps(model, bind):
+    graphs = bind()
+    x = _ids()
+    got = _generate(model, x)
+    assert graphs.stats == Counter({PREFILL: 1, WARMUP: 1, "captured": 1, "replayed": NEW - 2}), graphs.summary()
+    assert len(graphs.graphs) == 1 and graphs.disabled is None
+    assert graphs.summary().startswith(f"1 captured, {NEW - 2} replayed; eager steps: ")
+    assert got[0].shape == (1, PROMPT + NEW) and got[1].shape == (NEW, 1, VOCAB)
+    _assert_same(got, _reference(graphs, model, x))
+
+
+def test_second_call_and_adapter_switch(model, bind):
+    graphs = bind()
+    x = _ids()
+    first = _generate(model, x)
+    _assert_same(_generate(model, x), first)  # a new static cache per generate call: a new key, the same results
+    assert graphs.stats["replayed"] >= 2 * (NEW - 2)
+    captured = graphs.stats["captured"]
+
+    with model.disable_adapter():
+        off = _generate(model, x)
+        # The adapter flags are part of the fingerprint: a new key, so a new warm-up and capture.
+        assert graphs.stats["captured"] == captured + 1, graphs.summary()
+        off_ref = _reference(graphs, model, x)
+    assert not torch.equal(off[1], first[1])  # the adapters change the logits...
+    _assert_same(off, off_ref)  # ...and the replay saw them off
+    # Back on: the fingerprint changes back, results are the adapter-on ones again.
+    _assert_same(_generate(model, x), first)
+    _assert_same(first, _reference(graphs, model, x))
+    assert len(graphs.graphs) <= decode_graphs.MAX_GRAPHS
+
+
+def test_user_static_cache_reused_across_calls(model, bind):
+    """One static cache (same tensors) over several generate calls: the graph captured in the first is replayed in
+    the next; adapters switched off change the module fingerprint, so that call captures its own graph."""
+    from transformers import StaticCache
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    name = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+    cache = StaticCache(config=find_base(model).config, max_cache_len=32)
+    graphs = bind()
+    x = _ids()
+
+    def run():
+        cache.reset()  # in place: the cache keeps its tensors (addresses)
+        return _generate(model, x, **{name: cache})
+
+    first = run()
+    assert graphs.stats == Counter({PREFILL: 1, WARMUP: 1, "captured": 1, "replayed": NEW - 2}), graphs.summary()
+    _assert_same(run(), first)
+    # The same key: the first call's graph replays every decode step, with no warm-up nor capture.
+    assert graphs.stats == Counter({PREFILL: 2, WARMUP: 1, "captured": 1, "replayed": 2 * NEW - 3}), graphs.summary()
+    with model.disable_adapter():
+        off = run()
+        assert graphs.stats["captured"] == 2 and graphs.stats[WARMUP] == 2, graphs.summary()
+        cache.reset()
+        off_ref = _reference(graphs, model, x, **{name: cache})
+    assert not torch.equal(off[1], first[1])
+    _assert_same(off, off_ref)
+    replayed = graphs.stats["replayed"]
+    _assert_same(run(), first)  # adapters back on: the first graph again
+    assert graphs.stats["captured"] == 2 and graphs.stats["replayed"] == replayed + NEW - 1, graphs.summary()
+    assert len(graphs.graphs) == 2
+    cache.reset()
+    _assert_same(first, _reference(graphs, model, x, **{name: cache}))
+
+
+def test_left_padded_batch(model, bind):
+    graphs = bind()
+    x = _ids(batch=2)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    got = _generate(model, x, mask)
+    assert graphs.stats["captured"] == 1 and graphs.stats["replayed"] == NEW - 2, graphs.summary()
+    _assert_same(got, _reference(graphs, model, x, mask))
+
+
+def test_failed_capture_runs_eagerly_and_says_so(model, bind, caplog):
+    _FailingCapture.calls = 0
+    graphs = bind(capture=_FailingCapture)
+    x = _ids()
+    with caplog.at_level(logging.WARNING, logger="fastllm"):
+        got = _generate(model, x)
+        reason = graphs.disabled
+        assert reason is not None and reason.startswith("capture failed (RuntimeError"), reason
+        assert "second line" not in reason  # first line of the message only
+        assert graphs.stats["captured"] == 0 and graphs.stats["replayed"] == 0 and not graphs.graphs
+        # The failed step and every later one run eagerly under that reason.
+        assert graphs.stats[f"eager: {reason}"] == NEW - 2, graphs.summary()
+        again = _generate(model, x)  # graphs stay off: every call of the next generate (prefill too) is eager
+        assert graphs.stats[f"eager: {reason}"] == NEW - 2 + NEW, graphs.summary()
+    assert _FailingCapture.calls == 1
+    warnings = [r for r in caplog.records if r.name == "fastllm" and "decode_graphs off" in r.getMessage()]
+    assert len(warnings) == 1 and reason in warnings[0].getMessage()
+    ref = _reference(graphs, model, x)
+    _assert_same(got, ref)
+    _assert_same(again, ref)
+    assert graphs.disabled == reason  # the reference run's override was undone
+
+
+def test_lru_keeps_max_graphs(model, bind):
+    graphs = bind(max_graphs=1)
+    inputs = {1: _ids(batch=1), 2: _ids(batch=2, seed=8)}
+    refs = {b: _reference(graphs, model, x) for b, x in inputs.items()}
+    graphs.stats.clear()
+    for i, b in enumerate((1, 2, 1, 2)):
+        _assert_same(_generate(model, inputs[b]), refs[b])
+        assert len(graphs.graphs) == 1
+        assert graphs.stats["captured"] == i + 1, graphs.summary()
+        (key, _), = graphs.graphs.items()
+        shapes = dict((name, shape) for name, shape, *_ in key[0] if isinstance(shape, torch.Size))
+        assert shapes["input_ids"] == (b, 1)  # the graph kept is the newest one
+
+
+# -- the step logic on a stand-in module -------------------------------------------------------------------------
+
+
+class _Echo(nn.Module):
+    """A module whose forward returns its input (plus a counter): the step logic without a model."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, input_ids=None, cache=None, **kwargs):
+        self.calls += 1
+        return input_ids * 2, cache
+
+
+def _fake_cache(n=4, initialized=True):
+    layer = SimpleNamespace(is_initialized=initialized, keys=torch.zeros(n), values=torch.zeros(n))
+    return SimpleNamespace(is_compileable=True, layers=[layer])
+
+
+def test_step_warm_up_capture_replay_and_alternating_keys(cpu_as_cuda):
+    graphs = DecodeGraphs()
+    graphs._capture = _Rerun
+    m = _Echo()
+    a, b = _fake_cache(), _fake_cache()
+    with torch.no_grad():
+        x = torch.tensor([[3]])
+        out = graphs.step(m, (), {"input_ids": x, "cache": a})
+        assert graphs.stats[WARMUP] == 1 and not graphs.graphs
+        out = graphs.step(m, (), {"input_ids": torch.tensor([[5]]), "cache": a})  # capture, then replay
+        assert graphs.stats["captured"] == 1 and graphs.stats["replayed"] == 1
+        assert out[0].item() == 10 and out[1] is a
+        out = graphs.step(m, (), {"input_ids": torch.tensor([[7]]), "cache": a})
+        assert out[0].item() == 14 and graphs.stats["replayed"] == 2
+        # The replay returns fresh tensors: a later replay does not overwrite an earlier output.
+        first = out[0]
+        graphs.step(m, (), {"input_ids": torch.tensor([[9]]), "cache": a})
+        assert first.item() == 14
+        # Keys that never repeat twice in a row (beam search's reordered caches) are never captured.
+        captured = graphs.stats["captured"]
+        for cache in (b, _fake_cache(), b, _fake_cache()):
+            graphs.step(m, (), {"input_ids": torch.tensor([[1]]), "cache": cache})
+        assert graphs.stats["captured"] == captured
+        # A static cache whose layers are not allocated yet runs eagerly.
+        graphs.step(m, (), {"input_ids": torch.tensor([[1]]), "cache": _fake_cache(initialized=False)})
+        assert graphs.stats["eager: cache not allocated yet"] == 1
+
+
+def test_fresh_clones_and_swaps_the_cache():
+    captured, current = object(), object()
+    t = torch.ones(2)
+    out = decode_graphs._fresh({"a": t, "b": (captured, t, 3)}, captured, current)
+    assert out["b"][0] is current and out["b"][2] == 3
+    assert torch.equal(out["a"], t) and out["a"].data_ptr() != t.data_ptr()
+
+
+# -- why_eager ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def static_cache():
+    from transformers import LlamaConfig, StaticCache
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256)
+    return StaticCache(config=config, max_cache_len=16)
+
+
+def _decode_kwargs(cache, **changes):
+    kwargs = dict(input_ids=torch.tensor([[5]]), attention_mask=torch.zeros(1, 1, 1, 16),
+                  position_ids=torch.tensor([[9]]), cache=cache, inputs_embeds=None, use_cache=True)
+    kwargs.update(changes)
+    return kwargs
+
+
+def test_why_eager_valid_decode_step(cpu_as_cuda, static_cache):
+    with torch.no_grad():
+        assert why_eager((), _decode_kwargs(static_cache)) is None
+        # The older name of the cache argument is taken too.
+        kwargs = _decode_kwargs(None)
+        kwargs["past_key_values"] = static_cache
+        assert why_eager((), kwargs) is None
+
+
+def test_why_eager_reasons(cpu_as_cuda, static_cache):
+    from transformers import DynamicCache
+
+    with torch.enable_grad():
+        assert why_eager((), _decode_kwargs(static_cache)) == "grad mode on"
+    with torch.no_grad():
+        assert why_eager((torch.tensor([[5]]),), _decode_kwargs(static_cache)) == "positional arguments"
+        prefill = _decode_kwargs(static_cache, input_ids=torch.tensor([[5, 6]]))
+        assert why_eager((), prefill) == "not one token (prefill)"
+        assert why_eager((), _decode_kwargs(DynamicCache())).startswith("no static KV cache")
+        assert why_eager((), _decode_kwargs(None)).startswith("no static KV cache")
+        mask2d = torch.ones(1, 10, dtype=torch.long)
+        assert why_eager((), _decode_kwargs(static_cache, attention_mask=mask2d)).startswith("2-D attention mask")
+        assert why_eager((), _decode_kwargs(static_cache, output_attentions=True)) == \
+            "attentions or hidden states asked for"
+        assert why_eager((), _decode_kwargs(static_cache, output_hidden_states=True)) == \
+            "attentions or hidden states asked for"
+        assert why_eager((), _decode_kwargs(static_cache, input_ids=None)) == "inputs not on CUDA"
+
+
+def test_why_eager_cpu_inputs_without_stand_in(static_cache):
+    with torch.no_grad():
+        assert why_eager((), _decode_kwargs(static_cache)) == "inputs not on CUDA"
+
+
+# -- the patch option on a CPU model -----------------------------------------------------------------------------
+
+
+def test_patch_decode_graphs_true_on_cpu_raises_and_keeps_state(tiny_llama_i128_dir):
+    m, _ = FastLlama.from_pretrained(tiny_llama_i128_dir, dtype=torch.float32, load_in_4bit=False, patch=False)
+    base = find_base(m)
+    cache_impl = base.generation_config.cache_implementation
+    report = fastllm.patch(m)
+    assert fastllm.is_patched(m) and patch_config(m) == PatchConfig()
+    reason = report.disabled["decode_graphs"]
+    assert reason.startswith("auto") and "CUDA" in reason, reason
+    assert "forward" not in vars(base.model)
+    assert base.generation_config.cache_implementation == cache_impl  # generate is left alone on the CPU
+    with pytest.raises(ValueError, match="CUDA"):
+        fastllm.patch(m, PatchConfig(decode_graphs=True))
+    assert fastllm.is_patched(m) and patch_config(m) == PatchConfig()  # the previous patch state is kept
+    assert patch_report(m) is report
+    assert base.generation_config.cache_implementation == cache_impl
+    off = fastllm.patch(m, PatchConfig(decode_graphs=False))
+    assert off.disabled["decode_graphs"] == "disabled by PatchConfig"
+    fastllm.unpatch(m)
+
+
+def test_static_generation():
+    from transformers import GenerationConfig
+
+    assert static_generation(GenerationConfig(cache_implementation="offloaded")) == {}
+    assert static_generation(None) == {}
+    want = {"cache_implementation": "static", "disable_compile": True}
+    assert static_generation(GenerationConfig()) == want
+    assert static_generation(GenerationConfig(cache_implementation="dynamic")) == want
+
+
+def test_decode_graphs_eligible_on_cpu():
+    assert "CUDA" in decode_graphs.decode_graphs_eligible(nn.Linear(2, 2))
+    assert "CUDA" in decode_graphs.decode_graphs_eligible(nn.Module())
+
+
+def test_new_decode_graphs_registry():
+    m = nn.Linear(2, 2)
+    assert decode_graphs.decode_graphs_of(m) is None
+    g = decode_graphs.new_decode_graphs(m)
+    assert decode_graphs.decode_graphs_of(m) is g and not g.graphs
+    assert decode_graphs.new_decode_graphs(m) is not g  # each patch starts over
+
+
+@pytest.mark.parametrize("value", ["yes", "auto", "cuda"])
+def test_patch_config_decode_graphs_type(value):
+    with pytest.raises(TypeError, match="decode_graphs"):
+        PatchConfig(decode_graphs=value)
