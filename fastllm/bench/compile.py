@@ -85,7 +85,7 @@ def build_qlora(shape: str, device: torch.device, dtype=torch.bfloat16):
     return FastLlama.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=True)
 
 
-PROVIDERS = ("eager", "fastllm", "fastllm+compile", "fastllm-nographs", "fastllm+compile-nographs")
+PROVIDERS = ("eager", "eager+static", "fastllm", "fastllm+compile", "fastllm-nographs", "fastllm+compile-nographs")
 
 
 def _set_provider(model, provider: str) -> None:
@@ -135,6 +135,12 @@ def _infer_inputs(model, prompt: int, new_tokens: int):
     return x, gen
 
 
+def _gen_of(provider: str, gen: dict) -> dict:
+    """``eager+static``: transformers' own fast generate, a static cache (which makes ``generate`` torch.compile the
+    forward with CUDA graphs, ``reduce-overhead``, where transformers finds it compileable)."""
+    return {**gen, "cache_implementation": "static"} if provider == "eager+static" else gen
+
+
 def _infer_once(model, x, gen) -> tuple[float, float]:
     """(prefill seconds, generate seconds) of one measurement: eval, no grad, bf16 autocast."""
     model.eval()
@@ -161,12 +167,12 @@ def measure_infer_interleaved(model, providers, *, prompt: int, new_tokens: int,
         _set_provider(model, p)
         model.eval()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            first[p] = _sync_time(lambda: model.generate(input_ids=x, **gen))
+            first[p] = _sync_time(lambda: model.generate(input_ids=x, **_gen_of(p, gen)))
     for _ in range(runs):
         for p in providers:
             _set_provider(model, p)
             torch.cuda.reset_peak_memory_stats()
-            samples[p].append(_infer_once(model, x, gen))
+            samples[p].append(_infer_once(model, x, _gen_of(p, gen)))
             peaks[p] = max(peaks.get(p, 0.0), torch.cuda.max_memory_allocated() / GiB)
             graphs = patch_report(model).live.get("decode_graphs") if patch_report(model) is not None else None
             if graphs is not None:  # this round's decode steps: captured, replayed, eager and why
