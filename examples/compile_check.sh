@@ -5,8 +5,8 @@
 # ./gpu-out): gpu.txt and compile.tgz (compile.jsonl and the PNGs of each shape). MODES=train for training.
 set -uo pipefail
 source examples/device_env.sh
-# the GPU tests of the compiled paths first (compiled step, curve and generation; the one-token NF4 op)
-timeout 150 python -m pytest -q -m gpu tests/test_gpu_compile.py tests/ops/test_nf4.py -p no:cacheprovider 2>&1 \
+# the GPU tests of the compiled paths first (compiled step, curve and generation; decode graphs; the one-token NF4 op)
+timeout 150 python -m pytest -q -m gpu tests/test_gpu_compile.py tests/test_gpu_decode_graphs.py tests/ops/test_nf4.py -p no:cacheprovider 2>&1 \
   | tail -4 | tee "$out/compile-tests.txt"
 for shape in ${SHAPES:-1b 8b}; do
   providers=eager,fastllm,fastllm+compile

@@ -30,7 +30,8 @@ The norm and SwiGLU maths inside the regions is transformers' own; inductor fuse
 
 Decode steps (one token, grad mode off, CUDA) are host-bound: there the RMSNorms run as the eager Triton op (a
 region call's guards and wrappers cost more than the kernel; counted in ``compile_report``'s ``eager_calls``), and
-the 4-bit linears inside the graphs call bitsandbytes' own GEMV op directly (``ops.nf4.nf4_linear_args``).
+the 4-bit linears inside the graphs call bitsandbytes' own GEMV op directly (``ops.nf4.nf4_linear_args``). With
+``decode_graphs`` (auto-on for CUDA) those steps run once for the capture and are replayed as a CUDA graph after.
 """
 
 from __future__ import annotations

@@ -132,9 +132,8 @@ SPECS: tuple[PatchSpec, ...] = (
 
 # Why compile stays off unless asked: measured on an H200 (torch 2.11, session 7), same runs.
 _COMPILE_AUTO_OFF = ("auto: off, opt-in with PatchConfig(compile=True): fastllm's eager fused QLoRA path trains "
-                     "1.8-1.9x faster than the compiled regions (1B 18,811 vs 10,012 tokens/s, 8B 8,983 vs 4,944; "
-                     "both above transformers' eager), and compiled inference ran 0.68-1.12x eager at 1B and "
-                     "1.05-1.29x at 8B over several runs (decode is host-bound)")
+                     "1.6-2.9x transformers' eager against the compiled regions' 1.4x (H200, session 8: 1B 15,925 vs "
+                     "10,147 tokens/s, 8B 11,093 vs 5,391); generation is as fast either way with decode_graphs")
 
 
 def _resolve_compile(cfg: PatchConfig, on: dict[str, bool], why: dict[str, str]) -> None:
