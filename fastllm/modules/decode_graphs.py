@@ -116,17 +116,19 @@ class _Graph:
     def __init__(self, run, kwargs: dict, cache):
         self.names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
         self.inputs = {k: kwargs[k].clone() for k in self.names}
-        self.cache = cache
         static = {**kwargs, **self.inputs}
         self.graph = torch.cuda.CUDAGraph()
         with _capture_autocast(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.out = run(**static)
+            out = run(**static)
+        # Not the cache object itself: holding it would keep its KV tensors alive, so the next generate's new cache
+        # could never get the same addresses back (and be replayed over without a new capture).
+        self.out = _fresh(out, cache, _CACHE, clone=False)
 
     def replay(self, kwargs: dict, cache):
         for name in self.names:
             self.inputs[name].copy_(kwargs[name])
         self.graph.replay()
-        return _fresh(self.out, self.cache, cache)
+        return _fresh(self.out, _CACHE, cache)
 
 
 def _rng_snapshot():
@@ -145,17 +147,20 @@ def _rng_restore(snapshot) -> None:
         gen.graphsafe_set_state(state)
 
 
-def _fresh(out, captured_cache, cache):
-    """``out`` with its tensors cloned (the next replay overwrites the graph's) and the captured cache object
-    replaced by this call's (transformers may build a new cache object over the same tensors)."""
+_CACHE = object()  # where the cache object sits in a captured step's outputs
+
+
+def _fresh(out, old, new, clone: bool = True):
+    """``out`` with the object ``old`` replaced by ``new`` (the cache: transformers may build a new cache object
+    over the same tensors) and, with ``clone``, its tensors cloned (the next replay overwrites the graph's)."""
     if isinstance(out, torch.Tensor):
-        return out.clone()
-    if out is captured_cache:
-        return cache
+        return out.clone() if clone else out
+    if out is old:
+        return new
     if isinstance(out, dict):  # transformers' ModelOutput is an OrderedDict dataclass
-        return type(out)(**{k: _fresh(v, captured_cache, cache) for k, v in out.items()})
+        return type(out)(**{k: _fresh(v, old, new, clone) for k, v in out.items()})
     if isinstance(out, tuple):
-        return type(out)(_fresh(v, captured_cache, cache) for v in out)
+        return type(out)(_fresh(v, old, new, clone) for v in out)
     return out
 
 
