@@ -61,6 +61,19 @@ def cache_addresses(cache) -> tuple | None:
     return tuple(out)
 
 
+def why_not_graphable(model: nn.Module) -> str | None:
+    """Why no step of ``model`` can be graphed whatever its inputs, or None. Sharded parameters (FSDP2, tensor
+    parallel: DTensors) are gathered into buffers that the gathering hooks free again after the step; a graph
+    would replay its collectives into memory that is no longer theirs."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None  # no process group, no DTensor
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        return "sharded parameters (FSDP2 / DTensor)"
+    return None
+
+
 def module_fingerprint(model: nn.Module) -> tuple:
     """What the forward's Python branches on besides its inputs: every parameter's and buffer's address (a
     reloaded or moved weight), PEFT's adapter flags (disabled, merged, active), and train/eval."""
@@ -174,6 +187,7 @@ class DecodeGraphs:
         self.disabled: str | None = None
         self._last_key = None
         self._fingerprint = None
+        self._refused: str | None = None
         self._capture = _Graph  # tests on the CPU swap in a stand-in for the CUDA capture
 
     def step(self, model: nn.Module, args: tuple, kwargs: dict):
@@ -185,8 +199,8 @@ class DecodeGraphs:
             return run(*args, **kwargs)
         cache = static_cache_of(kwargs)
         key = self._key(model, kwargs, cache)
-        if key is None:
-            self.stats["eager: cache not allocated yet"] += 1
+        if key is None or self._refused:
+            self.stats[f"eager: {self._refused or 'cache not allocated yet'}"] += 1
             return run(**kwargs)
         graph = self.graphs.get(key)
         if graph is None:
@@ -207,8 +221,9 @@ class DecodeGraphs:
         addresses = cache_addresses(cache)
         if addresses is None:
             return None
-        if self._fingerprint is None:
+        if self._fingerprint is None:  # once after any call that is not a decode step (a prefill)
             self._fingerprint = module_fingerprint(model)
+            self._refused = why_not_graphable(model)
         parts = []
         for name, v in kwargs.items():
             if isinstance(v, torch.Tensor):
@@ -284,4 +299,5 @@ def static_generation(generation_config) -> dict[str, object]:
 
 
 __all__ = ["DecodeGraphs", "cache_addresses", "decode_graphs_eligible", "decode_graphs_of", "make_graphed_forward",
-           "module_fingerprint", "new_decode_graphs", "static_cache_of", "static_generation", "why_eager"]
+           "module_fingerprint", "new_decode_graphs", "static_cache_of", "static_generation", "why_eager",
+           "why_not_graphable"]

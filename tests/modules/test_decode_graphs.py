@@ -428,3 +428,34 @@ def test_new_decode_graphs_registry():
 def test_patch_config_decode_graphs_type(value):
     with pytest.raises(TypeError, match="decode_graphs"):
         PatchConfig(decode_graphs=value)
+
+
+def test_sharded_parameters_are_not_graphed():
+    """DTensor parameters (FSDP2): their gathers cannot be replayed, so such a model's decode steps run eagerly."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    assert decode_graphs.why_not_graphable(torch.nn.Linear(4, 4)) is None  # no process group
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        lin = torch.nn.Linear(4, 4)
+        lin.weight = torch.nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [Replicate()]))
+        assert "sharded parameters" in decode_graphs.why_not_graphable(lin)
+        assert decode_graphs.why_not_graphable(torch.nn.Linear(4, 4)) is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_refused_model_runs_eagerly(cpu_as_cuda, monkeypatch):
+    """A model ``why_not_graphable`` refuses (sharded parameters) never captures; its steps count the reason."""
+    monkeypatch.setattr(decode_graphs, "why_not_graphable", lambda model: "sharded parameters (FSDP2 / DTensor)")
+    graphs = DecodeGraphs()
+    graphs._capture = _Rerun
+    m, cache = _Echo(), _fake_cache()
+    with torch.no_grad():
+        for v in (3, 5, 7):
+            out = graphs.step(m, (), {"input_ids": torch.tensor([[v]]), "cache": cache})
+            assert out[0].item() == 2 * v
+    assert graphs.stats["captured"] == 0 and graphs.stats["eager: sharded parameters (FSDP2 / DTensor)"] == 3
