@@ -15,9 +15,15 @@ How a call of the patched ``LlamaModel.forward`` goes (``DecodeGraphs.step``):
   tensors every step) is never captured;
 - a captured key: copy the tensor inputs into the graph's static buffers, replay, return fresh outputs.
 
-What a replay cannot notice, and how it is covered: the module state Python branches on (weights replaced,
-adapters switched, disabled or merged, train/eval) is fingerprinted at every call that is not a decode step
-(each ``generate`` starts with its prefill) and is part of the key. Weights updated in place (an optimizer
+The static cache comes from ``generate``: the patched model's ``generate`` adds ``cache_implementation="static"``
+(``static_generate_kwargs``) where the call leaves the cache to transformers; a cache, cache choice, generation
+config or assistant the user passes is kept as it is (and then decode runs eagerly unless that cache is static).
+
+What a replay cannot notice, and how it is covered: the state the forward's Python branches on (weights replaced,
+adapters switched, disabled, merged or rescaled, hooks, train/eval, the config's output flags) is fingerprinted
+after every call that is not a graphed step (each ``generate`` starts with its prefill) and whenever the cache
+object changes (each ``generate`` makes its own), and is part of the key. A change between two one-token calls
+over the same cache object, with no other call between them, is not seen. Weights updated in place (an optimizer
 step) are read by the replay as they are.
 
 A capture that fails (an op that syncs with the host, a lazily created tensor) is logged once, counted, and
@@ -51,13 +57,13 @@ def static_cache_of(kwargs: dict):
 
 
 def cache_addresses(cache) -> tuple | None:
-    """The data pointers of every tensor the cache's layers hold, or None while a layer is not allocated yet
-    (static layers allocate at their first update, which must not happen inside a capture)."""
+    """The data pointer, shape and dtype of every tensor the cache's layers hold, or None while a layer is not
+    allocated yet (static layers allocate at their first update, which must not happen inside a capture)."""
     out = []
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", True):
             return None
-        out.extend(t.data_ptr() for t in vars(layer).values() if isinstance(t, torch.Tensor))
+        out.extend((t.data_ptr(), t.shape, t.dtype) for t in vars(layer).values() if isinstance(t, torch.Tensor))
     return tuple(out)
 
 
@@ -75,13 +81,24 @@ def why_not_graphable(model: nn.Module) -> str | None:
 
 
 def module_fingerprint(model: nn.Module) -> tuple:
-    """What the forward's Python branches on besides its inputs: every parameter's and buffer's address (a
-    reloaded or moved weight), PEFT's adapter flags (disabled, merged, active), and train/eval."""
+    """What the forward's Python branches on besides its inputs, which a replay would freeze: every parameter's and
+    buffer's address (a reloaded or moved weight), each module's train/eval flag and hooks (global ones too), PEFT's
+    adapter state (disabled, merged, active, scaling), and the config's output flags."""
+    from torch.nn.modules import module as nn_module
+
     ptrs = tuple(t.data_ptr() for t in model.parameters()) + tuple(t.data_ptr() for t in model.buffers())
-    flags = tuple((getattr(m, "disable_adapters", None), tuple(getattr(m, "merged_adapters", ())),
-                   str(getattr(m, "active_adapters", "")))
-                  for m in model.modules() if hasattr(m, "merged_adapters"))
-    return ptrs, flags, model.training
+    modules = []
+    for m in model.modules():
+        entry = (m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+        if hasattr(m, "merged_adapters"):  # a PEFT tuner layer
+            entry += (getattr(m, "disable_adapters", None), tuple(m.merged_adapters),
+                      str(getattr(m, "active_adapters", "")), str(getattr(m, "scaling", "")))
+        modules.append(entry)
+    hooks = tuple(tuple(d) for d in (nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks))
+    config = getattr(model, "config", None)
+    flags = tuple(getattr(config, f, None) for f in ("output_attentions", "output_hidden_states", "use_cache",
+                                                       "_attn_implementation"))
+    return ptrs, tuple(modules), hooks, flags
 
 
 def _graphable_device(x: torch.Tensor) -> bool:
@@ -108,6 +125,10 @@ def why_eager(args: tuple, kwargs: dict) -> str | None:
         return "2-D attention mask (it grows every step)"
     if any(kwargs.get(f) for f in _EAGER_FLAGS):
         return "attentions or hidden states asked for"
+    for name, v in kwargs.items():
+        if not (v is None or isinstance(v, (torch.Tensor, bool, int, float, str)) or name in _CACHE_KWARGS):
+            # a container's tensors would not be copied into the graph's inputs, and its id is no key
+            return f"argument {name!r} of type {type(v).__name__}"
     return None
 
 
@@ -127,6 +148,7 @@ class _Graph:
     """One captured decode step: the graph, its static input buffers and the outputs it writes."""
 
     def __init__(self, run, kwargs: dict, cache):
+        self.cache_ref = weakref.ref(cache)  # weakly: a graph must not keep its KV tensors alive
         self.names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
         self.inputs = {k: kwargs[k].clone() for k in self.names}
         static = {**kwargs, **self.inputs}
@@ -163,6 +185,10 @@ def _rng_restore(snapshot) -> None:
 _CACHE = object()  # where the cache object sits in a captured step's outputs
 
 
+def _dead_ref():
+    return None
+
+
 def _fresh(out, old, new, clone: bool = True):
     """``out`` with the object ``old`` replaced by ``new`` (the cache: transformers may build a new cache object
     over the same tensors) and, with ``clone``, its tensors cloned (the next replay overwrites the graph's)."""
@@ -188,6 +214,7 @@ class DecodeGraphs:
         self._last_key = None
         self._fingerprint = None
         self._refused: str | None = None
+        self._cache_ref = _dead_ref
         self._capture = _Graph  # tests on the CPU swap in a stand-in for the CUDA capture
 
     def step(self, model: nn.Module, args: tuple, kwargs: dict):
@@ -198,9 +225,12 @@ class DecodeGraphs:
             self._fingerprint = None  # a prefill (or anything else) may come after a change: look again
             return run(*args, **kwargs)
         cache = static_cache_of(kwargs)
+        if self._cache_ref() is not cache:  # a new cache: a new generate call, after which the model may differ
+            self._cache_ref, self._fingerprint = weakref.ref(cache), None
         key = self._key(model, kwargs, cache)
         if key is None or self._refused:
             self.stats[f"eager: {self._refused or 'cache not allocated yet'}"] += 1
+            self._fingerprint = None
             return run(**kwargs)
         graph = self.graphs.get(key)
         if graph is None:
@@ -246,6 +276,8 @@ class DecodeGraphs:
             self.stats[f"eager: {self.disabled}"] += 1
             return None
         self.stats["captured"] += 1
+        for k in [k for k, g in self.graphs.items() if g.cache_ref() is None]:
+            del self.graphs[k]  # their caches are gone: a new cache rarely gets all their addresses back
         self.graphs[key] = graph
         while len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)
@@ -289,15 +321,45 @@ def decode_graphs_eligible(module: nn.Module) -> str | None:
     return None
 
 
-def static_generation(generation_config) -> dict[str, object]:
-    """The generation-config changes that make ``generate`` decode over a static cache, with transformers' own
-    auto-compile of the forward off (fastllm graphs the decode step itself). Empty when the user already chose a
-    cache implementation."""
-    if generation_config is None or getattr(generation_config, "cache_implementation", None) not in (None, "dynamic"):
-        return {}
-    return {"cache_implementation": "static", "disable_compile": True}
+_NO_STATIC = ("past_key_values", "cache", "cache_implementation", "generation_config", "assistant_model",
+              "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+def static_generate_kwargs(model: nn.Module, kwargs: dict) -> dict:
+    """``generate``'s kwargs with ``cache_implementation="static"`` (and transformers' own auto-compile of the forward
+    off: fastllm graphs the decode step itself) when the call leaves the cache to transformers' default: no cache,
+    cache choice, generation config or assistant passed, a single beam, the model's config choosing no cache either.
+    Any such choice is the user's and is kept (a static cache would refuse a passed cache, assisted decoding, ...)."""
+    config = getattr(model, "generation_config", None)
+    if (config is None or config.cache_implementation is not None or kwargs.get("use_cache") is False
+            or any(kwargs.get(k) is not None for k in _NO_STATIC)
+            or (kwargs.get("num_beams") or config.num_beams or 1) > 1):
+        return kwargs
+    return {**kwargs, "cache_implementation": "static", "disable_compile": True}
+
+
+def static_generate(self, *args, **kwargs):
+    """``generate`` over a static KV cache where the call leaves the cache to transformers (``static_generate_kwargs``);
+    bound per instance on the patched model."""
+    return type(self).generate(self, *args, **static_generate_kwargs(self, kwargs))
+
+
+class _Forget:
+    """A removable handle that drops a model's decode graphs (and their memory pools) on ``unpatch``."""
+
+    def __init__(self, model: nn.Module):
+        self.ref = weakref.ref(model)
+
+    def remove(self) -> None:
+        model = self.ref()
+        if model is not None:
+            _BY_MODEL.pop(model, None)
+
+
+def forget_on_unpatch(model: nn.Module) -> _Forget:
+    return _Forget(model)
 
 
 __all__ = ["DecodeGraphs", "cache_addresses", "decode_graphs_eligible", "decode_graphs_of", "make_graphed_forward",
-           "module_fingerprint", "new_decode_graphs", "static_cache_of", "static_generation", "why_eager",
-           "why_not_graphable"]
+           "forget_on_unpatch", "module_fingerprint", "new_decode_graphs", "static_cache_of", "static_generate",
+           "static_generate_kwargs", "why_eager", "why_not_graphable"]

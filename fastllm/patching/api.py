@@ -12,7 +12,7 @@ from .._compat import SUPPORTED_MODEL_TYPES
 from ..config import PatchConfig
 from ..integrations.checkpointing import nonreentrant_checkpoint, offload_checkpoint
 from ..integrations.trl import route_fused_lm_head
-from ..modules.decode_graphs import decode_graphs_of, static_generation
+from ..modules.decode_graphs import decode_graphs_of, forget_on_unpatch, static_generate
 from ..modules.layer import fused_layer_checkpoint
 from . import registry
 from .registry import ModelState
@@ -74,15 +74,11 @@ def _apply_checkpointing(base: nn.Module, mode, state: ModelState, fused_layer: 
 
 
 def _use_static_cache(base: nn.Module, state: ModelState) -> None:
-    """Point ``generate`` at a static KV cache (what decode graphs replay over), recorded like any patch."""
-    config = getattr(base, "generation_config", None)
-    changes = static_generation(config)
-    for attr, value in changes.items():
-        state.set_attr(config, attr, value, "decode_graphs")
-    if not changes and config is not None:
-        state.report.notes.append(f"decode_graphs: generate keeps cache_implementation="
-                                  f"{config.cache_implementation!r} (set by the user); only static caches are graphed")
+    """Point ``generate`` at a static KV cache (what decode graphs replay over) where the call leaves the cache to
+    transformers, recorded like any patch; unpatching also drops the model's graphs."""
+    state.set_attr(base, "generate", types.MethodType(static_generate, base), "decode_graphs")
     state.report.live["decode_graphs"] = decode_graphs_of(base)
+    state.hooks.append(forget_on_unpatch(base))
 
 
 def _seq_guard(max_len: int):
@@ -99,9 +95,10 @@ def _seq_guard(max_len: int):
         if x is None or x.dim() < 2:
             return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        capacity = cache.get_max_length() if hasattr(cache, "get_max_length") else -1
-        if isinstance(capacity, int) and 0 < capacity <= max_len:
-            return None  # a static cache of this size cannot run past the limit: no per-step read (a device sync)
+        if getattr(cache, "is_compileable", False) and getattr(cache, "layers", None):
+            capacity = cache.get_max_length()
+            if isinstance(capacity, int) and 0 < capacity <= max_len:
+                return None  # a static cache this size cannot run past the limit: no per-step read (a device sync)
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         n = past + x.shape[1]
         pos = kwargs.get("position_ids")

@@ -11,6 +11,7 @@ options and errors on a CPU model. The GPU counterpart with real CUDA graphs is 
 import inspect
 import logging
 import types
+import weakref
 from collections import Counter
 from types import SimpleNamespace
 
@@ -23,7 +24,13 @@ pytest.importorskip("peft")
 import fastllm  # noqa: E402
 from fastllm import FastLlama, PatchConfig, patch_report  # noqa: E402
 from fastllm.modules import decode_graphs  # noqa: E402
-from fastllm.modules.decode_graphs import DecodeGraphs, make_graphed_forward, static_generation, why_eager  # noqa: E402
+from fastllm.modules.decode_graphs import (  # noqa: E402
+    DecodeGraphs,
+    make_graphed_forward,
+    static_generate,
+    static_generate_kwargs,
+    why_eager,
+)
 from fastllm.patching.api import find_base, patch_config  # noqa: E402
 
 NEW = 7  # new tokens: the prefill gives the first, a warm-up step the second, then a capture and NEW - 3 replays
@@ -51,6 +58,7 @@ class _Rerun:
     into the same output tensors every time (as a graph's are)."""
 
     def __init__(self, run, kwargs, cache):
+        self.cache_ref = weakref.ref(cache)
         self.names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
         self.inputs = {k: kwargs[k].clone() for k in self.names}
         self.cache = cache
@@ -284,9 +292,16 @@ class _Echo(nn.Module):
         return input_ids * 2, cache
 
 
+class _FakeCache:  # a real transformers Cache is weak-referenceable; SimpleNamespace is not
+    is_compileable = True
+
+    def __init__(self, layers):
+        self.layers = layers
+
+
 def _fake_cache(n=4, initialized=True):
     layer = SimpleNamespace(is_initialized=initialized, keys=torch.zeros(n), values=torch.zeros(n))
-    return SimpleNamespace(is_compileable=True, layers=[layer])
+    return _FakeCache([layer])
 
 
 def test_step_warm_up_capture_replay_and_alternating_keys(cpu_as_cuda):
@@ -401,14 +416,20 @@ def test_patch_decode_graphs_true_on_cpu_raises_and_keeps_state(tiny_llama_i128_
     fastllm.unpatch(m)
 
 
-def test_static_generation():
+def test_static_generate_kwargs():
+    """generate goes static only where the call leaves the cache to transformers; any choice of the user's stays."""
     from transformers import GenerationConfig
 
-    assert static_generation(GenerationConfig(cache_implementation="offloaded")) == {}
-    assert static_generation(None) == {}
-    want = {"cache_implementation": "static", "disable_compile": True}
-    assert static_generation(GenerationConfig()) == want
-    assert static_generation(GenerationConfig(cache_implementation="dynamic")) == want
+    m = SimpleNamespace(generation_config=GenerationConfig())
+    want = {"max_new_tokens": 3, "cache_implementation": "static", "disable_compile": True}
+    assert static_generate_kwargs(m, {"max_new_tokens": 3}) == want
+    for kept in ({"past_key_values": object()}, {"cache": object()}, {"cache_implementation": "dynamic"},
+                 {"generation_config": GenerationConfig()}, {"assistant_model": object()}, {"num_beams": 2},
+                 {"use_cache": False}, {"prompt_lookup_num_tokens": 3}):
+        assert static_generate_kwargs(m, dict(kept)) == kept
+    for config in (GenerationConfig(cache_implementation="dynamic"), GenerationConfig(num_beams=3)):
+        assert static_generate_kwargs(SimpleNamespace(generation_config=config), {}) == {}
+    assert static_generate_kwargs(SimpleNamespace(), {}) == {}  # no generation config: left alone
 
 
 def test_decode_graphs_eligible_on_cpu():
@@ -459,3 +480,115 @@ def test_refused_model_runs_eagerly(cpu_as_cuda, monkeypatch):
             out = graphs.step(m, (), {"input_ids": torch.tensor([[v]]), "cache": cache})
             assert out[0].item() == 2 * v
     assert graphs.stats["captured"] == 0 and graphs.stats["eager: sharded parameters (FSDP2 / DTensor)"] == 3
+
+
+
+@pytest.fixture
+def static_generate_bound(model):
+    """``patch``'s generate wrapper bound on the CPU model by hand (patch binds it on CUDA models only)."""
+    base = find_base(model)
+    base.generate = types.MethodType(static_generate, base)
+    try:
+        yield base
+    finally:
+        vars(base).pop("generate", None)
+
+
+def test_generate_wrapper_goes_static_and_keeps_a_users_cache(model, bind, static_generate_bound):
+    from transformers import DynamicCache
+
+    graphs = bind()
+    x = _ids()
+    with torch.no_grad():
+        plain = model.generate(input_ids=x, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    assert graphs.stats["captured"] == 1  # static cache chosen by the wrapper, so the steps were graphed
+    with torch.no_grad():  # a cache of the user's: transformers would refuse it next to cache_implementation
+        own = model.generate(input_ids=x, past_key_values=DynamicCache(config=static_generate_bound.config),
+                             max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    assert any(k.startswith("eager: no static KV cache") for k in graphs.stats), graphs.summary()
+    torch.testing.assert_close(own, plain, rtol=0, atol=0)
+
+
+def test_seq_guard_takes_an_empty_dynamic_cache(model):
+    """The max_seq_length guard on a manual loop's ``DynamicCache()`` (no config, no layers yet)."""
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        out = model(input_ids=_ids(length=5), past_key_values=DynamicCache(), use_cache=True)
+    assert out.logits.shape == (1, 5, VOCAB)
+
+
+def _reused_cache_steps(model, graphs, cache, name, x):
+    """Prefill and NEW decode steps by hand over one user static cache (reset first; a new one of the same size
+    when ``cache`` is None): the logits of each step."""
+    if cache is None:
+        from transformers import StaticCache
+
+        cache = StaticCache(config=find_base(model).config, max_cache_len=32)
+    cache.reset()
+    logits = []
+    with torch.no_grad():
+        out = model(input_ids=x, **{name: cache}, use_cache=True)
+        for _ in range(NEW):
+            nxt = out.logits[:, -1:].argmax(-1)
+            logits.append(out.logits[:, -1])
+            out = model(input_ids=nxt, **{name: cache}, use_cache=True)
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("change", ["scaling", "hook", "train"])
+@pytest.mark.parametrize("refresh", ["prefill", "new cache"])
+def test_state_changes_between_calls_make_a_new_graph(model, bind, change, refresh):
+    """LoRA scaling, a forward hook, train mode: none is an input, all change what a step computes; a replay must
+    not freeze them. The fingerprint covering them is taken again after a multi-token call (a prompt's prefill) or
+    when the cache object changes (each ``generate`` makes its own); with a one-token prompt here, the second case
+    gets a new cache each run."""
+    from transformers import StaticCache
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    name = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+    base = find_base(model)
+    cache = StaticCache(config=base.config, max_cache_len=32) if refresh == "prefill" else None
+    graphs = bind()
+    x = _ids(length=2 if refresh == "prefill" else 1)
+    before = _reused_cache_steps(model, graphs, cache, name, x)
+    captured = graphs.stats["captured"]
+    layer = base.model.layers[0].self_attn.q_proj
+    handle = None
+    if change == "scaling":
+        layer.scaling = {k: v * 3 for k, v in layer.scaling.items()}
+    elif change == "hook":
+        handle = layer.register_forward_hook(lambda mod, args, out: out * 2)
+    else:
+        model.train()
+    try:
+        with torch.no_grad():
+            after = _reused_cache_steps(model, graphs, cache, name, x)
+        assert graphs.stats["captured"] == captured + 1, graphs.summary()
+        saved, graphs.disabled = graphs.disabled, "reference"
+        want = _reused_cache_steps(model, graphs, cache, name, x)
+        graphs.disabled = saved
+    finally:
+        if change == "scaling":
+            layer.scaling = {k: v / 3 for k, v in layer.scaling.items()}
+        elif handle is not None:
+            handle.remove()
+        model.eval()
+    if change != "train":  # train mode computes the same here (no dropout) but may not in general: a new graph
+        assert not torch.equal(after, before)
+    torch.testing.assert_close(after, want, rtol=0, atol=0)
+
+
+def test_container_arguments_run_eagerly(cpu_as_cuda, static_cache):
+    x = torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad():
+        assert "of type dict" in why_eager((), {"input_ids": x, "cache": static_cache, "masks": {"m": torch.ones(1)}})
+
+
+def test_unpatch_forgets_the_graphs():
+    m = torch.nn.Linear(2, 2)
+    decode_graphs.new_decode_graphs(m)
+    handle = decode_graphs.forget_on_unpatch(m)
+    assert decode_graphs.decode_graphs_of(m) is not None
+    handle.remove()
+    assert decode_graphs.decode_graphs_of(m) is None
