@@ -536,10 +536,10 @@ def _reused_cache_steps(model, graphs, cache, name, x):
     return torch.stack(logits)
 
 
-@pytest.mark.parametrize("change", ["scaling", "hook", "train"])
+@pytest.mark.parametrize("change", ["scaling", "hook"])
 @pytest.mark.parametrize("refresh", ["prefill", "new cache"])
 def test_state_changes_between_calls_make_a_new_graph(model, bind, change, refresh):
-    """LoRA scaling, a forward hook, train mode: none is an input, all change what a step computes; a replay must
+    """LoRA scaling, a forward hook: neither is an input, both change what a step computes; a replay must
     not freeze them. The fingerprint covering them is taken again after a multi-token call (a prompt's prefill) or
     when the cache object changes (each ``generate`` makes its own); with a one-token prompt here, the second case
     gets a new cache each run."""
@@ -557,10 +557,8 @@ def test_state_changes_between_calls_make_a_new_graph(model, bind, change, refre
     handle = None
     if change == "scaling":
         layer.scaling = {k: v * 3 for k, v in layer.scaling.items()}
-    elif change == "hook":
-        handle = layer.register_forward_hook(lambda mod, args, out: out * 2)
     else:
-        model.train()
+        handle = layer.register_forward_hook(lambda mod, args, out: out * 2)
     try:
         with torch.no_grad():
             after = _reused_cache_steps(model, graphs, cache, name, x)
@@ -571,11 +569,9 @@ def test_state_changes_between_calls_make_a_new_graph(model, bind, change, refre
     finally:
         if change == "scaling":
             layer.scaling = {k: v / 3 for k, v in layer.scaling.items()}
-        elif handle is not None:
+        else:
             handle.remove()
-        model.eval()
-    if change != "train":  # train mode computes the same here (no dropout) but may not in general: a new graph
-        assert not torch.equal(after, before)
+    assert not torch.equal(after, before)
     torch.testing.assert_close(after, want, rtol=0, atol=0)
 
 
@@ -592,3 +588,21 @@ def test_unpatch_forgets_the_graphs():
     assert decode_graphs.decode_graphs_of(m) is not None
     handle.remove()
     assert decode_graphs.decode_graphs_of(m) is None
+
+
+def test_fingerprint_sees_train_mode_and_config_flags(model):
+    """Train mode (dropout may act) and the config's output flags change a step without being inputs."""
+    inner = find_base(model).model
+    before = decode_graphs.module_fingerprint(inner)
+    assert decode_graphs.module_fingerprint(inner) == before
+    inner.layers[0].train()
+    try:
+        assert decode_graphs.module_fingerprint(inner) != before
+    finally:
+        inner.layers[0].eval()
+    inner.config.output_hidden_states = True
+    try:
+        assert decode_graphs.module_fingerprint(inner) != before
+    finally:
+        inner.config.output_hidden_states = False
+    assert decode_graphs.module_fingerprint(inner) == before
