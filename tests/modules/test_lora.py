@@ -382,11 +382,13 @@ def test_fused_layer_takes_both_forms_of_transformers_checkpoint_call(tiny_llama
     model(input_ids=ids, labels=ids).loss.backward()
     (function, args), = seen
     assert not isinstance(fl._plan(function, args, {}), str)
-    old_form = functools.partial(super(type(layer0), layer0).__call__, **function.keywords)
+    # 5.1x's GradientCheckpointingLayer.__call__ checkpoints its own super().__call__: nn.Module's, bound to the layer
+    old_form = functools.partial(torch.nn.Module.__call__.__get__(layer0), **function.keywords)
     assert not isinstance(fl._plan(old_form, args, {}), str)
     handle = layer0.register_forward_pre_hook(lambda m, a: None)
     assert fl._plan(old_form, args, {}) == "module hooks on the decoder layer (its __call__ runs inside the checkpoint)"
-    assert not isinstance(fl._plan(function, args, {}), str)  # the new form keeps hooks outside the checkpoint
+    if function.args:  # transformers >= 5.2x's form keeps the layer's hooks outside the checkpoint
+        assert not isinstance(fl._plan(function, args, {}), str)
     handle.remove()
     handle = layer0.self_attn.o_proj.register_full_backward_hook(lambda m, gi, go: None)
     assert fl._plan(function, args, {}) == "module hooks on modules the fused op bypasses"
