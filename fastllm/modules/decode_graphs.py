@@ -228,9 +228,12 @@ class DecodeGraphs:
         if self._cache_ref() is not cache:  # a new cache: a new generate call, after which the model may differ
             self._cache_ref, self._fingerprint = weakref.ref(cache), None
         key = self._key(model, kwargs, cache)
-        if key is None or self._refused:
-            self.stats[f"eager: {self._refused or 'cache not allocated yet'}"] += 1
+        if key is None:  # the cache allocates in this call (a one-token prompt's prefill)
+            self.stats["eager: cache not allocated yet"] += 1
             self._fingerprint = None
+            return run(**kwargs)
+        if self._refused:  # kept with the fingerprint: looked at again when that is
+            self.stats[f"eager: {self._refused}"] += 1
             return run(**kwargs)
         graph = self.graphs.get(key)
         if graph is None:
@@ -260,8 +263,8 @@ class DecodeGraphs:
                 parts.append((name, v.shape, v.dtype, v.device))
             elif v is cache:
                 parts.append((name, "cache"))
-            else:
-                parts.append((name, v if isinstance(v, (bool, int, float, str, type(None))) else id(v)))
+            else:  # plain values only (``why_eager`` turns containers away)
+                parts.append((name, v))
         return tuple(parts), addresses, self._fingerprint, _autocast_state(), torch.is_inference_mode_enabled()
 
     def _new_graph(self, run, kwargs: dict, cache, key):

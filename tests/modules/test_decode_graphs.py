@@ -471,7 +471,9 @@ def test_sharded_parameters_are_not_graphed():
 
 def test_refused_model_runs_eagerly(cpu_as_cuda, monkeypatch):
     """A model ``why_not_graphable`` refuses (sharded parameters) never captures; its steps count the reason."""
-    monkeypatch.setattr(decode_graphs, "why_not_graphable", lambda model: "sharded parameters (FSDP2 / DTensor)")
+    looks = []
+    monkeypatch.setattr(decode_graphs, "why_not_graphable",
+                        lambda model: looks.append(model) or "sharded parameters (FSDP2 / DTensor)")
     graphs = DecodeGraphs()
     graphs._capture = _Rerun
     m, cache = _Echo(), _fake_cache()
@@ -480,6 +482,7 @@ def test_refused_model_runs_eagerly(cpu_as_cuda, monkeypatch):
             out = graphs.step(m, (), {"input_ids": torch.tensor([[v]]), "cache": cache})
             assert out[0].item() == 2 * v
     assert graphs.stats["captured"] == 0 and graphs.stats["eager: sharded parameters (FSDP2 / DTensor)"] == 3
+    assert len(looks) == 1  # once per cache (a generate call), not once a step
 
 
 
