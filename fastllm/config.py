@@ -37,8 +37,9 @@ class PatchConfig:
     - ``compile_mode``: passed to ``torch.compile``: ``"default"`` or ``"max-autotune-no-cudagraphs"``
       (autotuned matmuls). The CUDA-graph modes (``"reduce-overhead"``, ``"max-autotune"``) are refused:
       CUDA-graph capture fails inside the checkpointed regions.
-    - ``decode_graphs``: generation's decode steps as CUDA graphs over a static KV cache (``generate`` is set to
-      ``cache_implementation="static"`` unless the user chose one); auto-on for a CUDA model, an error elsewhere.
+    - ``decode_graphs``: generation's decode steps as CUDA graphs over a static KV cache (the model's ``generate``
+      adds ``cache_implementation="static"`` where a call leaves the cache to transformers); auto-on for a CUDA
+      model, an error elsewhere.
       A step that cannot be graphed runs eagerly, counted in the report (``modules.decode_graphs``).
     - ``gradient_checkpointing``: ``None`` keeps the model's own setting (made non-reentrant when on),
       ``True`` turns it on, ``"offload"`` also keeps the checkpointed activations in pinned CPU memory

@@ -184,7 +184,8 @@ def measure_infer_interleaved(model, providers, *, prompt: int, new_tokens: int,
             torch.cuda.reset_peak_memory_stats()
             samples[p].append(_infer_once(model, x, _gen_of(p, gen)))
             peaks[p] = max(peaks.get(p, 0.0), torch.cuda.max_memory_allocated() / GiB)
-            graphs = patch_report(model).live.get("decode_graphs") if patch_report(model) is not None else None
+            report = patch_report(model)
+            graphs = report.live.get("decode_graphs") if report is not None else None
             if graphs is not None:  # this round's decode steps: captured, replayed, eager and why
                 notes[p] = graphs.summary()
     rows = {}

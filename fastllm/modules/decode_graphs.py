@@ -32,7 +32,6 @@ turns graphs off for the model; that step and every later one run eagerly, with 
 
 from __future__ import annotations
 
-import collections
 import logging
 import weakref
 from collections import Counter, OrderedDict
@@ -288,7 +287,7 @@ class DecodeGraphs:
 
     def summary(self) -> str:
         done = f"{self.stats['captured']} captured, {self.stats['replayed']} replayed"
-        eager = collections.Counter({k[7:]: n for k, n in self.stats.items() if k.startswith("eager: ")})
+        eager = Counter({k[7:]: n for k, n in self.stats.items() if k.startswith("eager: ")})
         return done + ("; eager steps: " + ", ".join(f"{k} x{n}" for k, n in eager.most_common()) if eager else "")
 
 
