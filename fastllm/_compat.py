@@ -132,3 +132,10 @@ def enable_hf_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def hub_kernels_switch() -> bool:
+    """Whether this transformers loads models with the ``kernels`` hub kernels (``from_pretrained(use_kernels=)``)."""
+    from transformers import PreTrainedModel
+
+    return hasattr(PreTrainedModel, "set_use_kernels")

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from . import defaults
-from ._compat import SUPPORTED_DTYPES, SUPPORTED_MODEL_TYPES, bf16_supported, bnb, enable_hf_checkpointing
+from ._compat import (SUPPORTED_DTYPES, SUPPORTED_MODEL_TYPES, bf16_supported, bnb, enable_hf_checkpointing,
+                      hub_kernels_switch)
 from .config import PatchConfig
 from .patching import find_base, patch_config, unpatch
 from .patching import patch as apply_patch
@@ -196,6 +197,10 @@ class FastLlama:
             logger.warning("fastllm: max_seq_length=%d is over the model's max_position_embeddings=%d",
                            max_seq_length, config.max_position_embeddings)
         load_kwargs = dict(dtype=dtype, **kwargs)
+        if patch is not False and hub_kernels_switch():
+            # transformers' hub kernels replace the forwards fastllm patches (and fetch kernels from the Hub,
+            # which an offline machine cannot): a patched model does without them; patch() would turn them off.
+            load_kwargs.setdefault("use_kernels", False)
         if load_in_4bit:
             load_kwargs["quantization_config"] = _quant_config(dtype)
         if device.type == "cuda":

@@ -15,7 +15,7 @@ every position whose next-token label ``y`` is not -100 (zero elsewhere)::
     loss              -sum(log_probs) / (num_items_in_batch, or the count of labelled positions, at least 1)
 
 Which fields are computed follows ``outputs`` of TRL's ``add_fused_lm_head`` call (``log_probs`` always), kept per
-model by ``set_fused_head`` (``fastllm.integrations.trl`` routes TRL's call there).
+model by ``set_fused_head`` (``fastllm.patching.trl_routing`` routes TRL's call there).
 """
 
 from __future__ import annotations

@@ -11,13 +11,13 @@ from torch import nn
 from .._compat import SUPPORTED_MODEL_TYPES
 from ..config import PatchConfig
 from ..integrations.checkpointing import nonreentrant_checkpoint, offload_checkpoint
-from ..integrations.trl import route_fused_lm_head
 from ..modules.decode_graphs import decode_graphs_of, forget_on_unpatch, static_generate
 from ..modules.layer import fused_layer_checkpoint
-from . import registry
+from . import hub_kernels, registry
 from .registry import ModelState
 from .report import PatchReport, logger
 from .specs import SPECS, backend_of, resolve
+from .trl_routing import acquire_routing
 
 
 def find_base(model: nn.Module) -> nn.Module:
@@ -121,13 +121,20 @@ def patch(model: nn.Module, config: PatchConfig | None = None) -> PatchReport:
     base = find_base(model)
     state = registry.get_state(base)
     if state is not None and state.config == config:
-        return state.report
+        _follow_checkpointing(state)
+        if not state.replaced():
+            return state.report
     device = _device_of(base)
     on, why_off = resolve(config, device)  # raises on a bad combination before anything is undone
     if state is not None:
         unpatch(base)
     state = ModelState(config=config, report=PatchReport(disabled=why_off))
     registry.set_state(base, state)
+    restore_kernels = hub_kernels.suspend(base)  # before patching: re-kernelizing would drop our forwards
+    if restore_kernels is not None:
+        state.finalizers.append(restore_kernels)
+        state.report.notes.append("transformers' hub kernels: off while patched (fastllm replaces the same "
+                                  "forwards); unpatch turns them back on")
     specs = [s for s in SPECS if on.get(s.option)]
     forwards = {s.name: s.forward(config, base) for s in specs}
     for name, module in base.named_modules():
@@ -147,14 +154,91 @@ def patch(model: nn.Module, config: PatchConfig | None = None) -> PatchReport:
         _use_static_cache(base, state)
     if state.report.counts["loss"]:
         # TRL trainers would replace the loss forward with their own head: route that to fastllm instead.
-        route_fused_lm_head()
+        release = acquire_routing()
+        if release is not None:
+            state.finalizers.append(release)
     if config.gradient_checkpointing is not False:
         _apply_checkpointing(base, config.gradient_checkpointing, state, on.get("fused_layer", False))
     if config.max_seq_length is not None:
         inner = getattr(base, "model", base)
         state.hooks.append(inner.register_forward_pre_hook(_seq_guard(config.max_seq_length), with_kwargs=True))
+    state.hooks.append(base.register_forward_pre_hook(_integrity_check(base)))
     state.report.log()
     return state.report
+
+
+def _cause(base: nn.Module, replaced: list[registry.PatchRecord]) -> str:
+    """The likeliest reason fastllm's attributes were replaced, for the warning."""
+    if hub_kernels.kernelized_since(base):
+        return ("transformers' hub kernels were turned on again (use_kernels / set_use_kernels / kernelize), which "
+                "re-binds the forwards fastllm patched")
+    return "another library or user code re-bound them after patching"
+
+
+_CHECKPOINT_ATTRS = ("gradient_checkpointing", "_gradient_checkpointing_func")
+
+
+def _torch_checkpoint(fn: object) -> bool:
+    """Is ``fn`` torch's checkpoint as transformers' ``gradient_checkpointing_enable`` sets it (a partial of it)?"""
+    import torch.utils.checkpoint
+
+    return getattr(fn, "func", fn) is torch.utils.checkpoint.checkpoint
+
+
+def _follow_checkpointing(state: ModelState) -> None:
+    """transformers' ``gradient_checkpointing_enable`` / ``disable`` after patching (HF Trainer calls it) is the
+    user's choice, not a conflict: their flags stay (also after unpatch). Where they put torch's plain checkpoint
+    back, fastllm's checkpoint function is set again (recorded over theirs, so unpatch gives theirs back); any
+    other function (transformers' offload, user code) is kept as they set it."""
+    replaced = [rec for rec in state.records if rec.attr in _CHECKPOINT_ATTRS and not registry.holds(rec)]
+    if not replaced:
+        return
+    gone = {id(rec) for rec in replaced}
+    state.records[:] = [rec for rec in state.records if id(rec) not in gone]
+    for rec in replaced:
+        if rec.attr == "_gradient_checkpointing_func" and _torch_checkpoint(vars(rec.owner).get(rec.attr)):
+            state.set_attr(rec.owner, rec.attr, rec.value, rec.spec)
+
+
+def verify(model: nn.Module) -> bool:
+    """True when every patch fastllm recorded on ``model`` is still in place.
+
+    A model whose patches something else replaced is never left half-patched: it is unpatched (what is still
+    fastllm's is reverted, the rest kept as that code set it), with one warning naming the attributes and the
+    cause, and ``fastllm.patch(model)`` patches it again.
+    """
+    base = find_base(model)
+    state = registry.get_state(base)
+    if state is None:
+        return False
+    _follow_checkpointing(state)
+    replaced = state.replaced()
+    if not replaced:
+        return True
+    names = sorted({f"{type(rec.owner).__name__}.{rec.attr}" for rec in replaced})
+    gone = {id(rec) for rec in replaced}
+    state.records[:] = [rec for rec in state.records if id(rec) not in gone]  # theirs now: unpatch leaves them
+    logger.warning("fastllm: %d patched attribute(s) were replaced after patching (%s): %s. The model is unpatched "
+                   "and runs as eager transformers; call fastllm.patch(model) to patch it again",
+                   len(replaced), ", ".join(names[:6]), _cause(base, replaced))
+    unpatch(base)
+    return False
+
+
+def _integrity_check(base: nn.Module):
+    """Forward pre-hook: ``verify`` before a training forward and after a train/eval switch (the moments other
+    code replaces forwards); a no-grad forward in the same mode (a decode step) skips it."""
+    last = [None]
+
+    def check(module, args):
+        if torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() or module.training is not last[0]:
+            last[0] = module.training
+            verify(base)
+        return None
+
+    return check
 
 
 def unpatch(model: nn.Module | None = None) -> int:
@@ -169,7 +253,8 @@ def unpatch(model: nn.Module | None = None) -> int:
 
 
 def is_patched(model: nn.Module) -> bool:
-    return registry.get_state(find_base(model)) is not None
+    """True when ``model`` is patched and every patch is still in place (see ``verify``)."""
+    return registry.get_state(find_base(model)) is not None and verify(model)
 
 
 def patch_config(model: nn.Module) -> PatchConfig | None:

@@ -9,6 +9,7 @@ shows through again and no instance attribute is left behind.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -38,6 +39,9 @@ class ModelState:
     report: PatchReport
     records: list[PatchRecord] = field(default_factory=list)
     hooks: list[RemovableHandle] = field(default_factory=list)
+    # Run after the records are undone, newest first: state fastllm changed that is not a plain attribute
+    # (transformers' hub-kernel mode, the process-wide TRL routing).
+    finalizers: list[Callable[[], None]] = field(default_factory=list)
 
     def set_attr(self, owner: object, attr: str, value: object, spec: str) -> None:
         """Set ``owner.attr = value`` and remember how to undo it."""
@@ -71,10 +75,36 @@ class ModelState:
                 object.__delattr__(rec.owner, rec.attr)
             n += 1
         self.records.clear()
+        for undo in reversed(self.finalizers):
+            undo()
+        self.finalizers.clear()
         if foreign:
             logger.warning("fastllm: unpatch left %d attribute(s) that were replaced after patching as they are: %s",
                            len(foreign), ", ".join(sorted(set(foreign))[:5]))
         return n
+
+
+    def replaced(self) -> list[PatchRecord]:
+        """The records whose attribute no longer holds what fastllm set (someone replaced or removed it)."""
+        return [rec for rec in self.records if not holds(rec)]
+
+
+def _unwrapped(fn: object) -> object:
+    """The function under bound methods and ``functools.wraps`` wrappers (accelerate's autocast wrap of forward)."""
+    for _ in range(16):
+        inner = getattr(fn, "__func__", None) or getattr(fn, "__wrapped__", None)
+        if inner is None:
+            return fn
+        fn = inner
+    return fn
+
+
+def holds(rec: PatchRecord) -> bool:
+    """Does ``rec.owner.rec.attr`` still hold fastllm's value, directly or under a wrapper that calls it?"""
+    current = vars(rec.owner).get(rec.attr, _MISSING)
+    if current is rec.value:
+        return True
+    return current is not _MISSING and callable(rec.value) and _unwrapped(current) is _unwrapped(rec.value)
 
 
 # Keyed by the transformers model (LlamaForCausalLM / LlamaModel), weakly: a model that is dropped

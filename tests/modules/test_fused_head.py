@@ -119,7 +119,7 @@ def test_routing_rebinds_imported_trainer_modules_and_unroutes(tiny_llama_dir):
     import trl.trainer.grpo_trainer as grpo
     import trl.trainer.sft_trainer as sft
 
-    from fastllm.integrations.trl import route_fused_lm_head, unroute_fused_lm_head
+    from fastllm.patching.trl_routing import route_fused_lm_head, unroute_fused_lm_head
 
     _model(tiny_llama_dir)  # patching with the loss patch installs the routing
     routed = trl_utils.add_fused_lm_head

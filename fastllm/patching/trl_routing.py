@@ -8,7 +8,11 @@ forward is fastllm's loss forward it records the call's arguments (``modules.fus
 leaves the forward alone, so ``model(..., fused_lm_head=True)`` is answered by fastllm; every other model (a
 reference model, an unpatched one) gets TRL's own function unchanged. Trainer modules bind the name at import, so
 the ones already imported are rebound too, and later imports pick up the wrapper from ``trl.trainer.utils``.
-``unroute_fused_lm_head()`` undoes it.
+
+The routing is process-wide, so it is reference-counted: ``acquire_routing()`` installs it with the first
+patched model and returns that model's release, which the registry runs on ``unpatch``; the last release puts
+TRL's own function back everywhere. TRL is optional: an install that fails to import (trl present, one of its
+dependencies missing) is logged once and leaves loading and patching alone.
 """
 
 from __future__ import annotations
@@ -38,11 +42,30 @@ def _rebind(old, new) -> None:
             mod.add_fused_lm_head = new
 
 
+def _trl_utils():
+    """``trl.trainer.utils``, or None when TRL is absent or does not import (logged once)."""
+    global _IMPORT_ERROR
+    if importlib.util.find_spec("trl") is None or _IMPORT_ERROR is not None:
+        return None
+    try:
+        import trl.trainer.utils as utils
+    except Exception as err:  # a partial install must not break loading a model
+        _IMPORT_ERROR = f"{type(err).__name__}: {err}"
+        log.warning("fastllm: TRL is installed but does not import (%s); TRL trainers will not be routed to "
+                    "fastllm's loss", _IMPORT_ERROR)
+        return None
+    return utils
+
+
+_IMPORT_ERROR: str | None = None
+_USERS = 0  # patched models holding the routing
+
+
 def route_fused_lm_head() -> bool:
-    """Install the routing (idempotent). Returns False when this TRL has no ``add_fused_lm_head``."""
-    if importlib.util.find_spec("trl") is None:
+    """Install the routing (idempotent). Returns False when TRL is absent, broken, or has no ``add_fused_lm_head``."""
+    utils = _trl_utils()
+    if utils is None:
         return False
-    import trl.trainer.utils as utils
 
     current = getattr(utils, "add_fused_lm_head", None)
     if current is None:
@@ -63,6 +86,32 @@ def route_fused_lm_head() -> bool:
     utils.add_fused_lm_head = add_fused_lm_head
     _rebind(current, add_fused_lm_head)
     return True
+
+
+def acquire_routing():
+    """Count one more model that needs the routing (installed by the first); returns its release, or None when
+    TRL cannot be routed."""
+    global _USERS
+    if not route_fused_lm_head():
+        return None
+    _USERS += 1
+    released = False
+
+    def release() -> None:
+        global _USERS
+        nonlocal released
+        if released:
+            return
+        released = True
+        _USERS -= 1
+        if _USERS == 0:
+            unroute_fused_lm_head()
+
+    return release
+
+
+def routing_users() -> int:
+    return _USERS
 
 
 def unroute_fused_lm_head() -> None:
