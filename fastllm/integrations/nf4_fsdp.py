@@ -28,11 +28,13 @@ Under torch.compile the gathered weight is traced as a wrapper subclass: its inn
 attributes named as in ``__tensor_flatten__``, and it reports no storage of its own (``view`` keeps
 the subclass, so FSDP2 never asks for one), which dynamo's fake-tensor conversion requires.
 
-Any other op on an ``NF4Param`` runs on its packed bytes and returns a plain tensor, so bnb's own
-``Linear4bit.forward`` (``matmul_4bit`` -> ``dequantize_4bit`` custom ops) and fastllm's NF4 linear
-(torch path; the Triton launcher reads ``data_ptr()``, overridden to the packed bytes) work on the
-gathered weight unchanged. The weight is frozen: it never requires grad, so FSDP2 never
-reduce-scatters it and no optimizer sees it.
+A few ops run on the packed bytes and return plain tensors (``_BYTE_OPS``: a dtype view, ``t``; and the
+bitsandbytes / fastllm 4-bit custom ops), so bnb's own ``Linear4bit.forward`` (``matmul_4bit`` ->
+``gemm_4bit`` / ``dequantize_4bit``) and fastllm's NF4 linear (the Triton launcher reads ``data_ptr()``,
+overridden to the packed bytes) work on the gathered weight unchanged. Every other op raises
+``NotImplementedError`` naming it: arithmetic on the codes (``p * 2``, ``p.sum()``) would silently
+return garbage. The weight is frozen: it never requires grad, so FSDP2 never reduce-scatters it and no
+optimizer sees it.
 """
 
 from __future__ import annotations
@@ -170,7 +172,13 @@ class NF4Param(torch.Tensor):
         handler = _HANDLERS.get(func)
         if handler is not None:
             return handler(*args, **kwargs)
-        # Anything else is an op on the bytes themselves (bnb's dequantize custom op, reshape, t, ...).
+        if func not in _BYTE_OPS and func.namespace not in _BYTE_OP_NAMESPACES:
+            # Any other op would compute on the packed 4-bit codes as if they were numbers (``p * 2`` doubling
+            # bytes, ``p.sum()`` adding them): refused, as torchao's NF4Tensor refuses it.
+            raise NotImplementedError(
+                f"NF4Param does not implement {func}; dequantize first "
+                "(fastllm.ops.nf4.dequantize_nf4(p.packed, p.quant_state) or bitsandbytes.functional.dequantize_4bit), "
+                "or use p.packed for the raw bytes")
         unwrap = lambda a: a.packed if isinstance(a, NF4Param) else a  # noqa: E731
         args = torch.utils._pytree.tree_map(unwrap, args)
         kwargs = torch.utils._pytree.tree_map(unwrap, kwargs)
@@ -294,6 +302,16 @@ _HANDLERS = {
     _aten._pin_memory.default: _pin_memory,
     _aten.is_pinned.default: _is_pinned,
 }
+
+
+# Ops that run on the packed bytes themselves and return plain tensors; every other op not in ``_HANDLERS`` raises.
+_BYTE_OPS = frozenset({
+    _aten.view.dtype,  # the bytes reinterpreted (the Triton dequant's ``packed.view(torch.uint8)``)
+    _aten.t.default,   # bitsandbytes < 0.50's Linear4bit.forward passes ``weight.t()`` to matmul_4bit
+})
+# Custom ops that take packed 4-bit bytes with their quant state (bnb's dequantize_4bit / gemm_4bit, fastllm's
+# nf4_dequantize / nf4_linear): what ``Linear4bit.forward`` and fastllm's NF4 linear run on the gathered weight.
+_BYTE_OP_NAMESPACES = frozenset({"bitsandbytes", "fastllm"})
 
 
 def nf4_param_from_params4bit(weight) -> NF4Param:

@@ -94,7 +94,9 @@ def test_nf4param_splits_with_its_quant_state():
         t.to(torch.bfloat16)
     with pytest.raises(NotImplementedError, match="absmax"):
         t[5:100]  # not on a 64-value block boundary
-    assert type(t.t()) is torch.Tensor  # other ops run on the bytes and return plain tensors
+    assert type(t.t()) is torch.Tensor  # the byte ops (bnb < 0.50 passes weight.t()) return plain tensors
+    with pytest.raises(NotImplementedError, match=r"aten\.mul\.Tensor"):
+        t * 2  # any other op raises: it would compute on the packed codes (tests/integrations/test_nf4_param.py)
     # What CPUOffloadPolicy does to a shard (to the host, back to the device per all-gather): bytes kept.
     moved = halves[0].to("cpu", non_blocking=True)
     assert type(moved) is type(t) and torch.equal(moved.packed, halves[0].packed)
