@@ -109,3 +109,44 @@ def test_failed_capture_runs_eagerly_and_says_so(tiny_llama_i128_dir):
     torch.testing.assert_close(seq, ref[0], rtol=0, atol=0)
     torch.testing.assert_close(logits, ref[1], rtol=0, atol=0)
     torch.randn(3, device="cuda")  # the CUDA generator still works outside graphs (its state was restored)
+
+
+@pytest.mark.parametrize("change", ["grow", "clear"])
+def test_replays_never_write_a_workspace_that_was_freed(tiny_llama_i128_dir, change):
+    """Two rows: the 4-bit linears dequantize into the shared workspace inside the captured step (one row takes
+    bnb's GEMV instead). After the workspace grows or is cleared, a tensor of the old buffer's size takes the memory
+    the allocator got back; the next generate must neither replay into that memory (the graph keeps its buffer, so
+    the allocator never got it back) nor replay the old graph at all (the step is captured again)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from fastllm.ops import nf4 as nf4_ops
+
+    model = _model(tiny_llama_i128_dir)
+    graphs = decode_graphs_of(find_base(model))
+    x = torch.randint(0, 320, (2, 11), device="cuda")
+    mask = torch.ones_like(x)
+    seq, logits = _generate(model, x, mask)
+    assert graphs.stats["captured"] == 1, graphs.summary()
+    (graph,) = graphs.graphs.values()
+    held = [b for b in graph.workspaces if b.is_cuda]
+    assert held, "the captured step did not dequantize into the workspace: this test would prove nothing"
+    old = [StorageWeakRef(b.untyped_storage()) for b in held]
+    ptrs, sizes = {b.data_ptr() for b in held}, [(b.numel(), b.dtype) for b in held]
+    del graph, held
+    if change == "grow":
+        for n, dtype in sizes:
+            nf4_ops._workspace(torch.device("cuda", torch.cuda.current_device()), dtype, (2 * n,))
+    else:
+        nf4_ops.clear_workspaces()
+    sentinels = [torch.full((n,), 7, dtype=dtype, device="cuda") for n, dtype in sizes]
+    assert not ptrs & {s.data_ptr() for s in sentinels}  # the old buffers are still the graph's
+    seq2, logits2 = _generate(model, x, mask)
+    torch.cuda.synchronize()
+    assert all(bool((s == 7).all()) for s in sentinels)
+    assert graphs.stats["captured"] == 2, graphs.summary()  # captured again over the new workspace
+    torch.testing.assert_close(seq2, seq, rtol=0, atol=0)
+    torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
+    import gc
+
+    gc.collect()
+    assert all(r.expired() for r in old)  # the old graph went at the new capture, and its buffers with it

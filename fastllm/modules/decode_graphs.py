@@ -26,6 +26,13 @@ object changes (each ``generate`` makes its own), and is part of the key. A chan
 over the same cache object, with no other call between them, is not seen. Weights updated in place (an optimizer
 step) are read by the replay as they are.
 
+The shared NF4 dequant workspace (``fastllm.ops.nf4``): a step whose 4-bit linears dequantize (a batch of more than one
+token row: one row takes bnb's GEMV) writes the dense weights into that buffer, so the graph replays writes to its
+address. The buffer is replaced when a larger weight needs it and dropped by ``clear_workspaces``; a replay after that
+would write into memory another tensor may own by then. So a graph holds the buffers it captured (they stay allocated
+while it lives), and the key carries ``workspace_epoch``: after a growth or a clear the step is captured again, and the
+graphs of older epochs are dropped at that capture, releasing their buffers.
+
 A capture that fails (an op that syncs with the host, a lazily created tensor) is logged once, counted, and
 turns graphs off for the model; that step and every later one run eagerly, with the same results.
 """
@@ -38,6 +45,8 @@ from collections import Counter, OrderedDict
 
 import torch
 from torch import nn
+
+from ..ops.nf4 import workspace_buffers, workspace_epoch
 
 logger = logging.getLogger("fastllm")
 
@@ -237,10 +246,12 @@ class DecodeGraphs:
         graph = self.graphs.get(key)
         if graph is None:
             if key != self._last_key:  # first sight: an eager step warms up lazy state; capture on the next
-                self._last_key = key
                 self.stats["eager: warm-up"] += 1
                 with _capture_autocast():  # the capture's global state, so compiled regions compile now, not in it
-                    return run(**kwargs)
+                    out = run(**kwargs)
+                # with the epoch after the warm-up: its own first dequant may have grown the workspace
+                self._last_key = key[:-1] + (workspace_epoch(),)
+                return out
             graph = self._new_graph(run, kwargs, cache, key)
             if graph is None:
                 return run(**kwargs)
@@ -264,10 +275,13 @@ class DecodeGraphs:
                 parts.append((name, "cache"))
             else:  # plain values only (``why_eager`` turns containers away)
                 parts.append((name, v))
-        return tuple(parts), addresses, self._fingerprint, _autocast_state(), torch.is_inference_mode_enabled()
+        # the workspace epoch last: ``_new_graph`` reads it back from the key
+        return (tuple(parts), addresses, self._fingerprint, _autocast_state(), torch.is_inference_mode_enabled(),
+                workspace_epoch())
 
     def _new_graph(self, run, kwargs: dict, cache, key):
         rng = _rng_snapshot()
+        held = workspace_buffers()  # before and after: a buffer replaced during the capture was written by it too
         try:
             graph = self._capture(run, kwargs, cache)
         except Exception as exc:  # noqa: BLE001 - any capture error turns graphs off, reported, results unchanged
@@ -278,8 +292,13 @@ class DecodeGraphs:
             self.stats[f"eager: {self.disabled}"] += 1
             return None
         self.stats["captured"] += 1
-        for k in [k for k, g in self.graphs.items() if g.cache_ref() is None]:
-            del self.graphs[k]  # their caches are gone: a new cache rarely gets all their addresses back
+        # The graph replays into these buffers: it keeps them allocated for as long as it can replay.
+        graph.workspaces = held + workspace_buffers()
+        epoch = workspace_epoch()
+        for k in [k for k, g in self.graphs.items() if g.cache_ref() is None or k[-1] != epoch]:
+            # their caches are gone (a new cache rarely gets all their addresses back), or their keys name a workspace
+            # epoch that is over (never matched again): dropping them releases the buffers they hold
+            del self.graphs[k]
         self.graphs[key] = graph
         while len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)

@@ -148,6 +148,9 @@ def _dequant_into(packed, absmax, code, code2, absmax2, offset, blocksize, block
 # ---- workspace -------------------------------------------------------------------------------
 
 _WORKSPACES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+# Bumped whenever a buffer is replaced or dropped. A CUDA graph that captured a dequant into a buffer replays into
+# that buffer's address: ``workspace_epoch`` tells its owner the buffer it captured may be gone (see decode_graphs).
+_EPOCH = 0
 # (device, dtype, shape) -> a view into that buffer: hot calls then cost one dict lookup, not a slice and a
 # view (two dispatched ops, ~25 us of host time on an H200 host, three times per linear per step).
 _VIEWS: dict[tuple, torch.Tensor] = {}
@@ -166,6 +169,8 @@ def _workspace(device: torch.device, dtype: torch.dtype, shape) -> torch.Tensor:
     buf = _WORKSPACES.get(key)
     if buf is None or buf.numel() < numel:
         # Free the old buffer (and every view of it) before taking a larger one.
+        global _EPOCH
+        _EPOCH += 1
         _WORKSPACES.pop(key, None)
         for k in [k for k in _VIEWS if k[:2] == key]:
             del _VIEWS[k]
@@ -204,9 +209,24 @@ def stacked_dequant(weights, states, device: torch.device, dtype: torch.dtype, b
 
 
 def clear_workspaces() -> None:
-    """Release the cached dense-weight buffers (e.g. before measuring memory)."""
+    """Release the cached dense-weight buffers (e.g. before measuring memory). A buffer a live CUDA graph captured
+    stays allocated until that graph is dropped (decode graphs hold theirs: ``workspace_buffers``)."""
+    global _EPOCH
+    _EPOCH += 1
     _VIEWS.clear()
     _WORKSPACES.clear()
+
+
+def workspace_epoch() -> int:
+    """A counter bumped whenever a workspace buffer is replaced (grown) or dropped (``clear_workspaces``): equal
+    values mean every buffer taken in between is still the one in use."""
+    return _EPOCH
+
+
+def workspace_buffers() -> tuple:
+    """The workspace buffers in use now. A CUDA graph that dequantizes replays its writes into the buffers it captured:
+    holding these keeps that memory from being freed and handed to another tensor while the graph can replay."""
+    return tuple(_WORKSPACES.values())
 
 
 def no_autocast(t: torch.Tensor):

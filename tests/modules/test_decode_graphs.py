@@ -8,9 +8,12 @@ cache addresses, module fingerprint), warm-up / capture / replay, the LRU, a fai
 options and errors on a CPU model. The GPU counterpart with real CUDA graphs is ``tests/test_gpu_decode_graphs.py``.
 """
 
+import gc
 import inspect
 import logging
+import math
 import types
+import unittest.mock
 import weakref
 from collections import Counter
 from types import SimpleNamespace
@@ -18,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 pytest.importorskip("peft")
 
@@ -31,6 +35,7 @@ from fastllm.modules.decode_graphs import (  # noqa: E402
     static_generate_kwargs,
     why_eager,
 )
+from fastllm.ops import nf4 as nf4_ops  # noqa: E402
 from fastllm.patching.api import find_base, patch_config  # noqa: E402
 
 NEW = 7  # new tokens: the prefill gives the first, a warm-up step the second, then a capture and NEW - 3 replays
@@ -330,6 +335,74 @@ def test_step_warm_up_capture_replay_and_alternating_keys(cpu_as_cuda):
         # A static cache whose layers are not allocated yet runs eagerly.
         graphs.step(m, (), {"input_ids": torch.tensor([[1]]), "cache": _fake_cache(initialized=False)})
         assert graphs.stats["eager: cache not allocated yet"] == 1
+
+
+class _Dequant(nn.Module):
+    """Writes its input into a dense-weight workspace of ``n`` values, as a 4-bit linear's dequant does, and returns
+    what it reads back (the sum: n * input)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def forward(self, input_ids=None, cache=None, **kwargs):
+        w = nf4_ops._workspace(input_ids.device, torch.float32, (self.n,))
+        w.copy_(input_ids.float().reshape(1).expand(self.n))
+        return w.sum().reshape(1, 1), cache
+
+
+class _AddressReplay(_Rerun):
+    """A stand-in that, like a CUDA graph, replays on the workspace *address* it captured, not on the buffer in use at
+    replay time, and owns no reference to it: the buffer is found among those ``DecodeGraphs`` keeps for the graph
+    (``workspaces``). A replay whose buffer nobody kept would write freed memory: here it fails the test."""
+
+    def __init__(self, run, kwargs, cache):
+        super().__init__(run, kwargs, cache)
+        run(**self.static)  # a capture runs the step once (allocations happen now)
+        self.ptr = nf4_ops._WORKSPACES[_WS_KEY].data_ptr()
+
+    def replay(self, kwargs, cache):
+        kept = [b for b in getattr(self, "workspaces", ()) if b.data_ptr() == self.ptr]
+        assert kept, "replay into a workspace buffer that nothing keeps allocated"
+        buf = kept[0]
+        with unittest.mock.patch.object(nf4_ops, "_workspace", lambda d, t, shape: buf[: math.prod(shape)].view(shape)):
+            return super().replay(kwargs, cache)
+
+
+_WS_KEY = (torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("change", ["grow", "clear"])
+def test_workspace_growth_or_clear_recaptures_and_keeps_the_captured_buffer(cpu_as_cuda, change):
+    """A captured step writes into the shared dequant workspace. After the workspace grows (a larger weight) or is
+    cleared, the old graph is not replayed: the key carries the workspace epoch, so the step is warmed up and captured
+    again over the new buffer. Until then the old graph keeps its buffer allocated; the new capture drops it."""
+    nf4_ops.clear_workspaces()
+    graphs = DecodeGraphs()
+    graphs._capture = _AddressReplay
+    m, cache = _Dequant(8), _fake_cache()
+
+    def step(v):
+        return graphs.step(m, (), {"input_ids": torch.tensor([[v]]), "cache": cache})[0].item()
+
+    with torch.no_grad():
+        assert step(1) == 8 and graphs.stats[WARMUP] == 1  # the eager warm-up allocates the workspace
+        assert step(2) == 16 and step(3) == 24 and graphs.stats["captured"] == 1 and graphs.stats["replayed"] == 2
+        old = StorageWeakRef(nf4_ops._WORKSPACES[_WS_KEY].untyped_storage())
+        if change == "grow":
+            nf4_ops._workspace(torch.device("cpu"), torch.float32, (1024,))
+        else:
+            nf4_ops.clear_workspaces()
+        gc.collect()
+        assert not old.expired()  # the graph holds the buffer it replays into
+        assert step(4) == 32 and graphs.stats[WARMUP] == 2 and graphs.stats["replayed"] == 2  # not the old graph
+        assert step(5) == 40 and graphs.stats["captured"] == 2 and graphs.stats["replayed"] == 3
+        (graph,) = graphs.graphs.values()  # the old graph went at the new capture, and its buffer with it
+        assert graph.ptr == nf4_ops._WORKSPACES[_WS_KEY].data_ptr()
+        gc.collect()
+        assert old.expired()
+        assert step(6) == 48 and graphs.stats["replayed"] == 4
+    nf4_ops.clear_workspaces()
 
 
 def test_fresh_clones_and_swaps_the_cache():

@@ -286,3 +286,23 @@ def test_workspace_views_are_reused_and_dropped_when_the_buffer_grows():
     assert len(nf4_ops._WORKSPACES) == 1
     nf4_ops.clear_workspaces()
     assert not nf4_ops._VIEWS and not nf4_ops._WORKSPACES
+
+
+def test_workspace_epoch_moves_on_growth_and_clear_only():
+    """What decode graphs key on: the epoch changes exactly when a buffer a graph may have captured is replaced or
+    dropped; ``workspace_buffers`` names the buffers in use (what a graph holds)."""
+    dev = torch.device("cpu")
+    nf4_ops.clear_workspaces()
+    e0 = nf4_ops.workspace_epoch()
+    assert nf4_ops.workspace_buffers() == ()
+    a = nf4_ops._workspace(dev, torch.float32, (4, 8))  # first buffer
+    e1 = nf4_ops.workspace_epoch()
+    assert e1 > e0 and [b.data_ptr() for b in nf4_ops.workspace_buffers()] == [a.data_ptr()]
+    nf4_ops._workspace(dev, torch.float32, (2, 8))  # fits: same buffer, same epoch
+    nf4_ops._workspace(dev, torch.float32, (8, 4))
+    assert nf4_ops.workspace_epoch() == e1
+    nf4_ops._workspace(dev, torch.float32, (16, 16))  # grows
+    e2 = nf4_ops.workspace_epoch()
+    assert e2 > e1
+    nf4_ops.clear_workspaces()
+    assert nf4_ops.workspace_epoch() > e2 and nf4_ops.workspace_buffers() == ()
