@@ -17,6 +17,10 @@ SAMPLE_PROMPT = "And God said unto Moses,"
 GC_MODES = {"on": True, "off": False, "offload": "offload"}
 
 
+class InputError(ValueError):
+    """Bad command-line input; ``fastllm`` prints the message as one line and exits with status 2."""
+
+
 def emit(record: dict, results: str | None) -> None:
     line = json.dumps(record)
     print(line)
@@ -33,7 +37,7 @@ def _load_qlora(args, *, adapter: str | None = None, trainable: bool = True, nee
     model, tok = FastLlama.from_pretrained(args.model or DEFAULT, max_seq_length=args.max_seq_length,
                                            patch=False if getattr(args, "no_patch", False) else PatchConfig())
     if tok is None and need_tokenizer:
-        raise SystemExit(f"{args.model} has no tokenizer; fastllm's commands need one in the checkpoint")
+        raise InputError(f"{args.model} has no tokenizer; fastllm's commands need one in the checkpoint")
     if adapter:
         from peft import PeftModel
 
@@ -44,9 +48,14 @@ def _load_qlora(args, *, adapter: str | None = None, trainable: bool = True, nee
 
 
 def _data(args, tok, n_train_blocks: int):
-    from .data import load_texts, pack, split_texts
+    from .data import DataError, chunk_texts, load_texts, pack, split_texts
 
-    train_texts, held_texts = split_texts(load_texts(args.data, tok), seed=args.seed)
+    # cut long documents (one paragraph, a huge line) so there are several to hold one out from
+    texts = chunk_texts(load_texts(args.data, tok), max(1000, 4 * args.max_seq_length))
+    train_texts, held_texts = split_texts(texts, seed=args.seed)
+    if not held_texts or (n_train_blocks and not train_texts):
+        raise DataError(f"{args.data} gives only {len(texts)} document(s) of text: training and held-out "
+                        "perplexity need at least two; add more text")
     train = pack(tok, train_texts, args.max_seq_length, max_blocks=n_train_blocks) if n_train_blocks else None
     held = pack(tok, held_texts, args.max_seq_length, max_blocks=args.eval_blocks)
     return train, held, held_texts
@@ -79,20 +88,65 @@ def loss_curve_png(losses: list[float], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _check_resume(args) -> str | None:
-    cfg_path = os.path.join(args.output, "run_config.json")
-    keys = ("model", "data", "max_seq_length", "batch_size", "grad_accum", "lr", "optim", "lora_r", "seed")
-    mine = {k: getattr(args, k) for k in keys}
+RUN_KEYS = ("model", "data", "max_seq_length", "batch_size", "grad_accum", "lr", "optim", "lora_r", "seed")
+# what a train run writes to --output (removed by --overwrite; nothing else in the directory is touched)
+RUN_FILES = ("run_config.json", "train_log.jsonl", "run_summary.json", "loss_curve.png", "trainer_state.pt",
+             "adapter_model.safetensors", "adapter_config.json")
+
+
+def _check_writable(path: str | None, what: str) -> None:
+    """Fail before training, not after it, when a results file cannot be written."""
+    if not path:
+        return
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise InputError(f"cannot write {what} {path!r} ({err.strerror or err}); pass a writable path") from None
+
+
+def _remove_run(out: str) -> None:
+    import shutil
+
+    from .training import _checkpoints
+
+    for _, path in _checkpoints(out):
+        shutil.rmtree(path)
+    for name in RUN_FILES:
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+
+
+def _prepare_output(args) -> str | None:
+    """Check --output against --resume / --overwrite; returns the directory to resume from, or None."""
+    from .training import _checkpoints, clean_stale
+
+    out = args.output
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--output {out!r} is a file; pass a directory")
+    clean_stale(out)  # what a killed save left behind
+    cfg_path = os.path.join(out, "run_config.json")
+    saved = _checkpoints(out)
+    mine = {k: getattr(args, k) for k in RUN_KEYS}
     if args.resume:
         if not os.path.isfile(cfg_path):
-            raise SystemExit(f"--resume: nothing to resume in {args.output} (no run_config.json)")
+            raise InputError(f"--resume: nothing to resume in {out} (no run_config.json); drop --resume")
         with open(cfg_path) as f:
             old = json.load(f)
         diff = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
         if diff:
-            raise SystemExit(f"--resume with different settings than the saved run: {diff}")
-        return args.output
-    os.makedirs(args.output, exist_ok=True)
+            raise InputError(f"--resume with different settings than the saved run (saved, now): {diff}")
+        if saved and saved[-1][0] >= args.max_steps:
+            raise InputError(f"the run in {out} is already at step {saved[-1][0]}: --max-steps {args.max_steps} "
+                             f"leaves nothing to train; pass --max-steps above {saved[-1][0]}")
+        return out
+    if saved or any(os.path.isfile(os.path.join(out, n)) for n in RUN_FILES):
+        if not args.overwrite:
+            raise InputError(f"--output {out} holds an earlier run; pass --resume to continue it, --overwrite to "
+                             "replace it, or another --output")
+        _remove_run(out)
+    os.makedirs(out, exist_ok=True)
     with open(cfg_path, "w") as f:
         json.dump(mine, f, indent=1)
     return None
@@ -102,7 +156,8 @@ def cmd_train(args) -> int:
     from .training import perplexity, sample, train
 
     torch.manual_seed(args.seed)
-    resume = _check_resume(args)
+    _check_writable(args.results, "--results")
+    resume = _prepare_output(args)
     t0 = time.time()
     model, tok = _load_qlora(args)
     need = args.max_steps * args.batch_size * args.grad_accum
@@ -115,13 +170,13 @@ def cmd_train(args) -> int:
                    lr=args.lr, optim=args.optim, seed=args.seed, resume_from=resume, save_dir=args.output,
                    save_every=args.save_every, log_path=os.path.join(args.output, "train_log.jsonl"))
     if result.interrupted:
-        print(f"\ninterrupted at step {result.steps}: adapter and state saved to {args.output} "
+        print(f"\ninterrupted at step {result.steps}: checkpoint saved to {args.output} "
               f"(continue with --resume)")
         return 130
     ppl_after = perplexity(model, held)
     print(f"held-out perplexity after:  {ppl_after:.2f}  ({result.tokens_per_s:.0f} tokens/s training)")
     prompt = _sample_prompt(args, held_texts)
-    text = sample(model, tok, prompt)
+    text = sample(model, tok, prompt, max_len=args.max_seq_length)
     print(f"sample: {prompt}{text}")
     loss_curve_png(result.losses, os.path.join(args.output, "loss_curve.png"),
                    f"fastllm train: {args.model or 'SmolLM2-135M'} on {args.data or 'KJV'}")
@@ -137,8 +192,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .training import perplexity
+    from .training import ADAPTER_FILES, perplexity
 
+    _check_writable(args.results, "--results")
+    missing = [n for n in ADAPTER_FILES if args.adapter and not os.path.isfile(os.path.join(args.adapter, n))]
+    if missing:
+        raise InputError(f"--adapter {args.adapter!r} is not a PEFT adapter directory ({missing[0]} missing); "
+                         "pass fastllm train's --output")
     model, tok = _load_qlora(args, adapter=args.adapter, trainable=False) if args.adapter else _base(args)
     _, held, _ = _data(args, tok, 0)
     ppl = perplexity(model, held, progress=True)
@@ -154,7 +214,7 @@ def _base(args):
 
     model, tok = FastLlama.from_pretrained(args.model or DEFAULT, max_seq_length=args.max_seq_length)
     if tok is None:
-        raise SystemExit(f"{args.model} has no tokenizer; fastllm's commands need one in the checkpoint")
+        raise InputError(f"{args.model} has no tokenizer; fastllm's commands need one in the checkpoint")
     return model, tok
 
 

@@ -72,10 +72,12 @@ class PatchConfig:
         for name in ("rms_norm", "mlp"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"PatchConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        # `is`, not `in`: 0 == False and 1 == True, but an int is not an answer to an on/off question
         for name in ("nf4_linear", "lora", "fused_layer", "compile", "decode_graphs"):
-            if getattr(self, name) not in (None, True, False):
+            if not any(getattr(self, name) is v for v in (None, True, False)):
                 raise TypeError(f"PatchConfig.{name} must be None (auto), True or False, got {getattr(self, name)!r}")
-        if not (self.loss in (None, True, False) or self.loss in _LOSS_NAMES or callable(self.loss)):
+        if not (any(self.loss is v for v in (None, True, False)) or (isinstance(self.loss, str) and
+                                                                     self.loss in _LOSS_NAMES) or callable(self.loss)):
             raise ValueError(f"PatchConfig.loss must be None, a bool, one of {_LOSS_NAMES} or a callable, "
                              f"got {self.loss!r}")
         if self.compile_mode in _CUDA_GRAPH_MODES:
@@ -84,11 +86,13 @@ class PatchConfig:
                              "use 'default' or 'max-autotune-no-cudagraphs' (autotuned matmuls, no CUDA graphs)")
         if self.compile_mode not in _COMPILE_MODES:
             raise ValueError(f"PatchConfig.compile_mode must be one of {_COMPILE_MODES}, got {self.compile_mode!r}")
-        if self.gradient_checkpointing not in (None, True, False, "offload"):
+        if not (any(self.gradient_checkpointing is v for v in (None, True, False))
+                or self.gradient_checkpointing == "offload"):
             raise ValueError("PatchConfig.gradient_checkpointing must be None, True, False or 'offload', "
                              f"got {self.gradient_checkpointing!r}")
-        if self.max_seq_length is not None and (not isinstance(self.max_seq_length, int) or self.max_seq_length < 1):
-            raise ValueError(f"PatchConfig.max_seq_length must be a positive int, got {self.max_seq_length!r}")
+        m = self.max_seq_length
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):  # bool is an int subclass
+            raise ValueError(f"PatchConfig.max_seq_length must be a positive int, got {m!r}")
 
     def replace(self, **changes: Any) -> PatchConfig:
         """A copy with ``changes`` applied (validated like the constructor)."""

@@ -6,6 +6,7 @@ Orchestration only: each step is a short function; the patching itself lives in 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -96,20 +97,70 @@ def _gguf_cache_dir(path: str, gguf_file: str) -> str:
     return os.path.join(defaults.cache_dir(), f"{os.path.splitext(gguf_file)[0]}-bf16-{key}")
 
 
+def _check_gguf_whole(file: str) -> None:
+    """A truncated or cut GGUF fails here with a message, not deep in transformers' reader."""
+    from transformers.integrations.gguf.reader import GgufHeader
+
+    size = os.path.getsize(file)
+    try:
+        header = GgufHeader.from_file(file)
+    except Exception as err:  # struct/numpy errors of a cut header: all mean the same to the user
+        raise ValueError(f"{file} is not a readable GGUF file ({type(err).__name__}: {err}); it is truncated or "
+                         "damaged: download it again") from None
+    need = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
+    if need > size:
+        raise ValueError(f"{file} is truncated: its tensors need {need} bytes, the file has {size}; "
+                         "download it again")
+
+
+CACHE_MANIFEST = "fastllm-cache.json"
+
+
+def _cache_ok(out: str) -> bool:
+    """The cache is complete and unchanged: its manifest (written last) matches every file's SHA-256."""
+    try:
+        with open(os.path.join(out, CACHE_MANIFEST)) as f:
+            sums = json.load(f)["sha256"]
+        return bool(sums) and all(_sha256(os.path.join(out, n)) == d for n, d in sums.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_weights(model: nn.Module, gguf_file: str) -> None:
+    """Dequantized weights of a damaged file: non-finite values, or a matrix that is all zeros."""
+    for name, t in model.state_dict().items():
+        if not torch.is_floating_point(t):
+            continue
+        if not bool(torch.isfinite(t).all()) or (t.dim() == 2 and not bool(t.any())):
+            raise ValueError(f"{gguf_file} is damaged: its tensor {name} dequantizes to "
+                             f"{'non-finite values' if not bool(torch.isfinite(t).all()) else 'all zeros'}; "
+                             "download the file again")
+
+
 def convert_gguf(path: str, gguf_file: str) -> str:
     """Dequantize a GGUF checkpoint once into a bf16 safetensors directory (cached); returns that directory.
 
     transformers refuses ``save_pretrained`` on a GGUF-loaded model until its quantizer and the config's
-    ``quantization_config`` are dropped. The directory is written beside and renamed into place, so a
-    concurrent or interrupted run never sees half a checkpoint.
+    ``quantization_config`` are dropped. The directory is written beside and renamed into place, with a
+    manifest of its files' SHA-256 written last; a cache that fails that check (a file zeroed, truncated or
+    missing) is rebuilt. The dequantized weights are checked (finite, no all-zero matrix) before saving.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = _gguf_cache_dir(path, gguf_file)
-    if os.path.isfile(os.path.join(out, "config.json")):
+    if _cache_ok(out):
         return out
     logger.info("fastllm: converting %s to a bf16 checkpoint in %s (once)", gguf_file, out)
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=torch.bfloat16)
+    _check_weights(model, os.path.join(path, gguf_file))
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -119,9 +170,15 @@ def convert_gguf(path: str, gguf_file: str) -> str:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        sums = {n: _sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+        with open(os.path.join(tmp, CACHE_MANIFEST), "w") as f:
+            json.dump({"source": gguf_file, "sha256": sums}, f, indent=1)
+        if os.path.exists(out):  # a damaged cache: move it aside (a rename cannot replace a non-empty dir)
+            os.replace(out, os.path.join(tmp, ".damaged"))
         os.replace(tmp, out)
+        shutil.rmtree(os.path.join(out, ".damaged"), ignore_errors=True)
     except OSError:
-        if not os.path.isfile(os.path.join(out, "config.json")):
+        if not _cache_ok(out):  # another process may have won the race with a good cache
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -182,7 +239,7 @@ class FastLlama:
         """
         from transformers import AutoModelForCausalLM
 
-        if not isinstance(max_seq_length, int) or max_seq_length < 1:
+        if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 1:
             raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
         if not isinstance(patch, (bool, PatchConfig)):
             raise TypeError(f"patch must be True, False or a fastllm.PatchConfig, got {type(patch).__name__}")
@@ -190,6 +247,11 @@ class FastLlama:
         dtype = _resolve_dtype(dtype, device)
         path, gguf = _split_gguf(str(name_or_path), gguf_file)
         _check_exists(path, gguf)
+        if gguf is not None:
+            _check_gguf_whole(os.path.join(path, gguf))
+        elif os.path.isdir(path) and not any(n.endswith((".safetensors", ".bin")) for n in os.listdir(path)):
+            raise FileNotFoundError(f"{path} has a config.json but no weights (model.safetensors or "
+                                    "pytorch_model.bin); copy the checkpoint's weight files into it")
         config = _check_model_type(path, gguf)
         if gguf is not None:
             path = convert_gguf(path, gguf)
@@ -225,10 +287,16 @@ class FastLlama:
         nothing is cast to fp32: non-reentrant checkpointing needs no input gradients.
         """
         import peft
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
         base = find_base(model)
         if isinstance(model, peft.PeftModel):
             raise ValueError("model already has LoRA adapters; add another with model.add_adapter(name, config)")
+        if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            # An earlier get_peft_model put its LoRA layers into this very model: wrapping it again would
+            # re-initialise that PeftModel's (maybe trained) adapter weights.
+            raise ValueError("this base model is already wrapped by an earlier get_peft_model (its layers hold "
+                             "LoRA adapters): use that PeftModel, or load a fresh base model with from_pretrained")
         if use_gradient_checkpointing not in (True, False, "offload"):
             raise ValueError(f"use_gradient_checkpointing must be True, False or 'offload', "
                              f"got {use_gradient_checkpointing!r}")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fastllm.data import load_texts, pack, split_texts
+from fastllm.data import DataError, load_texts, pack, split_texts
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_local_files_and_chat_records(tmp_path, tok):
     assert load_texts(str(tmp_path / "b.json")) == ["one", "two"]
     c = load_texts(str(tmp_path / "c.jsonl"), tok)
     assert "<|im_start|>assistant" in c[0] and c[1] == "plain"
-    with pytest.raises(FileNotFoundError, match="no such data file"):
+    with pytest.raises(DataError, match="no such data file"):
         load_texts(str(tmp_path / "missing.jsonl"))
     (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": 1}) + "\n")
     with pytest.raises(ValueError, match="cannot read a training record"):

@@ -328,7 +328,7 @@ def main(argv=None) -> int:
                            "peak GiB": [r["peak_gib"] for r in ok]},
                   title=f"QLoRA step, batch {args.batch}x{args.seq}, {ok[0].get('gpu', args.device)}",
                   ylabel="k tokens/s | GiB", path=os.path.join(args.out, "train.png"))
-    return 0
+    return 0 if ok else 1  # every provider failed: a script or CI job must see it
 
 
 if __name__ == "__main__":
