@@ -139,3 +139,16 @@ def hub_kernels_switch() -> bool:
     from transformers import PreTrainedModel
 
     return hasattr(PreTrainedModel, "set_use_kernels")
+
+
+def triton_version() -> tuple[int, int] | None:
+    """(major, minor) of the installed triton, or None when it is missing or its version does not parse."""
+    if not triton_available():
+        return None
+    import triton
+
+    try:
+        major, minor = triton.__version__.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return None

@@ -9,61 +9,79 @@ a few hundred kernels per step.
 computed directly: for each tensor its dtype and whether its address is 16-byte aligned; for each int
 whether it is 1, whether it is divisible by 16 and whether it fits in 32 bits; constexpr and option values
 as they are. That key is at least as fine as Triton's own, so a hit always names the binary Triton would
-have chosen. The first call with a new key goes through ``kernel[grid]`` (which compiles or finds the
-binary and launches it); later calls go straight to the compiled kernel's launcher (on Triton 3.6, to its C
-function: see ``_c_launcher``).
+have chosen. The first call with a new key compiles through ``kernel.warmup`` and launches through
+``kernel[grid]`` with the compiled kernel's launcher wrapped to record the call Triton makes; the direct path
+is taken for that key only when the call it would make is exactly that one (same launcher, grid, stream,
+binary, metadata, no launch hooks, the same arguments). Later calls go straight to the launcher (on Triton
+3.6, to its C function: see ``_c_launcher``). A key whose check fails keeps ``kernel[grid]`` (logged once).
 
-Under the Triton interpreter (``TRITON_INTERPRET=1``), with ``FASTLLM_FAST_LAUNCH=0`` (both read at the first
-launch; ``set_enabled`` switches at run time) or with Triton older than 3.3 (another launcher signature), every
-call takes ``kernel[grid]``. Launch hooks (Triton's ``knobs.runtime.launch_enter_hook``, e.g. Proton) and runtime
-knobs changed after a kernel's first launch are not seen by the direct path: turn it off for those. Arguments are
-positional in the kernel's parameter order, constexprs by keyword (never positionally: the key records a runtime
-argument's traits, not its value).
+The direct path is for the Triton versions whose launch code was read (``_READ_VERSIONS``); any other version,
+the Triton interpreter (``TRITON_INTERPRET=1``) and ``FASTLLM_FAST_LAUNCH=0`` (all read at the first launch;
+``set_enabled`` switches at run time) take ``kernel[grid]`` for every call. Launch hooks set after a key's first
+launch (Triton's ``knobs.runtime.launch_enter_hook``, e.g. Proton) and runtime knobs changed after it are not seen
+by the direct path: turn it off for those. Arguments are positional in the kernel's parameter order, constexprs by
+keyword (never positionally: the key records a runtime argument's traits, not its value).
+
+Both paths launch on the device of the first tensor argument: Triton launches on the *current* CUDA device, so a
+kernel over ``cuda:1`` tensors with device 0 current would fail ("Pointer argument cannot be accessed").
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
+from .._compat import triton_version
+
 __all__ = ["cdiv", "launch", "launch_stats", "next_power_of_2", "set_enabled"]
 
-_CACHE: dict = {}                 # (id(kernel), device, traits) -> (launcher, function, packed metadata)
-_STATS = {"fast": 0, "slow": 0}   # launches through each path (tests read it)
+logger = logging.getLogger("fastllm")
 
+_CACHE: dict = {}   # (id(kernel), device, traits, kwargs) -> (launcher, c launch, function, metadata, tail)
+_SLOW: set = set()  # keys whose first-launch check failed: kernel[grid] for good
+_STATS = {"fast": 0, "slow": 0, "guarded": 0, "refused": 0}  # launches per path, device switches, failed checks
+
+# Triton versions whose launch code was read (runtime/jit.py ``JITFunction.run``, compiler/compiler.py
+# ``CompiledKernel``, backends/nvidia/driver.py ``CudaLauncher``), with how the direct path calls a compiled kernel.
+# Both call ``launcher(gridX, gridY, gridZ, stream, function, packed_metadata, launch_metadata, enter_hook,
+# exit_hook, *every parameter)`` as ``JITFunction.run`` does (constexprs included, options left out); "c": Triton
+# 3.6, whose launcher's Python ``__call__`` can be skipped for its C function (``_c_launcher``).
+_READ_VERSIONS = {(3, 6): "c", (3, 9): "run"}
 
 _ENABLED: bool | None = None  # read from the environment at the first launch (``set_enabled`` overrides)
+_KIND: str | None = None      # _READ_VERSIONS' entry for this Triton, read with _ENABLED
+_WARNED = False
 
 
 def set_enabled(on: bool | None) -> None:
-    """Turn the direct path on or off (None: read the environment again at the next launch)."""
-    global _ENABLED
+    """Turn the direct path on or off (None: read the environment and Triton's version again at the next launch)."""
+    global _ENABLED, _KIND
     _ENABLED = on
+    _KIND = _read_kind() if on else None
 
 
-def _triton_at_least(major: int, minor: int) -> bool:
-    import triton
-
-    try:
-        return tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (major, minor)
-    except ValueError:
-        return False
+def _read_kind() -> str | None:
+    """How the direct path calls a launcher on this Triton (``_READ_VERSIONS``), or None: a version not read."""
+    return _READ_VERSIONS.get(triton_version())
 
 
 def _enabled() -> bool:
-    global _ENABLED
+    global _ENABLED, _KIND
     if _ENABLED is None:  # os.environ lookups cost ~2 us each: once, not per launch
-        # Triton >= 3.3's launcher takes every parameter (constexprs too) after the metadata; older ones take
-        # the runtime arguments only, so they keep kernel[grid].
+        _KIND = _read_kind()
         _ENABLED = (os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-                    and os.environ.get("FASTLLM_FAST_LAUNCH", "1") != "0" and _triton_at_least(3, 3))
+                    and os.environ.get("FASTLLM_FAST_LAUNCH", "1") != "0" and _KIND is not None)
     return _ENABLED
 
 
 _Tensor = torch.Tensor
 _I32 = (-(2 ** 31), 2 ** 31)
 _U64 = 2 ** 63  # from here up Triton types an int as u64 (i64 below)
+# Module-level names: one global lookup a launch (and tests swap them on a machine without CUDA).
+_current_device = getattr(torch._C, "_cuda_getDevice", None)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _traits(args) -> tuple:
@@ -87,13 +105,21 @@ def _traits(args) -> tuple:
     return tuple(key)
 
 
+def _tensor_device(args) -> int:
+    """The CUDA device index of the first tensor argument (-1: a CPU tensor, or no tensor)."""
+    for a in args:
+        if isinstance(a, _Tensor):
+            return a.get_device()
+    return -1
+
+
 def _c_launcher(run):
     """(launch, cooperative, pdl) of Triton 3.6's CUDA launcher when the C function can be called directly,
     else None. Triton 3.6's ``CudaLauncher.__call__`` only allocates scratch buffers (none for kernels that ask
     for none) and forwards to ``self.launch(grid, stream, function, cooperative, pdl, global_scratch,
     profile_scratch, *rest)``; skipping it saves ~3 us of Python a launch on an H200 host. Other Triton
     versions change that signature, so they keep ``run``."""
-    if not _triton_at_least(3, 6) or _triton_at_least(3, 7) or type(run).__name__ != "CudaLauncher":
+    if _KIND != "c" or type(run).__name__ != "CudaLauncher":
         return None
     if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
         return None
@@ -110,28 +136,29 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     keyed by value and must come by keyword);
     kwargs: the remaining constexpr parameters by name plus launch options (``num_warps``...).
     """
-    if not (_ENABLED if _ENABLED is not None else _enabled()):
+    index = _tensor_device(args)
+    if index >= 0 and index != _current_device():  # one C call a launch; a switch only where the devices differ
+        _STATS["guarded"] += 1
+        with torch.cuda.device(index):
+            _launch_on(index, kernel, grid, args, kwargs)
+        return
+    _launch_on(index, kernel, grid, args, kwargs)
+
+
+def _launch_on(device: int, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
+    """``launch`` with ``device`` current (-1: CPU tensors, the interpreter)."""
+    if not (_ENABLED if _ENABLED is not None else _enabled()) or device < 0:
         kernel[grid](*args, **kwargs)
         return
-    device = torch._C._cuda_getDevice()
     key = (id(kernel), device, _traits(args), tuple(kwargs.items()))  # kernels live for the process
     hit = _CACHE.get(key)
     if hit is None:
-        compiled = kernel[grid](*args, **kwargs)
-        _STATS["slow"] += 1
-        run = getattr(compiled, "run", None)  # the property that loads the binary (done by the launch above)
-        if run is not None:
-            # the full argument list in parameter order: positional ones, then keywords (constexprs too; the
-            # launcher skips those itself), options left out
-            names = [p.name for p in kernel.params][len(args):]
-            tail = tuple(kwargs[n] if n in kwargs else kernel.params[len(args) + i].default
-                         for i, n in enumerate(names))
-            _CACHE[key] = (run, _c_launcher(run), compiled.function, compiled.packed_metadata, tail)
+        _first_launch(key, kernel, grid, args, kwargs)
         return
     run, c_launch, function, metadata, tail = hit
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
-    stream = torch._C._cuda_getCurrentRawStream(device)
+    stream = _raw_stream(device)
     if c_launch is not None:
         fn, cooperative, pdl = c_launch
         fn(grid[0], g1, g2, stream, function, cooperative, pdl, None, None, metadata, None, None, None,
@@ -141,8 +168,96 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     _STATS["fast"] += 1
 
 
+def _first_launch(key: tuple, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
+    """A key's first launch (or a refused key's every launch): through ``kernel[grid]``, checked (module doc)."""
+    _STATS["slow"] += 1
+    if key in _SLOW:
+        kernel[grid](*args, **kwargs)
+        return
+    compiled = kernel.warmup(*args, grid=grid, **kwargs)  # compiles (or finds) the binary, launches nothing
+    compiled = compiled.result() if hasattr(compiled, "result") else compiled  # Triton's async compile: a future
+    run = getattr(compiled, "run", None)  # the property that loads the binary onto the current device
+    if run is None:
+        _refuse(key, kernel, "no launcher on the compiled kernel")
+        kernel[grid](*args, **kwargs)
+        return
+    # the full argument list in parameter order: positional ones, then keywords (constexprs too; the launcher
+    # skips those itself), options left out
+    names = [p.name for p in kernel.params][len(args):]
+    tail = tuple(kwargs[n] if n in kwargs else kernel.params[len(args) + i].default for i, n in enumerate(names))
+    entry = (run, _c_launcher(run), compiled.function, compiled.packed_metadata, tail)
+    problem = _checked_launch(kernel, grid, args, kwargs, compiled, entry, key[1])
+    if problem is None:
+        _CACHE[key] = entry
+    else:
+        _refuse(key, kernel, problem)
+
+
+def _checked_launch(kernel, grid: tuple, args: tuple, kwargs: dict, compiled, entry: tuple,
+                    device: int) -> str | None:
+    """Launch once through ``kernel[grid]`` with the launcher the direct path would call (the C function, else the
+    compiled kernel's launcher) wrapped to record its call; None when that call is exactly the direct path's, else
+    what differs."""
+    run, c_launch, function, metadata, tail = entry
+    g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    stream = _raw_stream(device)
+    if c_launch is not None:
+        owner, attr = run, "launch"
+        want = (*g, stream, function, c_launch[1], c_launch[2], None, None, metadata, None, None, None, *args, *tail)
+    else:
+        owner, attr = compiled, "_run"
+        want = (*g, stream, function, metadata, None, None, None, *args, *tail)
+    real = getattr(owner, attr, None)
+    if real is None:
+        return f"no {attr} on {type(owner).__name__}"
+    calls = []
+
+    def record(*call):
+        calls.append(call)
+        return real(*call)
+
+    setattr(owner, attr, record)
+    try:
+        kernel[grid](*args, **kwargs)
+    finally:
+        setattr(owner, attr, real)
+    if len(calls) != 1:
+        return f"Triton's launch called the recorded launcher {len(calls)} times"
+    got = calls[0]
+    if len(got) != len(want):
+        return f"launcher called with {len(got)} arguments, the direct path passes {len(want)}"
+    bad = [i for i, (a, b) in enumerate(zip(got, want)) if not _same(a, b)]
+    return f"launcher arguments {bad} differ" if bad else None
+
+
+def _same(a, b) -> bool:
+    """The same argument: the same object, or equal values of one exact type (tensors by identity only)."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or isinstance(a, _Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - a value that does not compare is not the same
+        return False
+
+
+def _refuse(key: tuple, kernel, problem: str) -> None:
+    global _WARNED
+    _SLOW.add(key)
+    _STATS["refused"] += 1
+    if not _WARNED:
+        _WARNED = True
+        import triton
+
+        logger.warning("fastllm: the direct launch of %s does not match Triton %s's own (%s); kernels whose check "
+                       "fails launch through kernel[grid]", getattr(kernel, "__name__", kernel), triton.__version__,
+                       problem)
+
+
 def launch_stats() -> dict:
-    """Launch counts per path since import: {"fast": n, "slow": n}."""
+    """Counts since import: launches per path ("fast", "slow"), launches that switched device ("guarded"), keys whose
+    first-launch check failed ("refused")."""
     return dict(_STATS)
 
 
