@@ -8,9 +8,8 @@ from typing import Any
 
 _LOSS_NAMES = ("cross_entropy", "focal")
 _COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-# torch.compile modes that run CUDA graphs: refused with a reason. On an H200 (torch 2.11) cudagraph trees
-# first rejected the NF4 ops' shared workspace (a live pool tensor), and with fresh buffers the capture itself
-# was invalidated inside the checkpointed regions.
+# torch.compile modes that run CUDA graphs: refused with a reason. cudagraph trees reject the NF4 ops' shared
+# workspace (a live pool tensor), and with fresh buffers the capture is invalidated inside the checkpointed regions.
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
@@ -32,8 +31,8 @@ class PatchConfig:
       op by op as before, counted in the report.
     - ``loss``: chunked lm_head + loss that never materialises the logits in training.
       ``True`` / ``"cross_entropy"``, ``"focal"``, or a callable ``(logits_fp32 [n, V], labels [n]) -> [n]``.
-    - ``compile``: ``torch.compile`` the decoder layer's regions; opt-in (auto is off: on an H200 the eager fused
-      QLoRA path trains 1.6-2x faster than the compiled regions).
+    - ``compile``: ``torch.compile`` the decoder layer's regions; opt-in (auto is off: the eager fused QLoRA path
+      trains faster than the compiled regions; docs/benchmarks.md).
     - ``compile_mode``: passed to ``torch.compile``: ``"default"`` or ``"max-autotune-no-cudagraphs"``
       (autotuned matmuls). The CUDA-graph modes (``"reduce-overhead"``, ``"max-autotune"``) are refused:
       CUDA-graph capture fails inside the checkpointed regions.

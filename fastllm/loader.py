@@ -16,8 +16,14 @@ import torch
 from torch import nn
 
 from . import defaults
-from ._compat import (SUPPORTED_DTYPES, SUPPORTED_MODEL_TYPES, bf16_supported, bnb, enable_hf_checkpointing,
-                      hub_kernels_switch)
+from ._compat import (
+    SUPPORTED_DTYPES,
+    SUPPORTED_MODEL_TYPES,
+    bf16_supported,
+    bnb,
+    enable_hf_checkpointing,
+    hub_kernels_switch,
+)
 from .config import PatchConfig
 from .patching import find_base, patch_config, unpatch
 from .patching import patch as apply_patch

@@ -48,8 +48,8 @@ The compiled regions (attention, MLP, RMSNorm; ``fastllm.modules.decoder``) run 
 FSDP2 hooks, which dynamo skips, so a region sees the gathered parameters: plain tensors for LoRA and
 an ``NF4Param`` for each 4-bit weight. ``NF4Param`` is a traceable wrapper subclass, so
 AOTAutograd flattens it into its inner tensors: the compiled graph, and the NF4 custom op inside it,
-receive plain packed bytes and absmax tensors. Measured on 2 gloo ranks with checkpointing: one
-graph per region, shared by all layers, no graph break, losses equal to one compiled process.
+receive plain packed bytes and absmax tensors: one graph per region, shared by all layers, no graph
+break, losses equal to one compiled process (tests/integrations/test_fsdp2_compile_precision.py).
 
 HF Trainer / TRL SFTTrainer
 ---------------------------

@@ -100,11 +100,9 @@ def _nf4_dequant_parts_kernel(P0, A0, C0, D0, S0, O0, n0, b0, t0,
                       BLOCKSIZE, BLOCKSIZE2, NESTED, ROWS, COLS)
 
 
-# Bytes per program and warps, swept on an H200 (``fastllm bench dequant --sweep``, tiles 1024..16384
-# bytes x 2..16 warps): 4096-byte tiles with 4 warps were best from 4096x4096 up to 128256x4096
-# (83-95% of copy bandwidth at 14336x4096 and above); a 1024x4096 weight did best with 1024-byte tiles,
-# i.e. when the grid keeps >= ~2048 programs (~15 per SM) in flight. 16384-byte tiles with 2 warps
-# spill and run 10x slower.
+# Bytes per program and warps, from ``fastllm bench dequant --sweep`` (docs/benchmarks.md): 4096-byte tiles
+# with 4 warps are best for large weights; small weights do better with smaller tiles as long as the grid keeps
+# enough programs in flight (~15 per SM) to hide memory latency. Larger tiles with fewer warps spill registers.
 _TILE_BYTES = 4096
 _MIN_TILE_BYTES = 1024
 _NUM_WARPS = 4
@@ -116,8 +114,8 @@ def launch_config(n_bytes: int, blocksize: int, tile_bytes: int | None = None,
                   num_warps: int | None = None) -> tuple[int, int, int, int]:
     """The one place that maps a problem to (ROWS, COLS, num_warps, grid).
 
-    Cached: small weights are host-bound (~28 us a call back to back on an H200 host, most of it
-    Triton's Python launch path), so per-call Python work matters.
+    Cached: small weights are host-bound (most of a call is Triton's Python launch path), so per-call
+    Python work matters.
     """
     tile = tile_bytes or _TILE_BYTES
     if tile_bytes is None:

@@ -12,11 +12,10 @@ With x (B, T, H), M = B*T rows, the seven projections NF4 + LoRA (see ``ops.lora
 
 This is gradient checkpointing of the layer (only its input is kept between forward and backward) without
 an autograd graph inside it: non-reentrant checkpointing re-runs the layer through ~12 autograd nodes with
-saved-tensor hooks (~27 per layer per pass) and Python module forwards, and on an H200 host that recompute
-plus backward takes about as long as the GPU's own work for the layer, so the GPU waits on the host for
-~10% of an 8B step. Here the backward calls the same ops' plain forward/backward functions
-(``qkv_forward``, ``mlp_backward``, ...) directly; attention's backward alone goes through autograd (one
-local graph around the attention call, which picks its kernel as in transformers). Works with
+saved-tensor hooks (~27 per layer per pass) and Python module forwards, and that recompute plus backward
+takes about as long on the host as the GPU's own work for the layer, so the GPU waits on the host. Here the
+backward calls the same ops' plain forward/backward functions (``qkv_forward``, ``mlp_backward``, ...)
+directly; attention's backward alone goes through autograd (one local graph around the attention call, which picks its kernel as in transformers). Works with
 ``torch.autograd.grad`` and inputs that need no grad, unlike reentrant checkpointing: nothing here calls
 ``backward`` on an outer graph.
 

@@ -12,7 +12,7 @@ intermediate size (leading dims flattened)::
               dx      = [dg | du] @ [Wg; Wu] + [sg dg @ Bg | su du @ Bu] @ [Ag; Au]
 
 Why one Function: PEFT runs each of the three projections as ~8 ops plus an autograd node, and small-model
-QLoRA steps are bound by that host work, not by the GPU (an H200 host spends 13-35 us per op). Here gate and
+QLoRA steps are bound by that host work, not by the GPU (tens of microseconds per op). Here gate and
 up are one stacked projection (``lora_group_forward``): one dequant launch, one GEMM to ``gu = [g | u]``
 (M, 2I), one ``x @ [Ag; Au].T``; SwiGLU reads and writes that packed layout, so the backward's dx is one GEMM
 over ``[dg | du]``. Forward: 2 dequant launches, 2 base GEMMs, 4 rank-r GEMMs, one SwiGLU kernel, one node.

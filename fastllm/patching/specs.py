@@ -130,10 +130,10 @@ SPECS: tuple[PatchSpec, ...] = (
 )
 
 
-# Why compile stays off unless asked: measured on an H200 (torch 2.11, session 7), same runs.
-_COMPILE_AUTO_OFF = ("auto: off, opt-in with PatchConfig(compile=True): fastllm's eager fused QLoRA path trains "
-                     "1.6-2.9x transformers' eager against the compiled regions' 1.4x (H200, session 8: 1B 15,925 vs "
-                     "10,147 tokens/s, 8B 11,093 vs 5,391); generation is as fast either way with decode_graphs")
+# Why compile stays off unless asked (the measurements are in docs/benchmarks.md, "compile").
+_COMPILE_AUTO_OFF = ("auto: off, opt-in with PatchConfig(compile=True): fastllm's eager fused QLoRA path trains faster "
+                     "than the compiled regions (inductor cannot fuse across the QLoRA ops' dequant and rank-r terms); "
+                     "generation is as fast either way with decode_graphs")
 
 
 def _resolve_compile(cfg: PatchConfig, on: dict[str, bool], why: dict[str, str]) -> None:
@@ -217,8 +217,8 @@ def _resolve_fused_layer(cfg: PatchConfig, on: dict[str, bool], why: dict[str, s
 
 
 def _resolve_lora(cfg: PatchConfig, on: dict[str, bool], why: dict[str, str], device: torch.device) -> None:
-    """lora: auto-on on CUDA (measured faster than the unfused path on an H200: 1.25x the 8B step, 1.02x
-    the 1B step), off on the CPU unless asked; never inside compiled regions."""
+    """lora: auto-on on CUDA (faster than PEFT's unfused ops there: fewer launches and host work per projection),
+    off on the CPU unless asked (the torch fallbacks gain nothing there); never inside compiled regions."""
     if cfg.lora is False:
         on["lora"], why["lora"] = False, "disabled by PatchConfig"
     elif on["compile"]:
