@@ -16,8 +16,8 @@ saved-tensor hooks (~27 per layer per pass) and Python module forwards, and that
 takes about as long on the host as the GPU's own work for the layer, so the GPU waits on the host. Here the
 backward calls the same ops' plain forward/backward functions (``qkv_forward``, ``mlp_backward``, ...)
 directly; attention's backward alone goes through autograd (one local graph around the attention call, which
-picks its kernel as in transformers). Works with ``torch.autograd.grad`` and inputs that need no grad, unlike reentrant checkpointing: nothing here calls
-``backward`` on an outer graph.
+picks its kernel as in transformers). Works with ``torch.autograd.grad`` and inputs that need no grad, unlike
+reentrant checkpointing: nothing here calls ``backward`` on an outer graph.
 
 The numbers are the per-op fused path's (same functions, same compute-dtype adapter copies); attention is
 re-run with grad enabled in backward, as checkpointing's recompute does (SDPA may pick another kernel there).
