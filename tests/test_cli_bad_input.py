@@ -5,9 +5,15 @@ A tiny Llama with a tiny byte-level BPE tokenizer (and a tiny GGUF of both) keep
 """
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
 from fastllm.cli import main
 
@@ -129,3 +135,125 @@ def test_accepted_data_shapes_train(tiny_dir, tmp_path):
     for i, (name, content) in enumerate(_good_data(tmp_path).items()):
         (tmp_path / name).write_bytes(content)
         assert _train(tiny_dir, str(tmp_path / name), tmp_path / f"out{i}", "--max-steps", "1") == 0, name
+
+
+@pytest.fixture(scope="module")
+def run4(tiny_dir, data, tmp_path_factory):
+    """A finished 4-step run (a checkpoint every 2 steps) to resume, refuse, evaluate and damage copies of."""
+    out = tmp_path_factory.mktemp("run4") / "out"
+    assert _train(tiny_dir, data, out, "--max-steps", "4", "--save-every", "2") == 0
+    return out
+
+
+def test_output_with_an_earlier_run_needs_resume_or_overwrite(tiny_dir, data, run4, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(run4, out)
+    assert _train(tiny_dir, data, out, "--max-steps", "2", "--max-seq-length", "24") == 2
+    assert "holds an earlier run" in _err(capsys) and (out / "checkpoint-4").is_dir()
+    assert _train(tiny_dir, data, out, "--max-steps", "2", "--overwrite") == 0
+    assert not (out / "checkpoint-4").exists() and (out / "checkpoint-2").is_dir()
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_resume_already_past_max_steps(tiny_dir, data, run4, capsys):
+    assert _train(tiny_dir, data, run4, "--max-steps", "3", "--save-every", "2", "--resume") == 2
+    assert "already at step 4" in _err(capsys)
+
+
+@pytest.mark.parametrize("victim", ["trainer_state.pt", "adapter_model.safetensors"])
+def test_resume_from_a_truncated_checkpoint(victim, tiny_dir, data, run4, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(run4, out)
+    path = out / "checkpoint-4" / victim
+    path.write_bytes(path.read_bytes()[:100])
+    assert _train(tiny_dir, data, out, "--max-steps", "6", "--save-every", "2", "--resume") == 2
+    assert "is damaged" in _err(capsys)
+
+
+class _Killed(BaseException):
+    """Stands for kill -9: nothing in fastllm catches it."""
+
+
+def test_a_crash_mid_save_resumes_from_the_last_whole_checkpoint(tiny_dir, data, run4, tmp_path, monkeypatch):
+    """Killed between the adapter write and the state write of step 4: resume runs from step 2, exactly."""
+    out = tmp_path / "out"
+    real_save = torch.save
+
+    def save(obj, path, *a, **k):
+        if isinstance(obj, dict) and obj.get("step") == 4:
+            raise _Killed
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(_Killed):
+        _train(tiny_dir, data, out, "--max-steps", "4", "--save-every", "2")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    (out / "adapter_model.safetensors.tmp").write_bytes(b"half")  # a killed adapter copy
+    assert _train(tiny_dir, data, out, "--max-steps", "4", "--save-every", "2", "--resume") == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    ref = json.loads((run4 / "run_summary.json").read_text())
+    assert summary["resumed_from_step"] == 2
+    torch.testing.assert_close(torch.tensor(summary["losses"]), torch.tensor(ref["losses"]), rtol=1e-4, atol=1e-4)
+    assert not any(p.name.startswith(".tmp-") or p.name.endswith(".tmp") for p in out.iterdir())
+
+
+def test_read_only_results_and_missing_adapter(tiny_dir, data, tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    results.write_text("")
+    results.chmod(0o444)
+    if os.access(results, os.W_OK):
+        pytest.skip("running as a user who can write read-only files (root)")
+    assert _train(tiny_dir, data, tmp_path / "out", "--max-steps", "1", "--results", str(results)) == 2
+    assert "cannot write --results" in _err(capsys)
+
+
+def test_eval_with_a_missing_adapter(tiny_dir, data, tmp_path, capsys):
+    argv = ["eval", "--model", tiny_dir, "--data", data, "--max-seq-length", "32", "--eval-blocks", "2"]
+    assert main([*argv, "--adapter", str(tmp_path / "nothing")]) == 2
+    assert "not a PEFT adapter directory" in _err(capsys)
+
+
+def test_results_directory_is_refused(tiny_dir, data, tmp_path, capsys):
+    assert _train(tiny_dir, data, tmp_path / "out", "--max-steps", "1", "--results", str(tmp_path)) == 2
+    assert "cannot write --results" in _err(capsys)
+
+
+def test_model_dir_without_weights(tiny_dir, data, tmp_path, capsys):
+    model = tmp_path / "noweights"
+    shutil.copytree(tiny_dir, model, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert main(["train", "--model", str(model), "--data", data, *FAST, "--output", str(tmp_path / "o")]) == 2
+    assert "no weights" in _err(capsys)
+
+
+def test_short_max_seq_length_still_samples(tiny_dir, data, tmp_path):
+    """The sample after training fits the patched length limit (prompt cut, fewer new tokens)."""
+    assert main(["train", "--model", tiny_dir, "--data", data, "--max-seq-length", "8", "--eval-blocks", "2",
+                 "--lora-r", "4", "--max-steps", "1", "--prompt", WORDS, "--output", str(tmp_path / "o")]) == 0
+
+
+def _wait_for(proc, path, lines: int, limit: float = 900) -> None:
+    """Until ``path`` has ``lines`` lines or the process ended: an observable event, not a guess of the speed."""
+    deadline = time.time() + limit  # only against a hang; a slow machine just takes longer
+    while proc.poll() is None and time.time() < deadline:
+        if path.is_file() and path.read_text().count("\n") >= lines:
+            return
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_a_whole_checkpoint(sig, tiny_dir, data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastllm.cli", "train", "--model", tiny_dir, "--data", data, *FAST,
+           "--max-steps", "100000", "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(proc, out / "train_log.jsonl", 2)
+    assert proc.poll() is None, proc.communicate()[0][-2000:]
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 130 and "interrupted at step" in output, output[-2000:]
+    (ckpt,) = out.glob("checkpoint-*")
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    logged = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert state["step"] == logged[-1] == int(ckpt.name.split("-")[1]) >= 2
+    assert (out / "adapter_model.safetensors").is_file()
