@@ -111,3 +111,45 @@ def test_single_gpu_example_runs_on_cpu(default_model_dir):
                           cwd=__import__("pathlib").Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "step 2: loss" in proc.stdout and "patched loss" in proc.stdout and "unpatched" in proc.stdout
+
+
+def _interrupted_then_resumed(path, tmp_path, signals: int):
+    """12 steps with ``signals`` SIGINTs sent inside step 9's forward, then resumed to 12 in a fresh model."""
+    import os
+    import signal
+
+    model = _qlora(path)
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == 9:
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    data = _blocks(n=10)
+    first = train(model, data, max_steps=12, batch_size=2, lr=5e-3, progress=False, save_dir=str(tmp_path))
+    handle.remove()
+    assert first.interrupted
+    resumed = train(_qlora(path), data, max_steps=12, batch_size=2, lr=5e-3, progress=False,
+                    save_dir=str(tmp_path), resume_from=str(tmp_path))
+    return first, resumed
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_resume_after_ctrl_c_mid_step_is_exact(tiny_llama_dir, tmp_path, signals):
+    """One Ctrl-C finishes step 9 and saves it; a second drops the unfinished step (its batch is drawn again)."""
+    straight = train(_qlora(tiny_llama_dir), _blocks(n=10), max_steps=12, batch_size=2, lr=5e-3, progress=False)
+    first, resumed = _interrupted_then_resumed(tiny_llama_dir, tmp_path, signals)
+    assert first.steps == (9 if signals == 1 else 8)
+    assert resumed.resumed_from_step == first.steps and len(resumed.losses) == 12
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(straight.losses), rtol=1e-5, atol=1e-5)
+
+
+def test_train_refuses_bad_arguments(tiny_llama_dir):
+    model = _qlora(tiny_llama_dir)
+    for kw in (dict(max_steps=0), dict(max_steps=2, grad_accum=0), dict(max_steps=2, batch_size=True),
+               dict(max_steps=2, lr=float("nan"))):
+        with pytest.raises(ValueError):
+            train(model, _blocks(n=4), progress=False, **kw)
