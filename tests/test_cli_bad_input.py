@@ -257,3 +257,87 @@ def test_sigterm_and_ctrl_c_save_a_whole_checkpoint(sig, tiny_dir, data, tmp_pat
     logged = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert state["step"] == logged[-1] == int(ckpt.name.split("-")[1]) >= 2
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def _write_gguf(path, model_dir):
+    """The tiny Llama and its tokenizer as an F32 GGUF file (what llama.cpp's converter writes, minus quantizing)."""
+    import gguf
+    from safetensors.torch import load_file
+
+    sd = load_file(os.path.join(model_dir, "model.safetensors"))
+    tk = json.loads(_tokenizer().backend_tokenizer.to_str())
+    vocab = sorted(tk["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab] + [f"[PAD{i}]" for i in range(len(vocab), 320)]
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_context_length, 2048), (w.add_embedding_length, 64), (w.add_block_count, 2),
+                   (w.add_feed_forward_length, 160), (w.add_head_count, 4), (w.add_head_count_kv, 2),
+                   (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_dimension_count, 16), (w.add_vocab_size, 320)):
+        add(v)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tk["model"]["merges"]])
+    w.add_eos_token_id(0)
+    w.add_chat_template(CHATML)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
+             "model.norm.weight": "output_norm.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for name, t in sd.items():
+        if name not in names:
+            i, rest = name.split(".")[2], ".".join(name.split(".")[3:-1])
+            names[name] = f"blk.{i}.{parts[rest]}.weight"
+        w.add_tensor(names[name], t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture
+def gguf_model(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("FASTLLM_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(path, tiny_llama_dir)
+    return path
+
+
+def _cache_model(tmp_path):
+    (cache,) = (tmp_path / "cache").glob("tiny-bf16-*")
+    return cache / "model.safetensors"
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "truncated", "no_config"])
+def test_a_damaged_gguf_cache_is_rebuilt(damage, gguf_model, data, tmp_path):
+    from safetensors.torch import load_file
+
+    assert main(["eval", "--model", str(gguf_model), "--data", data, "--max-seq-length", "32", "--eval-blocks",
+                 "2"]) == 0
+    weights = _cache_model(tmp_path)
+    good = {k: v.clone() for k, v in load_file(weights).items()}  # load_file maps the file: copy first
+    if damage == "zeroed":
+        weights.write_bytes(bytes(weights.stat().st_size))
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        os.remove(weights.parent / "config.json")
+    assert main(["eval", "--model", str(gguf_model), "--data", data, "--max-seq-length", "32", "--eval-blocks",
+                 "2"]) == 0
+    for name, t in load_file(_cache_model(tmp_path)).items():
+        assert torch.equal(t, good[name]), name
+
+
+@pytest.mark.parametrize("damage, hint", [("truncated", "truncated"), ("noise", "is damaged")])
+def test_a_damaged_gguf_is_refused(damage, hint, gguf_model, data, tmp_path, capsys):
+    raw = bytearray(gguf_model.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) * 2 // 3]
+    else:  # random bytes mid-file (in the tensor data)
+        mid = len(raw) // 2
+        raw[mid:mid + 20000] = torch.randint(0, 256, (20000,), generator=torch.Generator().manual_seed(0),
+                                             dtype=torch.uint8).numpy().tobytes()
+    gguf_model.write_bytes(bytes(raw))
+    assert main(["eval", "--model", str(gguf_model), "--data", data, "--max-seq-length", "32", "--eval-blocks",
+                 "2"]) == 2
+    assert hint in _err(capsys)
