@@ -117,10 +117,15 @@ def test_replays_never_write_a_workspace_that_was_freed(tiny_llama_i128_dir, cha
     bnb's GEMV instead). After the workspace grows or is cleared, a tensor of the old buffer's size takes the memory
     the allocator got back; the next generate must neither replay into that memory (the graph keeps its buffer, so
     the allocator never got it back) nor replay the old graph at all (the step is captured again)."""
+    import gc
+
     from torch.multiprocessing.reductions import StorageWeakRef
 
     from fastllm.ops import nf4 as nf4_ops
 
+    # A fresh buffer: the graphs of earlier tests' models (the workspace is shared by every model) hold theirs.
+    gc.collect()
+    nf4_ops.clear_workspaces()
     model = _model(tiny_llama_i128_dir)
     graphs = decode_graphs_of(find_base(model))
     x = torch.randint(0, 320, (2, 11), device="cuda")
@@ -146,7 +151,5 @@ def test_replays_never_write_a_workspace_that_was_freed(tiny_llama_i128_dir, cha
     assert graphs.stats["captured"] == 2, graphs.summary()  # captured again over the new workspace
     torch.testing.assert_close(seq2, seq, rtol=0, atol=0)
     torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
-    import gc
-
     gc.collect()
     assert all(r.expired() for r in old)  # the old graph went at the new capture, and its buffers with it

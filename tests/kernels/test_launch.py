@@ -179,9 +179,17 @@ class _Compiled:
         return self._run
 
 
+class _Chain:
+    """``triton.knobs.HookChain``: what Triton passes as a launch hook, empty unless a profiler added one."""
+
+    def __init__(self, *calls):
+        self.calls = list(calls)
+
+
 class _Kernel:
     """``JITFunction`` as read (runtime/jit.py ``run``): bind the parameters with their defaults, find the compiled
-    kernel, call ``kernel.run(grid, stream, function, packed_metadata, launch_metadata, hooks, *params)``.
+    kernel, call ``kernel.run(grid, stream, function, packed_metadata, launch_metadata, knobs' launch hook chains,
+    *params)``.
     ``change`` makes it differ from the direct path the way another Triton could."""
 
     def __init__(self, change=None):
@@ -198,10 +206,11 @@ class _Kernel:
             names = [p.name for p in self.params]
             params = [*args, *(kwargs.get(n, p.default) for n, p in zip(names[len(args):], self.params[len(args):]))]
             g = (*grid, 1, 1)[:3]
-            hook = (lambda *a: None) if self.change == "hook" else None
+            hook = _Chain(lambda *a: None) if self.change == "hook" else _Chain()
+            launch_metadata = object()  # Triton's LazyDict (it builds one whenever the hook chain is not None)
             extra = ("scratch",) if self.change == "extra argument" else ()
             c, stream = self.compiled, L._raw_stream(L._current_device())  # the current device's stream
-            c.run(*g, stream, c.function, c.packed_metadata, None, hook, None, *params, *extra)
+            c.run(*g, stream, c.function, c.packed_metadata, launch_metadata, hook, _Chain(), *params, *extra)
             return c
 
         return go
