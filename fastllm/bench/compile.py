@@ -199,7 +199,8 @@ def measure_infer_interleaved(model, providers, *, prompt: int, new_tokens: int,
 
 def _emit(row: dict, path: str | None) -> None:
     """Print a finished row and append it to ``path`` at once, so a run cut short keeps what it measured."""
-    keys = ("shape", "provider", "mode", "tokens_per_s", "generate_ms", "peak_gib", "graphs", "graph_breaks")
+    keys = ("shape", "provider", "mode", "tokens_per_s", "generate_ms", "peak_gib", "graphs", "graph_breaks",
+            "rel_err", "argmax_agree", "vs_floor")
     print(json.dumps({k: row[k] for k in keys if k in row}), flush=True)
     if path:
         write_jsonl([row], path)
@@ -221,6 +222,8 @@ def run(shape: str, *, batch: int, seq: int, steps: int, prompt: int, new_tokens
             rows.append({**common, "mode": "train", "batch": batch, "seq": seq, **res,
                          **_graphs(compile_report(model), provider)})
             _emit(rows[-1], jsonl)
+    if "numerics" in modes:
+        rows += numerics_rows(model, providers, prompt=prompt, steps=new_tokens, base=base, shape=shape, jsonl=jsonl)
     if "infer" in modes:
         results = measure_infer_interleaved(model, providers, prompt=prompt, new_tokens=new_tokens, runs=runs)
         for provider in providers:
@@ -230,7 +233,7 @@ def run(shape: str, *, batch: int, seq: int, steps: int, prompt: int, new_tokens
                          **results[provider], **_graphs(compile_report(model), provider)})
             _emit(rows[-1], jsonl)
     _set_provider(model, "eager")
-    for mode, key in (("train", "tokens_per_s"), ("infer", "generate_ms")):
+    for mode, key in (("train", "tokens_per_s"), ("infer", "generate_ms")):  # numerics rows have their own floor
         ref = next((r for r in rows if r["mode"] == mode and r["provider"] == "eager"), None)
         for r in rows:
             if r["mode"] == mode and ref is not None:
@@ -239,6 +242,26 @@ def run(shape: str, *, batch: int, seq: int, steps: int, prompt: int, new_tokens
     del model
     gc.collect()
     torch.cuda.empty_cache()
+    return rows
+
+
+def numerics_rows(model, providers, *, prompt: int, steps: int, base: dict, shape: str, jsonl: str | None) -> list:
+    """Decode numerics (``bench.numerics``): each provider's teacher-forced logits against eager's, next to the
+    floor (eager static vs dynamic cache), with the adapters' B ~ N(0, 0.02) so the LoRA terms count."""
+    from .numerics import teacher_forced
+
+    g = torch.Generator(device="cpu").manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    names = ["eager+static"] + [("fastllm:decode_graphs=false" if p == "fastllm-nographs" else p)
+                                for p in providers if p.startswith("fastllm") and "compile" not in p]
+    rows = []
+    for provider, res in teacher_forced(model, names, prompt=prompt, steps=steps).items():
+        rows.append({**base, "bench": "compile", "shape": shape, "provider": provider, "mode": "numerics",
+                     "prompt": prompt, "steps": steps, **res})
+        _emit(rows[-1], jsonl)
     return rows
 
 
@@ -256,6 +279,8 @@ def _plots(rows: list[dict], out: str) -> None:
     provs = list(dict.fromkeys(r["provider"] for r in rows))
     for mode, key, label in (("train", "tokens_per_s", "training tokens/s"),
                              ("infer", "generate_ms", "prefill + 128-token decode, ms")):
+        if not any(r["mode"] == mode for r in rows):
+            continue
         series = {p: [next((r[key] for r in rows if r["mode"] == mode and r["provider"] == p and r["shape"] == g),
                            0.0) for g in groups] for p in provs}
         bar_chart(groups, series, title=f"QLoRA Llama-3 shapes, {mode} ({rows[0].get('gpu', '?')})", ylabel=label,
@@ -268,11 +293,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="shorter sequences and fewer repetitions (a smoke run)")
     p.add_argument("--shapes", default="1b,8b", help="comma-separated, from: 1b,8b (tiny: CPU smoke)")
     p.add_argument("--providers", default="eager,fastllm,fastllm+compile")
-    p.add_argument("--modes", default="train,infer", help="train, infer or both")
+    p.add_argument("--modes", default="train,infer", help="train, infer, numerics (comma-separated)")
     args = p.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
-    if not modes or set(modes) - {"train", "infer"}:
-        p.error(f"--modes takes train and/or infer, got {args.modes!r}")
+    if not modes or set(modes) - {"train", "infer", "numerics"}:
+        p.error(f"--modes takes train, infer and/or numerics, got {args.modes!r}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     providers = tuple(p for p in args.providers.split(",") if p)
@@ -294,9 +319,11 @@ def main(argv=None) -> int:
                       "graph_breaks", "speedup_vs_eager"],
             "infer": ["shape", "provider", "prefill_ms", "decode_ms_per_token", "generate_ms", "peak_gib",
                       "first_generate_s", "graphs", "graph_breaks", "speedup_vs_eager"]}
+    cols["numerics"] = ["shape", "provider", "rel_err", "rel_err_max", "argmax_agree", "vs_floor"]
     for mode, columns in cols.items():
-        print(f"\n{mode}\n" + format_table([r for r in rows if r["mode"] == mode], columns))
-    _plots(rows, args.out)
+        if any(r["mode"] == mode for r in rows):
+            print(f"\n{mode}\n" + format_table([r for r in rows if r["mode"] == mode], columns))
+    _plots([r for r in rows if r["mode"] != "numerics"], args.out)
     return 0
 
 

@@ -20,6 +20,9 @@ SHAPES = {
     # for CPU smoke runs of the benchmark code
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=False, vocab_size=512),
+    # every in_features a multiple of 64: bitsandbytes' CPU 4-bit path is only right there (CPU references)
+    "tiny128": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, tie_word_embeddings=False, vocab_size=512),
 }
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -7,7 +7,8 @@ position embeddings, length D; ``c1, c2`` / ``s1, s2`` their halves)::
     backward  dx1 = dy1 * c1 + dy2 * s2        dx2 = dy2 * c2 - dy1 * s1
 
 which is ``x * cos + rotate_half(x) * sin`` and its transpose (``rotate_half(x) = [-x2, x1]``). fp32 inside,
-one rounding on store; compiled without fp fusion so fp32 results equal transformers' op-by-op maths.
+each product and the sum rounded to the output dtype where transformers' op-by-op maths rounds them (a bf16
+product of bf16 inputs is exact in fp32, so the results are transformers' bits); compiled without fp fusion.
 Layout: q (rows, nq, D) and k (rows, nk, D), rows = batch * seq, each row contiguous (any row stride: q and
 k may be column blocks of one fused q/k/v output); cos, sin (cos_rows, D)
 contiguous, with cos_rows = seq (one position row shared by the batch) or rows.
@@ -23,6 +24,12 @@ from .launch import launch, next_power_of_2
 
 
 @triton.jit
+def _r(v, dtype: tl.constexpr):
+    """fp32 ``v`` rounded to ``dtype`` and back (a no-op for fp32): where a torch op in ``dtype`` rounds."""
+    return v.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _rotate_heads(X, Y, row, x_stride, n_heads, c1, c2, s1, s2, D: tl.constexpr, HALF: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
     d = tl.arange(0, BLOCK_D)
@@ -35,12 +42,13 @@ def _rotate_heads(X, Y, row, x_stride, n_heads, c1, c2, s1, s2, D: tl.constexpr,
         m = (hh[:, None] < n_heads) & (d[None, :] < HALF)
         x1 = tl.load(X + xoffs, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(X + xoffs + HALF, mask=m, other=0.0).to(tl.float32)
+        dt = Y.dtype.element_ty
         if BACKWARD:
-            y1 = x1 * c1 + x2 * s2
-            y2 = x2 * c2 - x1 * s1
+            y1 = _r(x1 * c1, dt) + _r(x2 * s2, dt)
+            y2 = _r(x2 * c2, dt) - _r(x1 * s1, dt)
         else:
-            y1 = x1 * c1 - x2 * s1
-            y2 = x2 * c2 + x1 * s2
+            y1 = _r(x1 * c1, dt) - _r(x2 * s1, dt)
+            y2 = _r(x2 * c2, dt) + _r(x1 * s2, dt)
         tl.store(Y + offs, y1.to(Y.dtype.element_ty), mask=m)
         tl.store(Y + offs + HALF, y2.to(Y.dtype.element_ty), mask=m)
 

@@ -1,9 +1,11 @@
 """SwiGLU elementwise Triton kernels: ``h = silu(g) * u`` and its gradient.
 
-Forward (fp32 inside)::   h = g * sigmoid(g) * u
-Backward, with s = sigmoid(g)::
-    dg = dh * u * s * (1 + g * (1 - s))
-    du = dh * g * s
+Forward (fp32 inside, rounded where eager ``F.silu(g) * u`` rounds, so both give the same bits)::
+    a = cast(g / (1 + exp(-g)))      silu(g), rounded to the tensors' dtype as F.silu's output is
+    h = a * u
+Backward, with s = sigmoid(g), rounded as eager's autograd rounds its products::
+    dg = cast(dh * u) * s * (1 + g * (1 - s))
+    du = dh * a
 
 Backward recomputes ``sigmoid(g)`` from the saved ``g`` and ``u`` instead of saving ``silu(g)``:
 one activation of size [tokens, intermediate] less per MLP than eager. The gradients go to fresh
@@ -22,12 +24,18 @@ _BLOCK = 1024
 
 
 @triton.jit
+def _silu_rounded(g, dtype: tl.constexpr):
+    """silu(g) for fp32 g, rounded to ``dtype`` and back: F.silu's formula and its one rounding."""
+    return (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _swiglu_fwd_kernel(G, U, H, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    h = g * tl.sigmoid(g) * u
+    h = _silu_rounded(g, H.dtype.element_ty) * u
     tl.store(H + offs, h.to(H.dtype.element_ty), mask=mask)
 
 
@@ -39,8 +47,8 @@ def _swiglu_bwd_kernel(DH, G, U, DG, DU, n, BLOCK: tl.constexpr):
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(g)
-    dg = dh * u * s * (1.0 + g * (1.0 - s))
-    du = dh * g * s
+    dg = (dh * u).to(DG.dtype.element_ty).to(tl.float32) * s * (1.0 + g * (1.0 - s))
+    du = dh * _silu_rounded(g, DU.dtype.element_ty)
     tl.store(DG + offs, dg.to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + offs, du.to(DU.dtype.element_ty), mask=mask)
 
@@ -53,7 +61,7 @@ def _swiglu_packed_fwd_kernel(GU, H, inter, BLOCK: tl.constexpr):
     mask = cols < inter
     g = tl.load(GU + row * 2 * inter + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(GU + row * 2 * inter + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(H + row * inter + cols, (g * tl.sigmoid(g) * u).to(H.dtype.element_ty), mask=mask)
+    tl.store(H + row * inter + cols, (_silu_rounded(g, H.dtype.element_ty) * u).to(H.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -66,8 +74,8 @@ def _swiglu_packed_bwd_kernel(DH, GU, DGU, inter, BLOCK: tl.constexpr):
     g = tl.load(GU + row * 2 * inter + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(GU + row * 2 * inter + inter + cols, mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(g)
-    dg = dh * u * s * (1.0 + g * (1.0 - s))
-    du = dh * g * s
+    dg = (dh * u).to(DGU.dtype.element_ty).to(tl.float32) * s * (1.0 + g * (1.0 - s))
+    du = dh * _silu_rounded(g, DGU.dtype.element_ty)
     tl.store(DGU + row * 2 * inter + cols, dg.to(DGU.dtype.element_ty), mask=mask)
     tl.store(DGU + row * 2 * inter + inter + cols, du.to(DGU.dtype.element_ty), mask=mask)
 

@@ -87,8 +87,14 @@ def _fusable(layer, x: torch.Tensor, decode: bool = False):
     if prepared is None:
         return None
     xc, inp_dtype, bias = prepared
-    if torch.is_autocast_enabled(xc.device.type) and torch.get_autocast_dtype(xc.device.type) != xc.dtype:
-        return None  # PEFT would run the adapter in the autocast dtype
+    if torch.is_autocast_enabled(xc.device.type):
+        if torch.get_autocast_dtype(xc.device.type) != xc.dtype:
+            return None  # PEFT would run the adapter in the autocast dtype
+    elif not torch.is_grad_enabled() and adapter[1].dtype != xc.dtype:
+        # Inference without autocast: PEFT runs the adapter in its own dtype (fp32 masters) and rounds once; the
+        # fused ops would round it to the compute dtype, and generation's logits would drift from eager's. (In
+        # training the fused ops' compute-dtype adapter is the trade, as under autocast.)
+        return None
     return xc, inp_dtype, bias, base, *adapter
 
 

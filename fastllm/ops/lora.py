@@ -42,6 +42,7 @@ class LoRAFrozen(NamedTuple):
     backend: str
     use_triton: bool        # for an elementwise kernel between projections (the MLP's SwiGLU)
     cast_cache: str | None = None  # ``cast_adapters``' cache mode: "store" / "reuse" in checkpointed layers
+    exact: bool = False     # inference: the LoRA term rounded as PEFT rounds it (``add_lora_term``)
 
 
 _CASTS = WeakIdKeyDictionary()  # first adapter weight -> (key, flat, views): a forward's cast, kept for its recompute
@@ -90,7 +91,19 @@ def stacked_rows(flat: torch.Tensor, n_rows: int, k: int) -> torch.Tensor:
     return flat[: n_rows * k].view(n_rows, k)
 
 
-def lora_group_forward(x2, weights, states, A_stack, Bs, scales, backend: str, bias=None):
+def add_lora_term(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, s: float, exact: bool) -> torch.Tensor:
+    """``y += s * xa @ b.T`` in place. ``exact``: rounded as PEFT under autocast rounds it (the product, the
+    scaled product, the sum: three roundings to y's dtype), so inference logits are eager's; else one addmm (one
+    rounding, one pass over y), for training."""
+    if not exact:
+        return y.addmm_(xa, b.t(), alpha=s)
+    t = xa @ b.t()
+    if s != 1.0:
+        t.mul_(s)
+    return y.add_(t)
+
+
+def lora_group_forward(x2, weights, states, A_stack, Bs, scales, backend: str, bias=None, exact: bool = False):
     """Projections of one input, NF4 base + LoRA each, as one dense GEMM plus the rank-r terms; no autograd.
 
     x2 (M, K) in the compute dtype; A_stack = [A_1; A_2; ..] (R, K) (R = sum r_i); Bs[i] (N_i, r_i)::
@@ -100,17 +113,18 @@ def lora_group_forward(x2, weights, states, A_stack, Bs, scales, backend: str, b
         y[:, cols_i] += s_i * xa[:, ranks_i] @ B_i.T               in place (addmm epilogue)
 
     Returns (y, xa). Output i is ``y``'s column block i (a view); with one projection, y itself.
+    ``exact``: the rank-r terms rounded as PEFT rounds them (``add_lora_term``), for inference.
     """
     w = stacked_dequant(weights, states, x2.device, x2.dtype, backend)
     with no_autocast(x2):
         y = torch.nn.functional.linear(x2, w, None if bias is None else bias.to(x2.dtype))
         xa = x2 @ A_stack.t()
         if len(Bs) == 1:
-            y.addmm_(xa, Bs[0].t(), alpha=scales[0])
+            add_lora_term(y, xa, Bs[0], scales[0], exact)
             return y, xa
         cols = y.split_with_sizes([b.shape[0] for b in Bs], 1)
         for y_i, xa_i, b, s in zip(cols, xa.split_with_sizes([b.shape[1] for b in Bs], 1), Bs, scales):
-            y_i.addmm_(xa_i, b.t(), alpha=s)
+            add_lora_term(y_i, xa_i, b, s, exact)
     return y, xa
 
 
@@ -200,7 +214,7 @@ def lora_decode(x: torch.Tensor, parts, states, biases=None) -> list:
         absmax, code, code2, absmax2, offset, bs, _, shape = st
         bias = None if biases is None else biases[i]
         y = bnb_gemv(x2, packed, absmax, code, code2, absmax2, offset, bias, bs, shape)
-        y.addmm_(xa_i, b.t(), alpha=float(s))
+        add_lora_term(y, xa_i, b, float(s), True)
         outs.append(y.view(*x.shape[:-1], y.shape[-1]))
     return outs
 
@@ -230,7 +244,7 @@ class LoRANF4Function(torch.autograd.Function):
             # Compute-dtype copies (cached until the adapters change), kept for backward: no cast there.
             flat, (Ac, Bc) = cast_adapters((A, B), x.dtype, frozen.cast_cache)
             y, xa = lora_group_forward(x2, frozen.weights, frozen.states, Ac, (Bc,), frozen.scales,
-                                       frozen.backend, bias)
+                                       frozen.backend, bias, frozen.exact)
             ctx.save_for_backward(x2, xa)
             ctx.flat = flat  # cached copies (cast_adapters): on ctx, no checkpoint hooks
             ctx.ab_dtypes, ctx.ab_shapes = (A.dtype, B.dtype), (A.shape, B.shape)
@@ -280,4 +294,6 @@ def frozen_parts(parts, names, backend: str, use_triton: bool, cast_cache: str |
         check_adapter(A, B, f"{name}: " if name else "")
     states = tuple(_state_args(w.quant_state) for w, *_ in parts)
     weights = tuple(plain_tensor(p[0]) for p in parts)
-    return LoRAFrozen(weights, states, tuple(float(p[3]) for p in parts), backend, use_triton, cast_cache)
+    # Called in the caller's grad mode (outside the autograd Function): without grad it is inference.
+    return LoRAFrozen(weights, states, tuple(float(p[3]) for p in parts), backend, use_triton, cast_cache,
+                      not torch.is_grad_enabled())

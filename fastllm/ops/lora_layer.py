@@ -81,7 +81,8 @@ def _run(x, c, s, p: LayerParts, casts, shapes, keep: bool):
     else:
         a2 = p.attend(q4, k4, v4).reshape(B * T, nq * d)
     a_o, b_o = casts[1][1]
-    ao, xa_o = lora_group_forward(a2, p.o.weights, p.o.states, a_o, (b_o,), p.o.scales, p.o.backend)
+    ao, xa_o = lora_group_forward(a2, p.o.weights, p.o.states, a_o, (b_o,), p.o.scales, p.o.backend,
+                                  exact=p.o.exact)
     m2 = x2 + ao
     n2, st2 = rms_norm_forward(m2, *p.norm2, p.use_triton)
     y, saved_mlp = mlp_forward(n2, p.mlp, casts[2][0], shapes[2], need_output=not keep, views=casts[2][1])

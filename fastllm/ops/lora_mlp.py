@@ -56,10 +56,10 @@ def mlp_forward(x2, frozen: LoRAFrozen, flat, shapes, need_output: bool = True, 
     _, _, Bgc, Buc, Adc, Bdc = adapter_views(flat, shapes) if views is None else views
     r_gu = shapes[0][0] + shapes[1][0]
     gu, xa_gu = lora_group_forward(x2, (wg, wu), (stg, stu), stacked_rows(flat, r_gu, x2.shape[1]),
-                                   (Bgc, Buc), (sg, su), frozen.backend)  # (M, 2I) = [g | u]
+                                   (Bgc, Buc), (sg, su), frozen.backend, exact=frozen.exact)  # (M, 2I) = [g | u]
     h = swiglu_packed_forward(gu, frozen.use_triton)
     if need_output:
-        y, had = lora_group_forward(h, (wd,), (std,), Adc, (Bdc,), (sd,), frozen.backend)
+        y, had = lora_group_forward(h, (wd,), (std,), Adc, (Bdc,), (sd,), frozen.backend, exact=frozen.exact)
     else:  # a checkpoint's recompute: only the saved tensors matter, y is dropped
         had, y = h @ Adc.t(), torch.empty_like(x2)
     return y, (gu, h, xa_gu, had)

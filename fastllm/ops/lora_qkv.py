@@ -45,7 +45,7 @@ def qkv_forward(x2, frozen: LoRAFrozen, flat, shapes, views=None):
     casts = adapter_views(flat, shapes) if views is None else views
     r = sum(a[0] for a in shapes[:3])
     return lora_group_forward(x2, frozen.weights, frozen.states, stacked_rows(flat, r, x2.shape[1]), casts[3:],
-                              frozen.scales, frozen.backend)
+                              frozen.scales, frozen.backend, exact=frozen.exact)
 
 
 def qkv_backward(dys, x2, xa, frozen: LoRAFrozen, flat, shapes, need_dx: bool = True, views=None):

@@ -7,8 +7,9 @@ the projections produce (before the head transpose)::
     dx = dy * cos + rotate_half^T(dy * sin),   rotate_half^T([g1, g2]) = [g2, -g1]
 
 q (B, T, nq, D), k (B, T, nk, D); cos, sin (B or 1, T, D). One Triton launch for both q and k forward and
-one backward (transformers: ~16 ops forward, as many backward); fp32 inside, one rounding, so fp32 results
-equal transformers' and bf16 results are at least as accurate (transformers rounds after each op).
+one backward (transformers: ~16 ops forward, as many backward). Each product and the sum are rounded to the
+tensors' dtype where transformers' ops round them, so the results are transformers' bits in every dtype (decode
+logits would otherwise drift from eager's over many steps).
 """
 
 from __future__ import annotations
@@ -21,16 +22,13 @@ __all__ = ["rope", "rope_rotate", "rope_tables"]
 
 
 def _rotate_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    """x (rows, heads, D); cos/sin (rows, 1, D) fp32."""
+    """x (rows, heads, D); cos/sin (rows, 1, D) in x's dtype: each op rounds as transformers' do."""
     half = x.shape[-1] // 2
-    xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half:]
+    x1, x2 = x[..., :half], x[..., half:]
     c1, c2, s1, s2 = cos[..., :half], cos[..., half:], sin[..., :half], sin[..., half:]
     if backward:
-        y = torch.cat((x1 * c1 + x2 * s2, x2 * c2 - x1 * s1), dim=-1)
-    else:
-        y = torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
-    return y.to(x.dtype)
+        return torch.cat((x1 * c1 + x2 * s2, x2 * c2 - x1 * s1), dim=-1)
+    return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
 
 
 def _apply(q, k, cos, sin, use_triton: bool, backward: bool):
@@ -41,8 +39,8 @@ def _apply(q, k, cos, sin, use_triton: bool, backward: bool):
         return rope_apply(q, k, cos, sin, backward)
     rows = q.shape[0]
     reps = rows // cos.shape[0]
-    c = cos.float().repeat(reps, 1)[:, None, :]  # (rows, 1, D): row b*T + t takes position row t
-    s = sin.float().repeat(reps, 1)[:, None, :]
+    c = cos.to(q.dtype).repeat(reps, 1)[:, None, :]  # (rows, 1, D): row b*T + t takes position row t
+    s = sin.to(q.dtype).repeat(reps, 1)[:, None, :]
     return _rotate_torch(q, c, s, backward), _rotate_torch(k, c, s, backward)
 
 

@@ -1,27 +1,28 @@
 """SwiGLU elementwise op ``silu(g) * u`` that saves g and u (not silu(g)) for backward.
 
 g, u: same shape and dtype, e.g. (B, T, I). Triton kernels on CUDA; the same closed form in torch
-elsewhere (fp32 inside, cast on output), so both backends agree with eager ``F.silu(g) * u``.
+elsewhere. Both round where eager ``F.silu(g) * u`` rounds (silu's output, then the product), so a patched
+MLP gives eager's bits and decode logits do not drift from eager's over many steps.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .._compat import pick_backend, records_graph
 
 
 def _fwd_torch(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    gf = g.float()
-    return (gf * torch.sigmoid(gf) * u.float()).to(g.dtype)
+    return F.silu(g) * u  # eager's own ops: each rounds to g's dtype
 
 
 def _bwd_torch(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    gf, uf, dhf = g.float(), u.float(), dh.float()
+    """dg = cast(dh * u) * s * (1 + g (1 - s)), du = dh * silu(g): eager autograd's roundings."""
+    gf = g.float()
     s = torch.sigmoid(gf)
-    dg = dhf * uf * s * (1 + gf * (1 - s))
-    du = dhf * gf * s
-    return dg.to(g.dtype), du.to(u.dtype)
+    dg = (dh * u).float() * s * (1 + gf * (1 - s))
+    return dg.to(g.dtype), dh * F.silu(g)
 
 
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor, use_triton: bool) -> torch.Tensor:
