@@ -66,8 +66,8 @@ def test_offloaded_checkpointing_on_cuda_matches_plain(tiny_llama_dir):
 
 
 def test_decode_step_with_lora_takes_the_decode_op(tiny_llama_dir, monkeypatch):
-    """With the lora patch on (auto on CUDA), a one-token no-grad call (generation's decode step) runs each group of
-    projections through ``lora_decode`` (bnb's own 4-bit GEMV plus the rank-r terms), not the fused dequant + GEMM
+    """With the lora patch on (auto on CUDA), a one-token no-grad call under autocast (generation's decode step) runs
+    each group of projections through ``lora_decode`` (bnb's own 4-bit GEMV plus the rank-r terms), not the fused dequant + GEMM
     ops; the logits follow eager PEFT + bnb (within the norm and RoPE kernels' rounding), also a few steps into a
     KV cache. With grad mode on, a one-token call still trains the adapters (PEFT's path)."""
     from fastllm.modules import lora as lora_mod
@@ -92,6 +92,13 @@ def test_decode_step_with_lora_takes_the_decode_op(tiny_llama_dir, monkeypatch):
     gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
     n_layers = model.config.num_hidden_layers
     with torch.no_grad():
+        # Without autocast PEFT runs the fp32 adapters in fp32: fastllm leaves such inference calls to PEFT's
+        # forward (eager's numerics), so no decode op runs.
+        plain = model(input_ids=x).logits
+        assert calls == [] and decodes == []
+        with eager(model):
+            torch.testing.assert_close(plain, model(input_ids=x).logits, rtol=2e-2, atol=2e-2)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # the adapters run in bf16, as in PEFT
         out = model(input_ids=x).logits
         # q/k/v, gate/up and o_proj of each layer; down_proj too where bnb's GEMV takes its in_features (the
         # tiny model's 160 is not a multiple of the blocksize 64: PEFT's forward serves that one)
