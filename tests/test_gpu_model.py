@@ -67,9 +67,9 @@ def test_offloaded_checkpointing_on_cuda_matches_plain(tiny_llama_dir):
 
 def test_decode_step_with_lora_takes_the_decode_op(tiny_llama_dir, monkeypatch):
     """With the lora patch on (auto on CUDA), a one-token no-grad call under autocast (generation's decode step) runs
-    each group of projections through ``lora_decode`` (bnb's own 4-bit GEMV plus the rank-r terms), not the fused dequant + GEMM
-    ops; the logits follow eager PEFT + bnb (within the norm and RoPE kernels' rounding), also a few steps into a
-    KV cache. With grad mode on, a one-token call still trains the adapters (PEFT's path)."""
+    each group of projections through ``lora_decode`` (bnb's own 4-bit GEMV plus the rank-r terms), not the fused
+    dequant + GEMM ops; the logits follow eager PEFT + bnb (within the norm and RoPE kernels' rounding), also a few
+    steps into a KV cache. With grad mode on, a one-token call still trains the adapters (PEFT's path)."""
     from fastllm.modules import lora as lora_mod
     from fastllm.ops import lora as lora_ops
     from fastllm.ops import lora_mlp as mlp_ops
