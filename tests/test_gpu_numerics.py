@@ -12,6 +12,9 @@ def test_decode_logits_within_the_noise_floor():
     from fastllm.bench.models import build_qlora_base
     from fastllm.bench.numerics import teacher_forced
 
+    # The floor's static-cache generate compiles transformers' forward: start dynamo fresh, as a user's process does
+    # (the compile tests before this one leave their own caches and counters).
+    torch._dynamo.reset()
     model = build_qlora_base("1b", "cuda")
     torch.manual_seed(0)
     model = FastLlama.get_peft_model(model, r=16, lora_alpha=16)
