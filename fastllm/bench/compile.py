@@ -15,51 +15,7 @@ step minus a median step. Inference: prefill of a ``prompt``-token prompt, then 
 cache): latency (median of runs, the providers' runs interleaved) and peak memory. ``eager+static``: transformers'
 own static-cache generate; ``-nographs``: a fastllm provider with ``decode_graphs=False``.
 
-Measured (H200, torch 2.11, transformers 5.17, ``--quick --shapes 1b --providers eager,fastllm+compile``, one
-run, before the fix below): train 2x1024 eager 5,156 tok/s at 4.22 GiB, compiled 3,046 tok/s (0.59x) at
-1.54 GiB, 25 s compile, 16 graphs, 14 graph breaks; generate (256 prompt + 128 tokens) eager 7.49 s, compiled
-13.77 s (0.54x).
-
-Cause, reproduced on the CPU with torch 2.11.0 + transformers 5.17.0 + peft 0.21.0 on the tiny QLoRA model
-of tests/modules/test_compile.py (18 graph breaks over 5 training lengths, 40 after a ``generate``): dynamo
-2.11 traces *through* the ``functools.cache``'d ``fastllm._compat.bnb()`` probe in ``nf4_linear4bit_forward``
-and breaks at ``importlib.util.find_spec`` (marked skipped), once per 4-bit linear; each resumed frame then
-guards on its ``Params4bit``'s ``quant_state.shape`` and recompiles per projection shape until dynamo's
-recompile limit, so whole regions ran eagerly. Fixed: with compile on, the 4-bit linears get
-``nf4_linear4bit_compiled_forward``, which reads plain-tensor ``NF4Args`` (refreshed eagerly before each
-region) and never bitsandbytes objects. On the CPU, torch 2.11 and 2.13 alike: 0 graph breaks; 3 graphs (one
-per region) for training over 10 lengths, 11 after a ``generate``. Not yet measured on a GPU. The auto gate
-stays at torch >= 2.13 until a GPU run shows compiled >= 1.1x eager on torch 2.11.
-
-Re-measured after the fix (session 2, H200, torch 2.11, ``fastllm bench train`` rows, batch 2 x 2048, bf16
-autocast, same run per shape): 8B ``fastllm:compile=1`` 9,472 tokens/s vs 8,312 eager-patched (1.14x) vs
-7,669 ``hf-bf16``, 7.9 GiB; 1B 17,104 vs 18,510 (0.92x: at 1B the compiled regions lose to the hand-written
-Triton RMSNorm/SwiGLU kernels). ``tests/test_gpu_compile.py`` on the GPU: compiled vs eager LoRA gradients
-within 2.1% (1B-wide layers, bf16), 10-step curves within 0.01. Inference was not measured: a 150 s budget
-ended inside the 1B eager ``generate`` runs, so rows are now printed and appended as each one finishes.
-
-Session 3 (H200 on a slower host, ``--quick``): inference 1B eager 7.15 s, fastllm 7.67 s, compiled 6.14 s
-(1.17x); 8B eager 11.28 / 8.95 s (two runs), fastllm 17.97 / 14.80 s, compiled 15.19 / 17.76 s (0.74x / 0.50x):
-decode is host-bound and eager's one-token 4-bit linears take bnb's GEMV (~40 us host) where fastllm's op took
-~130 us (the eager patch now defers those calls to bnb; the compiled regions do not yet). Training 1B (2 x
-1024): eager 7,889 tokens/s, fastllm 5,349, compiled 7,916.
-
-Session 6: one-token calls of the compiled regions' NF4 op go to bitsandbytes' own ``gemm_4bit`` kernel (bnb's
-no-grad ``matmul_4bit`` path): 8B ``--quick --modes infer`` eager 15.45 s, compiled 11.94 s (1.29x), 0 graph
-breaks. Training was not re-measured; the eager default now runs fused QLoRA decoder layers (``fused_layer``).
-
-Session 7 (H200, torch 2.11, ``--quick``), one row group per run: training 1B eager 8,803 tokens/s, fastllm
-18,811, compiled 10,012 (1.14x eager); 8B eager 3,230, fastllm 8,983, compiled 4,944 (1.53x); 3 graphs, 0 breaks,
-0 recompiles. Inference 1B over four runs: compiled 1.12x, 0.68x, 1.10x and 0.86x eager; 8B 1.05x (1.29x in
-session 6). Decode is host-bound and the compiled regions cost five guarded calls a layer a token, so compiled
-inference swings with the host. ``compile`` is opt-in: the eager fused path trains 1.8-1.9x faster.
-
-Session 8 (H200, torch 2.11, ``--quick``, inference interleaved, median of 3): ``decode_graphs`` (auto-on for CUDA)
-replays each decode step as a CUDA graph over a static KV cache. Training 1B eager 7,284 tokens/s, fastllm 15,925,
-compiled 10,147 (1.39x eager); 8B 3,893 / 11,093 / 5,391 (1.38x). Generate 1B eager 8.35 s, fastllm 0.715 s, compiled
-0.748 s (11.2x); 8B 8.76 / 1.345 / 1.456 s (6.0x); 0 graph breaks. Without graphs (``fastllm-nographs``) fastllm was
-1.08x eager. Run 4, 1B: eager 4.46 s, ``eager+static`` (transformers' static cache, which it compiles with CUDA
-graphs) 0.852 s, fastllm 0.565 s, compiled 0.587 s.
+Measurements and their history: docs/benchmarks.md, "compile and generation".
 
 One shape and mode per call keeps each under the device tool's 10-minute limit::
 
