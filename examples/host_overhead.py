@@ -34,7 +34,7 @@ def main() -> None:
     from fastllm.kernels.nf4 import launch_config, nf4_dequant_fwd
     from fastllm.modules.nf4_linear import nf4_linear4bit_forward
     from fastllm.ops import dequantize_nf4
-    from fastllm.ops.nf4 import NF4LinearFunction, _absmax_torch, _state_args, nf4_args, nf4_linear_args
+    from fastllm.ops.nf4 import NF4LinearFunction, _absmax_torch, nf4_args, nf4_linear_args, state_args
 
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=500)
@@ -47,7 +47,7 @@ def main() -> None:
     x1 = torch.randn(1, 1, 4096, dtype=torch.bfloat16, device="cuda")
     small = torch.randn(16, device="cuda")
     dense = torch.empty(4096, 4096, dtype=torch.bfloat16, device="cuda")
-    absmax, code, code2, absmax2, offset, bs, bs2, shape = _state_args(qs)
+    absmax, code, code2, absmax2, offset, bs, bs2, shape = state_args(qs)
     plain = w.data
     rows, cols, warps, grid = launch_config(plain.numel(), bs)
     cases = {
@@ -97,12 +97,12 @@ def _launch_cases() -> dict:
     from fastllm.kernels import launch as L
     from fastllm.kernels.nf4 import _nf4_dequant_fwd_kernel, launch_config
     from fastllm.ops import dequantize_nf4
-    from fastllm.ops.nf4 import _state_args
+    from fastllm.ops.nf4 import state_args
 
     w = torch.randn(256, 256, dtype=torch.bfloat16, device="cuda")
     packed, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     out = torch.empty(256, 256, dtype=torch.bfloat16, device="cuda")
-    absmax, code, code2, absmax2, offset, bs, bs2, shape = _state_args(qs)
+    absmax, code, code2, absmax2, offset, bs, bs2, shape = state_args(qs)
     n = out.numel()
     rows, cols, warps, grid = launch_config((n + 1) // 2, bs)
     kargs = (packed, absmax, code, code2, absmax2, offset, out, n, (n + 1) // 2)

@@ -109,9 +109,9 @@ def _check_writable(path: str | None, what: str) -> None:
 def _remove_run(out: str) -> None:
     import shutil
 
-    from .training import _checkpoints
+    from .training import list_checkpoints
 
-    for _, path in _checkpoints(out):
+    for _, path in list_checkpoints(out):
         shutil.rmtree(path)
     for name in RUN_FILES:
         if os.path.isfile(os.path.join(out, name)):
@@ -120,14 +120,14 @@ def _remove_run(out: str) -> None:
 
 def _prepare_output(args) -> str | None:
     """Check --output against --resume / --overwrite; returns the directory to resume from, or None."""
-    from .training import _checkpoints, clean_stale
+    from .training import clean_stale, list_checkpoints
 
     out = args.output
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--output {out!r} is a file; pass a directory")
     clean_stale(out)  # what a killed save left behind
     cfg_path = os.path.join(out, "run_config.json")
-    saved = _checkpoints(out)
+    saved = list_checkpoints(out)
     mine = {k: getattr(args, k) for k in RUN_KEYS}
     if args.resume:
         if not os.path.isfile(cfg_path):

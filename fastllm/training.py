@@ -126,7 +126,7 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _checkpoints(out_dir: str) -> list[tuple[int, str]]:
+def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
     """(step, path) of the complete (manifest written) checkpoints in ``out_dir``, oldest first."""
     if not os.path.isdir(out_dir):
         return []
@@ -136,7 +136,7 @@ def _checkpoints(out_dir: str) -> list[tuple[int, str]]:
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
-    found = _checkpoints(out_dir)
+    found = list_checkpoints(out_dir)
     return found[-1][1] if found else None
 
 
@@ -183,7 +183,7 @@ def save_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, state: _LoopSt
         json.dump({"step": state.step, "sha256": files}, f, indent=1)
     final = os.path.join(out_dir, f"checkpoint-{state.step}")
     _replace_dir(tmp, final)
-    for step, path in _checkpoints(out_dir):
+    for step, path in list_checkpoints(out_dir):
         if step != state.step:
             shutil.rmtree(path, ignore_errors=True)
     _publish_adapter(final, out_dir)

@@ -42,7 +42,7 @@ def test_patched_qlora_on_cuda_matches_eager(tiny_llama_dir, compile, lora, fuse
 def test_offloaded_checkpointing_on_cuda_matches_plain(tiny_llama_dir):
     """``use_gradient_checkpointing="offload"`` (layer inputs parked in pinned CPU memory, async copies) gives
     the same loss and LoRA grads as plain non-reentrant checkpointing: only where the inputs wait changes."""
-    from fastllm.integrations.checkpointing import offload_checkpoint
+    from fastllm.modules.checkpointing import offload_checkpoint
 
     x = torch.randint(0, 320, (2, 77), device="cuda")
     results = []

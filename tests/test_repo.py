@@ -4,7 +4,7 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LAYERS = ["kernels", "ops", "modules", "patching"]
+LAYERS = ["kernels", "ops", "modules", "patching", "integrations"]
 
 
 def _ci_command() -> str:
@@ -18,7 +18,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_imports_point_left_only():
-    """kernels -> ops -> modules -> patching: a layer never imports a layer to its right."""
+    """kernels -> ops -> modules -> patching -> integrations: a layer never imports a layer to its right."""
     pkg = ROOT / "fastllm"
     for i, layer in enumerate(LAYERS):
         for path in (pkg / layer).glob("*.py"):
@@ -27,6 +27,17 @@ def test_imports_point_left_only():
                 if isinstance(node, ast.ImportFrom) and node.level >= 1 and node.module:
                     top = node.module.split(".")[0] if node.level == 2 else layer
                     assert top not in LAYERS[i + 1:], f"{path.name} imports {node.module} (right of {layer})"
+
+
+def test_no_private_names_imported_across_files():
+    """A name with a leading underscore stays in its file: what another file needs is public (and named so)."""
+    bad = []
+    for path in (ROOT / "fastllm").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                bad += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert bad == []
 
 
 def test_import_has_no_side_effects():

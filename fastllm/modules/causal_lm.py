@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from .._compat import SUPPORTED_MODEL_TYPES
 from ..losses import get_loss
 from ..ops.chunked_linear_loss import chunked_linear_loss
-from ..ops.linear_cross_entropy import _chunks, auto_chunk_size, linear_cross_entropy
+from ..ops.linear_cross_entropy import auto_chunk_size, linear_cross_entropy, row_chunks
 from .fused_head import fused_head_forward, linear_head_map
 
 IGNORE_INDEX = -100
@@ -68,7 +68,7 @@ def module_chunked_map(head: nn.Module, hidden: torch.Tensor, labels: torch.Tens
     vocab = vocab_size or getattr(head, "out_features", None) or hidden.shape[-1]
     chunk = chunk_size or auto_chunk_size(hidden.shape[0], hidden.shape[1], vocab, hidden.dtype, hidden.device)
     outs = [checkpoint(_chunk_map, head, fn, hidden[s:e], labels[s:e], use_reentrant=False)
-            for s, e in _chunks(hidden.shape[0], chunk)]
+            for s, e in row_chunks(hidden.shape[0], chunk)]
     return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
 
 

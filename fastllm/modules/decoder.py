@@ -43,9 +43,9 @@ from collections import Counter
 
 import torch
 
-from ..integrations.checkpointing import in_checkpoint
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import rope
+from .checkpointing import in_checkpoint
 from .lora import fused_lora_qkv
 from .nf4_linear import refresh_nf4_aliases
 from .rms_norm import rms_norm_eligible
@@ -250,7 +250,7 @@ def make_mlp_forward(regions: CompiledRegions):
     return compiled_mlp_forward
 
 
-def _attention_interface(attn):
+def attention_interface(attn):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     impl = attn.config._attn_implementation
@@ -261,7 +261,7 @@ def _attention_interface(attn):
     return ALL_ATTENTION_FUNCTIONS[impl] if impl in COMPILED_ATTENTION else None
 
 
-def _needs_eager(attn, kwargs) -> bool:
+def needs_eager(attn, kwargs) -> bool:
     if kwargs.get("output_attentions"):
         return True
     return any(kwargs.get(k) is not None for k in _EAGER_ONLY_KWARGS)
@@ -274,8 +274,8 @@ def make_attention_forward(regions: CompiledRegions):
                                    attention_mask: torch.Tensor | None = None, cache=None, **kwargs):
         if cache is None:  # transformers < 5.2x names it past_key_values
             cache = kwargs.pop("past_key_values", None)
-        interface = _attention_interface(self)
-        if interface is None or position_embeddings is None or _needs_eager(self, kwargs):
+        interface = attention_interface(self)
+        if interface is None or position_embeddings is None or needs_eager(self, kwargs):
             regions.stats.eager_calls["attention"] += 1
             return type(self).forward(self, hidden_states, position_embeddings, attention_mask, cache, **kwargs)
         cos, sin = position_embeddings

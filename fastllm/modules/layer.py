@@ -19,11 +19,11 @@ import torch
 from torch.nn.modules import module as _nn_module
 
 from .._compat import pick_backend
-from ..integrations.checkpointing import nonreentrant_checkpoint
 from ..ops.lora import frozen_parts
 from ..ops.lora_layer import LayerParts, lora_decoder_layer
-from .decoder import _attention_interface, _needs_eager
-from .lora import _fused_parts
+from .checkpointing import nonreentrant_checkpoint
+from .decoder import attention_interface, needs_eager
+from .lora import fused_parts
 from .mlp import fast_mlp_forward
 from .rms_norm import fast_rms_norm_forward
 
@@ -84,8 +84,8 @@ def _plan(function, args, kwargs):
         return "a KV cache"
     if kw.get("position_embeddings") is None:
         return "no position_embeddings"
-    interface = _attention_interface(attn)
-    if interface is None or _needs_eager(attn, kw):
+    interface = attention_interface(attn)
+    if interface is None or needs_eager(attn, kw):
         return "attention the fused op does not run (implementation or kwargs)"
     if attn.training and attn.attention_dropout:
         return "attention dropout"
@@ -103,7 +103,7 @@ def _plan(function, args, kwargs):
         return "not a Llama decoder layer"
     if any(_module_hooks(m) for m in (norm1, attn, norm2, mlp, *projs)):
         return "module hooks on modules the fused op bypasses"
-    groups = [_fused_parts(projs[:3], x), _fused_parts(projs[3:4], x), _fused_parts(projs[4:], x)]
+    groups = [fused_parts(projs[:3], x), fused_parts(projs[3:4], x), fused_parts(projs[4:], x)]
     if any(g is None for g in groups):
         return "a projection outside the fused QLoRA path"
     nq, d = attn.config.num_attention_heads, attn.head_dim

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from .._compat import is_linear4bit
-from ..integrations.checkpointing import in_checkpoint, is_recomputing
 from ..ops.lora import decode_states, lora_decode, lora_nf4_linear
 from ..ops.lora_mlp import lora_mlp
 from ..ops.lora_qkv import lora_qkv
 from ..ops.swiglu import swiglu
+from .checkpointing import in_checkpoint, is_recomputing
 from .nf4_linear import goes_to_bnb_gemv, nf4_linear_eligible, prepare_nf4_call
 
 __all__ = ["fused_lora_forward", "fused_lora_mlp", "fused_lora_qkv", "is_lora_linear4bit", "lora_eligible"]
@@ -128,7 +128,7 @@ def _patched(layer) -> bool:
     return getattr(layer.__dict__.get("forward"), "__func__", None) is fused_lora_forward
 
 
-def _fused_parts(projs, x: torch.Tensor, decode: bool = False) -> list | None:
+def fused_parts(projs, x: torch.Tensor, decode: bool = False) -> list | None:
     """``(weight, A, B, scale)`` of each projection when all carry the lora patch and can take the fused path
     on ``x`` with no cast and no bias; None otherwise (then the caller runs them one by one, each still fused
     on its own where it can be). ``decode``: for ``lora_decode`` (a decode step)."""
@@ -153,7 +153,7 @@ def _decode_step(layer, x: torch.Tensor) -> bool:
 def _decode_group(projs, x: torch.Tensor) -> list | None:
     """The outputs of ``projs`` on ``x`` through ``lora_decode`` when ``x`` is a decode step they can all take
     that way, else None."""
-    parts = _fused_parts(projs, x, decode=True)
+    parts = fused_parts(projs, x, decode=True)
     states = None if parts is None else decode_states([p[0] for p in parts])
     return None if states is None else lora_decode(x, parts, states)
 
@@ -173,7 +173,7 @@ def fused_lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
         h = swiglu(*gu)
         down = _decode_group(projs[2:], h)
         return down[0] if down is not None else mlp.down_proj(h)
-    parts = _fused_parts(projs, x)
+    parts = fused_parts(projs, x)
     return None if parts is None else lora_mlp(x, *parts, need_output=not is_recomputing(), cast_cache=_cast_cache())
 
 
@@ -184,5 +184,5 @@ def fused_lora_qkv(attn, x: torch.Tensor):
     if _decode_step(projs[0], x):
         out = _decode_group(projs, x)
         return None if out is None else tuple(out)
-    parts = _fused_parts(projs, x)
+    parts = fused_parts(projs, x)
     return None if parts is None else lora_qkv(x, *parts, cast_cache=_cast_cache())

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from .linear_cross_entropy import _autocast_inputs, _chunks, _flatten, _resolve_chunk
+from .linear_cross_entropy import autocast_inputs, flatten_rows, resolve_chunk, row_chunks
 
 PerTokenFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -34,7 +34,7 @@ class _ChunkedLinearMap(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, W, b, y, fn, chunk):
-        outs = [fn(_logits(h[s:e], W, b).float(), y[s:e]) for s, e in _chunks(h.shape[0], chunk)]
+        outs = [fn(_logits(h[s:e], W, b).float(), y[s:e]) for s, e in row_chunks(h.shape[0], chunk)]
         ctx.save_for_backward(h, W, b, y)
         ctx.fn, ctx.chunk = fn, chunk
         return torch.cat(outs) if outs else h.new_zeros(0, dtype=torch.float32)
@@ -47,7 +47,7 @@ class _ChunkedLinearMap(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_W = torch.zeros_like(W) if need_W else None
         grad_b = torch.zeros(W.shape[0], dtype=torch.float32, device=h.device) if need_b else None
-        for s, e in _chunks(h.shape[0], ctx.chunk):
+        for s, e in row_chunks(h.shape[0], ctx.chunk):
             h_c = h[s:e]
             with torch.enable_grad():
                 z = _logits(h_c, W, b).float().requires_grad_(True)  # fp32 upcast inside the chunk
@@ -71,9 +71,9 @@ def chunked_linear_map(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
                        bias: torch.Tensor | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """``fn((hidden @ weight.T + bias).float() [n, V], labels [n]) -> [n] or [n, k]`` over all tokens,
     chunked; returns ``labels.shape`` (+ ``(k,)``) fp32 with gradients for hidden/weight/bias."""
-    h, y = _flatten(hidden, labels)
-    chunk = _resolve_chunk(chunk_size, h, weight)
-    h, weight, bias = _autocast_inputs(h, weight, bias)
+    h, y = flatten_rows(hidden, labels)
+    chunk = resolve_chunk(chunk_size, h, weight)
+    h, weight, bias = autocast_inputs(h, weight, bias)
     with torch.autocast(h.device.type, enabled=False):
         out = _ChunkedLinearMap.apply(h.contiguous(), weight, bias, y.contiguous(), fn, chunk)
     return out.reshape(*labels.shape, *out.shape[1:])

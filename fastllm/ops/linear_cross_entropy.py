@@ -80,7 +80,7 @@ def _chunk_loss_grad(backend: str, logits: torch.Tensor, y: torch.Tensor, opts: 
     return loss.detach(), g.to(logits.dtype)
 
 
-def _chunks(n: int, chunk: int):
+def row_chunks(n: int, chunk: int):
     for start in range(0, n, chunk):
         yield start, min(start + chunk, n)
 
@@ -100,7 +100,7 @@ def _linear_ce_pass(h, W, b, y, opts, backend, chunk, needs, row_scale=None):
     grad_b = None
     if needs[2] and b is not None:
         grad_b = torch.zeros(W.shape[0], dtype=torch.float32, device=h.device)
-    for start, end in _chunks(N, chunk):
+    for start, end in row_chunks(N, chunk):
         h_c = h[start:end]
         logits = torch.addmm(b, h_c, W.t()) if b is not None else h_c @ W.t()  # [c, V], matmul dtype
         scale_c = row_scale[start:end] if row_scale is not None else None
@@ -164,14 +164,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_W, grad_b, None, None, None, None, None, None
 
 
-def _flatten(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def flatten_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if hidden.shape[:-1] != labels.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree on the "
                          "token dimensions (expected hidden = labels.shape + (H,))")
     return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
 
 
-def _autocast_inputs(h, W, b):
+def autocast_inputs(h, W, b):
     """Under autocast, cast like ``nn.Linear`` would (the matmuls below use ``out=``, which autocast
     skips); the casts are autograd ops, so gradients come back in the parameters' own dtype."""
     if not torch.is_autocast_enabled(h.device.type):
@@ -180,7 +180,7 @@ def _autocast_inputs(h, W, b):
     return h.to(dt), W.to(dt), (b.to(dt) if b is not None else None)
 
 
-def _resolve_chunk(chunk_size, h, W) -> int:
+def resolve_chunk(chunk_size, h, W) -> int:
     if chunk_size is None:
         return auto_chunk_size(h.shape[0], h.shape[1], W.shape[0], h.dtype, h.device)
     if chunk_size < 1:
@@ -208,13 +208,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if logit_softcap is not None and logit_softcap <= 0:
         raise ValueError(f"logit_softcap must be positive or None, got {logit_softcap}")
-    h, y = _flatten(hidden, labels)
+    h, y = flatten_rows(hidden, labels)
     if weight.dim() != 2 or weight.shape[1] != h.shape[1]:
         raise ValueError(f"weight must be [V, {h.shape[1]}], got {tuple(weight.shape)}")
     backend = pick_backend(backend, h.device)
     opts = dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                 logit_softcap=logit_softcap)
-    chunk = _resolve_chunk(chunk_size, h, weight)
+    chunk = resolve_chunk(chunk_size, h, weight)
     if num_items_in_batch is not None and reduction != "none":
         denom = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=h.device)
         reduction = "sum"
@@ -222,7 +222,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         denom = (y != ignore_index).sum().float()
     else:
         denom = torch.ones((), dtype=torch.float32, device=h.device)
-    h, weight, bias = _autocast_inputs(h, weight, bias)
+    h, weight, bias = autocast_inputs(h, weight, bias)
     with torch.autocast(h.device.type, enabled=False):
         out = _LinearCrossEntropy.apply(h.contiguous(), weight, bias, y.contiguous(), opts, backend, chunk,
                                         reduction, denom)

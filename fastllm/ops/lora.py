@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .nf4 import _bias_grad, _state_args, bnb_gemv, bnb_gemv_ok, no_autocast, plain_tensor, stacked_dequant
+from .nf4 import bias_grad, bnb_gemv, bnb_gemv_ok, no_autocast, plain_tensor, stacked_dequant, state_args
 
 __all__ = ["LoRAFrozen", "LoRANF4Function", "adapter_views", "cast_adapters", "check_adapter", "decode_states",
            "frozen_parts", "lora_decode", "lora_group_backward", "lora_group_forward", "lora_nf4_linear",
@@ -37,7 +37,7 @@ class LoRAFrozen(NamedTuple):
     """What a multi-projection QLoRA op needs besides the adapter weights (which autograd must see as inputs)."""
 
     weights: tuple          # packed NF4 bytes of each projection, as plain tensors (``plain_tensor``)
-    states: tuple           # ``_state_args`` of each quant state
+    states: tuple           # ``state_args`` of each quant state
     scales: tuple           # LoRA scale of each projection (floats)
     backend: str
     use_triton: bool        # for an elementwise kernel between projections (the MLP's SwiGLU)
@@ -174,11 +174,11 @@ def lora_group_backward(dys, x2, xa, weights, states, A_stack, Bs, scales, backe
 
 
 def decode_states(weights) -> tuple | None:
-    """``(packed plain tensor, _state_args)`` of each bnb ``Params4bit`` in ``weights`` when bnb's 4-bit GEMV takes
+    """``(packed plain tensor, state_args)`` of each bnb ``Params4bit`` in ``weights`` when bnb's 4-bit GEMV takes
     them all, else None."""
     states = []
     for w in weights:
-        packed, st = plain_tensor(w), _state_args(w.quant_state)
+        packed, st = plain_tensor(w), state_args(w.quant_state)
         if not bnb_gemv_ok(packed, st[2], st[5], st[6], st[7]):
             return None
         states.append((packed, st))
@@ -263,7 +263,7 @@ class LoRANF4Function(torch.autograd.Function):
         gA, gB = adapter_views(gflat, ctx.ab_shapes)
         dx = lora_group_backward((dy2,), x2, xa, f.weights, f.states, Ac, (Bc,), f.scales, f.backend, gA, (gB,),
                                  need_dx=ctx.needs_input_grad[0])
-        db = _bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+        db = bias_grad(dy, ctx.bias_dtype) if ctx.needs_input_grad[1] else None
         dx = None if dx is None else dx.view(ctx.x_shape)
         dA, dB = master_grads(gflat, ctx.ab_shapes, ctx.ab_dtypes, ctx.needs_input_grad[2:4])
         return dx, db, dA, dB, None
@@ -292,7 +292,7 @@ def frozen_parts(parts, names, backend: str, use_triton: bool, cast_cache: str |
     """Check each projection's ``(weight, A, B, scale)`` and gather what gets no gradient."""
     for name, (_, A, B, _) in zip(names, parts):
         check_adapter(A, B, f"{name}: " if name else "")
-    states = tuple(_state_args(w.quant_state) for w, *_ in parts)
+    states = tuple(state_args(w.quant_state) for w, *_ in parts)
     weights = tuple(plain_tensor(p[0]) for p in parts)
     # Called in the caller's grad mode (outside the autograd Function): without grad it is inference.
     return LoRAFrozen(weights, states, tuple(float(p[3]) for p in parts), backend, use_triton, cast_cache,

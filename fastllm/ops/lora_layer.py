@@ -31,11 +31,11 @@ from typing import NamedTuple
 import torch
 
 from .lora import LoRAFrozen, adapter_views, cast_adapters, lora_group_backward, lora_group_forward, master_grads
-from .lora_mlp import _ARG as _MLP_ARG
-from .lora_mlp import _ORDER as _MLP_ORDER
+from .lora_mlp import ARG_OF_POSITION as MLP_ARG
+from .lora_mlp import POSITION_OF_ARG as MLP_ORDER
 from .lora_mlp import mlp_adapters, mlp_backward, mlp_forward
-from .lora_qkv import _ARG as _QKV_ARG
-from .lora_qkv import _ORDER as _QKV_ORDER
+from .lora_qkv import ARG_OF_POSITION as QKV_ARG
+from .lora_qkv import POSITION_OF_ARG as QKV_ORDER
 from .lora_qkv import qkv_adapters, qkv_backward, qkv_forward
 from .nf4 import no_autocast
 from .rms_norm import rms_norm_backward, rms_norm_forward
@@ -141,12 +141,12 @@ class LoRADecoderLayerFunction(torch.autograd.Function):
                                       views=casts[0][1])
             dx = (dm2 + rms_norm_backward(dn1, st["st1"], p.use_triton)).view(B, T, H) if need_dx else None
         needs = ctx.needs_input_grad[4:]
-        q_need = [needs[i] for i in _QKV_ARG]  # in the ops' flat orders, as their own backward reads them
-        m_need = [needs[8 + i] for i in _MLP_ARG]
+        q_need = [needs[i] for i in QKV_ARG]  # in the ops' flat orders, as their own backward reads them
+        m_need = [needs[8 + i] for i in MLP_ARG]
         gq = master_grads(g_qkv, shapes[0], ctx.dtypes[0], q_need)
         go = master_grads(g_o, shapes[1], ctx.dtypes[1], needs[6:8])
         gm = master_grads(g_mlp, shapes[2], ctx.dtypes[2], m_need)
-        return (dx, None, None, None, *(gq[i] for i in _QKV_ORDER), *go, *(gm[i] for i in _MLP_ORDER))
+        return (dx, None, None, None, *(gq[i] for i in QKV_ORDER), *go, *(gm[i] for i in MLP_ORDER))
 
 
 def lora_decoder_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, parts: LayerParts,

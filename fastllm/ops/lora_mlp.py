@@ -41,8 +41,8 @@ from .swiglu import swiglu_packed_backward, swiglu_packed_forward
 
 __all__ = ["LoRAMLPFunction", "lora_mlp", "mlp_adapters", "mlp_backward", "mlp_forward"]
 
-_ORDER = (0, 2, 1, 3, 4, 5)  # (Ag, Au, Bg, Bu, Ad, Bd) positions of Ag, Bg, Au, Bu, Ad, Bd
-_ARG = tuple(_ORDER.index(i) for i in range(6))  # and the reverse: the argument at each position
+POSITION_OF_ARG = (0, 2, 1, 3, 4, 5)  # (Ag, Au, Bg, Bu, Ad, Bd) positions of Ag, Bg, Au, Bu, Ad, Bd
+ARG_OF_POSITION = tuple(POSITION_OF_ARG.index(i) for i in range(6))  # and the reverse: the argument at each position
 
 
 def mlp_forward(x2, frozen: LoRAFrozen, flat, shapes, need_output: bool = True, views=None):
@@ -113,9 +113,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         x2, *saved = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
         dx, gflat = mlp_backward(dy2, x2, saved, ctx.frozen, ctx.flat, ctx.shapes, ctx.needs_input_grad[0], ctx.views)
-        needs = [ctx.needs_input_grad[1 + a] for a in _ARG]
+        needs = [ctx.needs_input_grad[1 + a] for a in ARG_OF_POSITION]
         out = master_grads(gflat, ctx.shapes, ctx.dtypes, needs)
-        return (None if dx is None else dx.view(ctx.x_shape), *(out[i] for i in _ORDER), None, None)
+        return (None if dx is None else dx.view(ctx.x_shape), *(out[i] for i in POSITION_OF_ARG), None, None)
 
 
 def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, *, backend: str = "auto",

@@ -29,8 +29,8 @@ from .nf4 import no_autocast
 
 __all__ = ["LoRAQKVFunction", "lora_qkv", "qkv_adapters", "qkv_backward", "qkv_forward"]
 
-_ORDER = (0, 3, 1, 4, 2, 5)  # (Aq, Ak, Av, Bq, Bk, Bv) positions of Aq, Bq, Ak, Bk, Av, Bv
-_ARG = tuple(_ORDER.index(i) for i in range(6))  # and the reverse: the argument at each position
+POSITION_OF_ARG = (0, 3, 1, 4, 2, 5)  # (Aq, Ak, Av, Bq, Bk, Bv) positions of Aq, Bq, Ak, Bk, Av, Bv
+ARG_OF_POSITION = tuple(POSITION_OF_ARG.index(i) for i in range(6))  # and the reverse: the argument at each position
 
 
 def qkv_adapters(Aq, Bq, Ak, Bk, Av, Bv) -> tuple:
@@ -86,12 +86,12 @@ class LoRAQKVFunction(torch.autograd.Function):
         x2, xa = ctx.saved_tensors
         dys = [None if d is None else d.reshape(-1, d.shape[-1]).to(x2.dtype) for d in (dq, dk, dv)]
         dx, gflat = qkv_backward(dys, x2, xa, ctx.frozen, ctx.flat, ctx.shapes, ctx.needs_input_grad[0], ctx.views)
-        needs = [ctx.needs_input_grad[1 + a] for a in _ARG]
+        needs = [ctx.needs_input_grad[1 + a] for a in ARG_OF_POSITION]
         for i, d in enumerate((dq, dk, dv)):  # an unused output: no gradient for its adapter, as PEFT
             if d is None:
                 needs[i] = needs[3 + i] = False
         out = master_grads(gflat, ctx.shapes, ctx.dtypes, needs)
-        return (None if dx is None else dx.view(ctx.x_shape), *(out[i] for i in _ORDER), None)
+        return (None if dx is None else dx.view(ctx.x_shape), *(out[i] for i in POSITION_OF_ARG), None)
 
 
 def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, *, backend: str = "auto",

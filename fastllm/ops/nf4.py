@@ -42,7 +42,7 @@ __all__ = ["NF4Args", "NF4LinearFunction", "dequantize_nf4", "nf4_args", "nf4_li
 
 # ---- quant-state plumbing --------------------------------------------------------------------
 
-def _state_args(quant_state) -> tuple:
+def state_args(quant_state) -> tuple:
     """Flatten a bnb QuantState to the custom ops' arguments (tensors stay on their device).
 
     Returns (absmax, code, code2, absmax2, offset, blocksize, blocksize2, shape).
@@ -98,7 +98,7 @@ class NF4Args(NamedTuple):
 
 def nf4_args(packed: torch.Tensor, quant_state) -> NF4Args:
     """``NF4Args`` for ``packed`` bytes and their bnb ``QuantState`` (run eagerly, outside compiled code)."""
-    absmax, code, code2, absmax2, offset, bs, bs2, shape = _state_args(quant_state)
+    absmax, code, code2, absmax2, offset, bs, bs2, shape = state_args(quant_state)
     _bnb_gemm_op()  # looked up here, eagerly: traced code only reads the cached op (``_traced_decode``)
     return NF4Args(packed, absmax, code, code2, absmax2, offset, bs, bs2, tuple(shape))
 
@@ -186,7 +186,7 @@ def stacked_dequant(weights, states, device: torch.device, dtype: torch.dtype, b
     stacked along dim 0 in the workspace, so one GEMM serves them all.
 
     One Triton launch for two or three weights of one blocksize and nesting (``nf4_dequant_parts``); one
-    dequant per weight otherwise, into consecutive rows. weights: packed plain tensors; states: ``_state_args``.
+    dequant per weight otherwise, into consecutive rows. weights: packed plain tensors; states: ``state_args``.
     """
     if len(weights) == 1:
         absmax, code, code2, absmax2, offset, bs, bs2, shape = states[0]
@@ -252,7 +252,7 @@ def _linear_bwd_input(dy, packed, state: tuple, backend: str) -> torch.Tensor:
         return dy @ w  # (..., N) @ (N, K) -> (..., K)
 
 
-def _bias_grad(dy, bias_dtype) -> torch.Tensor:
+def bias_grad(dy, bias_dtype) -> torch.Tensor:
     return dy.reshape(-1, dy.shape[-1]).sum(0).to(bias_dtype)  # (N,)
 
 
@@ -264,7 +264,7 @@ class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, backend):
         qs = weight.quant_state
-        state, weight = _state_args(qs), plain_tensor(weight)
+        state, weight = state_args(qs), plain_tensor(weight)
         ctx.save_for_backward(weight)  # packed uint8 (or quant_storage) bytes, never a dense copy
         ctx.quant_state, ctx.backend, ctx.x_dtype = qs, backend, x.dtype
         ctx.bias_needs_grad = bias is not None and bias.requires_grad
@@ -276,9 +276,9 @@ class NF4LinearFunction(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         dx = db = None
         if ctx.needs_input_grad[0]:
-            dx = _linear_bwd_input(dy, weight, _state_args(ctx.quant_state), ctx.backend).to(ctx.x_dtype)
+            dx = _linear_bwd_input(dy, weight, state_args(ctx.quant_state), ctx.backend).to(ctx.x_dtype)
         if ctx.bias_needs_grad:
-            db = _bias_grad(dy, ctx.bias_dtype)
+            db = bias_grad(dy, ctx.bias_dtype)
         return dx, None, db, None
 
 
@@ -390,7 +390,7 @@ class _NF4LinearOpFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _nf4_linear_bwd_op(dy, packed, absmax, code, code2, absmax2, offset, bs, bs2, shape).to(x_dtype)
         if ctx.needs_input_grad[7]:
-            db = _bias_grad(dy, bias_dtype)
+            db = bias_grad(dy, bias_dtype)
         return dx, None, None, None, None, None, None, db, None, None, None
 
 
@@ -414,7 +414,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, *, out: torch.Tensor | Non
     that shape, any of bf16/fp16/fp32) is written in place and returned when given; its dtype then
     picks the output precision. backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     """
-    absmax, code, code2, absmax2, offset, bs, bs2, shape = _state_args(quant_state)
+    absmax, code, code2, absmax2, offset, bs, bs2, shape = state_args(quant_state)
     if torch.compiler.is_compiling():
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
@@ -436,7 +436,7 @@ def nf4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, *,
     """
     qs = weight.quant_state
     if torch.compiler.is_compiling():
-        absmax, code, code2, absmax2, offset, bs, bs2, shape = _state_args(qs)
+        absmax, code, code2, absmax2, offset, bs, bs2, shape = state_args(qs)
         return _nf4_linear_op(x, weight, absmax, code, code2, absmax2, offset, bias, bs, bs2, shape)
     return NF4LinearFunction.apply(x, weight, bias, backend)
 

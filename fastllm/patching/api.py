@@ -10,7 +10,7 @@ from torch import nn
 
 from .._compat import SUPPORTED_MODEL_TYPES
 from ..config import PatchConfig
-from ..integrations.checkpointing import nonreentrant_checkpoint, offload_checkpoint
+from ..modules.checkpointing import nonreentrant_checkpoint, offload_checkpoint
 from ..modules.decode_graphs import decode_graphs_of, forget_on_unpatch, static_generate
 from ..modules.layer import fused_layer_checkpoint
 from . import hub_kernels, registry

@@ -45,7 +45,7 @@ def test_offload_provider_reaches_the_layers():
     """``fastllm:gradient_checkpointing=offload`` measures the offloading checkpoint (get_peft_model's own
     argument would otherwise set plain non-reentrant checkpointing)."""
     from fastllm.bench.train import _prepare
-    from fastllm.integrations.checkpointing import nonreentrant_checkpoint, offload_checkpoint
+    from fastllm.modules.checkpointing import nonreentrant_checkpoint, offload_checkpoint
 
     for provider, fn in (("fastllm:gradient_checkpointing=offload", offload_checkpoint),
                          ("fastllm", nonreentrant_checkpoint)):

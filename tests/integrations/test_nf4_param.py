@@ -70,7 +70,7 @@ def test_byte_ops_run_on_the_packed_bytes():
 
 
 def _args(p):
-    from fastllm.ops.nf4 import _state_args
+    from fastllm.ops.nf4 import state_args
 
-    absmax, code, code2, absmax2, offset, bs, bs2, shape = _state_args(p.quant_state)
+    absmax, code, code2, absmax2, offset, bs, bs2, shape = state_args(p.quant_state)
     return absmax, code, code2, absmax2, offset, None, bs, bs2, shape

@@ -259,7 +259,7 @@ def test_fused_v_is_copied_only_outside_fastllms_checkpoint(tiny_llama_i128_dir)
     """Without checkpointing attention could save v, a column block of the fused q/k/v output, and so keep the
     whole output alive until backward: there v is made its own tensor. Inside fastllm's checkpoint it stays a view
     (saved tensors are dropped there), and training through both paths gives the same grads."""
-    from fastllm.integrations.checkpointing import nonreentrant_checkpoint
+    from fastllm.modules.checkpointing import nonreentrant_checkpoint
     from fastllm.modules.decoder import qkv_region
 
     model = _model(tiny_llama_i128_dir, lora=True, nf4_linear=True)

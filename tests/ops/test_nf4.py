@@ -171,7 +171,7 @@ def test_custom_op_schema():
     for op in (torch.ops.fastllm.nf4_dequantize, torch.ops.fastllm.nf4_linear, torch.ops.fastllm.nf4_linear_backward):
         assert op.default._schema.name.startswith("fastllm::")
     w = quantized_param((8, 64), 64, False)
-    args = nf4_ops._state_args(w.quant_state)
+    args = nf4_ops.state_args(w.quant_state)
     torch.library.opcheck(torch.ops.fastllm.nf4_dequantize.default, (w, *args, torch.float32))
 
 
@@ -179,7 +179,7 @@ def test_nf4_linear_op_passes_torch_library_checks_with_grad():
     """The ops are registered through ``torch.library.Library`` with a hand-written autograd kernel: opcheck
     runs schema, fake-tensor, autograd-registration and AOT-dispatch checks on it, with x and bias needing grad."""
     w = quantized_param((24, 64), 64, True)
-    absmax, code, code2, absmax2, offset, bs, bs2, shape = nf4_ops._state_args(w.quant_state)
+    absmax, code, code2, absmax2, offset, bs, bs2, shape = nf4_ops.state_args(w.quant_state)
     x = torch.randn(3, 64, requires_grad=True)
     bias = torch.randn(24, requires_grad=True)
     args = (x, w.data, absmax, code, code2, absmax2, offset, bias, bs, bs2, shape)
@@ -256,7 +256,7 @@ def test_traced_decode_step_puts_bnb_op_in_the_graph(monkeypatch, nested):
     fastllm_ops = []
     real_op = nf4_ops._nf4_linear_op
     monkeypatch.setattr(nf4_ops, "_nf4_linear_op", lambda *a: fastllm_ops.append(1) or real_op(*a))
-    absmax, code, code2, absmax2, offset, bs, _, shape = nf4_ops._state_args(w.quant_state)
+    absmax, code, code2, absmax2, offset, bs, _, shape = nf4_ops.state_args(w.quant_state)
     ref = nf4_ops.bnb_gemv(x, w.data, absmax, code, code2, absmax2, offset, bias, bs, shape)
     torch._dynamo.reset()
     try:

@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 import fastllm
 from fastllm import FastLlama, PatchConfig, is_patched, patch, unpatch
-from fastllm.integrations.checkpointing import nonreentrant_checkpoint
+from fastllm.modules.checkpointing import nonreentrant_checkpoint
 from fastllm.modules.mlp import fast_mlp_forward
 from fastllm.modules.rms_norm import fast_rms_norm_forward
 
