@@ -117,7 +117,7 @@ def _c_launcher(run):
     """(launch, cooperative, pdl) of Triton 3.6's CUDA launcher when the C function can be called directly,
     else None. Triton 3.6's ``CudaLauncher.__call__`` only allocates scratch buffers (none for kernels that ask
     for none) and forwards to ``self.launch(grid, stream, function, cooperative, pdl, global_scratch,
-    profile_scratch, *rest)``; skipping it saves ~3 us of Python a launch on an H200 host. Other Triton
+    profile_scratch, *rest)``; skipping it saves a few microseconds of Python a launch. Other Triton
     versions change that signature, so they keep ``run``."""
     if _KIND != "c" or type(run).__name__ != "CudaLauncher":
         return None

@@ -1,7 +1,7 @@
 """Generation's decode steps as CUDA graphs over a static KV cache (``PatchConfig(decode_graphs=...)``).
 
-A decode step (one token) is host-bound: on an H200 a 1B QLoRA step has about 2.5 ms of GPU work under
-30-60 ms of Python and launches. With a static cache (fixed-address KV tensors, a device-side length
+A decode step (one token) is host-bound: a small QLoRA model's step has an order of magnitude less GPU work
+than Python and launches (docs/benchmarks.md). With a static cache (fixed-address KV tensors, a device-side length
 counter) the whole decoder stack of one step is the same kernels on the same addresses every step, so it is
 captured once as a CUDA graph and replayed: the step's host cost becomes a few input copies and one replay.
 
@@ -177,7 +177,7 @@ class _Graph:
 def _rng_snapshot():
     """The CUDA generator and a copy of its state. A capture that fails midway never runs the generator's capture
     epilogue, and its next random op outside a graph would then raise ("Offset increment outside graph capture
-    encountered unexpectedly", seen on an H200 with torch 2.11)."""
+    encountered unexpectedly")."""
     if not torch.cuda.is_available():
         return None
     gen = torch.cuda.default_generators[torch.cuda.current_device()]

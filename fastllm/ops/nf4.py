@@ -55,7 +55,7 @@ def state_args(quant_state) -> tuple:
         if not isinstance(offset, torch.Tensor):  # states rebuilt by hand may carry a float
             offset = torch.tensor(float(offset), dtype=torch.float32, device=qs.absmax.device)
         # bnb's offset is a 0-dim fp32 tensor: passed as it is (a reshape and a cast here were two dispatched
-        # ops per call, ~25 us of host time on an H200 host, three calls per linear per step).
+        # ops per call, tens of microseconds of host time, three calls per linear per step).
         offset = offset if offset.dtype == torch.float32 else offset.float()
         return (qs.absmax, qs.code, qs.state2.code, qs.state2.absmax, offset,
                 int(qs.blocksize), int(qs.state2.blocksize), list(qs.shape))
@@ -152,7 +152,7 @@ _WORKSPACES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 # that buffer's address: ``workspace_epoch`` tells its owner the buffer it captured may be gone (see decode_graphs).
 _EPOCH = 0
 # (device, dtype, shape) -> a view into that buffer: hot calls then cost one dict lookup, not a slice and a
-# view (two dispatched ops, ~25 us of host time on an H200 host, three times per linear per step).
+# view (two dispatched ops, tens of microseconds of host time, three times per linear per step).
 _VIEWS: dict[tuple, torch.Tensor] = {}
 
 
@@ -285,8 +285,7 @@ class NF4LinearFunction(torch.autograd.Function):
 # ---- custom ops (torch.compile) --------------------------------------------------------------
 # Registered through ``torch.library.Library`` directly, not the ``torch.library.custom_op`` decorator: the
 # decorator wraps every call in Python layers (a dynamo-disable context, an aliasing check, a generated
-# autograd Function) that cost 199 against 132 us per call with grad on an H200 host
-# (examples/host_overhead.py), three calls per linear per training step. Here a call is the dispatcher, one
+# autograd Function) that cost about half as much again per call with grad (examples/host_overhead.py), three calls per linear per training step. Here a call is the dispatcher, one
 # small Python autograd kernel and the implementation.
 
 _LIB = torch.library.Library("fastllm", "FRAGMENT")
