@@ -286,7 +286,8 @@ class NF4LinearFunction(torch.autograd.Function):
 # Registered through ``torch.library.Library`` directly, not the ``torch.library.custom_op`` decorator: the
 # decorator wraps every call in Python layers (a dynamo-disable context, an aliasing check, a generated
 # autograd Function) that cost about half as much again per call with grad (examples/host_overhead.py), three
-# calls per linear per training step. Here a call is the dispatcher, one small Python autograd kernel and the implementation.
+# calls per linear per training step. Here a call is the dispatcher, one small Python autograd kernel and the
+# implementation.
 
 _LIB = torch.library.Library("fastllm", "FRAGMENT")
 _STATE = "Tensor packed, Tensor absmax, Tensor code, Tensor? code2, Tensor? absmax2, Tensor? offset"
