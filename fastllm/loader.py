@@ -24,6 +24,7 @@ from ._compat import (
     enable_hf_checkpointing,
     hub_kernels_switch,
 )
+from .checksums import sha256_file
 from .config import PatchConfig
 from .patching import find_base, patch_config, unpatch
 from .patching import patch as apply_patch
@@ -127,17 +128,9 @@ def _cache_ok(out: str) -> bool:
     try:
         with open(os.path.join(out, CACHE_MANIFEST)) as f:
             sums = json.load(f)["sha256"]
-        return bool(sums) and all(_sha256(os.path.join(out, n)) == d for n, d in sums.items())
+        return bool(sums) and all(sha256_file(os.path.join(out, n)) == d for n, d in sums.items())
     except (OSError, ValueError, KeyError, TypeError):
         return False
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_weights(model: nn.Module, gguf_file: str) -> None:
@@ -176,7 +169,7 @@ def convert_gguf(path: str, gguf_file: str) -> str:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        sums = {n: _sha256(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+        sums = {n: sha256_file(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
         with open(os.path.join(tmp, CACHE_MANIFEST), "w") as f:
             json.dump({"source": gguf_file, "sha256": sums}, f, indent=1)
         if os.path.exists(out):  # a damaged cache: move it aside (a rename cannot replace a non-empty dir)

@@ -12,7 +12,6 @@ unfinished step.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .checksums import sha256_file
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 STATE_FILE = "trainer_state.pt"
@@ -118,14 +119,6 @@ def sample(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 40, m
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
     """(step, path) of the complete (manifest written) checkpoints in ``out_dir``, oldest first."""
     if not os.path.isdir(out_dir):
@@ -178,7 +171,7 @@ def save_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, state: _LoopSt
     torch.save({"optimizer": opt.state_dict(), "step": state.step, "losses": state.losses, "order": state.order,
                 "cursor": state.cursor, "gen_state": state.gen_state, "torch_rng": state.torch_rng},
                os.path.join(tmp, STATE_FILE))
-    files = {name: _sha256(os.path.join(tmp, name)) for name in (*ADAPTER_FILES, STATE_FILE)}
+    files = {name: sha256_file(os.path.join(tmp, name)) for name in (*ADAPTER_FILES, STATE_FILE)}
     with open(os.path.join(tmp, MANIFEST), "w") as f:  # last: its presence means the rest is whole
         json.dump({"step": state.step, "sha256": files}, f, indent=1)
     final = os.path.join(out_dir, f"checkpoint-{state.step}")
@@ -200,7 +193,7 @@ def _verify(path: str) -> dict:
                               "earlier one or start over") from None
     for name, digest in sums.items():
         file = os.path.join(path, name)
-        if not os.path.isfile(file) or _sha256(file) != digest:
+        if not os.path.isfile(file) or sha256_file(file) != digest:
             raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing or not what was saved "
                                   "(truncated?); delete that directory to resume from an earlier one or start over")
     return manifest

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.gpu
 def test_decode_logits_within_the_noise_floor():
     from fastllm import FastLlama
     from fastllm.bench.models import build_qlora_base
-    from fastllm.bench.numerics import teacher_forced
+    from fastllm.bench.numerics import init_lora_b, teacher_forced
 
     # The floor's static-cache generate compiles transformers' forward: start dynamo fresh, as a user's process does
     # (the compile tests before this one leave their own caches and counters).
@@ -18,11 +18,7 @@ def test_decode_logits_within_the_noise_floor():
     model = build_qlora_base("1b", "cuda")
     torch.manual_seed(0)
     model = FastLlama.get_peft_model(model, r=16, lora_alpha=16)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    init_lora_b(model)
     rows = teacher_forced(model, ["eager+static", "fastllm", "fastllm:decode_graphs=false"], prompt=64, steps=48)
     floor = rows["eager+static"]
     for name in ("fastllm", "fastllm:decode_graphs=false"):

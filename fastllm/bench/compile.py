@@ -204,13 +204,9 @@ def run(shape: str, *, batch: int, seq: int, steps: int, prompt: int, new_tokens
 def numerics_rows(model, providers, *, prompt: int, steps: int, base: dict, shape: str, jsonl: str | None) -> list:
     """Decode numerics (``bench.numerics``): each provider's teacher-forced logits against eager's, next to the
     floor (eager static vs dynamic cache), with the adapters' B ~ N(0, 0.02) so the LoRA terms count."""
-    from .numerics import teacher_forced
+    from .numerics import init_lora_b, teacher_forced
 
-    g = torch.Generator(device="cpu").manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    init_lora_b(model)
     names = ["eager+static"] + [("fastllm:decode_graphs=false" if p == "fastllm-nographs" else p)
                                 for p in providers if p.startswith("fastllm") and "compile" not in p]
     rows = []

@@ -71,6 +71,15 @@ def _generate_logits(model, x: torch.Tensor, tokens: torch.Tensor | None, steps:
     return out.sequences[0, x.shape[1]:], logits
 
 
+def init_lora_b(model, std: float = 0.02, seed: int = 1) -> None:
+    """Every LoRA B ~ N(0, std) from a fixed CPU generator (PEFT starts B at zero, where adapters do nothing)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 def compare(logits: torch.Tensor, ref: torch.Tensor) -> dict:
     rel = (logits - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)
     agree = (logits.argmax(-1) == ref.argmax(-1)).float()

@@ -7,7 +7,7 @@ import torch
 from fastllm import FastLlama
 from fastllm.bench.compile import numerics_rows
 from fastllm.bench.models import build_qlora_base
-from fastllm.bench.numerics import provider_config, teacher_forced
+from fastllm.bench.numerics import init_lora_b, provider_config, teacher_forced
 
 
 @pytest.fixture(scope="module")
@@ -15,11 +15,7 @@ def qlora():
     model = build_qlora_base("tiny128", "cpu", dtype=torch.bfloat16)
     torch.manual_seed(0)
     model = FastLlama.get_peft_model(model, r=8, lora_alpha=16)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    init_lora_b(model)
     return model
 
 
