@@ -105,16 +105,17 @@ def _gguf_cache_dir(path: str, gguf_file: str) -> str:
 
 
 def _check_gguf_whole(file: str) -> None:
-    """A truncated or cut GGUF fails here with a message, not deep in transformers' reader."""
-    from transformers.integrations.gguf.reader import GgufHeader
+    """A truncated or cut GGUF fails here with a message, not deep in transformers' reader. The ``gguf`` package
+    reads every tensor type (transformers' own header reader of 5.1x does not know Q4_1)."""
+    from gguf import GGUFReader
 
     size = os.path.getsize(file)
     try:
-        header = GgufHeader.from_file(file)
-    except Exception as err:  # struct/numpy errors of a cut header: all mean the same to the user
+        tensors = GGUFReader(file).tensors
+    except Exception as err:  # struct/numpy errors of a cut header or data: all mean the same to the user
         raise ValueError(f"{file} is not a readable GGUF file ({type(err).__name__}: {err}); it is truncated or "
                          "damaged: download it again") from None
-    need = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
+    need = max((t.data_offset + t.n_bytes for t in tensors), default=0)
     if need > size:
         raise ValueError(f"{file} is truncated: its tensors need {need} bytes, the file has {size}; "
                          "download it again")
