@@ -129,3 +129,40 @@ def test_routing_rebinds_imported_trainer_modules_and_unroutes(tiny_llama_dir):
     assert sft.add_fused_lm_head is routed._fastllm_original is trl_utils.add_fused_lm_head
     assert route_fused_lm_head()
     assert sft.add_fused_lm_head is trl_utils.add_fused_lm_head is not routed._fastllm_original
+
+
+def test_routing_is_held_by_patched_models_and_removed_with_the_last(tiny_llama_dir):
+    """The routing is process-wide and reference-counted: installed with the first patched model, removed by
+    ``unpatch`` of the last, so unpatching every model leaves TRL exactly as it was."""
+    import trl.trainer.sft_trainer as sft
+
+    from fastllm.patching import trl_routing
+
+    unpatch()  # models of earlier tests
+    original = trl_utils.add_fused_lm_head
+    assert getattr(original, "_fastllm_original", None) is None and trl_routing.routing_users() == 0
+    a, b = _model(tiny_llama_dir), _model(tiny_llama_dir)
+    assert trl_routing.routing_users() == 2 and trl_utils.add_fused_lm_head._fastllm_original is original
+    unpatch(a)
+    assert trl_routing.routing_users() == 1 and sft.add_fused_lm_head is trl_utils.add_fused_lm_head is not original
+    unpatch(b)
+    assert trl_routing.routing_users() == 0
+    assert trl_utils.add_fused_lm_head is original and sft.add_fused_lm_head is original
+
+
+def test_a_broken_trl_install_does_not_break_loading(tiny_llama_dir, monkeypatch, caplog):
+    """trl present but not importable (a dependency missing): patching and loading go on, logged once."""
+    import sys
+
+    from fastllm.patching import trl_routing
+
+    unpatch()
+    monkeypatch.setitem(sys.modules, "trl.trainer.utils", None)  # import raises ImportError
+    monkeypatch.setattr(trl_routing, "_IMPORT_ERROR", None)
+    with caplog.at_level("WARNING", logger="fastllm"):
+        model, _ = FastLlama.from_pretrained(tiny_llama_dir, dtype=torch.float32, patch=PatchConfig(loss=True))
+        FastLlama.from_pretrained(tiny_llama_dir, dtype=torch.float32, patch=PatchConfig(loss=True))
+    assert caplog.text.count("does not import") == 1
+    assert trl_routing.routing_users() == 0
+    x = torch.randint(0, 320, (1, 7))
+    assert torch.isfinite(model(input_ids=x, labels=x).loss)
