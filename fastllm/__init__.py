@@ -4,10 +4,10 @@ Importing fastllm patches nothing and prints nothing: ``FastLlama.from_pretraine
 """
 
 from .config import PatchConfig
-from .loader import DEFAULT, FastLlama
+from .loader import DEFAULT, FastLlama, FastModel
 from .patching import CompileReport, PatchReport, compile_report, eager, is_patched, patch, patch_report, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["CompileReport", "DEFAULT", "FastLlama", "PatchConfig", "PatchReport", "compile_report", "eager",
-           "is_patched", "patch", "patch_report", "unpatch", "__version__"]
+__all__ = ["CompileReport", "DEFAULT", "FastLlama", "FastModel", "PatchConfig", "PatchReport", "compile_report",
+           "eager", "is_patched", "patch", "patch_report", "unpatch", "__version__"]

@@ -12,7 +12,8 @@ import os
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+from .arch import SUPPORTED_MODEL_TYPES  # noqa: F401  (re-exported: the table is the source)
+
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

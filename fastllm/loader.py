@@ -24,6 +24,7 @@ from ._compat import (
     enable_hf_checkpointing,
     hub_kernels_switch,
 )
+from .arch.llama import LLAMA
 from .checksums import sha256_file
 from .config import PatchConfig
 from .patching import find_base, patch_config, unpatch
@@ -32,7 +33,7 @@ from .patching import patch as apply_patch
 logger = logging.getLogger("fastllm")
 
 DEFAULT = defaults.DEFAULT_MODEL
-LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLAMA_LINEARS = LLAMA.lora_targets
 _DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
                 "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
@@ -92,7 +93,7 @@ def _check_model_type(path: str, gguf_file: str | None):
 
     config = AutoConfig.from_pretrained(path, gguf_file=gguf_file) if gguf_file else AutoConfig.from_pretrained(path)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"FastLlama supports model_type {SUPPORTED_MODEL_TYPES}; {path} is "
+        raise ValueError(f"fastllm supports model_type {SUPPORTED_MODEL_TYPES}; {path} is "
                          f"{config.model_type!r}. Load it with plain transformers instead.")
     return config
 
@@ -223,8 +224,8 @@ def _load_tokenizer(path: str, max_seq_length: int):
     return tokenizer
 
 
-class FastLlama:
-    """Load, patch and LoRA-wrap Llama-family models (see the README for the whole API)."""
+class FastModel:
+    """Load, patch and LoRA-wrap a model of any architecture in ``fastllm.arch`` (see the README for the API)."""
 
     @staticmethod
     def from_pretrained(name_or_path: str = DEFAULT, *, load_in_4bit: bool = True, max_seq_length: int = 2048,
@@ -320,3 +321,7 @@ class FastLlama:
             unpatch(peft_model)
             apply_patch(peft_model, current.replace(gradient_checkpointing=gc))
         return peft_model
+
+
+class FastLlama(FastModel):
+    """``FastModel`` under the Llama name (the same methods)."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .._compat import is_linear4bit, pick_backend, triton_available
+from ..arch import ARCHS
 from ..config import PatchConfig
 from ..modules import decoder
 from ..modules.decode_graphs import decode_graphs_eligible, make_graphed_forward, new_decode_graphs
@@ -34,14 +35,24 @@ class PatchSpec:
     attrs: Callable[[nn.Module], dict[str, object]] | None = None
 
 
-def _llama_classes():
-    from transformers.models.llama import modeling_llama as ml
+def _is(role: str) -> Callable[[nn.Module], bool]:
+    """Matches a module of ``role`` of any architecture in the table (its class or a subclass)."""
+    return lambda m: isinstance(m, tuple(a.cls(role) for a in ARCHS.values()))
 
-    return ml
+
+def upstream_reason(module: nn.Module, role: str) -> str | None:
+    """Fail closed on look-alikes: a subclass that overrides the table class's ``forward`` is not the code the
+    replacement was written against."""
+    for arch in ARCHS.values():
+        cls = arch.cls(role)
+        if isinstance(module, cls) and type(module).forward is not cls.forward:
+            return (f"{type(module).__name__} overrides {cls.__name__}.forward, which fastllm's replacement was "
+                    "written against")
+    return None
 
 
-def _is(cls_name: str) -> Callable[[nn.Module], bool]:
-    return lambda m: isinstance(m, getattr(_llama_classes(), cls_name))
+def _upstream(role: str, check: Callable[[nn.Module], str | None]) -> Callable[[nn.Module], str | None]:
+    return lambda m: upstream_reason(m, role) or check(m)
 
 
 def _optional(module: str, attr: str):
@@ -106,26 +117,29 @@ def _eager_attention(_cfg: PatchConfig, _model: nn.Module | None = None):
 
 
 SPECS: tuple[PatchSpec, ...] = (
-    PatchSpec("rms_norm", "rms_norm", _is("LlamaRMSNorm"), rms_norm_eligible, lambda cfg, m: fast_rms_norm_forward),
-    PatchSpec("mlp", "mlp", _is("LlamaMLP"), mlp_eligible, lambda cfg, m: fast_mlp_forward),
+    PatchSpec("rms_norm", "rms_norm", _is("rms_norm"), _upstream("rms_norm", rms_norm_eligible),
+              lambda cfg, m: fast_rms_norm_forward),
+    PatchSpec("mlp", "mlp", _is("mlp"), _upstream("mlp", mlp_eligible), lambda cfg, m: fast_mlp_forward),
     PatchSpec("nf4_linear", "nf4_linear", is_linear4bit, _nf4_eligible, _nf4_forward),
     PatchSpec("lora", "lora", is_lora_linear4bit, lora_eligible, lambda cfg, m: fused_lora_forward),
     # transformers' attention maths as plain functions, so q/k/v can run as one fused QLoRA op.
-    PatchSpec("lora_attention", "lora", _is("LlamaAttention"), decoder.attention_eligible, _eager_attention),
-    PatchSpec("loss", "loss", _is("LlamaForCausalLM"), _loss_eligible, _loss_forward),
+    PatchSpec("lora_attention", "lora", _is("attention"), _upstream("attention", decoder.attention_eligible),
+              _eager_attention),
+    PatchSpec("loss", "loss", _is("causal_lm"), _upstream("causal_lm", _loss_eligible), _loss_forward),
     # torch.compile of the decoder layer's sub-modules (never the layer's forward: transformers wraps
     # that for gradient checkpointing). They supersede the eager rms_norm / mlp patches.
-    PatchSpec("compile_attention", "compile", _is("LlamaAttention"), decoder.attention_eligible,
+    PatchSpec("compile_attention", "compile", _is("attention"), _upstream("attention", decoder.attention_eligible),
               _compiled(decoder.make_attention_forward), _linear4bits_under),
-    PatchSpec("compile_mlp", "compile", _is("LlamaMLP"), decoder.compiled_mlp_eligible,
+    PatchSpec("compile_mlp", "compile", _is("mlp"), _upstream("mlp", decoder.compiled_mlp_eligible),
               _compiled(decoder.make_mlp_forward), _linear4bits_under),
     # The 4-bit linears inside those regions, reading plain-tensor NF4 arguments (supersedes nf4_linear).
     PatchSpec("compile_nf4_linear", "compile_nf4_linear", is_linear4bit, _nf4_eligible, _nf4_compiled_forward,
               _nf4_alias),
-    PatchSpec("compile_rms_norm", "compile", _is("LlamaRMSNorm"), decoder.compiled_rms_norm_eligible,
+    PatchSpec("compile_rms_norm", "compile", _is("rms_norm"),
+              _upstream("rms_norm", decoder.compiled_rms_norm_eligible),
               _compiled(decoder.make_rms_norm_forward)),
     # generate's one-token steps over a static cache as CUDA graphs (the decoder stack; lm_head stays eager)
-    PatchSpec("decode_graphs", "decode_graphs", _is("LlamaModel"), decode_graphs_eligible,
+    PatchSpec("decode_graphs", "decode_graphs", _is("model"), _upstream("model", decode_graphs_eligible),
               lambda cfg, model: make_graphed_forward(new_decode_graphs(model))),
 )
 
