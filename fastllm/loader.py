@@ -24,6 +24,7 @@ from ._compat import (
     enable_hf_checkpointing,
     hub_kernels_switch,
 )
+from .arch import arch_of
 from .arch.llama import LLAMA
 from .checksums import sha256_file
 from .config import PatchConfig
@@ -33,7 +34,7 @@ from .patching import patch as apply_patch
 logger = logging.getLogger("fastllm")
 
 DEFAULT = defaults.DEFAULT_MODEL
-LLAMA_LINEARS = LLAMA.lora_targets
+LLAMA_LINEARS = LLAMA.lora_targets  # every architecture's default today; each entry names its own (``Arch``)
 _DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
                 "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
@@ -280,8 +281,9 @@ class FastModel:
 
     @staticmethod
     def get_peft_model(model: nn.Module, r: int = 16, lora_alpha: int = 16, lora_dropout: float = 0.0,
-                       target_modules=LLAMA_LINEARS, use_gradient_checkpointing: bool | str = True, **lora_kwargs):
-        """Wrap ``model`` in a normal ``peft.PeftModel`` with LoRA on ``target_modules`` (all 7 Llama linears).
+                       target_modules=None, use_gradient_checkpointing: bool | str = True, **lora_kwargs):
+        """Wrap ``model`` in a normal ``peft.PeftModel`` with LoRA on ``target_modules`` (default: the
+        architecture's table entry, every linear of a decoder layer).
 
         ``use_gradient_checkpointing``: True (non-reentrant), "offload" (checkpointed inputs in pinned CPU
         memory; needs a fastllm-patched model), or False. Unlike PEFT's ``prepare_model_for_kbit_training``,
@@ -301,6 +303,8 @@ class FastModel:
         if use_gradient_checkpointing not in (True, False, "offload"):
             raise ValueError(f"use_gradient_checkpointing must be True, False or 'offload', "
                              f"got {use_gradient_checkpointing!r}")
+        if target_modules is None:
+            target_modules = arch_of(base.config.model_type).lora_targets
         lora_kwargs.setdefault("task_type", "CAUSAL_LM")
         lora_kwargs.setdefault("bias", "none")
         config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,

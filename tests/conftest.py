@@ -104,3 +104,61 @@ def default_model_dir():
     import os
 
     return convert_gguf(os.path.dirname(path), os.path.basename(path))
+
+
+# One tiny config per architecture of the table (fastllm.arch): what differs from Llama is switched on (Mistral's
+# window shorter than the test sequences, Qwen2's q/k/v biases and a sliding layer, Qwen3's q/k norms and a sliding
+# layer). Linears' in_features are multiples of 64 (bitsandbytes' CPU 4-bit path); the vocabulary is odd.
+TINY_ARCH_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", dict(sliding_window=16)),
+    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
+    "qwen3": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
+}
+
+
+def tiny_arch_config(model_type: str, **overrides):
+    import transformers
+
+    cls_name, extra = TINY_ARCH_CONFIGS[model_type]
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, vocab_size=331, max_position_embeddings=256, rms_norm_eps=1e-5,
+               tie_word_embeddings=False, **extra)
+    cfg.update(overrides)
+    return getattr(transformers, cls_name)(**cfg)
+
+
+def save_tiny_arch(path, model_type: str, **overrides):
+    """A random checkpoint of ``model_type``: norms (q/k norms too) in [0.5, 1.5] and biases non-zero, so a patch
+    that skipped either could not pass by accident."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(4321)
+    model = AutoModelForCausalLM.from_config(tiny_arch_config(model_type, **overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_arch_dir(tmp_path_factory):
+    """``tiny_arch_dir(model_type)``: the tiny checkpoint of that architecture (saved once per session)."""
+    made = {}
+
+    def get(model_type: str) -> str:
+        if model_type not in made:
+            made[model_type] = save_tiny_arch(tmp_path_factory.mktemp(f"tiny_{model_type}"), model_type)
+        return made[model_type]
+
+    return get
+
+
+@pytest.fixture
+def save_arch(tmp_path):
+    """``save_arch(model_type, **config_overrides)``: a tiny checkpoint of that architecture in this test's tmp dir."""
+    return lambda model_type, **overrides: save_tiny_arch(tmp_path / f"tiny_{model_type}", model_type, **overrides)

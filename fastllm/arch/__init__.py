@@ -28,7 +28,11 @@ class Arch:
     qk_norm: bool = False             # per-head RMSNorm of q and k (Qwen3, Gemma 3)
     norm_offset: float = 0.0          # RMSNorm scales by (offset + w): 0 for x*w, 1 for Gemma's x*(1+w)
     activation: str = "silu"          # MLP gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
-    sliding_window: bool = False      # some or all layers attend to a window
+    # Where the attention forward reads the window it passes to the attention interface: None (it passes none),
+    # "config" (``config.sliding_window``, every layer: Mistral) or "module" (the layer's own ``sliding_window``,
+    # None on full-attention layers: Qwen2/3). The mask carries the window for SDPA/eager; the kwarg is passed on
+    # as upstream passes it.
+    sliding_window: str | None = None
     embed_scale: bool = False         # embeddings scaled by sqrt(hidden)
     logit_softcap: bool = False       # final logits soft-capped
 
@@ -38,9 +42,17 @@ class Arch:
 
 
 from .llama import LLAMA  # noqa: E402  (the entries import Arch from here)
+from .mistral import MISTRAL  # noqa: E402
+from .qwen2 import QWEN2  # noqa: E402
+from .qwen3 import QWEN3  # noqa: E402
 
-ARCHS: dict[str, Arch] = {a.model_type: a for a in (LLAMA,)}
+ARCHS: dict[str, Arch] = {a.model_type: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3)}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(ARCHS)
+
+
+def arch_of_module(module, role: str) -> Arch | None:
+    """The table entry whose ``role`` class ``module`` is an instance of, or None."""
+    return next((a for a in ARCHS.values() if isinstance(module, a.cls(role))), None)
 
 
 def arch_of(model_type: str | None) -> Arch:

@@ -164,12 +164,10 @@ def make_causal_lm_forward(loss: str | Callable = "cross_entropy") -> Callable:
 
 def causal_lm_eligible(model: nn.Module) -> str | None:
     """Why ``model`` cannot take the loss forward, or None when it can."""
-    try:
-        from transformers import LlamaForCausalLM
-    except ImportError:  # transformers is a dependency; keep the message clear if it is broken
-        return "transformers' LlamaForCausalLM is not importable"
-    if not isinstance(model, LlamaForCausalLM):
-        return f"{type(model).__name__} is not a LlamaForCausalLM"
+    from ..arch import arch_of_module
+
+    if arch_of_module(model, "causal_lm") is None:
+        return f"{type(model).__name__} is not a causal LM class of fastllm's architecture table"
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model_type {model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})"

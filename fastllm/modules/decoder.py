@@ -1,4 +1,4 @@
-"""Compiled regions of a Llama decoder layer: attention (with RoPE), the MLP and the RMSNorms.
+"""Compiled regions of a decoder layer of the architecture table: attention (with RoPE), the MLP and the RMSNorms.
 
 Why the sub-modules and not ``LlamaDecoderLayer.forward``: transformers' ``GradientCheckpointingLayer``
 wraps the class's ``forward`` when the class is created; an instance ``forward`` would bypass that
@@ -37,12 +37,15 @@ the 4-bit linears inside the graphs call bitsandbytes' own GEMV op directly (``o
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import time
 import weakref
 from collections import Counter
 
 import torch
 
+from ..arch import ARCHS
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import rope
 from .checkpointing import in_checkpoint
@@ -78,15 +81,19 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def qkv_region(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Projections and RoPE: x (B, T, H) -> q (B, nh, T, D), k, v (B, nkv, T, D).
+    """Projections, the per-head q/k RMSNorms where the architecture has them (Qwen3), and RoPE:
+    x (B, T, H) -> q (B, nh, T, D), k, v (B, nkv, T, D).
 
     Eagerly (the ``lora`` patch's attention forward), q/k/v run as one fused op (``ops.lora_qkv``) when all
     three carry the lora patch, and RoPE as one op (``ops.rope``).
     """
     shape = (*x.shape[:-1], -1, attn.head_dim)
+    norms = qk_norms(attn)
     if torch.compiler.is_compiling():  # inductor fuses transformers' RoPE maths itself
-        q = attn.q_proj(x).view(shape).transpose(1, 2)  # (B, nh, T, D)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)  # (B, nkv, T, D)
+        q, k = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape)  # (B, T, nh, D), (B, T, nkv, D)
+        if norms is not None:
+            q, k = norms[0](q), norms[1](k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
         q = q * cos + _rotate_half(q) * sin
@@ -99,22 +106,50 @@ def qkv_region(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         # it is, which would keep q's and k's columns alive too until backward (each layer's, without
         # checkpointing). Inside fastllm's checkpoint the saved tensors are dropped anyway: no copy there.
         v = v.contiguous()
+    q, k = q.view(shape), k.view(shape)
+    if norms is not None:  # the modules themselves (each carries the rms_norm patch where it applies)
+        q, k = norms[0](q), norms[1](k)
     # Eagerly, RoPE of q and k is one op (one Triton launch on CUDA) in the projections' layout.
-    q, k = rope(q.view(shape), k.view(shape), cos, sin)
+    q, k = rope(q, k, cos, sin)
     return q.transpose(1, 2), k.transpose(1, 2), v.view(shape).transpose(1, 2)
 
 
-def attend_region(attn, q, k, v, mask, interface, dropout: float) -> torch.Tensor:
-    """Attention through transformers' interface (SDPA or eager maths), then o_proj: -> (B, T, H)."""
-    out, _ = interface(attn, q, k, v, mask, dropout=dropout, scaling=attn.scaling)
+def qk_norms(attn):
+    """(q_norm, k_norm) of an attention whose architecture normalises q and k per head, else None.
+    ``attention_eligible`` has checked that the modules are there exactly when the table entry lists them; a plain
+    ``_modules`` test traces in the compiled regions."""
+    mods = attn._modules
+    return (mods["q_norm"], mods["k_norm"]) if "q_norm" in mods else None
+
+
+def window_of(attn) -> int | None:
+    """The ``sliding_window`` the architecture's attention forward passes to the interface (see ``Arch``); read
+    outside the compiled regions (they take it as an argument)."""
+    arch = _arch_of_attention(type(attn))
+    if arch is None or arch.sliding_window is None:
+        return None
+    if arch.sliding_window == "config":
+        return getattr(attn.config, "sliding_window", None)
+    return attn.sliding_window
+
+
+@functools.cache
+def _arch_of_attention(cls):
+    return next((a for a in ARCHS.values() if issubclass(cls, a.cls("attention"))), None)
+
+
+def attend_region(attn, q, k, v, mask, interface, dropout: float, window: int | None) -> torch.Tensor:
+    """Attention through transformers' interface (SDPA or eager maths), then o_proj: -> (B, T, H).
+    ``window``: ``window_of(attn)``, passed on as the architecture's forward passes it."""
+    out, _ = interface(attn, q, k, v, mask, dropout=dropout, scaling=attn.scaling, sliding_window=window)
     out = out.reshape(*out.shape[:2], -1).contiguous()  # (B, T, nh * D)
     return attn.o_proj(out)
 
 
-def attention_region(attn, x, cos, sin, mask, interface, dropout: float) -> torch.Tensor:
+def attention_region(attn, x, cos, sin, mask, interface, dropout: float, window: int | None) -> torch.Tensor:
     """The whole attention block without a cache (training, no-cache inference): one graph."""
     q, k, v = qkv_region(attn, x, cos, sin)
-    return attend_region(attn, q, k, v, mask, interface, dropout)
+    return attend_region(attn, q, k, v, mask, interface, dropout, window)
 
 
 # ---- compiling, once per model ------------------------------------------------------------------------
@@ -254,10 +289,9 @@ def attention_interface(attn):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     impl = attn.config._attn_implementation
-    if impl == "eager":
-        from transformers.models.llama.modeling_llama import eager_attention_forward
-
-        return eager_attention_forward
+    if impl == "eager":  # the architecture's own eager maths (its module's ``eager_attention_forward``)
+        arch = _arch_of_attention(type(attn))
+        return importlib.import_module(arch.module).eager_attention_forward if arch else None
     return ALL_ATTENTION_FUNCTIONS[impl] if impl in COMPILED_ATTENTION else None
 
 
@@ -285,14 +319,14 @@ def make_attention_forward(regions: CompiledRegions):
             _seq_dynamic((hidden_states, 1), (cos, 1), (sin, 1), (mask, 2), (mask, 3))
             _refresh_nf4(self)
         if cache is None:
-            out = regions.attention(self, hidden_states, cos, sin, mask, interface, dropout)
+            out = regions.attention(self, hidden_states, cos, sin, mask, interface, dropout, window_of(self))
             return out, None
         q, k, v = regions.qkv(self, hidden_states, cos, sin)
         # The cache is a Python object that mutates: its update stays out of the compiled code.
         k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         if compiled:
             _seq_dynamic((k, 2), (v, 2))
-        return regions.attend(self, q, k, v, mask, interface, dropout), None
+        return regions.attend(self, q, k, v, mask, interface, dropout, window_of(self)), None
 
     compiled_attention_forward._fastllm_compiled = "attention"
     return compiled_attention_forward
@@ -305,11 +339,22 @@ def eager_regions() -> CompiledRegions:
 
 
 def attention_eligible(module) -> str | None:
-    """Why ``module`` (a LlamaAttention) cannot run fastllm's attention forward (compiled, or eager for the lora
-    patch), or None when it can."""
+    """Why ``module`` (an attention of the table) cannot run fastllm's attention forward (compiled, or eager for
+    the lora patch), or None when it can. Its submodules must be the ones its table entry describes: a q/k norm
+    the entry does not list would be skipped, one it lists must be there."""
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "config", "layer_idx"):
         if not hasattr(module, name):
             return f"no {name}"
+    arch = _arch_of_attention(type(module))
+    if arch is None:
+        return f"{type(module).__name__} is not an attention class of fastllm's architecture table"
+    has_norms = [n for n in ("q_norm", "k_norm") if n in module._modules]
+    if arch.qk_norm and len(has_norms) != 2:
+        return f"{arch.model_type} attention without its q_norm/k_norm modules"
+    if not arch.qk_norm and has_norms:
+        return f"{', '.join(has_norms)} on a {arch.model_type} attention, whose table entry has no q/k norm"
+    if arch.sliding_window == "module" and not hasattr(module, "sliding_window"):
+        return f"{arch.model_type} attention without its sliding_window attribute"
     impl = getattr(module.config, "_attn_implementation", None)
     if impl not in COMPILED_ATTENTION:
         return f"attn_implementation {impl!r} is not one fastllm's attention forward runs (only {COMPILED_ATTENTION})"

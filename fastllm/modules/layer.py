@@ -1,12 +1,13 @@
-"""The checkpoint function that runs a QLoRA Llama decoder layer as one self-recomputing op (``ops.lora_layer``).
+"""The checkpoint function that runs a QLoRA decoder layer as one self-recomputing op (``ops.lora_layer``).
 
 transformers' ``GradientCheckpointingLayer`` calls ``layer._gradient_checkpointing_func(partial(forward, layer,
 **kwargs), hidden_states)`` in training; the patch registry sets that attribute to ``fused_layer_checkpoint``
-(the ``fused_layer`` patch). Each call is checked: when the layer is what the fused op computes (a Llama
-decoder layer whose norms, MLP and seven projections carry fastllm's rms_norm, mlp and lora patches and take
-the fused path on this input, SDPA or eager attention without dropout, no KV cache, no hooks on the modules
-the op bypasses), the op runs; otherwise the call is checkpointed op by op (``nonreentrant_checkpoint``), and
-the reason is counted in ``LAYER_CALLS`` (shown in ``patch_report(model)``) and logged once as a warning.
+(the ``fused_layer`` patch). Each call is checked: when the layer is what the fused op computes (a decoder layer
+of the architecture table whose norms (Qwen3's q/k norms too), MLP and seven projections carry fastllm's rms_norm,
+mlp and lora patches and take the fused path on this input, frozen biases only, SDPA or eager attention without
+dropout, no KV cache, no hooks on the modules the op bypasses), the op runs; otherwise the call is checkpointed op
+by op (``nonreentrant_checkpoint``), and the reason is counted in ``LAYER_CALLS`` (shown in ``patch_report(model)``)
+and logged once as a warning.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from .._compat import pick_backend
 from ..ops.lora import frozen_parts
 from ..ops.lora_layer import LayerParts, lora_decoder_layer
 from .checkpointing import nonreentrant_checkpoint
-from .decoder import attention_interface, needs_eager
-from .lora import fused_parts
+from .decoder import attention_interface, needs_eager, qk_norms, window_of
+from .lora import fused_parts, stacked_bias
 from .mlp import fast_mlp_forward
 from .rms_norm import fast_rms_norm_forward
 
@@ -39,9 +40,9 @@ def _bound(module, fn) -> bool:
     return getattr(module.__dict__.get("forward"), "__func__", None) is fn
 
 
-def _attend(attn, interface, mask, q, k, v):
+def _attend(attn, interface, mask, window, q, k, v):
     """transformers' attention call (as ``decoder.attend_region`` makes it), without dropout."""
-    return interface(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)[0]
+    return interface(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, sliding_window=window)[0]
 
 
 def _module_hooks(module) -> bool:
@@ -78,7 +79,7 @@ def _plan(function, args, kwargs):
     kw, x = function.keywords, args[0]
     mods = getattr(layer, "_modules", {})
     if not all(name in mods for name in _PARTS) or not isinstance(x, torch.Tensor) or x.dim() != 3:
-        return "not a Llama decoder layer"
+        return "not a decoder layer of the architecture table"
     norm1, attn, norm2, mlp = (mods[name] for name in _PARTS)
     if kw.get("cache", kw.get("past_key_values")) is not None:
         return "a KV cache"
@@ -89,10 +90,14 @@ def _plan(function, args, kwargs):
         return "attention the fused op does not run (implementation or kwargs)"
     if attn.training and attn.attention_dropout:
         return "attention dropout"
-    if not (_bound(norm1, fast_rms_norm_forward) and _bound(norm2, fast_rms_norm_forward)
+    if getattr(getattr(attn.__dict__.get("forward"), "__func__", None), "_fastllm_compiled", None) != "attention":
+        # the lora_attention patch checked this attention against its table entry (class, forward, submodules)
+        return "an attention without fastllm's attention patch"
+    head_norms = qk_norms(attn) or ()
+    if not (all(_bound(n, fast_rms_norm_forward) for n in (norm1, norm2, *head_norms))
             and _bound(mlp, fast_mlp_forward)):
         return "norms or MLP without fastllm's patches"
-    for norm in (norm1, norm2):
+    for norm in (norm1, norm2, *head_norms):
         w = norm._parameters.get("weight")
         if w is None or w.requires_grad or torch.result_type(x, w) != x.dtype:
             return "an RMSNorm weight that is trained or changes the dtype"
@@ -100,10 +105,12 @@ def _plan(function, args, kwargs):
     projs = [a_mods.get(n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     projs += [m_mods.get(n) for n in ("gate_proj", "up_proj", "down_proj")]
     if any(p is None for p in projs):
-        return "not a Llama decoder layer"
-    if any(_module_hooks(m) for m in (norm1, attn, norm2, mlp, *projs)):
+        return "not a decoder layer of the architecture table"
+    if any(_module_hooks(m) for m in (norm1, attn, norm2, mlp, *head_norms, *projs)):
         return "module hooks on modules the fused op bypasses"
-    groups = [fused_parts(projs[:3], x), fused_parts(projs[3:4], x), fused_parts(projs[4:], x)]
+    biases = ([], [])  # q/k/v's and o's frozen biases (Qwen2's q/k/v); the MLP's take its own op, which has none
+    groups = [fused_parts(projs[:3], x, biases=biases[0]), fused_parts(projs[3:4], x, biases=biases[1]),
+              fused_parts(projs[4:], x)]
     if any(g is None for g in groups):
         return "a projection outside the fused QLoRA path"
     nq, d = attn.config.num_attention_heads, attn.head_dim
@@ -113,10 +120,13 @@ def _plan(function, args, kwargs):
     use_triton = pick_backend("auto", x.device) == "triton"
     frozen = [frozen_parts(g, names, "auto", use_triton) for g, names in
               zip(groups, (("q", "k", "v"), ("o",), ("gate", "up", "down")))]
+    for i, b in enumerate(biases):
+        frozen[i] = frozen[i]._replace(bias=stacked_bias(groups[i], b))
     cos, sin = kw["position_embeddings"]
     parts = LayerParts((norm1.weight, norm1.variance_epsilon), (norm2.weight, norm2.variance_epsilon), *frozen,
-                       (nq, nkv, d), functools.partial(_attend, attn, interface, kw.get("attention_mask")),
-                       use_triton)
+                       (nq, nkv, d),
+                       functools.partial(_attend, attn, interface, kw.get("attention_mask"), window_of(attn)),
+                       use_triton, tuple((n.weight, n.variance_epsilon) for n in head_norms) or None)
     adapters = tuple(t for g in groups for (_, a, b, _) in g for t in (a, b))
     return x, cos, sin, parts, adapters
 

@@ -25,7 +25,8 @@ from ..ops.swiglu import swiglu
 from .checkpointing import in_checkpoint, is_recomputing
 from .nf4_linear import goes_to_bnb_gemv, nf4_linear_eligible, prepare_nf4_call
 
-__all__ = ["fused_lora_forward", "fused_lora_mlp", "fused_lora_qkv", "is_lora_linear4bit", "lora_eligible"]
+__all__ = ["fused_lora_forward", "fused_lora_mlp", "fused_lora_qkv", "fused_parts", "is_lora_linear4bit",
+           "lora_eligible", "stacked_bias"]
 
 
 def is_lora_linear4bit(module) -> bool:
@@ -128,20 +129,37 @@ def _patched(layer) -> bool:
     return getattr(layer.__dict__.get("forward"), "__func__", None) is fused_lora_forward
 
 
-def fused_parts(projs, x: torch.Tensor, decode: bool = False) -> list | None:
+def fused_parts(projs, x: torch.Tensor, decode: bool = False, biases: list | None = None) -> list | None:
     """``(weight, A, B, scale)`` of each projection when all carry the lora patch and can take the fused path
-    on ``x`` with no cast and no bias; None otherwise (then the caller runs them one by one, each still fused
-    on its own where it can be). ``decode``: for ``lora_decode`` (a decode step)."""
+    on ``x`` with no cast; None otherwise (then the caller runs them one by one, each still fused on its own where
+    it can be). ``decode``: for ``lora_decode`` (a decode step). A projection with a bias is refused unless the
+    caller passes ``biases``, a list that receives each projection's bias (None where it has none); a bias that
+    trains is refused either way (the group ops give it no gradient)."""
     if not all(_patched(p) for p in projs):
         return None
     parts = []
     for p in projs:
         fusable = _fusable(p, x, decode)
-        if fusable is None or fusable[0].dtype != x.dtype or fusable[2] is not None:
+        if fusable is None or fusable[0].dtype != x.dtype:
             return None
+        bias = fusable[2]
+        if bias is not None and (biases is None or bias.requires_grad):
+            return None
+        if biases is not None:
+            biases.append(bias)
         _, _, _, base, name, A, B = fusable
         parts.append((base._parameters["weight"], A, B, p.scaling[name]))
     return parts
+
+
+def stacked_bias(parts, biases) -> torch.Tensor | None:
+    """The projections' biases as one (sum N_i,) vector (zeros where a projection has none), or None without any:
+    the bias of the group's stacked output (``ops.lora.lora_group_forward``)."""
+    if all(b is None for b in biases):
+        return None
+    ref = next(b for b in biases if b is not None)
+    return torch.cat([b if b is not None else ref.new_zeros(w.quant_state.shape[0])
+                      for (w, *_), b in zip(parts, biases)])
 
 
 def _decode_step(layer, x: torch.Tensor) -> bool:
@@ -152,14 +170,15 @@ def _decode_step(layer, x: torch.Tensor) -> bool:
 
 def _decode_group(projs, x: torch.Tensor) -> list | None:
     """The outputs of ``projs`` on ``x`` through ``lora_decode`` when ``x`` is a decode step they can all take
-    that way, else None."""
-    parts = fused_parts(projs, x, decode=True)
+    that way (frozen biases included), else None."""
+    biases = []
+    parts = fused_parts(projs, x, decode=True, biases=biases)
     states = None if parts is None else decode_states([p[0] for p in parts])
-    return None if states is None else lora_decode(x, parts, states)
+    return None if states is None else lora_decode(x, parts, states, biases)
 
 
 def fused_lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
-    """``down(silu(gate(x)) * up(x))`` as one op (a Llama MLP under QLoRA with the lora patch), or None.
+    """``down(silu(gate(x)) * up(x))`` as one op (a SwiGLU MLP under QLoRA with the lora patch), or None.
 
     down_proj's input h has x's dtype, so checking its fused path against x serves all three. In the decoder
     layer the MLP output only feeds the residual add that ends the layer, so while fastllm's checkpointing
@@ -178,11 +197,14 @@ def fused_lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def fused_lora_qkv(attn, x: torch.Tensor):
-    """(q, k, v) projections of x as one op (Llama attention under QLoRA with the lora patch), or None. A decode
-    step runs them as one ``lora_decode`` group."""
+    """(q, k, v) projections of x as one op (attention under QLoRA with the lora patch; frozen q/k/v biases, as
+    Qwen2's, added to the stacked output), or None. A decode step runs them as one ``lora_decode`` group."""
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
     if _decode_step(projs[0], x):
         out = _decode_group(projs, x)
         return None if out is None else tuple(out)
-    parts = fused_parts(projs, x)
-    return None if parts is None else lora_qkv(x, *parts, cast_cache=_cast_cache())
+    biases = []
+    parts = fused_parts(projs, x, biases=biases)
+    if parts is None:
+        return None
+    return lora_qkv(x, *parts, bias=stacked_bias(parts, biases), cast_cache=_cast_cache())

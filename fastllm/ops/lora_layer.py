@@ -1,17 +1,20 @@
-"""A whole QLoRA Llama decoder layer as one autograd Function that recomputes itself in backward.
+"""A whole QLoRA decoder layer (Llama form: Mistral, Qwen2/3 too) as one autograd Function that recomputes itself
+in backward.
 
 With x (B, T, H), M = B*T rows, the seven projections NF4 + LoRA (see ``ops.lora``)::
 
-    forward   n1 = rmsnorm(x) ; q, k, v = qkv(n1) ; q, k = rope(q, k)
+    forward   n1 = rmsnorm(x) ; q, k, v = qkv(n1) (+ bias) ; [q, k = headnorm(q), headnorm(k)] ; q, k = rope(q, k)
               a  = attention(q, k, v) ; m = x + o_proj(a)
               n2 = rmsnorm(m) ; y = m + mlp(n2)                       (y returned; only x is kept)
     backward  the forward again, keeping its intermediates (the MLP's down projection skipped), then
               dm  = dy + rmsnorm'(mlp'(dy))
-              da  = o_proj'(dm) ; dq, dk, dv = attention'(da) ; dq, dk = rope'(dq, dk)
+              da  = o_proj'(dm) ; dq, dk, dv = attention'(da) ; dq, dk = rope'(dq, dk) [; headnorm'(dq, dk)]
               dx  = dm + rmsnorm'(qkv'(dq, dk, dv))                   plus the 14 adapter gradients
 
 This is gradient checkpointing of the layer (only its input is kept between forward and backward) without
-an autograd graph inside it: non-reentrant checkpointing re-runs the layer through ~12 autograd nodes with
+an autograd graph inside it. The bracketed steps are the architecture's (``fastllm.arch``): frozen biases ride in the
+projections' ``LoRAFrozen.bias``, and ``headnorm`` is Qwen3's per-head RMSNorm of q and k over the head dim. Why
+no autograd graph: non-reentrant checkpointing re-runs the layer through ~12 autograd nodes with
 saved-tensor hooks (~27 per layer per pass) and Python module forwards, and that recompute plus backward
 takes about as long on the host as the GPU's own work for the layer, so the GPU waits on the host. Here the
 backward calls the same ops' plain forward/backward functions (``qkv_forward``, ``mlp_backward``, ...)
@@ -55,6 +58,7 @@ class LayerParts(NamedTuple):
     heads: tuple              # (query heads, key/value heads, head dim)
     attend: Callable          # (q, k, v) (B, heads, T, D) -> attention output (B, T, query heads, D)
     use_triton: bool          # RMSNorm / RoPE kernels
+    qk_norm: tuple | None = None  # ((weight, eps) of q's, of k's) per-head RMSNorm (Qwen3), or None
 
 
 def _groups(adapters):
@@ -71,6 +75,11 @@ def _run(x, c, s, p: LayerParts, casts, shapes, keep: bool):
     n1, st1 = rms_norm_forward(x2, *p.norm1, p.use_triton)
     qkv, xa_qkv = qkv_forward(n1, p.qkv, casts[0][0], shapes[0], views=casts[0][1])
     q, k, v = qkv.split_with_sizes([nq * d, nkv * d, nkv * d], 1)
+    st_qk = None
+    if p.qk_norm is not None:  # per head: rows of the head dim
+        (q, st_q), (k, st_k) = (rms_norm_forward(t.reshape(-1, d), *norm, p.use_triton)
+                                for t, norm in zip((q, k), p.qk_norm))
+        st_qk = (st_q, st_k)
     q, k = rope_rotate(q.view(B, T, nq, d), k.view(B, T, nkv, d), c, s, p.use_triton)
     q4, k4, v4 = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, nkv, d).transpose(1, 2)
     if keep:  # attention's backward comes from autograd on this one call
@@ -81,15 +90,15 @@ def _run(x, c, s, p: LayerParts, casts, shapes, keep: bool):
     else:
         a2 = p.attend(q4, k4, v4).reshape(B * T, nq * d)
     a_o, b_o = casts[1][1]
-    ao, xa_o = lora_group_forward(a2, p.o.weights, p.o.states, a_o, (b_o,), p.o.scales, p.o.backend,
+    ao, xa_o = lora_group_forward(a2, p.o.weights, p.o.states, a_o, (b_o,), p.o.scales, p.o.backend, p.o.bias,
                                   exact=p.o.exact)
     m2 = x2 + ao
     n2, st2 = rms_norm_forward(m2, *p.norm2, p.use_triton)
     y, saved_mlp = mlp_forward(n2, p.mlp, casts[2][0], shapes[2], need_output=not keep, views=casts[2][1])
     if not keep:
         return (m2 + y).view(B, T, H)
-    return dict(st1=st1, n1=n1, xa_qkv=xa_qkv, q4=q4, k4=k4, v4=v4, o4=o4, a2=a2, xa_o=xa_o, st2=st2, n2=n2,
-                mlp=saved_mlp)
+    return dict(st1=st1, n1=n1, xa_qkv=xa_qkv, st_qk=st_qk, q4=q4, k4=k4, v4=v4, o4=o4, a2=a2, xa_o=xa_o, st2=st2,
+                n2=n2, mlp=saved_mlp)
 
 
 class LoRADecoderLayerFunction(torch.autograd.Function):
@@ -135,6 +144,9 @@ class LoRADecoderLayerFunction(torch.autograd.Function):
             dq, dk = rope_rotate(dq4.transpose(1, 2), dk4.transpose(1, 2), *ctx.tables, p.use_triton, backward=True)
             dv = dv4.transpose(1, 2).reshape(B * T, nkv * d)
             del dq4, dk4, dv4
+            st_qk = st.pop("st_qk")
+            if st_qk is not None:
+                dq, dk = (rms_norm_backward(g.reshape(-1, d), st_n, p.use_triton) for g, st_n in zip((dq, dk), st_qk))
             dys = (dq.view(B * T, nq * d), dk.view(B * T, nkv * d), dv)
             need_dx = ctx.needs_input_grad[0]
             dn1, g_qkv = qkv_backward(dys, st["n1"], st["xa_qkv"], p.qkv, flats[0], shapes[0], need_dx,

@@ -2,7 +2,7 @@
 
 With ``W* = dequant(weight*)``, adapters ``A*`` (r, H), ``B*`` (N*, r), scales ``s*`` and x (M, H)::
 
-    forward   p = x @ Wp.T + sp * (x @ Ap.T) @ Bp.T          p in q, k, v:  (M, Nq), (M, Nk), (M, Nv)
+    forward   p = x @ Wp.T (+ bp) + sp * (x @ Ap.T) @ Bp.T   p in q, k, v:  (M, Nq), (M, Nk), (M, Nv)
     backward  dx = sum over p of  dp @ Wp + sp * (dp @ Bp) @ Ap     (one (M, H) buffer, accumulated)
               dAp = sp * (dp @ Bp).T @ x ,  dBp = sp * dp.T @ (x @ Ap.T)
 
@@ -45,7 +45,7 @@ def qkv_forward(x2, frozen: LoRAFrozen, flat, shapes, views=None):
     casts = adapter_views(flat, shapes) if views is None else views
     r = sum(a[0] for a in shapes[:3])
     return lora_group_forward(x2, frozen.weights, frozen.states, stacked_rows(flat, r, x2.shape[1]), casts[3:],
-                              frozen.scales, frozen.backend, exact=frozen.exact)
+                              frozen.scales, frozen.backend, frozen.bias, exact=frozen.exact)
 
 
 def qkv_backward(dys, x2, xa, frozen: LoRAFrozen, flat, shapes, need_dx: bool = True, views=None):
@@ -94,15 +94,22 @@ class LoRAQKVFunction(torch.autograd.Function):
         return (None if dx is None else dx.view(ctx.x_shape), *(out[i] for i in POSITION_OF_ARG), None)
 
 
-def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, *, backend: str = "auto",
-             cast_cache: str | None = None):
+def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, *, bias: torch.Tensor | None = None,
+             backend: str = "auto", cast_cache: str | None = None):
     """(q, k, v) of one input in one op. Each of q/k/v is ``(weight, A, B, scale)``: a bnb NF4 ``Params4bit``
-    weight (quant_state.shape (N, H)), A (r, H), B (N, r) in any float dtype, a float scale.
+    weight (quant_state.shape (N, H)), A (r, H), B (N, r) in any float dtype, a float scale. ``bias``: None or
+    the frozen biases of q, k and v concatenated (Nq + Nk + Nv,) (no gradient: it does not train).
 
     x: (..., H) in the compute dtype; returns three (..., N*) tensors in x.dtype. ``cast_cache``: see
     ``ops.lora.cast_adapters``.
     """
     frozen = frozen_parts((q, k, v), "qkv", backend, False, cast_cache)
+    if bias is not None:
+        n = sum(s[7][0] for s in frozen.states)
+        if bias.shape != (n,) or bias.requires_grad:
+            raise ValueError(f"lora_qkv's bias must be the frozen (Nq + Nk + Nv,) = ({n},) vector, got "
+                             f"{tuple(bias.shape)}{' requiring grad' if bias.requires_grad else ''}")
+        frozen = frozen._replace(bias=bias)
     if any(s[7][1] != x.shape[-1] for s in frozen.states):
         raise ValueError(f"q/k/v weights {[tuple(s[7]) for s in frozen.states]} do not take x (..., {x.shape[-1]})")
     return LoRAQKVFunction.apply(x, q[1], q[2], k[1], k[2], v[1], v[2], frozen)

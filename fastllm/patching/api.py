@@ -21,7 +21,7 @@ from .trl_routing import acquire_routing
 
 
 def find_base(model: nn.Module) -> nn.Module:
-    """The transformers Llama model inside ``model`` (itself, or under PEFT / other wrappers).
+    """The transformers model of the architecture table inside ``model`` (itself, or under PEFT / other wrappers).
 
     Raises a ValueError naming the supported ``model_type``s for anything else.
     """
@@ -40,7 +40,7 @@ def find_base(model: nn.Module) -> nn.Module:
     model_type = getattr(base.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"fastllm supports model_type {SUPPORTED_MODEL_TYPES}, got {model_type!r} "
-                         f"({type(base).__name__}); load a Llama-architecture checkpoint")
+                         f"({type(base).__name__}); load a checkpoint of one of these architectures")
     return base
 
 

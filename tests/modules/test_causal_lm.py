@@ -139,7 +139,7 @@ def test_peft_lm_head_delta_reaches_the_loss(where):
 
 def test_eligibility_and_unknown_loss():
     assert causal_lm_eligible(_model(False)) is None
-    assert "not a LlamaForCausalLM" in causal_lm_eligible(nn.Linear(2, 2))
+    assert "not a causal LM class of fastllm's architecture table" in causal_lm_eligible(nn.Linear(2, 2))
     with pytest.raises(ValueError, match="unknown loss"):
         make_causal_lm_forward("hinge")
 

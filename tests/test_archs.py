@@ -1,0 +1,193 @@
+"""Every architecture of the table (``fastllm.arch``) against its own eager transformers modules, on tiny random
+checkpoints that switch on what differs from Llama (``conftest.TINY_ARCH_CONFIGS``): Mistral's window shorter than
+the sequence, Qwen2's q/k/v biases and a sliding layer, Qwen3's per-head q/k norms and a sliding layer."""
+
+import contextlib
+
+import peft
+import pytest
+import torch
+
+from fastllm import FastModel, PatchConfig, eager, is_patched, patch, patch_report, unpatch
+from fastllm.arch import ARCHS, arch_of
+from fastllm.modules.layer import LAYER_CALLS
+
+TYPES = tuple(ARCHS)
+VOCAB = 331
+
+
+def _ids(n=2, t=37, seed=7):
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _qlora(path, dtype=torch.float32, **cfg):
+    model, _ = FastModel.from_pretrained(path, dtype=dtype, max_seq_length=256,
+                                         patch=PatchConfig(lora=True, nf4_linear=True, **cfg))
+    torch.manual_seed(0)
+    model = FastModel.get_peft_model(model, r=8, lora_alpha=16)
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # non-zero B so the adapter shows in outputs and every gradient
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _loss_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("fused_layer", [False, True])
+@pytest.mark.parametrize("model_type", TYPES)
+def test_qlora_fused_ops_match_eager_fp32(tiny_arch_dir, model_type, fused_layer):
+    model = _qlora(tiny_arch_dir(model_type), fused_layer=fused_layer)
+    report = patch_report(model)
+    n_norms = 5 + 4 * ARCHS[model_type].qk_norm  # two per layer and the final one; Qwen3's q/k norms
+    assert report.counts["lora"] == 14 and report.counts["lora_attention"] == 2 and report.counts["mlp"] == 2
+    assert report.counts["rms_norm"] == n_norms and report.counts["loss"] == 1 and not report.skipped
+    model.train()
+    ids = _ids()
+    LAYER_CALLS.clear()
+    loss, grads = _loss_grads(model, ids)
+    assert LAYER_CALLS == ({"fused": 2} if fused_layer else {})
+    with eager(model):  # PEFT's forward over bitsandbytes' Linear4bit and transformers' own modules
+        ref_loss, ref_grads = _loss_grads(model, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert sorted(grads) == sorted(ref_grads) and len(grads) == 28
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_qlora_bf16_is_as_close_to_fp32_as_eager_bf16(tiny_arch_dir, model_type):
+    """bf16 rounds op by op differently on the two paths: each is measured against the fp32 eager reference, and
+    the fused path's error (loss, each LoRA gradient's relative L2 error) may not exceed eager bf16's by more
+    than half again."""
+    path, ids = tiny_arch_dir(model_type), _ids()
+    ref = _qlora(path)
+    ref.train()
+    with eager(ref):
+        ref_loss, ref_grads = _loss_grads(ref, ids)
+    model = _qlora(path, dtype=torch.bfloat16)
+    model.train()
+    LAYER_CALLS.clear()
+    loss, grads = _loss_grads(model, ids)
+    assert LAYER_CALLS == {"fused": 2}
+    with eager(model):
+        eager_loss, eager_grads = _loss_grads(model, ids)
+    assert abs(loss.item() - ref_loss.item()) <= 1.5 * abs(eager_loss.item() - ref_loss.item()) + 2e-3
+
+    def err(g, n):
+        return ((g[n].float() - ref_grads[n]).norm() / ref_grads[n].norm()).item()
+
+    for n in ref_grads:
+        assert err(grads, n) <= 1.5 * err(eager_grads, n) + 1e-2, (n, err(grads, n), err(eager_grads, n))
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_unpatch_is_bit_identical_to_a_never_patched_twin(tiny_arch_dir, model_type):
+    path = tiny_arch_dir(model_type)
+    model = FastModel.from_pretrained(path, dtype=torch.bfloat16, patch=False)[0]
+    twin = FastModel.from_pretrained(path, dtype=torch.bfloat16, patch=False)[0]
+    before = {name: dict(vars(m)) for name, m in model.named_modules()}
+    patch(model, PatchConfig(gradient_checkpointing=True, max_seq_length=64, lora=True))
+    assert is_patched(model)
+    assert unpatch(model) > 0 and not is_patched(model)
+    assert {name: dict(vars(m)) for name, m in model.named_modules()} == before
+    x = _ids(t=23)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, twin(x).logits)
+    model.train(), twin.train()
+    assert torch.equal(model(x, labels=x).loss, twin(x, labels=x).loss)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_full_precision_patches_and_generate_match_eager(model_type, save_arch):
+    """Without 4-bit: the rms_norm / mlp / RoPE (lora_attention) / loss patches on odd widths (hidden 96, MLP 160);
+    eval logits, the training loss and greedy generation against the same model under ``eager``."""
+    path = save_arch(model_type, hidden_size=96, intermediate_size=160)
+    model = FastModel.from_pretrained(path, load_in_4bit=False, dtype=torch.float32,
+                                      patch=PatchConfig(lora=True))[0]
+    report = patch_report(model)
+    assert report.counts["lora_attention"] == 2 and report.counts["mlp"] == 2 and not report.skipped
+    x = _ids(t=29)
+    with torch.no_grad():
+        logits = model(x).logits
+        with eager(model):
+            ref = model(x).logits
+        torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+        prompt = x[:1, :9]
+        out = model.generate(prompt, max_new_tokens=12, do_sample=False)
+        with eager(model):
+            ref_out = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, ref_out) and out.shape[1] == 21
+    model.train()
+    loss = model(x, labels=x).loss
+    with eager(model):
+        ref_loss = model(x, labels=x).loss
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_adapter_saved_from_fastllm_loads_in_plain_peft(tiny_arch_dir, model_type, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_arch_dir(model_type)
+    model = _qlora(path)
+    model.save_pretrained(tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    plain = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+    assert sorted(plain.peft_config["default"].target_modules) == sorted(arch_of(model_type).lora_targets)
+    x = _ids(t=19)
+    with torch.no_grad():
+        dense = FastModel.from_pretrained(path, load_in_4bit=False, dtype=torch.float32, patch=False)[0]
+        merged_ref = peft.PeftModel.from_pretrained(dense, tmp_path / "adapter")
+        torch.testing.assert_close(plain(x).logits, merged_ref(x).logits, rtol=0, atol=0)
+    lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    loaded = {k: v for k, v in plain.state_dict().items() if "lora_" in k}
+    assert len(lora) == len(loaded) == 28
+    for k in lora:
+        assert torch.equal(lora[k], loaded[k]), k
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_convergence_30_steps_patched_vs_eager(tiny_arch_dir, model_type):
+    """Liger-style convergence check: the same 30 AdamW steps on the same batches, fused path vs eager; the two loss
+    curves stay within 1e-3 (fp32 QLoRA: the paths differ by rounding only) and the loss falls."""
+    curves = []
+    for use_eager in (False, True):
+        model = _qlora(tiny_arch_dir(model_type))
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        curve = []
+        for step in range(30):
+            ids = _ids(seed=step % 4)
+            with eager(model) if use_eager else contextlib.nullcontext():  # backward too: it recomputes
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            curve.append(loss.item())
+        curves.append(torch.tensor(curve))
+    fast, ref = curves
+    torch.testing.assert_close(fast, ref, rtol=1e-3, atol=1e-3)
+    assert fast[-4:].mean() < fast[:4].mean() - 0.1
+
+
+def test_hf_trainer_trains_each_architecture(tiny_arch_dir, tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    for model_type in ("mistral", "qwen2", "qwen3"):
+        model = _qlora(tiny_arch_dir(model_type))
+        data = Dataset.from_dict({"input_ids": _ids(n=8, t=21).tolist()})
+        data = data.map(lambda r: {"labels": r["input_ids"]})
+        args = TrainingArguments(output_dir=str(tmp_path / model_type), per_device_train_batch_size=4, max_steps=3,
+                                 learning_rate=1e-3, report_to=[], logging_steps=1, save_strategy="no",
+                                 use_cpu=True, dataloader_num_workers=0)
+        LAYER_CALLS.clear()
+        result = Trainer(model=model, args=args, train_dataset=data).train()
+        assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+        assert LAYER_CALLS["fused"] == 3 * 2  # every layer call of every step took the fused layer op
