@@ -8,7 +8,8 @@ after ``--warmup``. Providers, each in its own fresh process (some patch process
 - ``hf``: transformers + PEFT + bitsandbytes, ``prepare_model_for_kbit_training`` (the QLoRA recipe),
   non-reentrant checkpointing, SDPA.
 - ``hf-bf16``: transformers + PEFT + bitsandbytes without the fp32 upcasts (fastllm's precision).
-- ``liger``: the same plus Liger-Kernel's Llama patch (rope, RMSNorm, SwiGLU, fused linear CE), if installed.
+- ``liger``: the same plus Liger-Kernel's patch for the architecture (rope, RMSNorm, SwiGLU, fused linear CE), if
+  installed.
 - ``unsloth``: Unsloth's ``FastLanguageModel`` and its ``"unsloth"`` checkpointing on the same weights (see
   ``unsloth_provider``), when ``$UNSLOTH_SITE`` holds it (``examples/unsloth_env.sh``).
 - ``fastllm``: ``fastllm.patch`` + ``FastLlama.get_peft_model`` (no fp32 upcasts); ``fastllm:opt=0,...``
@@ -93,11 +94,11 @@ def _prepare(provider: str, model, gc: bool):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     note = "prepare_model_for_kbit_training"
-    if provider == "liger":
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    if provider == "liger":  # Liger's patch for the model's architecture (apply_liger_kernel_to_<model_type>)
+        import liger_kernel.transformers as liger
 
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True, model=model)
+        getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}")(
+            rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=model)
         note += " + liger"
     cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(LINEARS), task_type="CAUSAL_LM")
     return get_peft_model(model, cfg), note

@@ -129,15 +129,54 @@ def why_eager(args: tuple, kwargs: dict) -> str | None:
     if static_cache_of(kwargs) is None:
         return "no static KV cache (generate with cache_implementation='static')"
     mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() != 4:
+    masks = mask.values() if _is_mapping(mask) else (mask,)
+    if any(isinstance(m, torch.Tensor) and m.dim() != 4 for m in masks):
         return "2-D attention mask (it grows every step)"
     if any(kwargs.get(f) for f in _EAGER_FLAGS):
         return "attentions or hidden states asked for"
     for name, v in kwargs.items():
-        if not (v is None or isinstance(v, (torch.Tensor, bool, int, float, str)) or name in _CACHE_KWARGS):
+        if not (v is None or isinstance(v, (torch.Tensor, bool, int, float, str)) or name in _CACHE_KWARGS
+                or _is_mapping(v)):
             # a container's tensors would not be copied into the graph's inputs, and its id is no key
             return f"argument {name!r} of type {type(v).__name__}"
     return None
+
+
+def _is_mapping(v) -> bool:
+    """A flat dict of tensors (or None) by name: the per-layer-type mask mapping ``generate`` passes models with
+    sliding layers (Qwen2/3: ``{"full_attention": ..., "sliding_attention": ...}``). Its tensors are graph inputs."""
+    return type(v) is dict and all(isinstance(k, str) and (t is None or isinstance(t, torch.Tensor))
+                                   for k, t in v.items())
+
+
+def tensor_paths(kwargs: dict) -> list[tuple]:
+    """Where a step's tensor inputs are: ``(name,)`` for a tensor argument, ``(name, key)`` inside a mask mapping."""
+    paths = []
+    for name, v in kwargs.items():
+        if isinstance(v, torch.Tensor):
+            paths.append((name,))
+        elif _is_mapping(v):
+            paths.extend((name, key) for key, t in v.items() if isinstance(t, torch.Tensor))
+    return paths
+
+
+def _at(kwargs: dict, path: tuple) -> torch.Tensor:
+    v = kwargs[path[0]]
+    return v if len(path) == 1 else v[path[1]]
+
+
+def with_inputs(kwargs: dict, inputs: dict) -> dict:
+    """``kwargs`` with the tensors at ``inputs``' paths replaced by ``inputs``' tensors (mappings copied, not
+    changed)."""
+    out = dict(kwargs)
+    for path, t in inputs.items():
+        if len(path) == 1:
+            out[path[0]] = t
+        else:
+            if out[path[0]] is kwargs[path[0]]:
+                out[path[0]] = dict(kwargs[path[0]])
+            out[path[0]][path[1]] = t
+    return out
 
 
 def _autocast_state() -> tuple:
@@ -157,9 +196,9 @@ class _Graph:
 
     def __init__(self, run, kwargs: dict, cache):
         self.cache_ref = weakref.ref(cache)  # weakly: a graph must not keep its KV tensors alive
-        self.names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-        self.inputs = {k: kwargs[k].clone() for k in self.names}
-        static = {**kwargs, **self.inputs}
+        self.paths = tensor_paths(kwargs)
+        self.inputs = {p: _at(kwargs, p).clone() for p in self.paths}
+        static = with_inputs(kwargs, self.inputs)
         self.graph = torch.cuda.CUDAGraph()
         with _capture_autocast(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             out = run(**static)
@@ -168,8 +207,8 @@ class _Graph:
         self.out = _fresh(out, cache, _CACHE, clone=False)
 
     def replay(self, kwargs: dict, cache):
-        for name in self.names:
-            self.inputs[name].copy_(kwargs[name])
+        for path in self.paths:
+            self.inputs[path].copy_(_at(kwargs, path))
         self.graph.replay()
         return _fresh(self.out, _CACHE, cache)
 
@@ -273,7 +312,10 @@ class DecodeGraphs:
                 parts.append((name, v.shape, v.dtype, v.device))
             elif v is cache:
                 parts.append((name, "cache"))
-            else:  # plain values only (``why_eager`` turns containers away)
+            elif _is_mapping(v):
+                parts.append((name, tuple((k, None if t is None else (t.shape, t.dtype, t.device))
+                                          for k, t in v.items())))
+            else:  # plain values only (``why_eager`` turns other containers away)
                 parts.append((name, v))
         # the workspace epoch last: ``_new_graph`` reads it back from the key
         return (tuple(parts), addresses, self._fingerprint, _autocast_state(), torch.is_inference_mode_enabled(),
@@ -381,6 +423,6 @@ def forget_on_unpatch(model: nn.Module) -> _Forget:
     return _Forget(model)
 
 
-__all__ = ["DecodeGraphs", "cache_addresses", "decode_graphs_eligible", "decode_graphs_of", "make_graphed_forward",
-           "forget_on_unpatch", "module_fingerprint", "new_decode_graphs", "static_cache_of", "static_generate",
-           "static_generate_kwargs", "why_eager", "why_not_graphable"]
+__all__ = ["DecodeGraphs", "cache_addresses", "decode_graphs_eligible", "decode_graphs_of", "forget_on_unpatch",
+           "make_graphed_forward", "module_fingerprint", "new_decode_graphs", "static_cache_of", "static_generate",
+           "static_generate_kwargs", "tensor_paths", "why_eager", "why_not_graphable", "with_inputs"]

@@ -52,3 +52,17 @@ def test_offload_provider_reaches_the_layers():
         model, _ = _prepare(provider, build_qlora_base("tiny", "cpu"), True)
         layers = model.base_model.model.model.layers
         assert all(layer.gradient_checkpointing and layer._gradient_checkpointing_func is fn for layer in layers)
+
+
+@pytest.mark.parametrize("shape", ["tiny-qwen2", "tiny-qwen3"])
+def test_other_architectures_build_and_agree(shape):
+    """The Qwen shapes build as their own classes (Qwen2's q/k/v biases kept on the 4-bit linears) and the hf and
+    fastllm providers agree on the loss."""
+    from fastllm.bench.models import SHAPES
+
+    model = build_qlora_base(shape, "cpu")
+    assert model.config.model_type == SHAPES[shape]["model_type"]
+    attn = model.model.layers[0].self_attn
+    assert (attn.q_proj.bias is not None) == (shape == "tiny-qwen2") and attn.o_proj.bias is None
+    rows = [run_worker(p, shape, steps=2, warmup=1, batch=2, seq=32, device="cpu") for p in ("hf", "fastllm")]
+    torch.testing.assert_close(torch.tensor(rows[0]["loss"]), torch.tensor(rows[1]["loss"]), rtol=2e-2, atol=2e-2)

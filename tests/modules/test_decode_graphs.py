@@ -64,16 +64,16 @@ class _Rerun:
 
     def __init__(self, run, kwargs, cache):
         self.cache_ref = weakref.ref(cache)
-        self.names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-        self.inputs = {k: kwargs[k].clone() for k in self.names}
+        self.paths = decode_graphs.tensor_paths(kwargs)
+        self.inputs = {p: decode_graphs._at(kwargs, p).clone() for p in self.paths}
         self.cache = cache
         self.run = run
-        self.static = {**kwargs, **self.inputs}
+        self.static = decode_graphs.with_inputs(kwargs, self.inputs)
         self.out = None  # a capture records the step's kernels without running them: the replay runs them
 
     def replay(self, kwargs, cache):
-        for name in self.names:
-            self.inputs[name].copy_(kwargs[name])
+        for path in self.paths:
+            self.inputs[path].copy_(decode_graphs._at(kwargs, path))
         out = self.run(**self.static)
         if self.out is None:
             self.out = out
@@ -654,7 +654,9 @@ def test_state_changes_between_calls_make_a_new_graph(model, bind, change, refre
 def test_container_arguments_run_eagerly(cpu_as_cuda, static_cache):
     x = torch.zeros(1, 1, dtype=torch.long)
     with torch.no_grad():
-        assert "of type dict" in why_eager((), {"input_ids": x, "cache": static_cache, "masks": {"m": torch.ones(1)}})
+        assert "of type list" in why_eager((), {"input_ids": x, "cache": static_cache, "masks": [torch.ones(1)]})
+        nested = {"m": {"n": torch.ones(1)}}  # a mask mapping is flat: anything deeper is a container
+        assert "of type dict" in why_eager((), {"input_ids": x, "cache": static_cache, "masks": nested})
 
 
 def test_unpatch_forgets_the_graphs():
@@ -682,3 +684,28 @@ def test_fingerprint_sees_train_mode_and_config_flags(model):
     finally:
         inner.config.output_hidden_states = False
     assert decode_graphs.module_fingerprint(inner) == before
+
+
+def test_mask_mapping_of_sliding_layers_is_a_graph_input(tiny_arch_dir, cpu_as_cuda):
+    """Qwen2's generate passes a mask per layer type (``{"full_attention": ..., "sliding_attention": ...}``): its
+    tensors are graph inputs, copied in at every replay, and the steps equal eager ones past the window (16)."""
+    m, _ = FastLlama.from_pretrained(tiny_arch_dir("qwen2"), dtype=torch.float32, max_seq_length=256,
+                                     load_in_4bit=False)
+    m = FastLlama.get_peft_model(m, r=8, lora_alpha=16).eval()
+    inner = find_base(m).model
+    graphs = DecodeGraphs()
+    graphs._capture = _Rerun
+    inner.forward = types.MethodType(make_graphed_forward(graphs), inner)
+    x = torch.randint(0, 331, (1, 13), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        kw = dict(attention_mask=torch.ones_like(x), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                  output_logits=True, return_dict_in_generate=True, disable_compile=True,
+                  cache_implementation="static")
+        got = m.generate(input_ids=x, **kw)
+        assert graphs.stats == Counter({PREFILL: 1, WARMUP: 1, "captured": 1, "replayed": NEW - 2}), graphs.summary()
+        graph = next(iter(graphs.graphs.values()))
+        assert set(graph.paths) >= {("attention_mask", "full_attention"), ("attention_mask", "sliding_attention")}
+        graphs.disabled = "reference"
+        want = m.generate(input_ids=x, **kw)
+    vars(inner).pop("forward")
+    _assert_same((got.sequences, torch.stack(got.logits)), (want.sequences, torch.stack(want.logits)))
