@@ -16,8 +16,10 @@ TYPES = tuple(ARCHS)
 VOCAB = 331
 
 
-def _ids(n=2, t=37, seed=7):
-    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+def _ids(n=2, t=37, seed=7, device=None):
+    """Token ids on ``device`` (the model's: on a GPU machine the loader puts models on CUDA)."""
+    ids = torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+    return ids if device is None else ids.to(device)
 
 
 def _qlora(path, dtype=torch.float32, **cfg):
@@ -48,7 +50,7 @@ def test_qlora_fused_ops_match_eager_fp32(tiny_arch_dir, model_type, fused_layer
     assert report.counts["lora"] == 14 and report.counts["lora_attention"] == 2 and report.counts["mlp"] == 2
     assert report.counts["rms_norm"] == n_norms and report.counts["loss"] == 1 and not report.skipped
     model.train()
-    ids = _ids()
+    ids = _ids(device=model.device)
     LAYER_CALLS.clear()
     loss, grads = _loss_grads(model, ids)
     assert LAYER_CALLS == ({"fused": 2} if fused_layer else {})
@@ -65,8 +67,9 @@ def test_qlora_bf16_is_as_close_to_fp32_as_eager_bf16(tiny_arch_dir, model_type)
     """bf16 rounds op by op differently on the two paths: each is measured against the fp32 eager reference, and
     the fused path's error (loss, each LoRA gradient's relative L2 error) may not exceed eager bf16's by more
     than half again."""
-    path, ids = tiny_arch_dir(model_type), _ids()
+    path = tiny_arch_dir(model_type)
     ref = _qlora(path)
+    ids = _ids(device=ref.device)
     ref.train()
     with eager(ref):
         ref_loss, ref_grads = _loss_grads(ref, ids)
@@ -96,7 +99,7 @@ def test_unpatch_is_bit_identical_to_a_never_patched_twin(tiny_arch_dir, model_t
     assert is_patched(model)
     assert unpatch(model) > 0 and not is_patched(model)
     assert {name: dict(vars(m)) for name, m in model.named_modules()} == before
-    x = _ids(t=23)
+    x = _ids(t=23, device=model.device)
     with torch.no_grad():
         assert torch.equal(model(x).logits, twin(x).logits)
     model.train(), twin.train()
@@ -112,7 +115,7 @@ def test_full_precision_patches_and_generate_match_eager(model_type, save_arch):
                                       patch=PatchConfig(lora=True))[0]
     report = patch_report(model)
     assert report.counts["lora_attention"] == 2 and report.counts["mlp"] == 2 and not report.skipped
-    x = _ids(t=29)
+    x = _ids(t=29, device=model.device)
     with torch.no_grad():
         logits = model(x).logits
         with eager(model):
@@ -140,12 +143,12 @@ def test_adapter_saved_from_fastllm_loads_in_plain_peft(tiny_arch_dir, model_typ
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     plain = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
     assert sorted(plain.peft_config["default"].target_modules) == sorted(arch_of(model_type).lora_targets)
-    x = _ids(t=19)
+    x = _ids(t=19)  # the plain models below load on the CPU
     with torch.no_grad():
         dense = FastModel.from_pretrained(path, load_in_4bit=False, dtype=torch.float32, patch=False)[0]
         merged_ref = peft.PeftModel.from_pretrained(dense, tmp_path / "adapter")
         torch.testing.assert_close(plain(x).logits, merged_ref(x).logits, rtol=0, atol=0)
-    lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    lora = {k: v.cpu() for k, v in model.state_dict().items() if "lora_" in k}
     loaded = {k: v for k, v in plain.state_dict().items() if "lora_" in k}
     assert len(lora) == len(loaded) == 28
     for k in lora:
@@ -163,7 +166,7 @@ def test_convergence_30_steps_patched_vs_eager(tiny_arch_dir, model_type):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
         curve = []
         for step in range(30):
-            ids = _ids(seed=step % 4)
+            ids = _ids(seed=step % 4, device=model.device)
             with eager(model) if use_eager else contextlib.nullcontext():  # backward too: it recomputes
                 loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
@@ -186,8 +189,32 @@ def test_hf_trainer_trains_each_architecture(tiny_arch_dir, tmp_path):
         data = data.map(lambda r: {"labels": r["input_ids"]})
         args = TrainingArguments(output_dir=str(tmp_path / model_type), per_device_train_batch_size=4, max_steps=3,
                                  learning_rate=1e-3, report_to=[], logging_steps=1, save_strategy="no",
-                                 use_cpu=True, dataloader_num_workers=0)
+                                 use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
         LAYER_CALLS.clear()
         result = Trainer(model=model, args=args, train_dataset=data).train()
         assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
         assert LAYER_CALLS["fused"] == 3 * 2  # every layer call of every step took the fused layer op
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_fused_layer_triton_path_matches_torch_fallbacks(tiny_arch_dir, model_type, monkeypatch):
+    """The fused layer's Triton RMSNorm (Qwen3's per-head q/k norms too) / RoPE / SwiGLU path, through the interpreter
+    on the CPU, against its torch fallbacks and against eager: same loss and LoRA grads (fp32)."""
+    from fastllm.modules import layer as fl
+
+    results = []
+    for backend in ("torch", "triton"):
+        monkeypatch.setattr(fl, "pick_backend", lambda *a, _b=backend: _b)
+        model = _qlora(tiny_arch_dir(model_type))
+        model.train()
+        ids = _ids(t=19, device=model.device)
+        LAYER_CALLS.clear()
+        results.append(_loss_grads(model, ids))
+        assert LAYER_CALLS == {"fused": 2}
+    with eager(model):
+        results.append(_loss_grads(model, ids))
+    (loss, grads), (t_loss, t_grads), (e_loss, e_grads) = results
+    for other_loss, other_grads in ((loss, grads), (e_loss, e_grads)):
+        torch.testing.assert_close(t_loss, other_loss, rtol=1e-5, atol=1e-5)
+        for n in grads:
+            torch.testing.assert_close(t_grads[n], other_grads[n], rtol=1e-4, atol=1e-6, msg=n)
