@@ -33,6 +33,10 @@ would write into memory another tensor may own by then. So a graph holds the buf
 while it lives), and the key carries ``workspace_epoch``: after a growth or a clear the step is captured again, and the
 graphs of older epochs are dropped at that capture, releasing their buffers.
 
+Sliding-window static cache layers (Mistral with a window, Qwen2/3's sliding layers) branch on a host-side length
+(``host_counters``): index_copy while the window fills, a roll once it is full. A replay runs no Python, so the graphs
+advance that length themselves after each replay, and the key carries which side of the window each layer is on.
+
 A capture that fails (an op that syncs with the host, a lazily created tensor) is logged once, counted, and
 turns graphs off for the model; that step and every later one run eagerly, with the same results.
 """
@@ -75,6 +79,14 @@ def cache_addresses(cache) -> tuple | None:
     return tuple(out)
 
 
+def host_counters(cache) -> list:
+    """The cache layers whose update branches on a host-side length (transformers' sliding-window static layers keep
+    ``cumulative_length_int``: index_copy while the window fills, a roll once it is full; ``get_seq_length`` and the
+    masks read it too). A replay runs no Python, so ``DecodeGraphs`` advances these itself, and the keys carry
+    whether each window is full (which branch a graph captured)."""
+    return [layer for layer in cache.layers if isinstance(getattr(layer, "cumulative_length_int", None), int)]
+
+
 def why_not_graphable(model: nn.Module) -> str | None:
     """Why no step of ``model`` can be graphed whatever its inputs, or None. Sharded parameters (FSDP2, tensor
     parallel: DTensors) are gathered into buffers that the gathering hooks free again after the step; a graph
@@ -107,6 +119,11 @@ def module_fingerprint(model: nn.Module) -> tuple:
     flags = tuple(getattr(config, f, None) for f in ("output_attentions", "output_hidden_states", "use_cache",
                                                        "_attn_implementation"))
     return ptrs, tuple(modules), hooks, flags
+
+
+def _tokens(kwargs: dict) -> int:
+    x = kwargs.get("input_ids")
+    return (x if x is not None else kwargs["inputs_embeds"]).shape[1]
 
 
 def _graphable_device(x: torch.Tensor) -> bool:
@@ -294,10 +311,15 @@ class DecodeGraphs:
             graph = self._new_graph(run, kwargs, cache, key)
             if graph is None:
                 return run(**kwargs)
+            advance = 0  # the capture ran the step's Python once: the host counters have moved for this step
         else:
             self.graphs.move_to_end(key)
+            advance = _tokens(kwargs)
         self.stats["replayed"] += 1
-        return graph.replay(kwargs, cache)
+        out = graph.replay(kwargs, cache)
+        for layer in host_counters(cache):
+            layer.cumulative_length_int += advance
+        return out
 
     def _key(self, model: nn.Module, kwargs: dict, cache) -> tuple | None:
         addresses = cache_addresses(cache)
@@ -317,17 +339,21 @@ class DecodeGraphs:
                                           for k, t in v.items())))
             else:  # plain values only (``why_eager`` turns other containers away)
                 parts.append((name, v))
+        windows = tuple(layer.cumulative_length_int >= layer.max_cache_len for layer in host_counters(cache))
         # the workspace epoch last: ``_new_graph`` reads it back from the key
-        return (tuple(parts), addresses, self._fingerprint, _autocast_state(), torch.is_inference_mode_enabled(),
-                workspace_epoch())
+        return (tuple(parts), addresses, windows, self._fingerprint, _autocast_state(),
+                torch.is_inference_mode_enabled(), workspace_epoch())
 
     def _new_graph(self, run, kwargs: dict, cache, key):
         rng = _rng_snapshot()
         held = workspace_buffers()  # before and after: a buffer replaced during the capture was written by it too
+        counters = [(layer, layer.cumulative_length_int) for layer in host_counters(cache)]
         try:
             graph = self._capture(run, kwargs, cache)
         except Exception as exc:  # noqa: BLE001 - any capture error turns graphs off, reported, results unchanged
             _rng_restore(rng)
+            for layer, value in counters:  # the eager step that follows advances them once
+                layer.cumulative_length_int = value
             self.disabled = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
             self.graphs.clear()
             logger.warning("fastllm: decode_graphs off for this model, decode steps run eagerly: %s", self.disabled)

@@ -58,9 +58,11 @@ def _write_into(dst, src):
 
 
 class _Rerun:
-    """Stand-in for ``decode_graphs._Graph``: static input buffers cloned at capture, the captured call re-run on
-    them at every replay (a CUDA graph replays the captured kernels on the captured addresses), its outputs written
-    into the same output tensors every time (as a graph's are)."""
+    """Stand-in for ``decode_graphs._Graph``. A CUDA capture runs the step's Python (host effects: the sliding-window
+    layers' ``cumulative_length_int``) but none of its kernels; a replay runs the kernels and no Python. So: at
+    construction the call runs once with the cache's tensors restored after it (host effects only), and each replay
+    copies the new inputs into static buffers cloned at construction, re-runs the call on them with the host counters
+    restored after it (device effects only), its outputs written into the same output tensors every time."""
 
     def __init__(self, run, kwargs, cache):
         self.cache_ref = weakref.ref(cache)
@@ -69,12 +71,19 @@ class _Rerun:
         self.cache = cache
         self.run = run
         self.static = decode_graphs.with_inputs(kwargs, self.inputs)
-        self.out = None  # a capture records the step's kernels without running them: the replay runs them
+        saved = [(t, t.clone()) for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+        run(**self.static)
+        for t, v in saved:
+            t.copy_(v)
+        self.out = None
 
     def replay(self, kwargs, cache):
         for path in self.paths:
             self.inputs[path].copy_(decode_graphs._at(kwargs, path))
+        counters = [(layer, layer.cumulative_length_int) for layer in decode_graphs.host_counters(self.cache)]
         out = self.run(**self.static)
+        for layer, value in counters:
+            layer.cumulative_length_int = value
         if self.out is None:
             self.out = out
         else:
@@ -686,10 +695,14 @@ def test_fingerprint_sees_train_mode_and_config_flags(model):
     assert decode_graphs.module_fingerprint(inner) == before
 
 
-def test_mask_mapping_of_sliding_layers_is_a_graph_input(tiny_arch_dir, cpu_as_cuda):
-    """Qwen2's generate passes a mask per layer type (``{"full_attention": ..., "sliding_attention": ...}``): its
-    tensors are graph inputs, copied in at every replay, and the steps equal eager ones past the window (16)."""
-    m, _ = FastLlama.from_pretrained(tiny_arch_dir("qwen2"), dtype=torch.float32, max_seq_length=256,
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+def test_sliding_window_layers_graph_on_both_sides_of_the_window(tiny_arch_dir, cpu_as_cuda, model_type):
+    """Sliding-window static cache layers branch on a host counter (index_copy while the window of 16 fills, a roll
+    once full) that a replay does not advance: the graphs advance it and key on which side of the window a step is,
+    so a 13-token prompt decoding 7 tokens warms up and captures once on each side. Qwen2's generate passes a mask
+    per layer type (``{"full_attention": ..., "sliding_attention": ...}``): those tensors are graph inputs. The
+    steps equal eager ones."""
+    m, _ = FastLlama.from_pretrained(tiny_arch_dir(model_type), dtype=torch.float32, max_seq_length=256,
                                      load_in_4bit=False)
     m = FastLlama.get_peft_model(m, r=8, lora_alpha=16).eval()
     inner = find_base(m).model
@@ -702,9 +715,14 @@ def test_mask_mapping_of_sliding_layers_is_a_graph_input(tiny_arch_dir, cpu_as_c
                   output_logits=True, return_dict_in_generate=True, disable_compile=True,
                   cache_implementation="static")
         got = m.generate(input_ids=x, **kw)
-        assert graphs.stats == Counter({PREFILL: 1, WARMUP: 1, "captured": 1, "replayed": NEW - 2}), graphs.summary()
-        graph = next(iter(graphs.graphs.values()))
-        assert set(graph.paths) >= {("attention_mask", "full_attention"), ("attention_mask", "sliding_attention")}
+        # decode steps start at cache lengths 13..18: 13 warm-up, 14 capture, 15 replay; 16 (full) warm-up, ...
+        assert graphs.stats == Counter({PREFILL: 1, WARMUP: 2, "captured": 2, "replayed": NEW - 3}), graphs.summary()
+        windows = sorted(key[2] for key in graphs.graphs)
+        n_sliding = 1 if model_type == "qwen2" else 2
+        assert windows == [(False,) * n_sliding, (True,) * n_sliding]
+        paths = next(iter(graphs.graphs.values())).paths
+        if model_type == "qwen2":
+            assert {("attention_mask", "full_attention"), ("attention_mask", "sliding_attention")} <= set(paths)
         graphs.disabled = "reference"
         want = m.generate(input_ids=x, **kw)
     vars(inner).pop("forward")
