@@ -162,3 +162,52 @@ def tiny_arch_dir(tmp_path_factory):
 def save_arch(tmp_path):
     """``save_arch(model_type, **config_overrides)``: a tiny checkpoint of that architecture in this test's tmp dir."""
     return lambda model_type, **overrides: save_tiny_arch(tmp_path / f"tiny_{model_type}", model_type, **overrides)
+
+
+def relay_checkpoint(src: str, dst, model_type: str) -> str:
+    """The Llama checkpoint ``src`` re-laid as ``model_type`` ("mistral" or "qwen2"): the same weights under the
+    other architecture's config (Qwen2 gets its q/k/v biases as zeros; neither gets a window), so the model computes
+    the same function and differs only in its transformers classes and checkpoint layout."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        if name not in ("config.json", "model.safetensors", "fastllm-cache.json"):
+            shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    cls = {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+    cfg.update(model_type=model_type, architectures=[cls], sliding_window=None)
+    for key in ("attention_bias", "mlp_bias", "pretraining_tp"):
+        cfg.pop(key, None)
+    if model_type == "qwen2":
+        cfg.update(use_sliding_window=False, max_window_layers=cfg["num_hidden_layers"])
+        head_dim, heads = cfg["head_dim"], {"q": cfg["num_attention_heads"], "k": cfg["num_key_value_heads"],
+                                            "v": cfg["num_key_value_heads"]}
+        for i in range(cfg["num_hidden_layers"]):
+            for p, n in heads.items():
+                ref = tensors[f"model.layers.{i}.self_attn.{p}_proj.weight"]
+                tensors[f"model.layers.{i}.self_attn.{p}_proj.bias"] = torch.zeros(n * head_dim, dtype=ref.dtype)
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def relaid_default(tmp_path_factory, default_model_dir):
+    """``relaid_default(model_type)``: the embedded SmolLM2-135M re-laid as Mistral or Qwen2 (made once a session)."""
+    made = {}
+
+    def get(model_type: str) -> str:
+        if model_type not in made:
+            made[model_type] = relay_checkpoint(default_model_dir, tmp_path_factory.mktemp(f"smollm2_{model_type}"),
+                                                model_type)
+        return made[model_type]
+
+    return get
