@@ -156,6 +156,29 @@ def test_two_ranks_equal_one_process(runs, patched):
         torch.testing.assert_close(r["param_mib"], full / 2, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_other_architectures_two_ranks_equal_one_process(tiny_arch_dir, tmp_path, model_type):
+    """FSDP2 ``shard()`` of the table's other layouts (Qwen2's q/k/v biases beside the sharded 4-bit weights, Qwen3's
+    q/k norms inside the fused layer, a sliding layer whose window is shorter than the sequence), patched with the
+    fused QLoRA ops: 2 gloo ranks with gradient accumulation equal one process on the same global batch."""
+    common = ["--model", tiny_arch_dir(model_type), "--steps", "3", "--batch-size", "4", "--seq-len", "48",
+              "--lr", "1e-2", "--lora-r", "4", "--lora"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _run([sys.executable, EXAMPLE, *common, "--out", one])
+    _torchrun(2, EXAMPLE, *common, "--grad-accum", "2", "--out", two)
+    (steps1, _), (steps2, summary2) = _metrics(one), _metrics(two)
+    assert summary2["world_size"] == 2 and summary2["patched"] and summary2["trainable_tensors"] == 28
+    l1 = torch.tensor([s["loss"] for s in steps1], dtype=torch.float64)
+    l2 = torch.tensor([s["loss"] for s in steps2], dtype=torch.float64)
+    assert len(l1) == 3
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
+    a1, a2 = _adapter(one), _adapter(two)
+    assert sorted(a1) == sorted(a2) and len(a1) == 28
+    assert max(v.abs().max().item() for k, v in a1.items() if "lora_B" in k) > 1e-3  # the adapters trained
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-5)
+
+
 def test_adapter_loads_in_plain_peft(runs, tiny_llama_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
