@@ -1,4 +1,4 @@
-"""fastllm: faster, lighter QLoRA / LoRA fine-tuning of Llama-family models, drop-in.
+"""fastllm: faster, lighter QLoRA / LoRA fine-tuning of Llama, Mistral and Qwen models, drop-in.
 
 Importing fastllm patches nothing and prints nothing: ``FastLlama.from_pretrained`` and ``patch`` do.
 """

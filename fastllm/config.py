@@ -15,7 +15,7 @@ _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 @dataclass(frozen=True, init=False)
 class PatchConfig:
-    """Which fastllm patches to apply to a Llama model.
+    """Which fastllm patches to apply to a model of the architecture table.
 
     ``None`` means "auto": on where it pays on this machine (CUDA), off elsewhere.
 

@@ -108,7 +108,7 @@ def _default_mesh():
 def _decoder_layers(base: nn.Module) -> list[nn.Module]:
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:
-        raise ValueError(f"{type(base).__name__} has no .model.layers: not a Llama causal LM")
+        raise ValueError(f"{type(base).__name__} has no .model.layers: not a causal LM of fastllm's architecture table")
     return list(layers)
 
 

@@ -1,4 +1,5 @@
-"""Replacement ``LlamaForCausalLM.forward`` that computes the training loss without the logits.
+"""Replacement causal-LM ``forward`` (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...: one upstream form) that
+computes the training loss without the logits.
 
 In training with labels (``self.training``, ``labels`` given, all positions kept) the shifted
 next-token loss is computed **inside** the forward from the last hidden states, chunk by chunk
@@ -120,7 +121,7 @@ def _keeps_all(logits_to_keep) -> bool:
 
 
 def make_causal_lm_forward(loss: str | Callable = "cross_entropy") -> Callable:
-    """A ``LlamaForCausalLM.forward`` replacement whose training loss is ``loss``.
+    """A causal-LM ``forward`` replacement whose training loss is ``loss``.
 
     ``loss``: ``"cross_entropy"``, ``"focal"`` or a per-token callable
     ``(logits_fp32 [n, V], labels [n]) -> [n]``. The function carries ``_fastllm_loss = loss``.

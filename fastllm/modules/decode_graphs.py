@@ -5,7 +5,8 @@ than Python and launches (docs/benchmarks.md). With a static cache (fixed-addres
 counter) the whole decoder stack of one step is the same kernels on the same addresses every step, so it is
 captured once as a CUDA graph and replayed: the step's host cost becomes a few input copies and one replay.
 
-How a call of the patched ``LlamaModel.forward`` goes (``DecodeGraphs.step``):
+How a call of the patched decoder model's ``forward`` (``LlamaModel``, ``Qwen2Model``, ...) goes
+(``DecodeGraphs.step``):
 
 - not a graphable decode step (more than one token, grad mode on, no static cache, a 2-D attention mask that
   grows every step, ...): the class's own forward; the reason is counted in ``stats``;
@@ -131,7 +132,7 @@ def _graphable_device(x: torch.Tensor) -> bool:
 
 
 def why_eager(args: tuple, kwargs: dict) -> str | None:
-    """Why this call of ``LlamaModel.forward`` is not a graphable decode step, or None when it is."""
+    """Why this call of the decoder model's ``forward`` is not a graphable decode step, or None when it is."""
     if args:
         return "positional arguments"
     if torch.is_grad_enabled():
@@ -394,7 +395,7 @@ def new_decode_graphs(model: nn.Module) -> DecodeGraphs:
 
 
 def make_graphed_forward(graphs: DecodeGraphs):
-    """``LlamaModel.forward`` replacement: decode steps through ``graphs``, anything else as transformers'."""
+    """The decoder model's ``forward`` replacement: decode steps through ``graphs``, anything else as transformers'."""
 
     def graphed_model_forward(self, *args, **kwargs):
         return graphs.step(self, args, kwargs)
@@ -403,7 +404,7 @@ def make_graphed_forward(graphs: DecodeGraphs):
 
 
 def decode_graphs_eligible(module: nn.Module) -> str | None:
-    """Why a ``LlamaModel`` cannot take decode graphs, or None."""
+    """Why a decoder model (``LlamaModel``, ``Qwen2Model``, ...) cannot take decode graphs, or None."""
     p = next(module.parameters(), None)
     if p is None or p.device.type != "cuda":
         return "CUDA graphs need the model on a CUDA device"

@@ -1,4 +1,5 @@
-"""Replacement ``forward`` for transformers' ``LlamaMLP`` (same signature).
+"""Replacement ``forward`` for transformers' SwiGLU MLPs of the table (``LlamaMLP``, ``Qwen2MLP``, ...; same
+signature).
 
 ``down_proj(silu(gate_proj(x)) * up_proj(x))``: the three projections stay module calls, so PEFT
 LoRA layers, bitsandbytes ``Linear4bit`` and the fastllm NF4 linear all still dispatch; only the
@@ -17,7 +18,7 @@ _SILU_NAMES = ("silu", "swish")
 
 
 def fast_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """``LlamaMLP.forward`` with a fused SwiGLU (bound per instance); with the ``lora`` patch on all three
+    """The MLP's ``forward`` with a fused SwiGLU (bound per instance); with the ``lora`` patch on all three
     QLoRA projections, the whole MLP runs as one autograd op (``fastllm.ops.lora_mlp``)."""
     y = fused_lora_mlp(self, x)
     if y is not None:

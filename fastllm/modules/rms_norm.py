@@ -1,4 +1,5 @@
-"""Replacement ``forward`` for transformers' ``LlamaRMSNorm`` (same signature)."""
+"""Replacement ``forward`` for transformers' RMSNorms of the table (``LlamaRMSNorm``, ``Qwen3RMSNorm``, ...: all
+``weight * x * rsqrt(mean(x^2) + eps)``; same signature)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from ..ops.rms_norm import rms_norm
 
 
 def fast_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    """``LlamaRMSNorm.forward`` through fastllm's fused op (bound per instance)."""
+    """The RMSNorm's ``forward`` through fastllm's fused op (bound per instance)."""
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
