@@ -1,11 +1,12 @@
-"""RMSNorm forward and backward Triton kernels (Llama / T5 flavour).
+"""RMSNorm forward and backward Triton kernels: the Llama / T5 form and Gemma's ``(1 + w)`` form.
 
 Forward, per row ``x`` of width N (computed in fp32, as transformers does)::
 
     rstd = 1 / sqrt(mean(x^2) + eps)
-    y    = w * cast(x * rstd, x.dtype)
+    y    = w * cast(x * rstd, x.dtype)              offset 0 (Llama: x*rstd rounded before the weight)
+    y    = cast(x * rstd * (offset + w), x.dtype)   offset != 0 (Gemma: all in fp32, one rounding)
 
-Backward, with ``xhat = x * rstd`` and ``g = dy * w``::
+Backward, with ``xhat = x * rstd`` and ``g = dy * (offset + w)``::
 
     dx = rstd * (g - xhat * mean(g * xhat))
     dw = sum_rows(dy * xhat)              (only when the weight needs a gradient)
@@ -24,28 +25,32 @@ from .launch import cdiv, launch, next_power_of_2
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
-    """One program per row: y = w * cast(x * rstd); rstd stored for backward."""
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr, OFFSET: tl.constexpr):
+    """One program per row: y = w * cast(x * rstd) (OFFSET 0) or cast(x * rstd * (OFFSET + w)); rstd stored."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
-    # Round the normalised row to the input dtype before the weight multiply, like transformers.
-    xhat = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (w * xhat).to(Y.dtype.element_ty), mask=mask)
+    if OFFSET == 0.0:
+        # Round the normalised row to the input dtype before the weight multiply, like transformers' Llama.
+        xhat = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+    else:
+        xhat = x * rstd  # Gemma: the whole product in fp32, rounded once
+    tl.store(Y + row * stride_y + cols, ((w + OFFSET) * xhat).to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + row, rstd)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, M, N,
-                         ROWS_PER_PROG: tl.constexpr, BLOCK: tl.constexpr, HAS_DW: tl.constexpr):
+                         ROWS_PER_PROG: tl.constexpr, BLOCK: tl.constexpr, HAS_DW: tl.constexpr,
+                         OFFSET: tl.constexpr):
     """Each program walks ROWS_PER_PROG rows: dx per row, and one partial dW row per program."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + OFFSET
     dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(ROWS_PER_PROG):
         row = (pid * ROWS_PER_PROG + i).to(tl.int64)
@@ -72,19 +77,21 @@ def _launch_config(n: int) -> tuple[int, int]:
     return block, num_warps
 
 
-def rms_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x2d: (M, N) with unit last stride. Returns y (M, N) in result_type(x, w) and rstd (M,) fp32."""
+def rms_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, eps: float,
+                 offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2d: (M, N) with unit last stride. Returns y (M, N) in result_type(x, w) (offset 0) or x's dtype (offset
+    != 0, Gemma), and rstd (M,) fp32."""
     m, n = x2d.shape
-    y = torch.empty((m, n), dtype=torch.result_type(x2d, weight), device=x2d.device)
+    y = torch.empty((m, n), dtype=torch.result_type(x2d, weight) if offset == 0 else x2d.dtype, device=x2d.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x2d.device)
     block, num_warps = _launch_config(n)
     launch(_rms_norm_fwd_kernel, (m,), x2d, weight, y, rstd, x2d.stride(0), y.stride(0), n, eps,
-           BLOCK=block, num_warps=num_warps)
+           BLOCK=block, OFFSET=float(offset), num_warps=num_warps)
     return y, rstd
 
 
 def rms_norm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                 need_dw: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 need_dw: bool, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns dx (M, N) in x's dtype and dw (N,) in w's dtype (or None)."""
     m, n = x2d.shape
     dy2d = dy2d.contiguous()
@@ -101,6 +108,6 @@ def rms_norm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rs
     dw_part = torch.empty((programs, n), dtype=torch.float32, device=x2d.device) if need_dw else dx
     launch(_rms_norm_bwd_kernel, (programs,), dy2d, x2d, weight, rstd, dx, dw_part, dy2d.stride(0), x2d.stride(0),
            dx.stride(0), m, n, ROWS_PER_PROG=rows_per_prog, BLOCK=block,
-           HAS_DW=need_dw, num_warps=num_warps)
+           HAS_DW=need_dw, OFFSET=float(offset), num_warps=num_warps)
     dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
     return dx, dw

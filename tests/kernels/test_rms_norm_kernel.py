@@ -36,3 +36,34 @@ def test_rms_norm_triton_without_cuda_or_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         rms_norm(torch.randn(2, 8), torch.ones(8), backend="triton")
+
+
+@pytest.mark.parametrize("shape", [(5, 123), (2, 3, 64), (7, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_gemma_form_matches_transformers_gemma3_rms_norm(shape, dtype, weight_grad):
+    """offset=1: ``Gemma3RMSNorm`` (x * rstd * (1 + w) in fp32, rounded once to x's dtype), forward and backward,
+    Triton and the torch fallback, against transformers' own module."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    ref = Gemma3RMSNorm(shape[-1], eps=1e-6).to(DEV)
+    with torch.no_grad():
+        ref.weight.normal_(0, 0.5)  # Gemma's weights sit around 0: the 1 + w is what matters
+    ref.weight.requires_grad_(weight_grad)
+    x = torch.randn(shape, dtype=dtype, device=DEV) * 3
+    x_ref = x.clone().requires_grad_()
+    y_ref = ref(x_ref)
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    for backend in ("triton", "torch"):
+        w = ref.weight.detach().clone().requires_grad_(weight_grad)
+        x1 = x.clone().requires_grad_()
+        y = rms_norm(x1, w, 1e-6, offset=1.0, backend=backend)
+        assert y.dtype == dtype
+        tol = dict(atol=0, rtol=0) if backend == "torch" else TOL[dtype]
+        torch.testing.assert_close(y, y_ref, **tol)
+        y.backward(dy)
+        torch.testing.assert_close(x1.grad, x_ref.grad, **TOL[dtype])
+        if weight_grad:
+            torch.testing.assert_close(w.grad.float(), ref.weight.grad.float(),
+                                       **{k: v * 10 for k, v in TOL[dtype].items()})
