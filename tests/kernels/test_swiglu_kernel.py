@@ -55,3 +55,44 @@ def test_packed_swiglu_matches_eager(backend, m, inter, dtype):
     assert h.shape == (m, inter) and h.dtype == dtype and dgu.shape == gu.shape and dgu.dtype == dtype
     torch.testing.assert_close(h.float(), h_ref, **TOL[dtype])
     torch.testing.assert_close(dgu.float(), ref.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("shape", [(5, 123), (2, 3, 160), (1025,)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_geglu_matches_eager_gelu_tanh(backend, shape, dtype):
+    """GeGLU (Gemma's ``gelu_pytorch_tanh``): forward and both gradients against eager ``F.gelu(g, 'tanh') * u``
+    (fp32 reference; in fp32 the same ops' bits within rounding)."""
+    from fastllm.ops.swiglu import geglu
+
+    g = (torch.randn(shape, device=DEV) * 4).to(dtype)
+    u = torch.randn(shape, device=DEV).to(dtype)
+    g1, u1 = g.clone().requires_grad_(), u.clone().requires_grad_()
+    g2, u2 = g.float().requires_grad_(), u.float().requires_grad_()
+    h1 = geglu(g1, u1, backend=backend)
+    h2 = F.gelu(g2, approximate="tanh") * u2
+    assert h1.dtype == dtype
+    torch.testing.assert_close(h1.float(), h2, **TOL[dtype])
+    dh = torch.randn(shape, device=DEV)
+    h1.backward(dh.to(dtype))
+    h2.backward(dh)
+    torch.testing.assert_close(g1.grad.float(), g2.grad, **TOL[dtype])
+    torch.testing.assert_close(u1.grad.float(), u2.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_geglu_matches_eager(backend, dtype):
+    from fastllm.ops.swiglu import swiglu_packed_backward, swiglu_packed_forward
+
+    m, inter = 7, 131
+    gu = (torch.randn(m, 2 * inter, device=DEV) * 3).to(dtype)
+    ref = gu.float().requires_grad_()
+    h_ref = F.gelu(ref[:, :inter], approximate="tanh") * ref[:, inter:]
+    dh = torch.randn(m, inter, device=DEV)
+    h_ref.backward(dh)
+    use_triton = backend == "triton"
+    h = swiglu_packed_forward(gu, use_triton, gelu=True)
+    dgu = swiglu_packed_backward(dh.to(dtype), gu, use_triton, gelu=True)
+    torch.testing.assert_close(h.float(), h_ref, **TOL[dtype])
+    torch.testing.assert_close(dgu.float(), ref.grad, **TOL[dtype])
