@@ -33,7 +33,8 @@ class Arch:
     # None on full-attention layers: Qwen2/3). The mask carries the window for SDPA/eager; the kwarg is passed on
     # as upstream passes it.
     sliding_window: str | None = None
-    embed_scale: bool = False         # embeddings scaled by sqrt(hidden)
+    sandwich_norms: bool = False      # norms after attention and around the MLP too (Gemma: four per layer)
+    embed_scale: bool = False         # embeddings scaled by sqrt(hidden) (inside transformers' embedding module)
     logit_softcap: bool = False       # final logits soft-capped
 
     def cls(self, role: str) -> type:

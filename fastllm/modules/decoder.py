@@ -361,8 +361,11 @@ def attention_eligible(module) -> str | None:
     return None
 
 
-# The compiled region reads the same attributes as the fused RMSNorm: one check serves both.
-compiled_rms_norm_eligible = rms_norm_eligible
+def compiled_rms_norm_eligible(module) -> str | None:
+    """The compiled region computes the Llama form (``x * w``) and reads ``variance_epsilon``."""
+    if not isinstance(getattr(module, "variance_epsilon", None), float):
+        return "no float variance_epsilon (the compiled region computes the Llama form x * w only)"
+    return rms_norm_eligible(module)
 
 
 def compiled_mlp_eligible(module) -> str | None:

@@ -20,13 +20,14 @@ import torch
 from torch.nn.modules import module as _nn_module
 
 from .._compat import pick_backend
+from ..arch import arch_of_module
 from ..ops.lora import frozen_parts
 from ..ops.lora_layer import LayerParts, lora_decoder_layer
 from .checkpointing import nonreentrant_checkpoint
 from .decoder import attention_interface, needs_eager, qk_norms, window_of
 from .lora import fused_parts, stacked_bias
 from .mlp import fast_mlp_forward
-from .rms_norm import fast_rms_norm_forward
+from .rms_norm import fast_rms_norm_forward, norm_args
 
 __all__ = ["LAYER_CALLS", "fused_layer_checkpoint"]
 
@@ -81,6 +82,11 @@ def _plan(function, args, kwargs):
     if not all(name in mods for name in _PARTS) or not isinstance(x, torch.Tensor) or x.dim() != 3:
         return "not a decoder layer of the architecture table"
     norm1, attn, norm2, mlp = (mods[name] for name in _PARTS)
+    arch = arch_of_module(layer, "layer")
+    if arch is None:
+        return "not a decoder layer of the architecture table"
+    if arch.sandwich_norms:
+        return f"{arch.model_type}'s norms around attention and the MLP (the fused layer op has the Llama form)"
     if kw.get("cache", kw.get("past_key_values")) is not None:
         return "a KV cache"
     if kw.get("position_embeddings") is None:
@@ -123,10 +129,11 @@ def _plan(function, args, kwargs):
     for i, b in enumerate(biases):
         frozen[i] = frozen[i]._replace(bias=stacked_bias(groups[i], b))
     cos, sin = kw["position_embeddings"]
-    parts = LayerParts((norm1.weight, norm1.variance_epsilon), (norm2.weight, norm2.variance_epsilon), *frozen,
+    frozen[2] = frozen[2]._replace(gelu=mlp.__dict__["_fastllm_gelu"])
+    parts = LayerParts((norm1.weight, *norm_args(norm1)), (norm2.weight, *norm_args(norm2)), *frozen,
                        (nq, nkv, d),
                        functools.partial(_attend, attn, interface, kw.get("attention_mask"), window_of(attn)),
-                       use_triton, tuple((n.weight, n.variance_epsilon) for n in head_norms) or None)
+                       use_triton, tuple((n.weight, *norm_args(n)) for n in head_norms) or None)
     adapters = tuple(t for g in groups for (_, a, b, _) in g for t in (a, b))
     return x, cos, sin, parts, adapters
 

@@ -21,7 +21,7 @@ from .._compat import is_linear4bit
 from ..ops.lora import decode_states, lora_decode, lora_nf4_linear
 from ..ops.lora_mlp import lora_mlp
 from ..ops.lora_qkv import lora_qkv
-from ..ops.swiglu import swiglu
+from ..ops.swiglu import geglu, swiglu
 from .checkpointing import in_checkpoint, is_recomputing
 from .nf4_linear import goes_to_bnb_gemv, nf4_linear_eligible, prepare_nf4_call
 
@@ -177,7 +177,7 @@ def _decode_group(projs, x: torch.Tensor) -> list | None:
     return None if states is None else lora_decode(x, parts, states, biases)
 
 
-def fused_lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
+def fused_lora_mlp(mlp, x: torch.Tensor, gelu: bool = False) -> torch.Tensor | None:
     """``down(silu(gate(x)) * up(x))`` as one op (a SwiGLU MLP under QLoRA with the lora patch), or None.
 
     down_proj's input h has x's dtype, so checking its fused path against x serves all three. In the decoder
@@ -189,11 +189,12 @@ def fused_lora_mlp(mlp, x: torch.Tensor) -> torch.Tensor | None:
         gu = _decode_group(projs[:2], x)
         if gu is None:
             return None
-        h = swiglu(*gu)
+        h = (geglu if gelu else swiglu)(*gu)
         down = _decode_group(projs[2:], h)
         return down[0] if down is not None else mlp.down_proj(h)
     parts = fused_parts(projs, x)
-    return None if parts is None else lora_mlp(x, *parts, need_output=not is_recomputing(), cast_cache=_cast_cache())
+    return None if parts is None else lora_mlp(x, *parts, need_output=not is_recomputing(), cast_cache=_cast_cache(),
+                                               gelu=gelu)
 
 
 def fused_lora_qkv(attn, x: torch.Tensor):

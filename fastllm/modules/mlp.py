@@ -11,27 +11,43 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.swiglu import swiglu
+from ..ops.swiglu import geglu, swiglu
 from .lora import fused_lora_mlp
 
-_SILU_NAMES = ("silu", "swish")
+_ACT_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh",)}  # Arch.activation -> config names
 
 
 def fast_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """The MLP's ``forward`` with a fused SwiGLU (bound per instance); with the ``lora`` patch on all three
+    """The MLP's ``forward`` with a fused SwiGLU / GeGLU (bound per instance); with the ``lora`` patch on all three
     QLoRA projections, the whole MLP runs as one autograd op (``fastllm.ops.lora_mlp``)."""
-    y = fused_lora_mlp(self, x)
+    gelu = self.__dict__["_fastllm_gelu"]
+    y = fused_lora_mlp(self, x, gelu)
     if y is not None:
         return y
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj((geglu if gelu else swiglu)(self.gate_proj(x), self.up_proj(x)))
+
+
+def _activation(module) -> tuple[str | None, str | None]:
+    """(the table's activation for this MLP's architecture, the config's activation name)."""
+    from ..arch import arch_of_module
+
+    arch = arch_of_module(module, "mlp")
+    config = getattr(module, "config", None)
+    # Gemma's configs name it hidden_activation, the others hidden_act
+    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    return (arch.activation if arch is not None else "silu"), name
+
+
+def mlp_attrs(module) -> dict:
+    return {"_fastllm_gelu": _activation(module)[0] == "gelu_tanh"}
 
 
 def mlp_eligible(module) -> str | None:
-    """Why ``module`` cannot take the fused SwiGLU MLP, or None when it can."""
+    """Why ``module`` cannot take the fused gated MLP, or None when it can."""
     for name in ("gate_proj", "up_proj", "down_proj"):
         if not hasattr(module, name):
             return f"no {name}"
-    act = getattr(getattr(module, "config", None), "hidden_act", None)
-    if act not in _SILU_NAMES:
-        return f"activation {act!r} is not SiLU"
+    want, act = _activation(module)
+    if act not in _ACT_NAMES[want]:
+        return f"activation {act!r} is not the {want} its architecture's entry names"
     return None

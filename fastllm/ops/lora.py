@@ -44,6 +44,7 @@ class LoRAFrozen(NamedTuple):
     cast_cache: str | None = None  # ``cast_adapters``' cache mode: "store" / "reuse" in checkpointed layers
     exact: bool = False     # inference: the LoRA term rounded as PEFT rounds it (``add_lora_term``)
     bias: torch.Tensor | None = None  # frozen bias of the stacked output (sum N_i,) (Qwen2's q/k/v), or None
+    gelu: bool = False      # the MLP's gate activation is GELU-tanh (GeGLU, Gemma), not SiLU
 
 
 _CASTS = WeakIdKeyDictionary()  # first adapter weight -> (key, flat, views): a forward's cast, kept for its recompute

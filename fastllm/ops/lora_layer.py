@@ -50,15 +50,15 @@ __all__ = ["LayerParts", "LoRADecoderLayerFunction", "lora_decoder_layer"]
 class LayerParts(NamedTuple):
     """What the layer op needs besides x, cos/sin and the adapter weights (all frozen or plain values)."""
 
-    norm1: tuple              # (weight, eps) of the input RMSNorm
-    norm2: tuple              # (weight, eps) of the post-attention RMSNorm
+    norm1: tuple              # (weight, eps, offset) of the input RMSNorm (``ops.rms_norm``'s offset: 1 for Gemma)
+    norm2: tuple              # (weight, eps, offset) of the post-attention RMSNorm
     qkv: LoRAFrozen
     o: LoRAFrozen
     mlp: LoRAFrozen
     heads: tuple              # (query heads, key/value heads, head dim)
     attend: Callable          # (q, k, v) (B, heads, T, D) -> attention output (B, T, query heads, D)
     use_triton: bool          # RMSNorm / RoPE kernels
-    qk_norm: tuple | None = None  # ((weight, eps) of q's, of k's) per-head RMSNorm (Qwen3), or None
+    qk_norm: tuple | None = None  # ((weight, eps, offset) of q's, of k's) per-head RMSNorm (Qwen3), or None
 
 
 def _groups(adapters):
@@ -67,17 +67,22 @@ def _groups(adapters):
     return qkv_adapters(aq, bq, ak, bk, av, bv), (ao, bo), mlp_adapters(ag, bg, au, bu, ad, bd)
 
 
+def _norm(x2, norm: tuple, use_triton: bool):
+    weight, eps, offset = norm
+    return rms_norm_forward(x2, weight, eps, use_triton, offset)
+
+
 def _run(x, c, s, p: LayerParts, casts, shapes, keep: bool):
     """The layer's forward on x (B, T, H). Returns y, or (with ``keep``) everything backward reads."""
     B, T, H = x.shape
     nq, nkv, d = p.heads
     x2 = x.reshape(B * T, H)
-    n1, st1 = rms_norm_forward(x2, *p.norm1, p.use_triton)
+    n1, st1 = _norm(x2, p.norm1, p.use_triton)
     qkv, xa_qkv = qkv_forward(n1, p.qkv, casts[0][0], shapes[0], views=casts[0][1])
     q, k, v = qkv.split_with_sizes([nq * d, nkv * d, nkv * d], 1)
     st_qk = None
     if p.qk_norm is not None:  # per head: rows of the head dim
-        (q, st_q), (k, st_k) = (rms_norm_forward(t.reshape(-1, d), *norm, p.use_triton)
+        (q, st_q), (k, st_k) = (_norm(t.reshape(-1, d), norm, p.use_triton)
                                 for t, norm in zip((q, k), p.qk_norm))
         st_qk = (st_q, st_k)
     q, k = rope_rotate(q.view(B, T, nq, d), k.view(B, T, nkv, d), c, s, p.use_triton)
@@ -93,7 +98,7 @@ def _run(x, c, s, p: LayerParts, casts, shapes, keep: bool):
     ao, xa_o = lora_group_forward(a2, p.o.weights, p.o.states, a_o, (b_o,), p.o.scales, p.o.backend, p.o.bias,
                                   exact=p.o.exact)
     m2 = x2 + ao
-    n2, st2 = rms_norm_forward(m2, *p.norm2, p.use_triton)
+    n2, st2 = _norm(m2, p.norm2, p.use_triton)
     y, saved_mlp = mlp_forward(n2, p.mlp, casts[2][0], shapes[2], need_output=not keep, views=casts[2][1])
     if not keep:
         return (m2 + y).view(B, T, H)

@@ -57,7 +57,7 @@ def mlp_forward(x2, frozen: LoRAFrozen, flat, shapes, need_output: bool = True, 
     r_gu = shapes[0][0] + shapes[1][0]
     gu, xa_gu = lora_group_forward(x2, (wg, wu), (stg, stu), stacked_rows(flat, r_gu, x2.shape[1]),
                                    (Bgc, Buc), (sg, su), frozen.backend, exact=frozen.exact)  # (M, 2I) = [g | u]
-    h = swiglu_packed_forward(gu, frozen.use_triton)
+    h = swiglu_packed_forward(gu, frozen.use_triton, frozen.gelu)
     if need_output:
         y, had = lora_group_forward(h, (wd,), (std,), Adc, (Bdc,), (sd,), frozen.backend, exact=frozen.exact)
     else:  # a checkpoint's recompute: only the saved tensors matter, y is dropped
@@ -76,7 +76,7 @@ def mlp_backward(dy2, x2, saved, frozen: LoRAFrozen, flat, shapes, need_dx: bool
     stg, stu, std = frozen.states
     sg, su, sd = frozen.scales
     dh = lora_group_backward((dy2,), h, had, (wd,), (std,), Adc, (Bdc,), (sd,), frozen.backend, gAd, (gBd,))
-    dgu = swiglu_packed_backward(dh, gu, frozen.use_triton)  # (M, 2I) = [dg | du]: one GEMM for dx
+    dgu = swiglu_packed_backward(dh, gu, frozen.use_triton, frozen.gelu)  # (M, 2I) = [dg | du]: one GEMM for dx
     del dh
     inter = gu.shape[1] // 2
     r_gu = shapes[0][0] + shapes[1][0]
@@ -119,9 +119,10 @@ class LoRAMLPFunction(torch.autograd.Function):
 
 
 def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, *, backend: str = "auto",
-             need_output: bool = True, cast_cache: str | None = None) -> torch.Tensor:
-    """The QLoRA SwiGLU MLP in one op. Each of gate/up/down is ``(weight, A, B, scale)``: a bnb NF4
-    ``Params4bit`` weight (quant_state.shape (N, K)), A (r, K), B (N, r) in any float dtype, a float scale.
+             need_output: bool = True, cast_cache: str | None = None, gelu: bool = False) -> torch.Tensor:
+    """The QLoRA SwiGLU MLP (``gelu``: GeGLU, Gemma's GELU-tanh gate) in one op. Each of gate/up/down is
+    ``(weight, A, B, scale)``: a bnb NF4 ``Params4bit`` weight (quant_state.shape (N, K)), A (r, K), B (N, r) in
+    any float dtype, a float scale.
 
     x: (..., H) in the compute dtype; gate/up weights (I, H), down (H, I). Returns (..., H) in x.dtype.
     ``need_output=False`` (a checkpoint's recompute, where only the saved tensors are used) skips the down
@@ -131,7 +132,7 @@ def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, *, backend: s
     """
     parts = (gate, up, down)
     frozen = frozen_parts(parts, ("gate", "up", "down"), backend, pick_backend(backend, x.device) == "triton",
-                          cast_cache)
+                          cast_cache)._replace(gelu=gelu)
     (i_g, h_g), (i_u, h_u), (h_d, i_d) = (tuple(s[7]) for s in frozen.states)
     if not (h_g == h_u == h_d == x.shape[-1] and i_g == i_u == i_d):
         raise ValueError(f"MLP weights do not chain: gate {(i_g, h_g)}, up {(i_u, h_u)}, down {(h_d, i_d)} "

@@ -20,8 +20,8 @@ from ..config import PatchConfig
 from ..modules import decoder
 from ..modules.decode_graphs import decode_graphs_eligible, make_graphed_forward, new_decode_graphs
 from ..modules.lora import fused_lora_forward, is_lora_linear4bit, lora_eligible
-from ..modules.mlp import fast_mlp_forward, mlp_eligible
-from ..modules.rms_norm import fast_rms_norm_forward, rms_norm_eligible
+from ..modules.mlp import fast_mlp_forward, mlp_attrs, mlp_eligible
+from ..modules.rms_norm import fast_rms_norm_forward, rms_norm_attrs, rms_norm_eligible
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,9 @@ def _eager_attention(_cfg: PatchConfig, _model: nn.Module | None = None):
 
 SPECS: tuple[PatchSpec, ...] = (
     PatchSpec("rms_norm", "rms_norm", _is("rms_norm"), _upstream("rms_norm", rms_norm_eligible),
-              lambda cfg, m: fast_rms_norm_forward),
-    PatchSpec("mlp", "mlp", _is("mlp"), _upstream("mlp", mlp_eligible), lambda cfg, m: fast_mlp_forward),
+              lambda cfg, m: fast_rms_norm_forward, rms_norm_attrs),
+    PatchSpec("mlp", "mlp", _is("mlp"), _upstream("mlp", mlp_eligible), lambda cfg, m: fast_mlp_forward,
+              mlp_attrs),
     PatchSpec("nf4_linear", "nf4_linear", is_linear4bit, _nf4_eligible, _nf4_forward),
     PatchSpec("lora", "lora", is_lora_linear4bit, lora_eligible, lambda cfg, m: fused_lora_forward),
     # transformers' attention maths as plain functions, so q/k/v can run as one fused QLoRA op.
