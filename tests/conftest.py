@@ -54,7 +54,7 @@ def _save_tiny(path, **overrides):
     # Non-trivial norm weights so a wrong RMSNorm weight path cannot pass by accident.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name:  # Gemma's (1 + w) norms: the same values give scales in [1.5, 2.5]
                 p.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     return str(path)
@@ -114,6 +114,9 @@ TINY_ARCH_CONFIGS = {
     "mistral": ("MistralConfig", dict(sliding_window=16)),
     "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
     "qwen3": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
+    # Gemma 3: layer 0 sliding (window 16), layer 1 global; its own scaling and RoPE base per layer type
+    "gemma3_text": ("Gemma3TextConfig", dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                                              query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh")),
 }
 
 
@@ -137,7 +140,7 @@ def save_tiny_arch(path, model_type: str, **overrides):
     model = AutoModelForCausalLM.from_config(tiny_arch_config(model_type, **overrides))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name:  # Gemma's (1 + w) norms: the same values give scales in [1.5, 2.5]
                 p.uniform_(0.5, 1.5)
             elif name.endswith(".bias"):
                 p.normal_(0, 0.5)

@@ -1,6 +1,8 @@
 """Every architecture of the table (``fastllm.arch``) against its own eager transformers modules, on tiny random
 checkpoints that switch on what differs from Llama (``conftest.TINY_ARCH_CONFIGS``): Mistral's window shorter than
-the sequence, Qwen2's q/k/v biases and a sliding layer, Qwen3's per-head q/k norms and a sliding layer."""
+the sequence, Qwen2's q/k/v biases and a sliding layer, Qwen3's per-head q/k norms and a sliding layer, Gemma 3's
+(1 + w) norms around attention and the MLP, GeGLU, q/k norms, query_pre_attn_scalar and sliding/global layers with
+their own RoPE tables."""
 
 import contextlib
 
@@ -47,7 +49,8 @@ def _loss_grads(model, ids):
 def test_qlora_fused_ops_match_eager_fp32(tiny_arch_dir, model_type, fused_layer):
     model = _qlora(tiny_arch_dir(model_type), fused_layer=fused_layer)
     report = patch_report(model)
-    n_norms = 5 + 4 * ARCHS[model_type].qk_norm  # two per layer and the final one; Qwen3's q/k norms
+    arch = ARCHS[model_type]
+    n_norms = 1 + 2 * (2 + 2 * arch.sandwich_norms + 2 * arch.qk_norm)  # final, per layer: 2 (Gemma 4), q/k norms
     assert report.counts["lora"] == 14 and report.counts["lora_attention"] == 2 and report.counts["mlp"] == 2
     assert report.counts["rms_norm"] == n_norms and report.counts["loss"] == 1 and not report.skipped
     model.train()
@@ -192,7 +195,7 @@ def test_hf_trainer_trains_each_architecture(tiny_arch_dir, tmp_path):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    for model_type in ("mistral", "qwen2", "qwen3"):
+    for model_type in ("mistral", "qwen2", "qwen3", "gemma3_text"):
         model = _qlora(tiny_arch_dir(model_type))
         data = Dataset.from_dict({"input_ids": _ids(n=8, t=21).tolist()})
         data = data.map(lambda r: {"labels": r["input_ids"]})
@@ -205,7 +208,7 @@ def test_hf_trainer_trains_each_architecture(tiny_arch_dir, tmp_path):
         assert LAYER_CALLS["fused"] == 3 * 2  # every layer call of every step took the fused layer op
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "gemma3_text"])
 def test_fused_layer_triton_path_matches_torch_fallbacks(tiny_arch_dir, model_type, monkeypatch):
     """The fused layer's Triton RMSNorm (Qwen3's per-head q/k norms too) / RoPE / SwiGLU path, through the interpreter
     on the CPU, against its torch fallbacks and against eager: same loss and LoRA grads (fp32)."""

@@ -35,19 +35,20 @@ class Arch:
     sliding_window: str | None = None
     sandwich_norms: bool = False      # norms after attention and around the MLP too (Gemma: four per layer)
     embed_scale: bool = False         # embeddings scaled by sqrt(hidden) (inside transformers' embedding module)
-    logit_softcap: bool = False       # final logits soft-capped
+    logit_softcap: bool = False       # the config may soft-cap the final logits (the loss patch refuses one that does)
 
     def cls(self, role: str) -> type:
         """The transformers class of ``role`` (imported on first use: the table itself imports nothing)."""
         return getattr(importlib.import_module(self.module), self.classes[role])
 
 
+from .gemma3 import GEMMA3  # noqa: E402
 from .llama import LLAMA  # noqa: E402  (the entries import Arch from here)
 from .mistral import MISTRAL  # noqa: E402
 from .qwen2 import QWEN2  # noqa: E402
 from .qwen3 import QWEN3  # noqa: E402
 
-ARCHS: dict[str, Arch] = {a.model_type: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3)}
+ARCHS: dict[str, Arch] = {a.model_type: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3)}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(ARCHS)
 
 

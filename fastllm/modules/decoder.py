@@ -355,6 +355,8 @@ def attention_eligible(module) -> str | None:
         return f"{', '.join(has_norms)} on a {arch.model_type} attention, whose table entry has no q/k norm"
     if arch.sliding_window == "module" and not hasattr(module, "sliding_window"):
         return f"{arch.model_type} attention without its sliding_window attribute"
+    if getattr(module, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping, which fastllm's attention forward does not pass on"
     impl = getattr(module.config, "_attn_implementation", None)
     if impl not in COMPILED_ATTENTION:
         return f"attn_implementation {impl!r} is not one fastllm's attention forward runs (only {COMPILED_ATTENTION})"

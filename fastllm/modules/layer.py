@@ -85,8 +85,12 @@ def _plan(function, args, kwargs):
     arch = arch_of_module(layer, "layer")
     if arch is None:
         return "not a decoder layer of the architecture table"
-    if arch.sandwich_norms:
-        return f"{arch.model_type}'s norms around attention and the MLP (the fused layer op has the Llama form)"
+    sandwich = ()
+    if arch.sandwich_norms:  # Gemma: post_attention_layernorm normalises attention's output; n2 is pre-feed-forward
+        pre_ff, post_ff = mods.get("pre_feedforward_layernorm"), mods.get("post_feedforward_layernorm")
+        if pre_ff is None or post_ff is None:
+            return f"a {arch.model_type} decoder layer without its feed-forward norms"
+        sandwich, norm2 = (norm2, post_ff), pre_ff
     if kw.get("cache", kw.get("past_key_values")) is not None:
         return "a KV cache"
     if kw.get("position_embeddings") is None:
@@ -100,10 +104,10 @@ def _plan(function, args, kwargs):
         # the lora_attention patch checked this attention against its table entry (class, forward, submodules)
         return "an attention without fastllm's attention patch"
     head_norms = qk_norms(attn) or ()
-    if not (all(_bound(n, fast_rms_norm_forward) for n in (norm1, norm2, *head_norms))
-            and _bound(mlp, fast_mlp_forward)):
+    norms = (norm1, norm2, *sandwich, *head_norms)
+    if not (all(_bound(n, fast_rms_norm_forward) for n in norms) and _bound(mlp, fast_mlp_forward)):
         return "norms or MLP without fastllm's patches"
-    for norm in (norm1, norm2, *head_norms):
+    for norm in norms:
         w = norm._parameters.get("weight")
         if w is None or w.requires_grad or torch.result_type(x, w) != x.dtype:
             return "an RMSNorm weight that is trained or changes the dtype"
@@ -112,7 +116,7 @@ def _plan(function, args, kwargs):
     projs += [m_mods.get(n) for n in ("gate_proj", "up_proj", "down_proj")]
     if any(p is None for p in projs):
         return "not a decoder layer of the architecture table"
-    if any(_module_hooks(m) for m in (norm1, attn, norm2, mlp, *head_norms, *projs)):
+    if any(_module_hooks(m) for m in (attn, mlp, *norms, *projs)):
         return "module hooks on modules the fused op bypasses"
     biases = ([], [])  # q/k/v's and o's frozen biases (Qwen2's q/k/v); the MLP's take its own op, which has none
     groups = [fused_parts(projs[:3], x, biases=biases[0]), fused_parts(projs[3:4], x, biases=biases[1]),
@@ -129,11 +133,12 @@ def _plan(function, args, kwargs):
     for i, b in enumerate(biases):
         frozen[i] = frozen[i]._replace(bias=stacked_bias(groups[i], b))
     cos, sin = kw["position_embeddings"]
-    frozen[2] = frozen[2]._replace(gelu=mlp.__dict__["_fastllm_gelu"])
+    frozen[2] = frozen[2]._replace(gelu=mlp.__dict__["_fastllm_mlp"][0])
     parts = LayerParts((norm1.weight, *norm_args(norm1)), (norm2.weight, *norm_args(norm2)), *frozen,
                        (nq, nkv, d),
                        functools.partial(_attend, attn, interface, kw.get("attention_mask"), window_of(attn)),
-                       use_triton, tuple((n.weight, *norm_args(n)) for n in head_norms) or None)
+                       use_triton, tuple((n.weight, *norm_args(n)) for n in head_norms) or None,
+                       tuple((n.weight, *norm_args(n)) for n in sandwich) or None)
     adapters = tuple(t for g in groups for (_, a, b, _) in g for t in (a, b))
     return x, cos, sin, parts, adapters
 

@@ -177,13 +177,15 @@ def _decode_group(projs, x: torch.Tensor) -> list | None:
     return None if states is None else lora_decode(x, parts, states, biases)
 
 
-def fused_lora_mlp(mlp, x: torch.Tensor, gelu: bool = False) -> torch.Tensor | None:
-    """``down(silu(gate(x)) * up(x))`` as one op (a SwiGLU MLP under QLoRA with the lora patch), or None.
+def fused_lora_mlp(mlp, x: torch.Tensor, gelu: bool = False, output_to_residual: bool = True) -> torch.Tensor | None:
+    """``down(act(gate(x)) * up(x))`` as one op (a SwiGLU, or with ``gelu`` GeGLU, MLP under QLoRA with the lora
+    patch), or None.
 
-    down_proj's input h has x's dtype, so checking its fused path against x serves all three. In the decoder
-    layer the MLP output only feeds the residual add that ends the layer, so while fastllm's checkpointing
-    re-runs the layer in backward (where that output is dropped) the down projection is skipped. A decode step
-    runs gate/up as one ``lora_decode`` group, the SwiGLU, then down_proj's."""
+    down_proj's input h has x's dtype, so checking its fused path against x serves all three. In a Llama-form decoder
+    layer (``output_to_residual``) the MLP output only feeds the residual add that ends the layer, so while fastllm's
+    checkpointing re-runs the layer in backward (where that output is dropped) the down projection is skipped; Gemma's
+    output feeds a norm, whose backward needs it. A decode step runs gate/up as one ``lora_decode`` group, the
+    activation, then down_proj's."""
     projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if _decode_step(projs[0], x):
         gu = _decode_group(projs[:2], x)
@@ -193,8 +195,8 @@ def fused_lora_mlp(mlp, x: torch.Tensor, gelu: bool = False) -> torch.Tensor | N
         down = _decode_group(projs[2:], h)
         return down[0] if down is not None else mlp.down_proj(h)
     parts = fused_parts(projs, x)
-    return None if parts is None else lora_mlp(x, *parts, need_output=not is_recomputing(), cast_cache=_cast_cache(),
-                                               gelu=gelu)
+    need_output = not (output_to_residual and is_recomputing())
+    return None if parts is None else lora_mlp(x, *parts, need_output=need_output, cast_cache=_cast_cache(), gelu=gelu)
 
 
 def fused_lora_qkv(attn, x: torch.Tensor):

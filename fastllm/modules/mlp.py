@@ -20,8 +20,8 @@ _ACT_NAMES = {"silu": ("silu", "swish"), "gelu_tanh": ("gelu_pytorch_tanh",)}  #
 def fast_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """The MLP's ``forward`` with a fused SwiGLU / GeGLU (bound per instance); with the ``lora`` patch on all three
     QLoRA projections, the whole MLP runs as one autograd op (``fastllm.ops.lora_mlp``)."""
-    gelu = self.__dict__["_fastllm_gelu"]
-    y = fused_lora_mlp(self, x, gelu)
+    gelu, output_to_residual = self.__dict__["_fastllm_mlp"]
+    y = fused_lora_mlp(self, x, gelu, output_to_residual)
     if y is not None:
         return y
     return self.down_proj((geglu if gelu else swiglu)(self.gate_proj(x), self.up_proj(x)))
@@ -39,7 +39,12 @@ def _activation(module) -> tuple[str | None, str | None]:
 
 
 def mlp_attrs(module) -> dict:
-    return {"_fastllm_gelu": _activation(module)[0] == "gelu_tanh"}
+    """What the patched forward reads: (GeGLU?, does the MLP's output only feed the residual add?). The second is
+    False for Gemma, whose output goes through a norm first: a checkpoint's recompute must produce it."""
+    from ..arch import arch_of_module
+
+    arch = arch_of_module(module, "mlp")
+    return {"_fastllm_mlp": (_activation(module)[0] == "gelu_tanh", not (arch is not None and arch.sandwich_norms))}
 
 
 def mlp_eligible(module) -> str | None:

@@ -4,16 +4,18 @@ in backward.
 With x (B, T, H), M = B*T rows, the seven projections NF4 + LoRA (see ``ops.lora``)::
 
     forward   n1 = rmsnorm(x) ; q, k, v = qkv(n1) (+ bias) ; [q, k = headnorm(q), headnorm(k)] ; q, k = rope(q, k)
-              a  = attention(q, k, v) ; m = x + o_proj(a)
-              n2 = rmsnorm(m) ; y = m + mlp(n2)                       (y returned; only x is kept)
+              a  = attention(q, k, v) ; m = x + [norm_pa](o_proj(a))
+              n2 = rmsnorm(m) ; y = m + [norm_pf](mlp(n2))            (y returned; only x is kept)
     backward  the forward again, keeping its intermediates (the MLP's down projection skipped), then
-              dm  = dy + rmsnorm'(mlp'(dy))
-              da  = o_proj'(dm) ; dq, dk, dv = attention'(da) ; dq, dk = rope'(dq, dk) [; headnorm'(dq, dk)]
+              dm  = dy + rmsnorm'(mlp'([norm_pf'](dy)))
+              da  = o_proj'([norm_pa'](dm)) ; dq, dk, dv = attention'(da) ; dq, dk = rope'(dq, dk) [; headnorm'(dq, dk)]
               dx  = dm + rmsnorm'(qkv'(dq, dk, dv))                   plus the 14 adapter gradients
 
 This is gradient checkpointing of the layer (only its input is kept between forward and backward) without
 an autograd graph inside it. The bracketed steps are the architecture's (``fastllm.arch``): frozen biases ride in the
-projections' ``LoRAFrozen.bias``, and ``headnorm`` is Qwen3's per-head RMSNorm of q and k over the head dim. Why
+projections' ``LoRAFrozen.bias``, ``headnorm`` is Qwen3's and Gemma's per-head RMSNorm of q and k over the head dim,
+``norm_pa`` / ``norm_pf`` Gemma's norms of attention's and the MLP's outputs (then ``n2``'s norm is its
+pre-feed-forward one, and the recompute runs the MLP's down projection: ``norm_pf``'s backward reads its output). Why
 no autograd graph: non-reentrant checkpointing re-runs the layer through ~12 autograd nodes with
 saved-tensor hooks (~27 per layer per pass) and Python module forwards, and that recompute plus backward
 takes about as long on the host as the GPU's own work for the layer, so the GPU waits on the host. Here the
@@ -59,6 +61,9 @@ class LayerParts(NamedTuple):
     attend: Callable          # (q, k, v) (B, heads, T, D) -> attention output (B, T, query heads, D)
     use_triton: bool          # RMSNorm / RoPE kernels
     qk_norm: tuple | None = None  # ((weight, eps, offset) of q's, of k's) per-head RMSNorm (Qwen3), or None
+    # Gemma's sandwich: ((weight, eps, offset) of the norm of attention's output, of the MLP's output), or None; then
+    # norm2 is the pre-feed-forward norm
+    sandwich: tuple | None = None
 
 
 def _groups(adapters):
@@ -97,13 +102,20 @@ def _run(x, c, s, p: LayerParts, casts, shapes, keep: bool):
     a_o, b_o = casts[1][1]
     ao, xa_o = lora_group_forward(a2, p.o.weights, p.o.states, a_o, (b_o,), p.o.scales, p.o.backend, p.o.bias,
                                   exact=p.o.exact)
+    st_pa = st_pf = None
+    if p.sandwich is not None:
+        ao, st_pa = _norm(ao, p.sandwich[0], p.use_triton)
     m2 = x2 + ao
     n2, st2 = _norm(m2, p.norm2, p.use_triton)
-    y, saved_mlp = mlp_forward(n2, p.mlp, casts[2][0], shapes[2], need_output=not keep, views=casts[2][1])
+    # the recompute drops the MLP's output, unless the post-feed-forward norm's backward needs it
+    y, saved_mlp = mlp_forward(n2, p.mlp, casts[2][0], shapes[2], need_output=not keep or p.sandwich is not None,
+                               views=casts[2][1])
+    if p.sandwich is not None:
+        y, st_pf = _norm(y, p.sandwich[1], p.use_triton)
     if not keep:
         return (m2 + y).view(B, T, H)
-    return dict(st1=st1, n1=n1, xa_qkv=xa_qkv, st_qk=st_qk, q4=q4, k4=k4, v4=v4, o4=o4, a2=a2, xa_o=xa_o, st2=st2,
-                n2=n2, mlp=saved_mlp)
+    return dict(st1=st1, n1=n1, xa_qkv=xa_qkv, st_qk=st_qk, q4=q4, k4=k4, v4=v4, o4=o4, a2=a2, xa_o=xa_o, st_pa=st_pa,
+                st2=st2, n2=n2, mlp=saved_mlp, st_pf=st_pf)
 
 
 class LoRADecoderLayerFunction(torch.autograd.Function):
@@ -134,13 +146,16 @@ class LoRADecoderLayerFunction(torch.autograd.Function):
             st = _run(x, *ctx.tables, p, casts, shapes, keep=True)
             dy2 = dy.reshape(B * T, H).to(x.dtype)
             # st.pop: each intermediate is dropped once its backward has read it (the MLP's are the largest)
-            dn2, g_mlp = mlp_backward(dy2, st.pop("n2"), st.pop("mlp"), p.mlp, flats[2], shapes[2], views=casts[2][1])
+            st_pf, st_pa = st.pop("st_pf"), st.pop("st_pa")
+            df = dy2 if st_pf is None else rms_norm_backward(dy2, st_pf, p.use_triton)
+            dn2, g_mlp = mlp_backward(df, st.pop("n2"), st.pop("mlp"), p.mlp, flats[2], shapes[2], views=casts[2][1])
             dm2 = dy2 + rms_norm_backward(dn2, st.pop("st2"), p.use_triton)
-            del dn2
+            del dn2, df
+            dao = dm2 if st_pa is None else rms_norm_backward(dm2, st_pa, p.use_triton)
             g_o = torch.empty_like(flats[1])
             a_o, b_o = casts[1][1]
             ga_o, gb_o = adapter_views(g_o, shapes[1])
-            da2 = lora_group_backward((dm2,), st.pop("a2"), st.pop("xa_o"), p.o.weights, p.o.states, a_o, (b_o,),
+            da2 = lora_group_backward((dao,), st.pop("a2"), st.pop("xa_o"), p.o.weights, p.o.states, a_o, (b_o,),
                                       p.o.scales, p.o.backend, ga_o, (gb_o,))
             with torch.enable_grad():
                 dq4, dk4, dv4 = torch.autograd.grad(st.pop("o4"), (st.pop("q4"), st.pop("k4"), st.pop("v4")),

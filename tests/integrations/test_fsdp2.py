@@ -156,7 +156,7 @@ def test_two_ranks_equal_one_process(runs, patched):
         torch.testing.assert_close(r["param_mib"], full / 2, rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "gemma3_text"])
 def test_other_architectures_two_ranks_equal_one_process(tiny_arch_dir, tmp_path, model_type):
     """FSDP2 ``shard()`` of the table's other layouts (Qwen2's q/k/v biases beside the sharded 4-bit weights, Qwen3's
     q/k norms inside the fused layer, a sliding layer whose window is shorter than the sequence), patched with the

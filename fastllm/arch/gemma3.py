@@ -1,0 +1,21 @@
+"""Gemma 3 (text: ``gemma3_text``, Gemma3ForCausalLM, e.g. 270M/1B): ``x * (1 + w)`` RMSNorms computed in fp32, four
+per layer (after attention and around the MLP too), a GELU-tanh gated MLP, per-head q/k norms, scaled embeddings
+(inside transformers' embedding module), ``query_pre_attn_scalar`` attention scaling (the module's ``scaling``),
+sliding and global layers with their own RoPE tables (the model passes each layer its own)."""
+
+from . import Arch
+
+GEMMA3 = Arch(
+    model_type="gemma3_text",
+    module="transformers.models.gemma3.modeling_gemma3",
+    classes={"causal_lm": "Gemma3ForCausalLM", "model": "Gemma3TextModel", "layer": "Gemma3DecoderLayer",
+             "attention": "Gemma3Attention", "mlp": "Gemma3MLP", "rms_norm": "Gemma3RMSNorm"},
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    qk_norm=True,
+    norm_offset=1.0,
+    activation="gelu_tanh",
+    sliding_window="module",
+    sandwich_norms=True,
+    embed_scale=True,
+    logit_softcap=True,
+)
