@@ -36,14 +36,22 @@ SHAPES = {
     "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False, vocab_size=32768,
                        rope_theta=1000000.0, sliding_window=None),
+    # Gemma-3-4B (text): head_dim 256, 262K tied vocabulary, 5 sliding (window 1024) : 1 global layers
+    "gemma3-4b": dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=256, tie_word_embeddings=True,
+                      vocab_size=262208, query_pre_attn_scalar=256, sliding_window=1024, rms_norm_eps=1e-6),
     # CPU smoke shapes of the other architectures
     "tiny-qwen2": dict(model_type="qwen2", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, vocab_size=512),
     "tiny-qwen3": dict(model_type="qwen3", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
                        vocab_size=512),
+    "tiny-gemma3": dict(model_type="gemma3_text", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+                        vocab_size=512, query_pre_attn_scalar=32, sliding_window=16,
+                        layer_types=["sliding_attention", "full_attention"]),
 }
-_LLAMA3 = dict(rope_theta=500000.0, rms_norm_eps=1e-5)  # the Llama shapes' defaults
+_LLAMA3 = dict(rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu")  # the Llama shapes' defaults
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -56,7 +64,7 @@ def shape_config(shape: str):
     spec = dict(SHAPES[shape])
     model_type = spec.pop("model_type", "llama")
     defaults = _LLAMA3 if model_type == "llama" else {}
-    return AutoConfig.for_model(model_type, **{**defaults, **spec}, max_position_embeddings=8192, hidden_act="silu",
+    return AutoConfig.for_model(model_type, **{**defaults, **spec}, max_position_embeddings=8192,
                                 attn_implementation="sdpa")
 
 
