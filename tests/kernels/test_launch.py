@@ -36,7 +36,7 @@ def test_traits_separate_what_triton_specialises_on():
 def _swiglu(g, u):
     h = torch.empty_like(g)
     n = g.numel()
-    L.launch(_swiglu_fwd_kernel, ((n + _BLOCK - 1) // _BLOCK,), g, u, h, n, BLOCK=_BLOCK, num_warps=4)
+    L.launch(_swiglu_fwd_kernel, ((n + _BLOCK - 1) // _BLOCK,), g, u, h, n, BLOCK=_BLOCK, GELU=False, num_warps=4)
     return h
 
 
