@@ -14,6 +14,8 @@ import importlib
 from dataclasses import dataclass
 
 ROLES = ("causal_lm", "model", "layer", "attention", "mlp", "rms_norm")
+# every linear of a decoder layer, as the architectures of the table name them: their default LoRA targets
+DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)

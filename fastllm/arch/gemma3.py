@@ -3,14 +3,14 @@ per layer (after attention and around the MLP too), a GELU-tanh gated MLP, per-h
 (inside transformers' embedding module), ``query_pre_attn_scalar`` attention scaling (the module's ``scaling``),
 sliding and global layers with their own RoPE tables (the model passes each layer its own)."""
 
-from . import Arch
+from . import DECODER_LINEARS, Arch
 
 GEMMA3 = Arch(
     model_type="gemma3_text",
     module="transformers.models.gemma3.modeling_gemma3",
     classes={"causal_lm": "Gemma3ForCausalLM", "model": "Gemma3TextModel", "layer": "Gemma3DecoderLayer",
              "attention": "Gemma3Attention", "mlp": "Gemma3MLP", "rms_norm": "Gemma3RMSNorm"},
-    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    lora_targets=DECODER_LINEARS,
     qk_norm=True,
     norm_offset=1.0,
     activation="gelu_tanh",
