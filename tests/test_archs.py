@@ -230,3 +230,27 @@ def test_fused_layer_triton_path_matches_torch_fallbacks(tiny_arch_dir, model_ty
         torch.testing.assert_close(t_loss, other_loss, rtol=1e-5, atol=1e-5)
         for n in grads:
             torch.testing.assert_close(t_grads[n], other_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_final_logit_softcapping_reaches_the_chunked_loss(save_arch):
+    """A config that soft-caps the final logits (Gemma 2 style, ``final_logit_softcapping``): the patched chunked
+    loss caps them too (fused cross-entropy kernel path and a per-token loss), equal to eager's loss and grads."""
+    path = save_arch("gemma3_text", final_logit_softcapping=3.0)
+    for loss_name in ("cross_entropy", "focal"):
+        model = _qlora(path, loss=loss_name)
+        assert patch_report(model).counts["loss"] == 1
+        model.train()
+        ids = _ids(device=model.device)
+        loss, grads = _loss_grads(model, ids)
+        with eager(model):
+            ref_loss, ref_grads = _loss_grads(model, ids)
+        if loss_name == "cross_entropy":
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+            for n in grads:
+                torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+        else:  # eager has no focal loss: the cap must still change the patched value
+            with torch.no_grad():
+                model.base_model.model.config.final_logit_softcapping = None
+                uncapped = model(input_ids=ids, labels=ids).loss
+                model.base_model.model.config.final_logit_softcapping = 3.0
+            assert not torch.allclose(loss, uncapped)

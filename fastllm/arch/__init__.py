@@ -37,7 +37,7 @@ class Arch:
     sliding_window: str | None = None
     sandwich_norms: bool = False      # norms after attention and around the MLP too (Gemma: four per layer)
     embed_scale: bool = False         # embeddings scaled by sqrt(hidden) (inside transformers' embedding module)
-    logit_softcap: bool = False       # the config may soft-cap the final logits (the loss patch refuses one that does)
+    logit_softcap: bool = False       # the config may soft-cap the final logits (the chunked loss applies it)
 
     def cls(self, role: str) -> type:
         """The transformers class of ``role`` (imported on first use: the table itself imports nothing)."""

@@ -89,14 +89,22 @@ def module_chunked_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Ten
     return total / denom.clamp_min(1)
 
 
+def _capped(fn: Callable, cap: float | None) -> Callable:
+    """``fn`` of the soft-capped logits ``cap * tanh(z / cap)`` (Gemma's ``final_logit_softcapping``), or ``fn``."""
+    if not cap:
+        return fn
+    return lambda z, y: fn(cap * torch.tanh(z / cap), y)
+
+
 def _head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, loss, num_items,
-               vocab_size: int) -> torch.Tensor:
-    """Loss of ``hidden [N, H]`` against ``labels [N]`` through ``head``, by the best path it allows."""
+               vocab_size: int, softcap: float | None = None) -> torch.Tensor:
+    """Loss of ``hidden [N, H]`` against ``labels [N]`` through ``head`` (logits soft-capped by ``softcap``), by the
+    best path it allows."""
     linear = _plain_linear(head)
     if linear is not None and loss == "cross_entropy":
         return linear_cross_entropy(hidden, linear.weight, labels, bias=linear.bias, ignore_index=IGNORE_INDEX,
-                                    num_items_in_batch=num_items)
-    fn = get_loss(loss)
+                                    num_items_in_batch=num_items, logit_softcap=softcap or None)
+    fn = _capped(get_loss(loss), softcap)
     if linear is not None:
         return chunked_linear_loss(hidden, linear.weight, labels, fn, bias=linear.bias, ignore_index=IGNORE_INDEX,
                                    num_items_in_batch=num_items)
@@ -105,8 +113,10 @@ def _head_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, loss
 
 
 def _head_map(head: nn.Module, h: torch.Tensor, y: torch.Tensor, fn: Callable, vocab_size: int, *,
-              fp32: bool = False) -> torch.Tensor:
-    """Per-token ``fn`` of the head's fp32 logits by the best path the head allows (see ``_head_loss``)."""
+              fp32: bool = False, softcap: float | None = None) -> torch.Tensor:
+    """Per-token ``fn`` of the head's fp32 (soft-capped) logits by the best path the head allows (see
+    ``_head_loss``)."""
+    fn = _capped(fn, softcap)
     linear = _plain_linear(head)
     if linear is not None:
         return linear_head_map(linear.weight, linear.bias, h, y, fn, fp32=fp32)
@@ -114,6 +124,10 @@ def _head_map(head: nn.Module, h: torch.Tensor, y: torch.Tensor, fn: Callable, v
         raise ValueError("cast_lm_head_to_fp32=True with a wrapped lm_head (LoRA, modules_to_save) is not "
                          "supported; pass cast_lm_head_to_fp32=False")
     return module_chunked_map(head, h, y, fn, vocab_size=vocab_size)
+
+
+def _softcap_of(model) -> float | None:
+    return getattr(model.config, "final_logit_softcapping", None) or None
 
 
 def _keeps_all(logits_to_keep) -> bool:
@@ -132,7 +146,7 @@ def make_causal_lm_forward(loss: str | Callable = "cross_entropy") -> Callable:
                 use_cache=None, logits_to_keep=0, **kwargs):
         if kwargs.pop("fused_lm_head", False):  # TRL's protocol (trainers that score per-token log-probs)
             return fused_head_forward(self, input_ids, attention_mask, position_ids, inputs_embeds, labels, kwargs,
-                                      head_map=_head_map)
+                                      head_map=functools.partial(_head_map, softcap=_softcap_of(self)))
         if not (self.training and labels is not None and _keeps_all(logits_to_keep)):
             # The class's own forward (the patch is per instance): eval, generation, logits_to_keep.
             return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
@@ -151,7 +165,7 @@ def make_causal_lm_forward(loss: str | Callable = "cross_entropy") -> Callable:
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
         shift_labels = shift_labels.reshape(-1).to(hidden.device)
         value = _head_loss(self.lm_head, hidden.reshape(-1, hidden.shape[-1]), shift_labels, loss,
-                           kwargs.get("num_items_in_batch"), self.config.vocab_size)
+                           kwargs.get("num_items_in_batch"), self.config.vocab_size, _softcap_of(self))
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         out = CausalLMOutputWithPast(loss=value, logits=None, hidden_states=outputs.hidden_states,
@@ -172,8 +186,6 @@ def causal_lm_eligible(model: nn.Module) -> str | None:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         return f"model_type {model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})"
-    if getattr(model.config, "final_logit_softcapping", None):
-        return "config.final_logit_softcapping is set; the patched loss would ignore it"
     if not isinstance(getattr(model, "lm_head", None), nn.Module):
         return "model has no lm_head module"
     return None
