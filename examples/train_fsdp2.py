@@ -4,7 +4,11 @@
     python examples/train_fsdp2.py --model 8b --steps 20 --batch-size 8 --seq-len 2048   # 1-GPU reference
 
 ``--model tiny|1b|8b`` builds a random-weight Llama of that shape once (Llama-3.2-1B / Llama-3-8B
-shapes; ``tiny`` runs on a CPU) and saves it under ``--cache-dir``; a path loads a checkpoint. Every
+shapes; ``tiny`` runs on a CPU) and saves it under ``--cache-dir``; a path loads a checkpoint. ``--layerwise``
+(implied by ``--model 70b``) instead builds any shape of ``fastllm.bench.models.SHAPES`` on every rank, on the meta
+device, one decoder layer at a time, each layer's linears quantized to NF4 before the next exists: no rank ever holds
+the whole bf16 model (Llama-3-70B: 140 GB in bf16, ~37 GB in NF4 before ``shard()`` keeps 1/N of it), and every
+rank builds the same bytes (a generator seeded per layer). Every
 rank loads it through ``FastLlama.from_pretrained(..., load_in_4bit=True, device_map=None)`` onto its
 own device (``cuda:LOCAL_RANK``, or the CPU with gloo), adds LoRA and, with more than one rank, shards
 it with ``fastllm.integrations.fsdp2.shard``. With one process nothing is sharded: that run is the
@@ -46,7 +50,10 @@ SHAPES = {  # name -> LlamaConfig kwargs (random weights)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tiny", help="tiny | 1b | 8b (random weights) or a checkpoint path")
+    p.add_argument("--model", default="tiny", help="tiny | 1b | 8b (random weights) or a checkpoint path; 70b or any "
+                   "fastllm.bench.models shape with --layerwise")
+    p.add_argument("--layerwise", action="store_true",
+                   help="build --model (a fastllm.bench.models shape) layer by layer on every rank, quantizing")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=8, help="global batch (sequences per step, all ranks)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per rank per step")
@@ -174,10 +181,7 @@ def compile_stats(model) -> dict | None:
                 break_reasons=rep.break_reasons, eager_calls=rep.eager_calls, compile_s=rep.compile_seconds)
 
 
-def load_model(path: str, args, device: torch.device):
-    from fastllm import FastLlama
-
-    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+def _patch_config(args):
     from fastllm import PatchConfig
 
     opts = {}
@@ -185,12 +189,38 @@ def load_model(path: str, args, device: torch.device):
         opts["compile"] = True
     if args.lora:  # the fused QLoRA linear (opt-in), over fastllm's NF4 linear
         opts.update(lora=True, nf4_linear=True)
-    patch = False if args.no_patch else PatchConfig(**opts) if opts else True
-    model, _ = FastLlama.from_pretrained(path, load_in_4bit=True, dtype=dtype, device_map=None,
-                                         max_seq_length=args.seq_len, patch=patch)
+    return False if args.no_patch else PatchConfig(**opts) if opts else True
+
+
+def _with_lora(model, args):
+    from fastllm import FastModel
+
     torch.manual_seed(args.seed)  # identical LoRA init on every rank and in the 1-rank reference
-    return FastLlama.get_peft_model(model, r=args.lora_r, lora_alpha=args.lora_r,
+    return FastModel.get_peft_model(model, r=args.lora_r, lora_alpha=args.lora_r,
                                     use_gradient_checkpointing=not args.no_checkpointing)
+
+
+def load_model(path: str, args, device: torch.device):
+    from fastllm import FastModel
+
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    model, _ = FastModel.from_pretrained(path, load_in_4bit=True, dtype=dtype, device_map=None,
+                                         max_seq_length=args.seq_len, patch=_patch_config(args))
+    return _with_lora(model, args)
+
+
+def build_layerwise(args, device: torch.device):
+    """``--layerwise``: the shape built on this rank one decoder layer at a time (``build_qlora_base``), patched as
+    ``from_pretrained`` would patch it, then LoRA."""
+    from fastllm import PatchConfig, patch
+    from fastllm.bench.models import build_qlora_base
+
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = build_qlora_base(args.model, device, dtype=dtype, seed=1234, layerwise=True)
+    cfg = _patch_config(args)
+    if cfg is not False:
+        patch(model, (cfg if isinstance(cfg, PatchConfig) else PatchConfig()).replace(max_seq_length=args.seq_len))
+    return _with_lora(model, args)
 
 
 def train(args) -> list[dict]:
@@ -205,9 +235,12 @@ def train(args) -> list[dict]:
     from transformers import LlamaForCausalLM  # noqa: F401
 
     base_mem = current_memory_mib(device)
-    path = args.model if args.model not in SHAPES else build_random_model(args.model, args.cache_dir, args.seq_len,
-                                                                          rank, device)
-    model = load_model(path, args, device)
+    if args.layerwise or args.model == "70b":
+        model = build_layerwise(args, device)
+    else:
+        path = args.model if args.model not in SHAPES else build_random_model(args.model, args.cache_dir,
+                                                                              args.seq_len, rank, device)
+        model = load_model(path, args, device)
     sharded = world > 1 or args.shard
     if sharded:
         from fastllm.integrations.fsdp2 import shard

@@ -15,6 +15,9 @@ SHAPES = {
     # Llama-3.2-1B: tied embeddings
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=True, vocab_size=128256),
+    # Llama-3-70B (build it with layerwise=True: 140 GB in bf16)
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, tie_word_embeddings=False, vocab_size=128256),
     # Llama-3.1-8B
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=False, vocab_size=128256),
@@ -70,34 +73,90 @@ def shape_config(shape: str):
 
 
 def build_qlora_base(shape: str, device: str | torch.device, *, dtype=torch.bfloat16, seed: int = 0,
-                     load_in_4bit: bool = True):
-    """A random causal LM of ``shape`` on ``device`` with NF4 double-quant decoder linears (biases kept)."""
-    import bitsandbytes as bnb
+                     load_in_4bit: bool = True, layerwise: bool = False):
+    """A random causal LM of ``shape`` on ``device`` with NF4 double-quant decoder linears (biases kept).
+
+    ``layerwise``: built on the meta device and materialised one decoder layer at a time, each layer's linears
+    quantized before the next layer exists, so the whole bf16 model never does (a 70B shape: 140 GB in bf16, ~37
+    GB in NF4). Weights come from a generator seeded per layer on ``device``: every rank builds the same bytes.
+    """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     device = torch.device(device)
+    if layerwise:
+        return _build_layerwise(shape, device, dtype, seed)
     with device:
         model = AutoModelForCausalLM.from_config(shape_config(shape), dtype=dtype)
     if not load_in_4bit:
         return model
     for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in LINEARS:
-                old = getattr(parent, name, None)
-                if old is None:
-                    continue
-                new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
-                                        compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
-                new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, compress_statistics=True,
-                                               quant_type="nf4").to(device)
-                if old.bias is not None:
-                    new.bias = torch.nn.Parameter(old.bias.data, requires_grad=False)
-                new.support_avx512bf16_for_cpu = False  # see fastllm.loader._fix_bnb_cpu
-                setattr(parent, name, new)
-                del old
+        _quantize_linears(layer, device, dtype)
+    return _finish(model, device)
+
+
+def _quantize_linears(layer, device: torch.device, dtype) -> None:
+    """Replace the decoder layer's linears by bitsandbytes NF4 double-quant ``Linear4bit`` (biases kept)."""
+    import bitsandbytes as bnb
+
+    for parent in (layer.self_attn, layer.mlp):
+        for name in LINEARS:
+            old = getattr(parent, name, None)
+            if old is None:
+                continue
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                    compute_dtype=dtype, compress_statistics=True, quant_type="nf4", device="meta")
+            new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, compress_statistics=True,
+                                           quant_type="nf4").to(device)
+            if old.bias is not None:
+                new.bias = torch.nn.Parameter(old.bias.data, requires_grad=False)
+            new.support_avx512bf16_for_cpu = False  # see fastllm.loader._fix_bnb_cpu
+            setattr(parent, name, new)
+            del old
+
+
+def _finish(model, device: torch.device):
     model.is_loaded_in_4bit = True  # what transformers' bnb loader sets; PEFT reads it
     model.requires_grad_(False)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return model
+
+
+def _random_(module, gen: torch.Generator, std: float, norm_offset: float) -> None:
+    """RMSNorm weights to their identity (``1 - norm_offset``: 1, or 0 for Gemma's (1 + w)), the rest N(0, std)."""
+    for m in module.modules():
+        for p in m.parameters(recurse=False):
+            if "RMSNorm" in type(m).__name__:
+                p.data.fill_(1.0 - norm_offset)
+            else:
+                p.data.normal_(0.0, std, generator=gen)
+
+
+def _build_layerwise(shape: str, device: torch.device, dtype, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    from ..arch import arch_of
+
+    config = shape_config(shape)
+    std, offset = getattr(config, "initializer_range", 0.02), arch_of(config.model_type).norm_offset
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for i, layer in enumerate(model.model.layers):
+        layer.to_empty(device=device)  # this layer's bf16 weights only
+        _random_(layer, torch.Generator(device=device).manual_seed(seed * 100_003 + i), std, offset)
+        _quantize_linears(layer, device, dtype)
+    inner = model.model
+    rest = [m for name, m in inner.named_children() if name not in ("layers", "rotary_emb")]
+    if not config.tie_word_embeddings:
+        rest.append(model.lm_head)
+    gen = torch.Generator(device=device).manual_seed(seed * 100_003 + len(inner.layers))
+    for module in rest:
+        module.to_empty(device=device)
+        _random_(module, gen, std, offset)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    # RoPE tables are buffers computed from the config, not weights: build the module again on the device
+    with torch.device(device):
+        inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    return _finish(model, device)

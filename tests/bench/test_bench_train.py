@@ -66,3 +66,24 @@ def test_other_architectures_build_and_agree(shape):
     assert (attn.q_proj.bias is not None) == (shape == "tiny-qwen2") and attn.o_proj.bias is None
     rows = [run_worker(p, shape, steps=2, warmup=1, batch=2, seq=32, device="cpu") for p in ("hf", "fastllm")]
     torch.testing.assert_close(torch.tensor(rows[0]["loss"]), torch.tensor(rows[1]["loss"]), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", ["tiny128", "tiny-qwen2", "tiny-gemma3"])
+def test_layerwise_build_is_complete_and_the_same_on_every_rank(shape):
+    """``layerwise=True`` (the 70B path): the same keys as the whole-model build, nothing left on the meta device,
+    the RoPE buffers the config gives, norms at their identity, NF4 linears; two builds are byte-identical (ranks)."""
+    import bitsandbytes as bnb
+
+    a, b = (build_qlora_base(shape, "cpu", dtype=torch.float32, layerwise=True) for _ in range(2))
+    ref = build_qlora_base(shape, "cpu", dtype=torch.float32)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(ref.state_dict()) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not any(t.is_meta for t in (*a.parameters(), *a.buffers()))
+    for name, buf in ref.model.rotary_emb.named_buffers():
+        torch.testing.assert_close(dict(a.model.rotary_emb.named_buffers())[name], buf)
+    identity = 0.0 if shape == "tiny-gemma3" else 1.0
+    norms = [m.weight for m in a.modules() if "RMSNorm" in type(m).__name__]
+    assert norms and all(torch.all(w == identity) for w in norms)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in a.modules()) == 2 * 7
+    ids = torch.randint(0, 512, (2, 17))
+    assert torch.isfinite(a(input_ids=ids, labels=ids).loss)

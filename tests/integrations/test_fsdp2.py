@@ -179,6 +179,23 @@ def test_other_architectures_two_ranks_equal_one_process(tiny_arch_dir, tmp_path
         torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-5)
 
 
+def test_layerwise_build_two_ranks_equal_one_process(tmp_path):
+    """``--layerwise`` (what ``--model 70b`` runs): each rank builds the shape on the meta device one decoder layer at
+    a time, quantizing as it goes; both ranks build the same bytes, so 2 gloo ranks equal one process."""
+    common = ["--model", "tiny128", "--layerwise", "--steps", "3", "--batch-size", "4", "--seq-len", "48",
+              "--lr", "1e-2", "--lora-r", "4", "--lora"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _run([sys.executable, EXAMPLE, *common, "--out", one])
+    _torchrun(2, EXAMPLE, *common, "--grad-accum", "2", "--out", two)
+    (steps1, summary1), (steps2, summary2) = _metrics(one), _metrics(two)
+    assert summary2["world_size"] == 2 and summary2["trainable_tensors"] == 28
+    torch.testing.assert_close(torch.tensor([s["loss"] for s in steps2], dtype=torch.float64),
+                               torch.tensor([s["loss"] for s in steps1], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    full = summary1["per_rank"][0]["param_mib"]
+    for r in summary2["per_rank"]:  # each rank keeps half the (4-bit) parameter bytes
+        torch.testing.assert_close(r["param_mib"], full / 2, rtol=1e-3, atol=0)
+
+
 def test_adapter_loads_in_plain_peft(runs, tiny_llama_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
