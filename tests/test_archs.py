@@ -254,3 +254,29 @@ def test_final_logit_softcapping_reaches_the_chunked_loss(save_arch):
                 uncapped = model(input_ids=ids, labels=ids).loss
                 model.base_model.model.config.final_logit_softcapping = 3.0
             assert not torch.allclose(loss, uncapped)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_long_layers_run_the_mlp_over_row_tiles(tiny_arch_dir, model_type, monkeypatch):
+    """A layer with more rows than ``MLP_TILE_ROWS`` runs its MLP (and Gemma's norm after it) over row tiles in the
+    fused layer's forward and backward: the same loss and LoRA grads as untiled and as eager (74 rows over tiles of
+    16: a partial last tile)."""
+    from fastllm.ops import lora_layer
+
+    path = tiny_arch_dir(model_type)
+    results = []
+    for tile in (10**9, 16):
+        monkeypatch.setattr(lora_layer, "MLP_TILE_ROWS", tile)
+        model = _qlora(path)
+        model.train()
+        ids = _ids(device=model.device)
+        LAYER_CALLS.clear()
+        results.append(_loss_grads(model, ids))
+        assert LAYER_CALLS == {"fused": 2}
+    with eager(model):
+        ref_loss, ref_grads = _loss_grads(model, ids)
+    (loss, grads), (t_loss, t_grads) = results
+    for other_loss, other_grads in ((loss, grads), (ref_loss, ref_grads)):
+        torch.testing.assert_close(t_loss, other_loss, rtol=1e-5, atol=1e-5)
+        for n in grads:
+            torch.testing.assert_close(t_grads[n], other_grads[n], rtol=1e-4, atol=1e-6, msg=n)

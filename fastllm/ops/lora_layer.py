@@ -77,6 +77,40 @@ def _norm(x2, norm: tuple, use_triton: bool):
     return rms_norm_forward(x2, weight, eps, use_triton, offset)
 
 
+# Rows of an MLP tile: a layer of more rows runs its MLP (and the norm after it, Gemma's) over row tiles in forward
+# and in backward, so no (rows, intermediate) tensor exists for the whole sequence (8B: a 64K-token gate/up output
+# is 3.8 GB, a tile's 0.47 GB). The same maths; the adapter gradients are summed over tiles in fp32.
+MLP_TILE_ROWS = 8192
+
+
+def _tiles(m: int) -> list[tuple[int, int]]:
+    return [(s, min(s + MLP_TILE_ROWS, m)) for s in range(0, m, MLP_TILE_ROWS)]
+
+
+def _mlp_out(n2, p: LayerParts, casts, shapes):
+    """The MLP's output (with Gemma's norm after it) for n2 (M, H), tile by tile."""
+    y = torch.empty_like(n2)
+    for s, e in _tiles(n2.shape[0]):
+        y_t, _ = mlp_forward(n2[s:e], p.mlp, casts[2][0], shapes[2], views=casts[2][1])
+        y[s:e] = y_t if p.sandwich is None else _norm(y_t, p.sandwich[1], p.use_triton)[0]
+    return y
+
+
+def _mlp_grads_tiled(dy2, n2, p: LayerParts, casts, shapes):
+    """(dn2, fp32 adapter grads in the MLP's flat layout) of ``_mlp_out`` for dy2 (M, H), recomputing the MLP tile
+    by tile in backward (its output too where Gemma's norm after it needs it)."""
+    dn2, g = torch.empty_like(n2), None
+    for s, e in _tiles(n2.shape[0]):
+        y_t, saved = mlp_forward(n2[s:e], p.mlp, casts[2][0], shapes[2], need_output=p.sandwich is not None,
+                                 views=casts[2][1])
+        d_t = dy2[s:e]
+        if p.sandwich is not None:
+            d_t = rms_norm_backward(d_t, _norm(y_t, p.sandwich[1], p.use_triton)[1], p.use_triton)
+        dn2[s:e], g_t = mlp_backward(d_t, n2[s:e], saved, p.mlp, casts[2][0], shapes[2], views=casts[2][1])
+        g = g_t.float() if g is None else g.add_(g_t)
+    return dn2, g
+
+
 def _run(x, c, s, p: LayerParts, casts, shapes, keep: bool):
     """The layer's forward on x (B, T, H). Returns y, or (with ``keep``) everything backward reads."""
     B, T, H = x.shape
@@ -107,13 +141,18 @@ def _run(x, c, s, p: LayerParts, casts, shapes, keep: bool):
         ao, st_pa = _norm(ao, p.sandwich[0], p.use_triton)
     m2 = x2 + ao
     n2, st2 = _norm(m2, p.norm2, p.use_triton)
-    # the recompute drops the MLP's output, unless the post-feed-forward norm's backward needs it
-    y, saved_mlp = mlp_forward(n2, p.mlp, casts[2][0], shapes[2], need_output=not keep or p.sandwich is not None,
-                               views=casts[2][1])
-    if p.sandwich is not None:
-        y, st_pf = _norm(y, p.sandwich[1], p.use_triton)
-    if not keep:
-        return (m2 + y).view(B, T, H)
+    saved_mlp = None
+    if B * T > MLP_TILE_ROWS:  # over tiles: here in forward; in backward by ``_mlp_grads_tiled``
+        if not keep:
+            return (m2 + _mlp_out(n2, p, casts, shapes)).view(B, T, H)
+    else:
+        # the recompute drops the MLP's output, unless the post-feed-forward norm's backward needs it
+        y, saved_mlp = mlp_forward(n2, p.mlp, casts[2][0], shapes[2], need_output=not keep or p.sandwich is not None,
+                                   views=casts[2][1])
+        if p.sandwich is not None:
+            y, st_pf = _norm(y, p.sandwich[1], p.use_triton)
+        if not keep:
+            return (m2 + y).view(B, T, H)
     return dict(st1=st1, n1=n1, xa_qkv=xa_qkv, st_qk=st_qk, q4=q4, k4=k4, v4=v4, o4=o4, a2=a2, xa_o=xa_o, st_pa=st_pa,
                 st2=st2, n2=n2, mlp=saved_mlp, st_pf=st_pf)
 
@@ -146,11 +185,15 @@ class LoRADecoderLayerFunction(torch.autograd.Function):
             st = _run(x, *ctx.tables, p, casts, shapes, keep=True)
             dy2 = dy.reshape(B * T, H).to(x.dtype)
             # st.pop: each intermediate is dropped once its backward has read it (the MLP's are the largest)
-            st_pf, st_pa = st.pop("st_pf"), st.pop("st_pa")
-            df = dy2 if st_pf is None else rms_norm_backward(dy2, st_pf, p.use_triton)
-            dn2, g_mlp = mlp_backward(df, st.pop("n2"), st.pop("mlp"), p.mlp, flats[2], shapes[2], views=casts[2][1])
+            st_pf, st_pa, saved_mlp = st.pop("st_pf"), st.pop("st_pa"), st.pop("mlp")
+            if saved_mlp is None:  # a long layer: the MLP over row tiles
+                dn2, g_mlp = _mlp_grads_tiled(dy2, st.pop("n2"), p, casts, shapes)
+            else:
+                df = dy2 if st_pf is None else rms_norm_backward(dy2, st_pf, p.use_triton)
+                dn2, g_mlp = mlp_backward(df, st.pop("n2"), saved_mlp, p.mlp, flats[2], shapes[2], views=casts[2][1])
+                del df
             dm2 = dy2 + rms_norm_backward(dn2, st.pop("st2"), p.use_triton)
-            del dn2, df
+            del dn2, saved_mlp
             dao = dm2 if st_pa is None else rms_norm_backward(dm2, st_pa, p.use_triton)
             g_o = torch.empty_like(flats[1])
             a_o, b_o = casts[1][1]
