@@ -31,6 +31,10 @@ SHAPES = {
     "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False, vocab_size=152064,
                        rope_theta=1000000.0, rms_norm_eps=1e-6),
+    # Qwen2.5-72B (build it with layerwise=True)
+    "qwen2.5-72b": dict(model_type="qwen2", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False, vocab_size=152064,
+                        rope_theta=1000000.0, rms_norm_eps=1e-6),
     # Qwen3-8B: per-head q/k norms, head_dim 128
     "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
