@@ -241,6 +241,15 @@ def run_worker(provider: str, shape: str, *, steps: int, warmup: int, batch: int
             "loss": float(losses[-1]), "build_s": build_s, "setup": note, **stamp()}
 
 
+def cap_memory(gib: float, device: str) -> None:
+    """Let this process allocate at most ``gib`` GiB on the CUDA ``device`` (a smaller card on a large one)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise SystemExit("--memory-cap-gib needs a CUDA device")
+    total = torch.cuda.get_device_properties(dev).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), dev)
+
+
 def _available(provider: str) -> str | None:
     import importlib.util
 
@@ -259,6 +268,8 @@ def _spawn(provider: str, shape: str, args) -> dict:
     cmd = [sys.executable, "-m", "fastllm.bench.train", "--worker", provider, "--shapes", shape,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--seq", str(args.seq), "--device", args.device]
+    if getattr(args, "memory_cap_gib", None) is not None:
+        cmd += ["--memory-cap-gib", str(args.memory_cap_gib)]
     if args.profile:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"profile-{shape}-{provider}.txt")
         cmd += ["--profile", os.path.join(os.path.abspath(args.out), safe)]
@@ -286,9 +297,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench-out")
     p.add_argument("--profile", nargs="?", const="yes", default=None,
                    help="also write each provider's top ops (torch.profiler, 2 steps) to --out")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="cap the worker's CUDA memory (torch.cuda.set_per_process_memory_fraction): a smaller card")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
+        if args.memory_cap_gib is not None:
+            cap_memory(args.memory_cap_gib, args.device)
         row = run_worker(args.worker, args.shapes, steps=args.steps, warmup=args.warmup, batch=args.batch,
                          seq=args.seq, device=args.device, profile_path=args.profile)
         print("ROW " + json.dumps(row), flush=True)
