@@ -18,14 +18,14 @@ import sys
 from types import SimpleNamespace
 
 from .common import format_table, write_jsonl
-from .train import _available, _spawn, split_providers
+from .train import spawn_worker, split_providers, unavailable
 
 
 def _point(provider: str, args, seq: int, cap: float | None = None) -> dict:
     """One worker at length ``seq`` (under ``cap`` GiB when given): its row, errors included."""
     worker = SimpleNamespace(steps=args.steps, warmup=args.warmup, batch=args.batch, seq=seq, device=args.device,
                              profile=None, out=args.out, timeout=args.timeout, memory_cap_gib=cap)
-    row = _spawn(provider, args.shape, worker)
+    row = spawn_worker(provider, args.shape, worker)
     row.update(bench="memory", seq=seq, batch=args.batch, cap_gib=cap)
     return row
 
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         p.error("--caps needs --device cuda (the cap is a CUDA allocator fraction)")
     rows, longest = [], []
     for provider in split_providers(args.providers):
-        why = _available(provider)
+        why = unavailable(provider)
         if why is not None:
             rows.append({"bench": "memory", "provider": provider, "shape": args.shape, "error": why})
             continue

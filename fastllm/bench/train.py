@@ -250,7 +250,7 @@ def cap_memory(gib: float, device: str) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), dev)
 
 
-def _available(provider: str) -> str | None:
+def unavailable(provider: str) -> str | None:
     import importlib.util
 
     if provider == "liger" and importlib.util.find_spec("liger_kernel") is None:
@@ -264,7 +264,7 @@ def _available(provider: str) -> str | None:
     return None
 
 
-def _spawn(provider: str, shape: str, args) -> dict:
+def spawn_worker(provider: str, shape: str, args) -> dict:
     cmd = [sys.executable, "-m", "fastllm.bench.train", "--worker", provider, "--shapes", shape,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--seq", str(args.seq), "--device", args.device]
@@ -312,8 +312,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     for shape in args.shapes.split(","):
         for provider in split_providers(args.providers):
-            why = _available(provider)
-            row = _spawn(provider, shape, args) if why is None else {"provider": provider, "shape": shape,
+            why = unavailable(provider)
+            row = spawn_worker(provider, shape, args) if why is None else {"provider": provider, "shape": shape,
                                                                        "error": why}
             rows.append(row)
             print(json.dumps({k: row.get(k) for k in ("provider", "shape", "tokens_per_s", "peak_gib", "loss",
