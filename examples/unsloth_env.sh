@@ -1,6 +1,6 @@
 # Sourced after examples/device_env.sh for the `unsloth` provider of `fastllm bench train`: installs the carried
 # Unsloth wheels (.whl/unsloth: unsloth, unsloth_zoo, trl 1.15 and the few deps the GPU image lacks) into their
-# own site. Only the unsloth worker puts it on PYTHONPATH, first (train._spawn): Unsloth pins trl<=1.15, and the
+# own site. Only the unsloth worker puts it on PYTHONPATH, first (train.spawn_worker): Unsloth pins trl<=1.15, and the
 # other providers keep trl 1.16 from /tmp/site. diffusers and hf_transfer are left out: only downloads use them.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/unsloth_site \
   .whl/unsloth/*.whl || return 1

@@ -7,7 +7,7 @@ initialised. Transformers loads the packed NF4 weights as they are (no re-quanti
 the same bytes as every other provider's; a fingerprint saved beside them is checked after Unsloth's load and the
 result goes into the row's ``setup``.
 
-Needs ``examples/unsloth_env.sh`` (``$UNSLOTH_SITE``, put first on the worker's PYTHONPATH by ``train._spawn``:
+Needs ``examples/unsloth_env.sh`` (``$UNSLOTH_SITE``, put first on the worker's PYTHONPATH by ``train.spawn_worker``:
 Unsloth pins trl<=1.15). Stage messages go to stderr, whose last lines become the row's ``error`` on failure.
 """
 
