@@ -36,5 +36,5 @@ def test_second_get_peft_model_on_the_same_base_is_refused(tiny_llama_dir):
 def test_bench_train_fails_when_every_provider_fails(tmp_path, monkeypatch):
     from fastllm.bench import train as bench_train
 
-    monkeypatch.setattr(bench_train, "_available", lambda provider: "not here")
+    monkeypatch.setattr(bench_train, "unavailable", lambda provider: "not here")
     assert bench_train.main(["--providers", "hf", "--shapes", "1b", "--out", str(tmp_path)]) != 0
