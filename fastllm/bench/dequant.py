@@ -14,20 +14,7 @@ bnb ``Linear4bit`` (compute dtype bf16) at 8192 tokens, forward + input-gradient
 without ``nf4_linear4bit_forward`` bound. Results: ``<out>/dequant.jsonl``, ``dequant.png``,
 ``linear.png`` and a printed table. ``--sweep`` also times kernel tile sizes (for tuning).
 
-Measured on an H200 (bnb 0.50.2, torch 2.11, triton 3.6), session 7, two runs on two hosts (copy 4.25 and
-4.22 TB/s). GPU time: fastllm 1.68-1.89x bnb-direct at every shape and dtype (run 2; 1.76-2.18x in run 5), 81-83%
-of copy bandwidth at 14336x4096, 92-95% at 128256x4096; 1.71x bnb at 4096x4096 on the faster host, 4.7x on the slower
-one, where even bnb's time with the cache flushed is host-bound. Back to back (host work included, as the NF4
-issue measured bnb: 0.116 ms at 4096x4096): 4096x4096 0.013-0.023 ms, 3.2-4.0x bnb and 1.29-2.00x bnb-direct;
-1024x4096 1.36-1.43x bnb-direct; 1.78-1.80x bnb-direct from 14336x4096 up. That took two host cuts: Triton
-3.6's C launcher called directly (``kernels.launch``) and a leaner single-weight path; before them a small
-dequant cost ~28 us of host time and ran at 0.91-0.95x bnb-direct back to back (session 6).
-The QLoRA linear at 8192 tokens (median of 5 interleaved rounds): q/o 1.22x bnb, k/v 1.71x, gate/up 1.02x, down
-1.04x; the ``dense`` row (F.linear on an already-dense weight, no dequant) is the floor: fastllm is within 1-4% of
-it at q/o, gate/up and down, where the two bf16 GEMMs (680-700 TFLOP/s) set the time. k/v is host-bound (its
-GEMMs take 0.2 ms; both 4-bit paths spend longer issuing work). Earlier single-sample runs ranged 0.85-1.22x.
-A ``--sweep`` (session 3): every tile and warp count lands at 0.018-0.024 ms at 4096x4096, so small weights are
-bound by launch and DRAM ramp-up latency, not by the kernel's stores.
+The measured rows and their history are in docs/benchmarks.md.
 """
 
 from __future__ import annotations

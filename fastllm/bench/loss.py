@@ -15,12 +15,7 @@ hidden states requiring grad ("x") and once with the weight too ("x+W"). Provide
 "Peak extra" is ``max_memory_allocated`` during one fwd+bwd minus what was allocated before (the
 inputs); it includes the gradients themselves (``h.grad`` 0.125 GiB, ``W.grad`` 0.98 GiB here).
 
-Measured (H200, torch 2.11, triton 3.6, one run, peak extra GiB / fwd+bwd ms, "x" | "x+W"):
-materialised 23.5 / 72.7 | 23.5 / 96.1; fastllm (auto = 512 rows) 0.247 / 56.7 | 1.226 / 90.0;
-fastllm-c1024 0.370 / 53.5 | 1.348 / 82.3; fastllm-c128 0.156 / 76.6 | 1.134 / 179.7;
-Liger FLCE 0.247 / 55.8 | 1.226 / 89.7; cut-cross-entropy 0.127 / 76.9 | 1.105 / 87.6.
-Row chunking keeps one ``[chunk, V]`` bf16 buffer (0.12 GiB at 512 rows) on top of the grads; CCE's
-vocab-tiled kernels keep almost none, so its memory stays below any cuBLAS-chunked scheme here.
+The measured rows and their history are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
