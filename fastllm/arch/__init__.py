@@ -10,6 +10,7 @@ against that architecture's eager transformers modules.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 
@@ -55,8 +56,14 @@ SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(ARCHS)
 
 
 def arch_of_module(module, role: str) -> Arch | None:
-    """The table entry whose ``role`` class ``module`` is an instance of, or None."""
-    return next((a for a in ARCHS.values() if isinstance(module, a.cls(role))), None)
+    """The table entry whose ``role`` class ``module`` is an instance of, or None (per-call checks read it: cached by
+    class)."""
+    return _arch_of_class(type(module), role)
+
+
+@functools.cache
+def _arch_of_class(cls: type, role: str) -> Arch | None:
+    return next((a for a in ARCHS.values() if issubclass(cls, a.cls(role))), None)
 
 
 def arch_of(model_type: str | None) -> Arch:

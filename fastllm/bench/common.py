@@ -114,6 +114,13 @@ def bar_chart(groups: Sequence[str], series: dict[str, Sequence[float]], *, titl
         ax.bar(xs, vals, width=width, label=name)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
+    finish_figure(fig, ax, title=title, ylabel=ylabel, path=path)
+
+
+def finish_figure(fig, ax, *, title: str, ylabel: str, path: str) -> None:
+    """Label, legend and write a benchmark figure to ``path`` (PNG), then close it."""
+    import matplotlib.pyplot as plt
+
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)

@@ -17,7 +17,7 @@ import os
 import sys
 from types import SimpleNamespace
 
-from .common import format_table, write_jsonl
+from .common import finish_figure, format_table, write_jsonl
 from .train import spawn_worker, split_providers, unavailable
 
 
@@ -80,13 +80,7 @@ def line_chart(rows: list[dict], path: str, title: str) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length (tokens, batch 1)")
-    ax.set_ylabel("peak GiB")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_figure(fig, ax, title=title, ylabel="peak GiB", path=path)
 
 
 def main(argv=None) -> int:

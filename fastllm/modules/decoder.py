@@ -37,7 +37,6 @@ the 4-bit linears inside the graphs call bitsandbytes' own GEMV op directly (``o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import time
 import weakref
@@ -45,7 +44,7 @@ from collections import Counter
 
 import torch
 
-from ..arch import ARCHS
+from ..arch import arch_of_module
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import rope
 from .checkpointing import in_checkpoint
@@ -125,17 +124,12 @@ def qk_norms(attn):
 def window_of(attn) -> int | None:
     """The ``sliding_window`` the architecture's attention forward passes to the interface (see ``Arch``); read
     outside the compiled regions (they take it as an argument)."""
-    arch = _arch_of_attention(type(attn))
+    arch = arch_of_module(attn, "attention")
     if arch is None or arch.sliding_window is None:
         return None
     if arch.sliding_window == "config":
         return getattr(attn.config, "sliding_window", None)
     return attn.sliding_window
-
-
-@functools.cache
-def _arch_of_attention(cls):
-    return next((a for a in ARCHS.values() if issubclass(cls, a.cls("attention"))), None)
 
 
 def attend_region(attn, q, k, v, mask, interface, dropout: float, window: int | None) -> torch.Tensor:
@@ -290,7 +284,7 @@ def attention_interface(attn):
 
     impl = attn.config._attn_implementation
     if impl == "eager":  # the architecture's own eager maths (its module's ``eager_attention_forward``)
-        arch = _arch_of_attention(type(attn))
+        arch = arch_of_module(attn, "attention")
         return importlib.import_module(arch.module).eager_attention_forward if arch else None
     return ALL_ATTENTION_FUNCTIONS[impl] if impl in COMPILED_ATTENTION else None
 
@@ -345,7 +339,7 @@ def attention_eligible(module) -> str | None:
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "config", "layer_idx"):
         if not hasattr(module, name):
             return f"no {name}"
-    arch = _arch_of_attention(type(module))
+    arch = arch_of_module(module, "attention")
     if arch is None:
         return f"{type(module).__name__} is not an attention class of fastllm's architecture table"
     has_norms = [n for n in ("q_norm", "k_norm") if n in module._modules]

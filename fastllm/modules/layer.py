@@ -27,7 +27,7 @@ from .checkpointing import nonreentrant_checkpoint
 from .decoder import attention_interface, needs_eager, qk_norms, window_of
 from .lora import fused_parts, stacked_bias
 from .mlp import fast_mlp_forward
-from .rms_norm import fast_rms_norm_forward, norm_args
+from .rms_norm import fast_rms_norm_forward
 
 __all__ = ["LAYER_CALLS", "fused_layer_checkpoint"]
 
@@ -39,6 +39,11 @@ _PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 def _bound(module, fn) -> bool:
     return getattr(module.__dict__.get("forward"), "__func__", None) is fn
+
+
+def _norm_parts(norm) -> tuple:
+    """(weight, eps, offset) of a norm carrying the rms_norm patch (its patch attribute: no table lookup per call)."""
+    return (norm.weight, *norm.__dict__["_fastllm_rms"])
 
 
 def _attend(attn, interface, mask, window, q, k, v):
@@ -134,11 +139,11 @@ def _plan(function, args, kwargs):
         frozen[i] = frozen[i]._replace(bias=stacked_bias(groups[i], b))
     cos, sin = kw["position_embeddings"]
     frozen[2] = frozen[2]._replace(gelu=mlp.__dict__["_fastllm_mlp"][0])
-    parts = LayerParts((norm1.weight, *norm_args(norm1)), (norm2.weight, *norm_args(norm2)), *frozen,
+    parts = LayerParts(_norm_parts(norm1), _norm_parts(norm2), *frozen,
                        (nq, nkv, d),
                        functools.partial(_attend, attn, interface, kw.get("attention_mask"), window_of(attn)),
-                       use_triton, tuple((n.weight, *norm_args(n)) for n in head_norms) or None,
-                       tuple((n.weight, *norm_args(n)) for n in sandwich) or None)
+                       use_triton, tuple(map(_norm_parts, head_norms)) or None,
+                       tuple(map(_norm_parts, sandwich)) or None)
     adapters = tuple(t for g in groups for (_, a, b, _) in g for t in (a, b))
     return x, cos, sin, parts, adapters
 
