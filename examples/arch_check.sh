@@ -26,5 +26,5 @@ if [[ $steps == *train* ]]; then
 fi
 if [[ $steps == *infer* ]]; then
   timeout "${INFER_TIMEOUT:-300}" python -m fastllm.bench.compile --shapes "$shapes" --modes infer \
-    --providers eager,fastllm --quick --out "$out/infer-$tag" 2>&1 | tail -8
+    --providers "${INFER_PROVIDERS:-eager,fastllm,unsloth}" --quick --out "$out/infer-$tag" 2>&1 | tail -8
 fi

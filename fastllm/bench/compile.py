@@ -13,7 +13,9 @@ QLoRA), AdamW on the LoRA weights; tokens/s from the median step, peak memory of
 step minus a median step. Inference: prefill of a ``prompt``-token prompt, then greedy decode of 128 tokens
 (``generate``; fastllm's providers over a static cache with ``decode_graphs``, transformers' eager over its dynamic
 cache): latency (median of runs, the providers' runs interleaved) and peak memory. ``eager+static``: transformers'
-own static-cache generate; ``-nographs``: a fastllm provider with ``decode_graphs=False``.
+own static-cache generate; ``-nographs``: a fastllm provider with ``decode_graphs=False``; ``unsloth``
+(inference only): Unsloth's ``FastLanguageModel.for_inference`` on the same weights (``unsloth_provider``), in a
+child process (Unsloth patches transformers at import), timed the same way over the same prompt.
 
 Measurements and their history: docs/benchmarks.md, "compile and generation".
 
@@ -50,7 +52,9 @@ def build_qlora(shape: str, device: torch.device, dtype=torch.bfloat16):
     return FastLlama.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=True)
 
 
-PROVIDERS = ("eager", "eager+static", "fastllm", "fastllm+compile", "fastllm-nographs", "fastllm+compile-nographs")
+PROVIDERS = ("eager", "eager+static", "fastllm", "fastllm+compile", "fastllm-nographs", "fastllm+compile-nographs",
+             "unsloth")
+CHILD = ("unsloth",)  # providers measured in a child process
 
 
 def _set_provider(model, provider: str) -> None:
@@ -95,7 +99,8 @@ def measure_train(model, *, batch: int, seq: int, steps: int) -> dict:
 
 
 def _infer_inputs(model, prompt: int, new_tokens: int):
-    x = torch.randint(0, model.config.vocab_size, (1, prompt), device="cuda")
+    # seeded on the host: the unsloth child process feeds the same prompt
+    x = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(2)).cuda()
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
     return x, gen
 
@@ -167,6 +172,8 @@ def run(shape: str, *, batch: int, seq: int, steps: int, prompt: int, new_tokens
         jsonl: str | None = None) -> list[dict]:
     from .. import compile_report
 
+    children = [p for p in providers if p in CHILD]
+    providers = tuple(p for p in providers if p not in CHILD)
     model = build_qlora(shape, torch.device("cuda"))
     rows, base = [], stamp()
     torch._dynamo.reset()
@@ -188,17 +195,50 @@ def run(shape: str, *, batch: int, seq: int, steps: int, prompt: int, new_tokens
                          "prompt": prompt, "new_tokens": new_tokens, "runs": runs, "interleaved": True,
                          **results[provider], **_graphs(compile_report(model), provider)})
             _emit(rows[-1], jsonl)
+        for provider in children:
+            rows.append({**base, "bench": "compile", "shape": shape, "provider": provider, "mode": "infer",
+                         "prompt": prompt, "new_tokens": new_tokens, "runs": runs,
+                         **infer_child(provider, shape, prompt=prompt, new_tokens=new_tokens, runs=runs)})
+            _emit(rows[-1], jsonl)
     _set_provider(model, "eager")
     for mode, key in (("train", "tokens_per_s"), ("infer", "generate_ms")):  # numerics rows have their own floor
         ref = next((r for r in rows if r["mode"] == mode and r["provider"] == "eager"), None)
         for r in rows:
-            if r["mode"] == mode and ref is not None:
+            if r["mode"] == mode and ref is not None and key in r:
                 # speedup > 1 is better for both: tokens/s ratio, or eager latency / latency
                 r["speedup_vs_eager"] = (r[key] / ref[key]) if mode == "train" else (ref[key] / r[key])
     del model
     gc.collect()
     torch.cuda.empty_cache()
     return rows
+
+
+def infer_child(provider: str, shape: str, *, prompt: int, new_tokens: int, runs: int) -> dict:
+    """A child provider's inference row (``{"error": ...}`` when it fails or is not installed)."""
+    from .train import spawn_command, unavailable
+
+    why = unavailable(provider)
+    if why is not None:
+        return {"error": why}
+    cmd = ["--worker", provider, "--shapes", shape, "--prompt", str(prompt), "--new-tokens", str(new_tokens),
+           "--runs", str(runs)]
+    return spawn_command("fastllm.bench.compile", cmd, provider, timeout=900)
+
+
+def infer_worker(provider: str, shape: str, *, prompt: int, new_tokens: int, runs: int) -> dict:
+    """In the child: Unsloth's model on the same weights, ``for_inference``, then the same timing as the others."""
+    from .unsloth_provider import build
+
+    model, note = build(shape, torch.device("cuda"), prompt + new_tokens + 64, gc=False)
+    from unsloth import FastLanguageModel
+
+    FastLanguageModel.for_inference(model)
+    x, gen = _infer_inputs(model, prompt, new_tokens)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        first = _sync_time(lambda: model.generate(input_ids=x, **gen))
+    torch.cuda.reset_peak_memory_stats()
+    samples = [_infer_once(model, x, gen) for _ in range(runs)]
+    return {**_infer_row(first, [a for a, _ in samples], [b for _, b in samples], new_tokens), "setup": note}
 
 
 def numerics_rows(model, providers, *, prompt: int, steps: int, base: dict, shape: str, jsonl: str | None) -> list:
@@ -246,7 +286,14 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="1b,8b", help="comma-separated, from: 1b,8b (tiny: CPU smoke)")
     p.add_argument("--providers", default="eager,fastllm,fastllm+compile")
     p.add_argument("--modes", default="train,infer", help="train, infer, numerics (comma-separated)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    for name in ("--prompt", "--new-tokens", "--runs"):
+        p.add_argument(name, type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker:  # a child provider (CHILD): one inference row on stdout
+        row = infer_worker(args.worker, args.shapes, prompt=args.prompt, new_tokens=args.new_tokens, runs=args.runs)
+        print("ROW " + json.dumps(row), flush=True)
+        return 0
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - {"train", "infer", "numerics"}:
         p.error(f"--modes takes train, infer and/or numerics, got {args.modes!r}")

@@ -264,24 +264,32 @@ def unavailable(provider: str) -> str | None:
     return None
 
 
+def spawn_command(module: str, args: list[str], provider: str, *, timeout: float) -> dict:
+    """Run ``python -m module *args`` and return the ``ROW {json}`` it prints, or ``{"error": last lines}``.
+    The unsloth provider gets its own site first on the path: Unsloth pins trl<=1.15, older than the one here."""
+    env = dict(os.environ)
+    if provider == "unsloth":
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("ROW "):
+            return json.loads(line[4:])
+    return {"error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])}
+
+
 def spawn_worker(provider: str, shape: str, args) -> dict:
-    cmd = [sys.executable, "-m", "fastllm.bench.train", "--worker", provider, "--shapes", shape,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-           "--seq", str(args.seq), "--device", args.device]
+    cmd = ["--worker", provider, "--shapes", shape, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device]
     if getattr(args, "memory_cap_gib", None) is not None:
         cmd += ["--memory-cap-gib", str(args.memory_cap_gib)]
     if args.profile:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"profile-{shape}-{provider}.txt")
         cmd += ["--profile", os.path.join(os.path.abspath(args.out), safe)]
-    env = dict(os.environ)
-    if provider == "unsloth":  # its site first: Unsloth pins trl<=1.15, older than the one on the path
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("ROW "):
-            return json.loads(line[4:])
-    err = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
-    return {"bench": "train", "provider": provider, "shape": shape, "error": " | ".join(err), **stamp()}
+    row = spawn_command("fastllm.bench.train", cmd, provider, timeout=args.timeout)
+    if "error" in row:
+        row = {"bench": "train", "provider": provider, "shape": shape, **row, **stamp()}
+    return row
 
 
 def main(argv=None) -> int:
