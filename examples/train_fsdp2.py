@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="compute dtype (default bf16 on GPUs, fp32 on the CPU)")
     p.add_argument("--no-patch", action="store_true", help="plain transformers + PEFT (fastllm patches off)")
     p.add_argument("--no-checkpointing", action="store_true")
+    p.add_argument("--memory-budget", type=float, default=None,
+                   help="GiB: gradient checkpointing 'auto' (keep / recompute / offload per layer) under this budget")
     p.add_argument("--compile", action="store_true", help="PatchConfig(compile=True): inductor regions per layer")
     p.add_argument("--lora", action="store_true", help="PatchConfig(lora=True): the fused QLoRA linear")
     p.add_argument("--mixed-precision", default="none", choices=("none", "bf16"),
@@ -196,6 +198,9 @@ def _with_lora(model, args):
     from fastllm import FastModel
 
     torch.manual_seed(args.seed)  # identical LoRA init on every rank and in the 1-rank reference
+    if args.memory_budget is not None:
+        return FastModel.get_peft_model(model, r=args.lora_r, lora_alpha=args.lora_r, use_gradient_checkpointing="auto",
+                                        memory_budget=args.memory_budget)
     return FastModel.get_peft_model(model, r=args.lora_r, lora_alpha=args.lora_r,
                                     use_gradient_checkpointing=not args.no_checkpointing)
 
@@ -292,6 +297,11 @@ def train(args) -> list[dict]:
         hook.remove()
     summary = summarize(args, model, opt, records, rank, world, device, base_mem)
     summary["lora_compute_dtype"] = seen_dtype.get("lora")  # bf16 under --mixed-precision bf16
+    from fastllm import patch_report
+
+    report = patch_report(model)
+    auto = report.live.get("gradient_checkpointing") if report is not None else None
+    summary["checkpoint_plan"] = list(auto.plan) if auto is not None else None  # the last pass's, under "auto"
     save(args, model, records, summary, rank, sharded)
     if dist.is_initialized():
         dist.destroy_process_group()

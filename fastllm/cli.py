@@ -55,7 +55,10 @@ def _common(p, *, lora: bool = True) -> None:
     p.add_argument("--results", type=_path, default=None, help="also append the final JSON line to this file")
     if lora:
         p.add_argument("--lora-r", type=_int_at_least(1), default=16)
-        p.add_argument("--gradient-checkpointing", choices=["on", "off", "offload"], default="on")
+        p.add_argument("--gradient-checkpointing", choices=["auto", "on", "off", "offload"], default="auto",
+                       help="auto: per layer keep / recompute / offload, the fastest mix under --memory-budget")
+        p.add_argument("--memory-budget", type=_positive_float, default=None,
+                       help="GiB for --gradient-checkpointing auto (default: what the device can give)")
 
 
 def _data_args(p) -> None:

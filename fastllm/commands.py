@@ -14,7 +14,7 @@ import time
 import torch
 
 SAMPLE_PROMPT = "And God said unto Moses,"
-GC_MODES = {"on": True, "off": False, "offload": "offload"}
+GC_MODES = {"auto": "auto", "on": True, "off": False, "offload": "offload"}
 
 
 class InputError(ValueError):
@@ -34,6 +34,11 @@ def _load_qlora(args, *, adapter: str | None = None, trainable: bool = True, nee
     from . import FastLlama, PatchConfig
     from .loader import DEFAULT
 
+    gc_mode = GC_MODES[getattr(args, "gradient_checkpointing", "auto")]
+    budget = getattr(args, "memory_budget", None)
+    if budget is not None and gc_mode != "auto":  # before the load: a bad flag costs nothing
+        raise InputError(f"--memory-budget applies to --gradient-checkpointing auto, got "
+                         f"{args.gradient_checkpointing}: drop --memory-budget or pass auto")
     model, tok = FastLlama.from_pretrained(args.model or DEFAULT, max_seq_length=args.max_seq_length,
                                            patch=False if getattr(args, "no_patch", False) else PatchConfig())
     if tok is None and need_tokenizer:
@@ -42,9 +47,8 @@ def _load_qlora(args, *, adapter: str | None = None, trainable: bool = True, nee
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, adapter, is_trainable=trainable), tok
-    gc_mode = GC_MODES[getattr(args, "gradient_checkpointing", "on")]
-    return FastLlama.get_peft_model(model, r=args.lora_r, lora_alpha=args.lora_r,
-                                    use_gradient_checkpointing=gc_mode), tok
+    return FastLlama.get_peft_model(model, r=args.lora_r, lora_alpha=args.lora_r, use_gradient_checkpointing=gc_mode,
+                                    memory_budget=budget), tok
 
 
 def _data(args, tok, n_train_blocks: int):

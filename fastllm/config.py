@@ -42,7 +42,11 @@ class PatchConfig:
       A step that cannot be graphed runs eagerly, counted in the report (``modules.decode_graphs``).
     - ``gradient_checkpointing``: ``None`` keeps the model's own setting (made non-reentrant when on),
       ``True`` turns it on, ``"offload"`` also keeps the checkpointed activations in pinned CPU memory
-      (GPU only; a logged no-op on the CPU), ``False`` leaves checkpointing alone.
+      (GPU only; a logged no-op on the CPU), ``"auto"`` chooses per decoder layer between keeping its activations,
+      recomputing it and offloading its input, the fastest mix under ``memory_budget``
+      (``modules.auto_checkpoint``), ``False`` leaves checkpointing alone.
+    - ``memory_budget``: GiB the training step may use on the device under ``"auto"`` (default: what the device
+      can give, less a margin); on the CPU it bounds the decoder layers' kept activations (default: recompute).
     - ``max_seq_length``: when set, inputs longer than this raise a clear error.
     """
 
@@ -56,6 +60,7 @@ class PatchConfig:
     compile_mode: str = "default"
     decode_graphs: bool | None = None
     gradient_checkpointing: bool | str | None = None
+    memory_budget: float | None = None
     max_seq_length: int | None = None
 
     def __init__(self, **kwargs: Any) -> None:
@@ -86,9 +91,12 @@ class PatchConfig:
         if self.compile_mode not in _COMPILE_MODES:
             raise ValueError(f"PatchConfig.compile_mode must be one of {_COMPILE_MODES}, got {self.compile_mode!r}")
         if not (any(self.gradient_checkpointing is v for v in (None, True, False))
-                or self.gradient_checkpointing == "offload"):
-            raise ValueError("PatchConfig.gradient_checkpointing must be None, True, False or 'offload', "
+                or self.gradient_checkpointing in ("offload", "auto")):
+            raise ValueError("PatchConfig.gradient_checkpointing must be None, True, False, 'offload' or 'auto', "
                              f"got {self.gradient_checkpointing!r}")
+        b = self.memory_budget
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0):
+            raise ValueError(f"PatchConfig.memory_budget must be a positive number of GiB, got {b!r}")
         m = self.max_seq_length
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):  # bool is an int subclass
             raise ValueError(f"PatchConfig.max_seq_length must be a positive int, got {m!r}")

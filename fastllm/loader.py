@@ -281,12 +281,16 @@ class FastModel:
 
     @staticmethod
     def get_peft_model(model: nn.Module, r: int = 16, lora_alpha: int = 16, lora_dropout: float = 0.0,
-                       target_modules=None, use_gradient_checkpointing: bool | str = True, **lora_kwargs):
+                       target_modules=None, use_gradient_checkpointing: bool | str = "auto",
+                       memory_budget: float | None = None, **lora_kwargs):
         """Wrap ``model`` in a normal ``peft.PeftModel`` with LoRA on ``target_modules`` (default: the
         architecture's table entry, every linear of a decoder layer).
 
-        ``use_gradient_checkpointing``: True (non-reentrant), "offload" (checkpointed inputs in pinned CPU
-        memory; needs a fastllm-patched model), or False. Unlike PEFT's ``prepare_model_for_kbit_training``,
+        ``use_gradient_checkpointing``: "auto" (the default: per decoder layer, keep its activations, recompute it
+        or offload its input, the fastest mix under ``memory_budget`` GiB, by default what the device can give;
+        ``patch_report(model)`` shows the choice; on an unpatched model it means True), True (non-reentrant
+        recompute of every layer), "offload" (checkpointed inputs in pinned CPU memory; needs a fastllm-patched
+        model), or False. Unlike PEFT's ``prepare_model_for_kbit_training``,
         nothing is cast to fp32: non-reentrant checkpointing needs no input gradients.
         """
         import peft
@@ -300,9 +304,13 @@ class FastModel:
             # re-initialise that PeftModel's (maybe trained) adapter weights.
             raise ValueError("this base model is already wrapped by an earlier get_peft_model (its layers hold "
                              "LoRA adapters): use that PeftModel, or load a fresh base model with from_pretrained")
-        if use_gradient_checkpointing not in (True, False, "offload"):
-            raise ValueError(f"use_gradient_checkpointing must be True, False or 'offload', "
+        if not (any(use_gradient_checkpointing is v for v in (True, False))
+                or use_gradient_checkpointing in ("offload", "auto")):
+            raise ValueError(f"use_gradient_checkpointing must be 'auto', True, False or 'offload', "
                              f"got {use_gradient_checkpointing!r}")
+        if memory_budget is not None and use_gradient_checkpointing != "auto":
+            raise ValueError(f"memory_budget applies to use_gradient_checkpointing='auto', got "
+                             f"{use_gradient_checkpointing!r}: drop memory_budget or pass 'auto'")
         if target_modules is None:
             target_modules = arch_of(base.config.model_type).lora_targets
         lora_kwargs.setdefault("task_type", "CAUSAL_LM")
@@ -323,7 +331,8 @@ class FastModel:
             # whatever the patched config said).
             gc = use_gradient_checkpointing if use_gradient_checkpointing else current.gradient_checkpointing
             unpatch(peft_model)
-            apply_patch(peft_model, current.replace(gradient_checkpointing=gc))
+            budget = memory_budget if memory_budget is not None else current.memory_budget
+            apply_patch(peft_model, current.replace(gradient_checkpointing=gc, memory_budget=budget))
         return peft_model
 
 

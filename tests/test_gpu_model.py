@@ -43,6 +43,7 @@ def test_offloaded_checkpointing_on_cuda_matches_plain(tiny_llama_dir):
     """``use_gradient_checkpointing="offload"`` (layer inputs parked in pinned CPU memory, async copies) gives
     the same loss and LoRA grads as plain non-reentrant checkpointing: only where the inputs wait changes."""
     from fastllm.modules.checkpointing import offload_checkpoint
+    from fastllm.modules.layer import fused_layer_offload
 
     x = torch.randint(0, 320, (2, 77), device="cuda")
     results = []
@@ -51,8 +52,8 @@ def test_offloaded_checkpointing_on_cuda_matches_plain(tiny_llama_dir):
         torch.manual_seed(0)  # the same LoRA init for both
         model = FastLlama.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=mode)
         layers = model.base_model.model.model.layers
-        assert all((layer._gradient_checkpointing_func is offload_checkpoint) == (mode == "offload")
-                   for layer in layers)
+        assert all((layer._gradient_checkpointing_func in (offload_checkpoint, fused_layer_offload))
+                   == (mode == "offload") for layer in layers)
         model.train()
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
@@ -63,6 +64,51 @@ def test_offloaded_checkpointing_on_cuda_matches_plain(tiny_llama_dir):
     num = sum((g_off[n] - g[n]).float().norm() ** 2 for n in g) ** 0.5
     den = sum(g[n].float().norm() ** 2 for n in g) ** 0.5
     assert (num / den).item() < 1e-3
+
+
+def test_auto_checkpointing_on_cuda_matches_recompute(tiny_llama_dir):
+    """``"auto"`` on the GPU: the calibration pass (layer 0 counted with its saved tensors parked on the host, the rest
+    offloaded), the device's own budget (room to spare: every layer kept) and budgets that force a mixed plan and
+    the all-offload plan (side-stream copies, prefetch) give full recompute's loss and grads."""
+    x = torch.randint(0, 320, (2, 77), device="cuda")
+
+    def build(mode):
+        model, _ = FastLlama.from_pretrained(tiny_llama_dir, max_seq_length=256)
+        torch.manual_seed(0)
+        model = FastLlama.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=mode)
+        torch.manual_seed(1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05)
+        model.train()
+        return model
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def close(a, b):
+        torch.testing.assert_close(a[0], b[0], rtol=1e-3, atol=1e-3)
+        num = sum((a[1][n] - b[1][n]).float().norm() ** 2 for n in b[1]) ** 0.5
+        den = sum(b[1][n].float().norm() ** 2 for n in b[1]) ** 0.5
+        assert (num / den).item() < 2e-2
+
+    ref = step(build(True))
+    model = build("auto")
+    auto = patch_report(model).live["gradient_checkpointing"]
+    close(step(model), ref)
+    assert auto.plan == ("measure", "offload") and auto.calibrations[0].overhead > 0
+    close(step(model), ref)
+    assert auto.plan == ("keep", "keep")  # an H200's budget holds a tiny model's activations
+    now = torch.cuda.memory_allocated()
+    overhead, keep = auto.calibrations[0].overhead, auto.calibrations[0].keep_per_token * x.numel()
+    for budget, plan in ((now + overhead + 1.5 * keep, ("recompute", "keep")), (now, ("offload", "offload"))):
+        auto.budget = budget
+        close(step(model), ref)
+        assert auto.plan == plan
 
 
 def test_decode_step_with_lora_takes_the_decode_op(tiny_llama_dir, monkeypatch):

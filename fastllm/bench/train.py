@@ -12,8 +12,10 @@ after ``--warmup``. Providers, each in its own fresh process (some patch process
   installed.
 - ``unsloth``: Unsloth's ``FastLanguageModel`` and its ``"unsloth"`` checkpointing on the same weights (see
   ``unsloth_provider``), when ``$UNSLOTH_SITE`` holds it (``examples/unsloth_env.sh``).
-- ``fastllm``: ``fastllm.patch`` + ``FastLlama.get_peft_model`` (no fp32 upcasts); ``fastllm:opt=0,...``
-  runs an ablation with those PatchConfig options (``0``/``1``/``none``).
+- ``fastllm``: ``fastllm.patch`` + ``FastLlama.get_peft_model`` as a user gets them (no fp32 upcasts, checkpointing
+  ``"auto"`` under the device's budget); ``fastllm:opt=0,...`` runs an ablation with those PatchConfig options
+  (``0``/``1``/``none``/a number): ``fastllm:gradient_checkpointing=1`` recomputes every layer,
+  ``fastllm:memory_budget=7.0`` plans under 7 GiB.
 
 Rows (tokens/s, peak GiB, loss after the timed steps) go to JSON lines with the GPU name and versions,
 plus a table with ratios vs ``hf`` (and ``liger``, ``unsloth``) and a PNG. ``--profile`` adds, per provider,
@@ -60,8 +62,16 @@ def _patch_config(provider: str):
     kwargs = {}
     for item in filter(None, opts.split(",")):
         key, _, val = item.partition("=")
-        kwargs[key] = values.get(val.lower(), val)
+        kwargs[key] = values.get(val.lower(), _number(val))
     return PatchConfig(**kwargs)
+
+
+def _number(text: str):
+    """``"7.0"`` -> 7.0 (``memory_budget=7.0``); anything else as it is."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _build(provider: str, shape: str, dev: torch.device, gc: bool, seq: int):
@@ -81,9 +91,11 @@ def _prepare(provider: str, model, gc: bool):
 
         cfg = _patch_config(provider)
         report = patch(model, cfg)
-        # get_peft_model's argument decides checkpointing: pass the provider's "offload" through
-        use_gc = "offload" if gc and cfg.gradient_checkpointing == "offload" else gc
-        return FastLlama.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=use_gc), str(report)
+        # get_peft_model's argument decides checkpointing: its default ("auto") unless the provider names one
+        use_gc = (cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else "auto") if gc else False
+        budget = cfg.memory_budget if use_gc == "auto" else None
+        return FastLlama.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=use_gc,
+                                        memory_budget=budget), str(report)
     if provider == "hf-bf16":  # no fp32 upcasts: the same precision as fastllm, to compare losses
         from .._compat import enable_hf_checkpointing
 
@@ -235,6 +247,11 @@ def run_worker(provider: str, shape: str, *, steps: int, warmup: int, batch: int
     secs = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
     gpu_busy_ms = _profile(step, profile_path, dev) if profile_path else None
+    from ..patching.api import patch_report
+
+    live = getattr(patch_report(model), "live", {}).get("gradient_checkpointing")  # None: not patched
+    if live is not None:  # "auto": the plan its last pass ran
+        note += f"; checkpointing {live.summary()}"
     return {"bench": "train", "provider": provider, "shape": shape, "batch": batch, "seq": seq, "steps": steps,
             "tokens_per_s": batch * seq * steps / secs, "step_ms": 1000 * secs / steps, "peak_gib": peak,
             "gpu_busy_ms": gpu_busy_ms,  # with --profile on a GPU: kernel time per step (step_ms >> it: host-bound)

@@ -23,13 +23,13 @@ from .._compat import pick_backend
 from ..arch import arch_of_module
 from ..ops.lora import frozen_parts
 from ..ops.lora_layer import LayerParts, lora_decoder_layer
-from .checkpointing import nonreentrant_checkpoint
+from .checkpointing import OFFLOADER, nonreentrant_checkpoint
 from .decoder import attention_interface, needs_eager, qk_norms, window_of
 from .lora import fused_parts, stacked_bias
 from .mlp import fast_mlp_forward
 from .rms_norm import fast_rms_norm_forward
 
-__all__ = ["LAYER_CALLS", "fused_layer_checkpoint"]
+__all__ = ["LAYER_CALLS", "fused_layer_checkpoint", "fused_layer_offload"]
 
 logger = logging.getLogger("fastllm")
 LAYER_CALLS: Counter = Counter()  # "fused", or the reason a call was checkpointed op by op -> calls
@@ -160,3 +160,9 @@ def fused_layer_checkpoint(function, *args, **kwargs):
         return nonreentrant_checkpoint(function, *args, **kwargs)
     LAYER_CALLS["fused"] += 1
     return lora_decoder_layer(*plan)
+
+
+def fused_layer_offload(function, *args, **kwargs):
+    """``fused_layer_checkpoint`` with the kept input parked in pinned host memory (``checkpointing.Offloader``)."""
+    with OFFLOADER.hooks():
+        return fused_layer_checkpoint(function, *args, **kwargs)

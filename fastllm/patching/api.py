@@ -10,9 +10,10 @@ from torch import nn
 
 from .._compat import SUPPORTED_MODEL_TYPES
 from ..config import PatchConfig
+from ..modules.auto_checkpoint import AutoCheckpoint, static_storages
 from ..modules.checkpointing import nonreentrant_checkpoint, offload_checkpoint
 from ..modules.decode_graphs import decode_graphs_of, forget_on_unpatch, static_generate
-from ..modules.layer import fused_layer_checkpoint
+from ..modules.layer import fused_layer_checkpoint, fused_layer_offload
 from . import hub_kernels, registry
 from .registry import ModelState
 from .report import PatchReport, logger
@@ -49,9 +50,11 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _apply_checkpointing(base: nn.Module, mode, state: ModelState, fused_layer: bool = False) -> None:
-    """Make the decoder layers' checkpointing non-reentrant (``mode`` None/True) or offloading; with
-    ``fused_layer`` (not offloading), eligible calls run the layer as one self-recomputing op."""
+def _apply_checkpointing(base: nn.Module, mode, state: ModelState, fused_layer: bool = False,
+                         budget_gib: float | None = None) -> None:
+    """Make the decoder layers' checkpointing non-reentrant (``mode`` None/True), offloading, or per-layer
+    ``"auto"`` (``modules.auto_checkpoint``); with ``fused_layer``, eligible calls run the layer as one
+    self-recomputing op."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -59,16 +62,23 @@ def _apply_checkpointing(base: nn.Module, mode, state: ModelState, fused_layer: 
         layers = [m for m in layers if m.gradient_checkpointing]
     if not layers:
         return
-    fused_layer = fused_layer and mode != "offload"
-    fn = offload_checkpoint if mode == "offload" else fused_layer_checkpoint if fused_layer else nonreentrant_checkpoint
-    for layer in layers:
-        if mode in (True, "offload"):
+    recompute = fused_layer_checkpoint if fused_layer else nonreentrant_checkpoint
+    if mode == "offload":
+        fns = [fused_layer_offload if fused_layer else offload_checkpoint] * len(layers)
+    elif mode == "auto":
+        auto = AutoCheckpoint(len(layers), recompute, None if budget_gib is None else budget_gib * 2**30,
+                              static_storages(base))
+        fns = [auto.layer_function(i) for i in range(len(layers))]
+        state.report.live["gradient_checkpointing"] = auto
+    else:
+        fns = [recompute] * len(layers)
+    for layer, fn in zip(layers, fns):
+        if mode in (True, "offload", "auto"):
             state.set_attr(layer, "gradient_checkpointing", True, "gradient_checkpointing")
         state.set_attr(layer, "_gradient_checkpointing_func", fn, "gradient_checkpointing")
     state.report.add("gradient_checkpointing", len(layers))
-    state.report.backends["gradient_checkpointing"] = ("offload" if mode == "offload" else
-                                                       "non-reentrant, fused QLoRA layers" if fused_layer else
-                                                       "non-reentrant")
+    kind = {"offload": "offload", "auto": "auto: keep / recompute / offload per layer"}.get(mode, "non-reentrant")
+    state.report.backends["gradient_checkpointing"] = kind + (", fused QLoRA layers" if fused_layer else "")
     if mode == "offload" and _device_of(base).type != "cuda":
         state.report.notes.append("gradient_checkpointing='offload' is a no-op for CPU tensors")
 
@@ -158,7 +168,8 @@ def patch(model: nn.Module, config: PatchConfig | None = None) -> PatchReport:
         if release is not None:
             state.finalizers.append(release)
     if config.gradient_checkpointing is not False:
-        _apply_checkpointing(base, config.gradient_checkpointing, state, on.get("fused_layer", False))
+        _apply_checkpointing(base, config.gradient_checkpointing, state, on.get("fused_layer", False),
+                             config.memory_budget)
     if config.max_seq_length is not None:
         inner = getattr(base, "model", base)
         state.hooks.append(inner.register_forward_pre_hook(_seq_guard(config.max_seq_length), with_kwargs=True))

@@ -42,16 +42,21 @@ def test_provider_list_keeps_options_with_their_provider():
 
 
 def test_offload_provider_reaches_the_layers():
-    """``fastllm:gradient_checkpointing=offload`` measures the offloading checkpoint (get_peft_model's own
-    argument would otherwise set plain non-reentrant checkpointing)."""
+    """``fastllm:gradient_checkpointing=offload`` measures the offloading checkpoint, ``=1`` plain recompute,
+    ``fastllm`` get_peft_model's default (``"auto"``) and ``memory_budget=`` a number reaches the plan."""
     from fastllm.bench.train import _prepare
     from fastllm.modules.checkpointing import nonreentrant_checkpoint, offload_checkpoint
 
     for provider, fn in (("fastllm:gradient_checkpointing=offload", offload_checkpoint),
-                         ("fastllm", nonreentrant_checkpoint)):
+                         ("fastllm:gradient_checkpointing=1", nonreentrant_checkpoint)):
         model, _ = _prepare(provider, build_qlora_base("tiny", "cpu"), True)
         layers = model.base_model.model.model.layers
         assert all(layer.gradient_checkpointing and layer._gradient_checkpointing_func is fn for layer in layers)
+    for provider, budget in (("fastllm", None), ("fastllm:memory_budget=7.5", 7.5 * 2**30)):
+        model, _ = _prepare(provider, build_qlora_base("tiny", "cpu"), True)
+        layers = model.base_model.model.model.layers
+        autos = [layer._gradient_checkpointing_func.fastllm_auto for layer in layers]
+        assert all(a is autos[0] for a in autos) and autos[0].budget == budget
 
 
 @pytest.mark.parametrize("shape", ["tiny-qwen2", "tiny-qwen3", "tiny-gemma3"])

@@ -94,9 +94,11 @@ def test_patch_twice_equals_once(tiny_llama_dir):
 
 def test_patch_before_or_after_peft_gives_the_same_model(tiny_llama_dir):
     torch.manual_seed(0)
-    a = FastLlama.get_peft_model(_load(tiny_llama_dir, patch=True), r=4, lora_alpha=8)
+    # checkpointing named: the "auto" default needs a patched model (unpatched, it means True), and patch(b)'s
+    # default config keeps the model's own setting
+    a = FastLlama.get_peft_model(_load(tiny_llama_dir, patch=True), r=4, lora_alpha=8, use_gradient_checkpointing=True)
     torch.manual_seed(0)
-    b = FastLlama.get_peft_model(_load(tiny_llama_dir, patch=False), r=4, lora_alpha=8)
+    b = FastLlama.get_peft_model(_load(tiny_llama_dir, patch=False), r=4, lora_alpha=8, use_gradient_checkpointing=True)
     patch(b)
     assert fastllm.patch_report(a).counts == fastllm.patch_report(b).counts
     ours = (offload_checkpoint, nonreentrant_checkpoint)

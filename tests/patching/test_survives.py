@@ -11,7 +11,6 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 import fastllm
 from fastllm import FastLlama, PatchConfig, is_patched, patch, unpatch
-from fastllm.modules.checkpointing import nonreentrant_checkpoint
 from fastllm.modules.mlp import fast_mlp_forward
 from fastllm.modules.rms_norm import fast_rms_norm_forward
 
@@ -101,11 +100,15 @@ def test_gradient_checkpointing_enable_and_disable_after_patching(tiny_llama_dir
     model, _ = FastLlama.from_pretrained(tiny_llama_dir, load_in_4bit=False, dtype=torch.float32)
     peft_model = FastLlama.get_peft_model(model, r=4, lora_alpha=8)
     layers = model.model.layers
-    assert all(layer._gradient_checkpointing_func is nonreentrant_checkpoint for layer in layers)
+
+    def ours(layer):  # get_peft_model's default: "auto", one function a layer
+        return getattr(layer._gradient_checkpointing_func, "fastllm_auto", None) is not None
+
+    assert all(ours(layer) for layer in layers)
     # HF Trainer calls this at the start of training: fastllm's checkpoint function comes back.
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert is_patched(peft_model)
-    assert all(layer._gradient_checkpointing_func is nonreentrant_checkpoint for layer in layers)
+    assert all(ours(layer) for layer in layers)
     x = _ids()
     peft_model.train()
     peft_model(input_ids=x, labels=x).loss.backward()
@@ -114,7 +117,7 @@ def test_gradient_checkpointing_enable_and_disable_after_patching(tiny_llama_dir
     assert not any(layer.gradient_checkpointing for layer in layers)
     unpatch(peft_model)
     assert not any(layer.gradient_checkpointing for layer in layers)  # the user's choice outlives unpatch
-    assert all(layer._gradient_checkpointing_func is not nonreentrant_checkpoint for layer in layers)
+    assert not any(ours(layer) for layer in layers)
 
 
 def test_dtype_moves_keep_patches(tiny_llama_dir):

@@ -1,0 +1,196 @@
+"""``gradient_checkpointing="auto"``: per decoder layer, keep, recompute or offload, the fastest mix under a budget.
+
+Three ways to run a layer in training, from fastest to leanest:
+
+- ``keep``: no checkpoint; autograd keeps everything the layer saves, ``K`` bytes a token (measured);
+- ``recompute``: the layer's input is kept (``R`` = hidden size x element size a token), the rest is recomputed in
+  backward (the fused decoder-layer op where it applies);
+- ``offload``: as recompute, with the input parked in pinned host memory (``checkpointing.Offloader``: side-stream
+  copies, prefetched one layer ahead in backward): nothing stays on the GPU.
+
+With ``n`` layers, ``T`` tokens in the batch and ``avail`` bytes left under the budget once the rest of the step is
+counted (weights, optimizer state, the peak of the loss and of one layer's backward), the plan keeps
+``k = min(n, avail // (K T))`` layers, recomputes ``r = min(n - k, (avail - k K T) // (R T))`` and offloads the rest:
+keeping saves a layer's whole recompute, while recompute and offload differ only by copies that overlap compute.
+Kept layers are the last ones (backward reaches them first).
+
+Calibration (on CUDA, per largest token count seen): the first pass at a new largest ``T`` runs layer 0 with its
+saved tensors counted (``K``) and parked on the host, and every other layer offloaded, the leanest plan; the step's
+peak (``torch.cuda.max_memory_allocated``, reset at that pass's start, read once layer 0's output gradient arrives)
+minus the allocation at the pass's start is the step's overhead. Later passes of at most that ``T`` plan against it,
+so a plan never needs more than the calibration pass's all-offload peak plus what it chooses to keep; a longer batch
+calibrates again. On the CPU there is no allocator counter: the budget (``memory_budget``) bounds the kept and
+recomputed layers' own bytes, and without one every layer recomputes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpointing import Offloader
+
+logger = logging.getLogger("fastllm")
+GiB = 1 << 30
+MODES = ("keep", "recompute", "offload")
+
+
+def plan_layers(n: int, avail: float, keep_bytes: float, input_bytes: float) -> tuple[str, ...]:
+    """The per-layer modes (layer order) for ``n`` layers when ``avail`` bytes may hold kept activations
+    (``keep_bytes`` a layer) and recomputed layers' inputs (``input_bytes`` a layer)."""
+    avail = max(avail, 0.0)
+    k = n if keep_bytes <= 0 else min(n, int(avail // keep_bytes))
+    left = avail - k * keep_bytes
+    r = n - k if input_bytes <= 0 else min(n - k, int(left // input_bytes))
+    return ("offload",) * (n - k - r) + ("recompute",) * r + ("keep",) * k
+
+
+@dataclass
+class _Calibration:
+    tokens: int
+    keep_per_token: float               # K: bytes a kept layer saves, per token
+    overhead: float | None = None       # the all-offload step's peak above its start (CUDA); None until measured
+
+
+@dataclass
+class AutoCheckpoint:
+    """The ``_gradient_checkpointing_func`` of every decoder layer under ``"auto"`` (``layer_function(i)``)."""
+
+    n_layers: int
+    recompute: object                                   # the recompute function (fused layer op or per-op)
+    budget: float | None = None                         # bytes; None: the device's, less a margin
+    static: set = field(default_factory=set)            # storages of parameters / quant state: never counted
+    offloader: Offloader = field(default_factory=Offloader)
+    calibrations: list = field(default_factory=list)
+    plan: tuple = ()
+    plan_tokens: int = 0
+    passes: int = 0
+    _pending: _Calibration | None = None                # a calibration pass whose peak is not read yet
+    _start: float = 0.0
+    _keep_bytes: float = 0.0                            # bytes counted in this calibration pass's layer 0
+
+    def layer_function(self, index: int):
+        def gradient_checkpointing_func(function, *args, **kwargs):
+            return self(index, function, *args, **kwargs)
+
+        gradient_checkpointing_func.fastllm_auto = self  # for tests and reports
+        return gradient_checkpointing_func
+
+    # ---- the plan -------------------------------------------------------------------------------------------
+    def _budget(self, device: torch.device) -> float | None:
+        if self.budget is not None:
+            return self.budget
+        if device.type != "cuda":
+            return None
+        total = torch.cuda.get_device_properties(device).total_memory
+        cap = total * torch.cuda.get_per_process_memory_fraction(device)
+        return min(cap, torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)) * 0.95 - 0.5 * GiB
+
+    def _begin(self, x: torch.Tensor) -> None:
+        """Plan this pass (its first layer's input ``x``): calibrate at a new largest token count."""
+        self.passes += 1
+        self.offloader.new_pass()
+        tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.numel() // x.shape[-1]
+        cuda = x.is_cuda
+        budget = self._budget(x.device)
+        if budget is None:  # a CPU model without a budget: recompute, as True does
+            self.plan, self.plan_tokens = ("recompute",) * self.n_layers, tokens
+            return
+        known = [c for c in self.calibrations if c.tokens >= tokens and (c.overhead is not None or not cuda)]
+        self.plan_tokens = tokens
+        if not known:
+            self._pending = _Calibration(tokens, 0.0)
+            self._keep_bytes = 0.0
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(x.device)
+                self._start = torch.cuda.memory_allocated(x.device)
+            self.plan = ("measure",) + ("offload" if cuda else "recompute",) * (self.n_layers - 1)
+            return
+        cal = min(known, key=lambda c: c.tokens)
+        input_bytes = tokens * x.shape[-1] * x.element_size()
+        avail = budget
+        if cuda:
+            avail -= torch.cuda.memory_allocated(x.device) + cal.overhead
+        self.plan = plan_layers(self.n_layers, avail, cal.keep_per_token * tokens, input_bytes)
+
+    def _finish_calibration(self, device: torch.device) -> None:
+        cal, self._pending = self._pending, None
+        if cal is None:
+            return
+        if device.type == "cuda":
+            cal.overhead = torch.cuda.max_memory_allocated(device) - self._start
+        self.calibrations = [c for c in self.calibrations if c.tokens > cal.tokens] + [cal]
+        logger.info("fastllm: auto checkpointing calibrated at %d tokens: %.3f GiB kept a layer, %s", cal.tokens,
+                    cal.keep_per_token * cal.tokens / GiB,
+                    "CPU" if cal.overhead is None else f"step overhead {cal.overhead / GiB:.2f} GiB")
+
+    # ---- one layer call -------------------------------------------------------------------------------------
+    def __call__(self, index: int, function, *args, **kwargs):
+        x = args[0] if args else None
+        if not torch.is_grad_enabled() or not isinstance(x, torch.Tensor):
+            return function(*args, **kwargs)  # nothing is saved for backward
+        if index == 0:
+            self._begin(x)
+        mode = self.plan[index] if index < len(self.plan) else "recompute"
+        if mode == "keep":
+            return function(*args, **kwargs)
+        if mode == "recompute":
+            return self.recompute(function, *args, **kwargs)
+        if mode == "offload":
+            with self.offloader.hooks():
+                return self.recompute(function, *args, **kwargs)
+        return self._measure(function, *args, **kwargs)
+
+    def _measure(self, function, *args, **kwargs):
+        """Layer 0 of a calibration pass: run it as ``keep``, counting the bytes autograd saves (parked on the host
+        on CUDA, so the count costs no GPU memory); its output's gradient marks the end of the pass's backward."""
+        seen: set = set()
+
+        def pack(t: torch.Tensor):
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in self.static and ptr not in seen and not isinstance(t, torch.nn.Parameter):
+                seen.add(ptr)
+                self._keep_bytes += storage.nbytes()
+            return self.offloader.pack(t)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, self.offloader.unpack):
+            y = function(*args, **kwargs)
+        cal = self._pending
+        cal.keep_per_token = self._keep_bytes / max(self.plan_tokens, 1)
+        out = y[0] if isinstance(y, tuple) else y
+        device = out.device
+        if out.requires_grad:
+            out.register_hook(lambda g: self._finish_calibration(device))
+        else:
+            self._finish_calibration(device)
+        return y
+
+    def summary(self) -> str:
+        if not self.plan:
+            return "auto: no training pass yet"
+        counts = {m: sum(p == m for p in self.plan) for m in (*MODES, "measure")}
+        what = ", ".join(f"{n} {m}" for m, n in counts.items() if n)
+        budget = "device's" if self.budget is None else f"{self.budget / GiB:.2f} GiB"
+        return (f"auto (budget {budget}): last pass {self.plan_tokens} tokens: {what}; "
+                f"{len(self.calibrations)} calibration(s), {self.passes} pass(es)")
+
+
+def static_storages(model: torch.nn.Module) -> set:
+    """The storages of the model's parameters, buffers and bitsandbytes quant states: saved by a kept layer, but
+    not its activations."""
+    out = set()
+    for t in (*model.parameters(), *model.buffers()):
+        out.add(t.untyped_storage().data_ptr())
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        for t in (getattr(qs, "absmax", None), getattr(qs, "code", None),
+                  getattr(getattr(qs, "state2", None), "absmax", None)):
+            if isinstance(t, torch.Tensor):
+                out.add(t.untyped_storage().data_ptr())
+    return out
+
+
+__all__ = ["AutoCheckpoint", "MODES", "plan_layers", "static_storages"]
