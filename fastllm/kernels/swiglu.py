@@ -112,10 +112,13 @@ def swiglu_packed_fwd(gu: torch.Tensor, gelu: bool = False) -> torch.Tensor:
     return h
 
 
-def swiglu_packed_bwd(dh: torch.Tensor, gu: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-    """dh (M, I), gu (M, 2I) contiguous. Returns dgu (M, 2I) = [dg | du], gu's layout (one GEMM takes it)."""
+def swiglu_packed_bwd(dh: torch.Tensor, gu: torch.Tensor, gelu: bool = False,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """dh (M, I), gu (M, 2I) contiguous. Returns dgu (M, 2I) = [dg | du], gu's layout (one GEMM takes it), written
+    to ``out`` when given: ``out=gu`` is safe (each element is read by the program that writes it, before it does),
+    and saves a (M, 2I) buffer where gu is not needed afterwards."""
     m, two_i = gu.shape
-    dgu = torch.empty_like(gu)
+    dgu = torch.empty_like(gu) if out is None else out
     launch(_swiglu_packed_bwd_kernel, (m, cdiv(two_i // 2, _BLOCK)), dh.contiguous(), gu, dgu, two_i // 2,
            BLOCK=_BLOCK, GELU=gelu, num_warps=4)
     return dgu

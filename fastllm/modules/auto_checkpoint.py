@@ -70,6 +70,8 @@ class AutoCheckpoint:
     _pending: _Calibration | None = None                # a calibration pass whose peak is not read yet
     _start: float = 0.0
     _keep_bytes: float = 0.0                            # bytes counted in this calibration pass's layer 0
+    short: float | None = None                          # bytes the leanest plan needs, when over the budget
+    _warned: bool = False
 
     def layer_function(self, index: int):
         def gradient_checkpointing_func(function, *args, **kwargs):
@@ -114,6 +116,11 @@ class AutoCheckpoint:
         if cuda:
             avail -= torch.cuda.memory_allocated(x.device) + cal.overhead
         self.plan = plan_layers(self.n_layers, avail, cal.keep_per_token * tokens, input_bytes)
+        self.short = budget - avail if avail < 0 else None  # the leanest plan's need, when the budget is below it
+        if self.short is not None and not self._warned:
+            self._warned = True
+            logger.warning("fastllm: memory_budget %.2f GiB is below what this step needs with every layer "
+                           "offloaded (%.2f GiB): running that, the leanest plan", budget / GiB, self.short / GiB)
 
     def _finish_calibration(self, device: torch.device) -> None:
         cal, self._pending = self._pending, None
@@ -174,7 +181,8 @@ class AutoCheckpoint:
         counts = {m: sum(p == m for p in self.plan) for m in (*MODES, "measure")}
         what = ", ".join(f"{n} {m}" for m, n in counts.items() if n)
         budget = "device's" if self.budget is None else f"{self.budget / GiB:.2f} GiB"
-        return (f"auto (budget {budget}): last pass {self.plan_tokens} tokens: {what}; "
+        over = "" if self.short is None else f" (over budget: the leanest plan needs {self.short / GiB:.2f} GiB)"
+        return (f"auto (budget {budget}): last pass {self.plan_tokens} tokens: {what}{over}; "
                 f"{len(self.calibrations)} calibration(s), {self.passes} pass(es)")
 
 

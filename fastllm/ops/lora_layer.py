@@ -106,6 +106,7 @@ def _mlp_grads_tiled(dy2, n2, p: LayerParts, casts, shapes):
         d_t = dy2[s:e]
         if p.sandwich is not None:
             d_t = rms_norm_backward(d_t, _norm(y_t, p.sandwich[1], p.use_triton)[1], p.use_triton)
+        saved = list(saved)  # consumed by mlp_backward
         dn2[s:e], g_t = mlp_backward(d_t, n2[s:e], saved, p.mlp, casts[2][0], shapes[2], views=casts[2][1])
         g = g_t.float() if g is None else g.add_(g_t)
     return dn2, g
@@ -190,6 +191,7 @@ class LoRADecoderLayerFunction(torch.autograd.Function):
                 dn2, g_mlp = _mlp_grads_tiled(dy2, st.pop("n2"), p, casts, shapes)
             else:
                 df = dy2 if st_pf is None else rms_norm_backward(dy2, st_pf, p.use_triton)
+                saved_mlp = list(saved_mlp)  # consumed by mlp_backward: its buffers go as soon as they are read
                 dn2, g_mlp = mlp_backward(df, st.pop("n2"), saved_mlp, p.mlp, flats[2], shapes[2], views=casts[2][1])
                 del df
             dm2 = dy2 + rms_norm_backward(dn2, st.pop("st2"), p.use_triton)

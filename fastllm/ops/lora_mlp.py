@@ -67,8 +67,14 @@ def mlp_forward(x2, frozen: LoRAFrozen, flat, shapes, need_output: bool = True, 
 
 def mlp_backward(dy2, x2, saved, frozen: LoRAFrozen, flat, shapes, need_dx: bool = True, views=None):
     """Gradients of ``mlp_forward`` for dy2 (M, K): (dx2 or None, gflat), gflat holding the adapter grads in
-    ``flat``'s layout and dtype."""
+    ``flat``'s layout and dtype. ``saved`` as a list is consumed (emptied): h is dropped once the down projection's
+    backward has read it, and [dg | du] overwrites gu, so the (M, I)-wide buffers alive at once are gu, h and dh
+    rather than gu, h, dh and dgu. A tuple (autograd's saved tensors, which a second backward may read) is left as
+    it is."""
+    consume = isinstance(saved, list)
     gu, h, xa_gu, had = saved
+    if consume:
+        saved.clear()
     _, _, Bgc, Buc, Adc, Bdc = adapter_views(flat, shapes) if views is None else views
     gflat = torch.empty_like(flat)
     _, _, gBg, gBu, gAd, gBd = adapter_views(gflat, shapes)
@@ -76,9 +82,11 @@ def mlp_backward(dy2, x2, saved, frozen: LoRAFrozen, flat, shapes, need_dx: bool
     stg, stu, std = frozen.states
     sg, su, sd = frozen.scales
     dh = lora_group_backward((dy2,), h, had, (wd,), (std,), Adc, (Bdc,), (sd,), frozen.backend, gAd, (gBd,))
-    dgu = swiglu_packed_backward(dh, gu, frozen.use_triton, frozen.gelu)  # (M, 2I) = [dg | du]: one GEMM for dx
-    del dh
-    inter = gu.shape[1] // 2
+    del h, had
+    # (M, 2I) = [dg | du]: one GEMM for dx
+    dgu = swiglu_packed_backward(dh, gu, frozen.use_triton, frozen.gelu, inplace=consume)
+    del dh, gu
+    inter = dgu.shape[1] // 2
     r_gu = shapes[0][0] + shapes[1][0]
     dx = lora_group_backward(dgu.split_with_sizes([inter, inter], 1), x2, xa_gu, (wg, wu), (stg, stu),
                              stacked_rows(flat, r_gu, x2.shape[1]), (Bgc, Buc), (sg, su), frozen.backend,

@@ -68,14 +68,22 @@ def swiglu_packed_forward(gu: torch.Tensor, use_triton: bool, gelu: bool = False
     return _fwd_torch(g, u, gelu)
 
 
-def swiglu_packed_backward(dh: torch.Tensor, gu: torch.Tensor, use_triton: bool, gelu: bool = False) -> torch.Tensor:
-    """dgu (M, 2I) = [dg | du] of ``swiglu_packed_forward`` for upstream dh (M, I), without autograd."""
+def swiglu_packed_backward(dh: torch.Tensor, gu: torch.Tensor, use_triton: bool, gelu: bool = False,
+                           inplace: bool = False) -> torch.Tensor:
+    """dgu (M, 2I) = [dg | du] of ``swiglu_packed_forward`` for upstream dh (M, I), without autograd; ``inplace``
+    writes it over gu (the caller's last use of gu: one (M, 2I) buffer less at the backward's peak)."""
     if use_triton:
         from ..kernels.swiglu import swiglu_packed_bwd
 
-        return swiglu_packed_bwd(dh, gu, gelu)
+        return swiglu_packed_bwd(dh, gu, gelu, out=gu if inplace else None)
     g, u = gu.chunk(2, dim=-1)
-    return torch.cat(_bwd_torch(dh, g, u, gelu), dim=-1)
+    dg, du = _bwd_torch(dh, g, u, gelu)
+    if inplace:
+        inter = g.shape[-1]
+        gu.narrow(-1, 0, inter).copy_(dg)  # narrow: one view, which may be written (chunk's may not)
+        gu.narrow(-1, inter, inter).copy_(du)
+        return gu
+    return torch.cat((dg, du), dim=-1)
 
 
 class _SwiGLUFunction(torch.autograd.Function):

@@ -62,4 +62,9 @@ def test_packed_gated_op_matches_eager(act, backend, m, inter, dtype):
     assert h.shape == (m, inter) and h.dtype == dtype and dgu.shape == gu.shape and dgu.dtype == dtype
     torch.testing.assert_close(h.float(), h_ref, **TOL[dtype])
     torch.testing.assert_close(dgu.float(), ref.grad, **TOL[dtype])
+    # in place over gu (the fused MLP's backward): the same values, in gu's own buffer
+    gu2 = gu.clone()
+    out = swiglu_packed_backward(dh.to(dtype), gu2, use_triton, gelu, inplace=True)
+    assert out.data_ptr() == gu2.data_ptr()
+    torch.testing.assert_close(out, dgu, rtol=0, atol=0)
 
