@@ -67,9 +67,10 @@ def test_offloaded_checkpointing_on_cuda_matches_plain(tiny_llama_dir):
 
 
 def test_auto_checkpointing_on_cuda_matches_recompute(tiny_llama_dir):
-    """``"auto"`` on the GPU: the calibration pass (layer 0 counted with its saved tensors parked on the host, the rest
-    offloaded), the device's own budget (room to spare: every layer kept) and budgets that force a mixed plan and
-    the all-offload plan (side-stream copies, prefetch) give full recompute's loss and grads."""
+    """``"auto"`` on the GPU: the calibration passes (layer 0 counted with its saved tensors parked on the host, the
+    rest offloaded; then the overhead again on a warm step), the device's own budget (room to spare: every layer
+    kept) and budgets that force a mixed plan and the all-offload plan (side-stream copies, prefetch) give full
+    recompute's loss and grads."""
     x = torch.randint(0, 320, (2, 77), device="cuda")
 
     def build(mode):
@@ -101,6 +102,9 @@ def test_auto_checkpointing_on_cuda_matches_recompute(tiny_llama_dir):
     auto = patch_report(model).live["gradient_checkpointing"]
     close(step(model), ref)
     assert auto.plan == ("measure", "offload") and auto.calibrations[0].overhead > 0
+    assert not auto.calibrations[0].warm
+    close(step(model), ref)  # the overhead measured again on a warm step
+    assert auto.plan == ("offload", "offload") and auto.calibrations[0].warm
     close(step(model), ref)
     assert auto.plan == ("keep", "keep")  # an H200's budget holds a tiny model's activations
     now = torch.cuda.memory_allocated()

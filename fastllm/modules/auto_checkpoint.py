@@ -15,9 +15,11 @@ keeping saves a layer's whole recompute, while recompute and offload differ only
 Kept layers are the last ones (backward reaches them first).
 
 Calibration (on CUDA, per largest token count seen): the first pass at a new largest ``T`` runs layer 0 with its
-saved tensors counted (``K``) and parked on the host, and every other layer offloaded, the leanest plan; the step's
-peak (``torch.cuda.max_memory_allocated``, reset at that pass's start, read once layer 0's output gradient arrives)
-minus the allocation at the pass's start is the step's overhead. Later passes of at most that ``T`` plan against it,
+saved tensors counted (``K``) and parked on the host, and every other layer offloaded, the leanest plan; the next
+pass runs the leanest plan again, and its peak (``torch.cuda.max_memory_allocated``, reset at that pass's start, read
+once layer 0's output gradient arrives) minus the allocation at its start is the step's overhead (the first step's
+peak would count the workspaces and optimizer state it creates, which later steps find already allocated). Both
+passes reset the device's peak-memory counter. Later passes of at most that ``T`` plan against it,
 so a plan never needs more than the calibration pass's all-offload peak plus what it chooses to keep; a longer batch
 calibrates again. On the CPU there is no allocator counter: the budget (``memory_budget``) bounds the kept and
 recomputed layers' own bytes, and without one every layer recomputes.
@@ -52,6 +54,7 @@ class _Calibration:
     tokens: int
     keep_per_token: float               # K: bytes a kept layer saves, per token
     overhead: float | None = None       # the all-offload step's peak above its start (CUDA); None until measured
+    warm: bool = False                  # overhead measured on a step after the first (CUDA)
 
 
 @dataclass
@@ -100,17 +103,21 @@ class AutoCheckpoint:
         if budget is None:  # a CPU model without a budget: recompute, as True does
             self.plan, self.plan_tokens = ("recompute",) * self.n_layers, tokens
             return
-        known = [c for c in self.calibrations if c.tokens >= tokens and (c.overhead is not None or not cuda)]
+        known = [c for c in self.calibrations if c.tokens >= tokens]
         self.plan_tokens = tokens
-        if not known:
-            self._pending = _Calibration(tokens, 0.0)
-            self._keep_bytes = 0.0
+        cal = min(known, key=lambda c: c.tokens) if known else _Calibration(tokens, 0.0)
+        if not known or (cuda and not cal.warm and cal.tokens == tokens):
+            # measure: K on a new largest token count (layer 0 kept and counted), then the overhead once more on
+            # the next pass of that count, a warm one (the first step also creates workspaces that later steps find
+            # allocated); a shorter pass in between plans with the first, larger, overhead
+            self._pending = cal
             if cuda:
                 torch.cuda.reset_peak_memory_stats(x.device)
                 self._start = torch.cuda.memory_allocated(x.device)
-            self.plan = ("measure",) + ("offload" if cuda else "recompute",) * (self.n_layers - 1)
+            lean = "offload" if cuda else "recompute"
+            self.plan = ("measure" if not known else lean,) + (lean,) * (self.n_layers - 1)
+            self._keep_bytes = 0.0
             return
-        cal = min(known, key=lambda c: c.tokens)
         input_bytes = tokens * x.shape[-1] * x.element_size()
         avail = budget
         if cuda:
@@ -127,8 +134,10 @@ class AutoCheckpoint:
         if cal is None:
             return
         if device.type == "cuda":
+            cal.warm = cal.overhead is not None  # this was the second, warm measurement
             cal.overhead = torch.cuda.max_memory_allocated(device) - self._start
-        self.calibrations = [c for c in self.calibrations if c.tokens > cal.tokens] + [cal]
+        if not any(c is cal for c in self.calibrations):
+            self.calibrations = [c for c in self.calibrations if c.tokens > cal.tokens] + [cal]
         logger.info("fastllm: auto checkpointing calibrated at %d tokens: %.3f GiB kept a layer, %s", cal.tokens,
                     cal.keep_per_token * cal.tokens / GiB,
                     "CPU" if cal.overhead is None else f"step overhead {cal.overhead / GiB:.2f} GiB")
@@ -142,13 +151,22 @@ class AutoCheckpoint:
             self._begin(x)
         mode = self.plan[index] if index < len(self.plan) else "recompute"
         if mode == "keep":
-            return function(*args, **kwargs)
-        if mode == "recompute":
-            return self.recompute(function, *args, **kwargs)
-        if mode == "offload":
+            y = function(*args, **kwargs)
+        elif mode == "recompute":
+            y = self.recompute(function, *args, **kwargs)
+        elif mode == "offload":
             with self.offloader.hooks():
-                return self.recompute(function, *args, **kwargs)
-        return self._measure(function, *args, **kwargs)
+                y = self.recompute(function, *args, **kwargs)
+        else:
+            y = self._measure(function, *args, **kwargs)
+        if index == 0 and self._pending is not None:  # the pass's backward ends with layer 0's
+            out = y[0] if isinstance(y, tuple) else y
+            device = out.device
+            if out.requires_grad:
+                out.register_hook(lambda g: self._finish_calibration(device))
+            else:
+                self._finish_calibration(device)
+        return y
 
     def _measure(self, function, *args, **kwargs):
         """Layer 0 of a calibration pass: run it as ``keep``, counting the bytes autograd saves (parked on the host
@@ -165,14 +183,7 @@ class AutoCheckpoint:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, self.offloader.unpack):
             y = function(*args, **kwargs)
-        cal = self._pending
-        cal.keep_per_token = self._keep_bytes / max(self.plan_tokens, 1)
-        out = y[0] if isinstance(y, tuple) else y
-        device = out.device
-        if out.requires_grad:
-            out.register_hook(lambda g: self._finish_calibration(device))
-        else:
-            self._finish_calibration(device)
+        self._pending.keep_per_token = self._keep_bytes / max(self.plan_tokens, 1)
         return y
 
     def summary(self) -> str:
