@@ -117,7 +117,8 @@ def test_auto_checkpointing_on_cuda_matches_recompute(tiny_llama_dir):
 
 def test_decode_step_with_lora_takes_the_decode_op(tiny_llama_dir, monkeypatch):
     """With the lora patch on (auto on CUDA), a one-token no-grad call under autocast (generation's decode step) runs
-    each group of projections through ``lora_decode`` (bnb's own 4-bit GEMV plus the rank-r terms), not the fused
+    each group of projections through ``lora_decode`` (fastllm's NF4 GEMV, gate/up with the activation as one
+    ``lora_decode_glu``), not the fused
     dequant + GEMM ops; the logits follow eager PEFT + bnb (within the norm and RoPE kernels' rounding), also a few
     steps into a KV cache. With grad mode on, a one-token call still trains the adapters (PEFT's path)."""
     from fastllm.modules import lora as lora_mod
@@ -135,8 +136,9 @@ def test_decode_step_with_lora_takes_the_decode_op(tiny_llama_dir, monkeypatch):
     calls, decodes = [], []
     for fn in (lora_ops.LoRANF4Function, mlp_ops.LoRAMLPFunction, qkv_ops.LoRAQKVFunction):
         monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply: calls.append(1) or _apply(*a))
-    real_decode = lora_mod.lora_decode
+    real_decode, real_glu = lora_mod.lora_decode, lora_mod.lora_decode_glu
     monkeypatch.setattr(lora_mod, "lora_decode", lambda *a: decodes.append(1) or real_decode(*a))
+    monkeypatch.setattr(lora_mod, "lora_decode_glu", lambda *a, **k: decodes.append(1) or real_glu(*a, **k))
     x = torch.randint(0, 320, (1, 1), device="cuda")
     prompt = torch.randint(0, 320, (1, 9), device="cuda")
     gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -150,7 +152,7 @@ def test_decode_step_with_lora_takes_the_decode_op(tiny_llama_dir, monkeypatch):
             torch.testing.assert_close(plain, model(input_ids=x).logits, rtol=2e-2, atol=2e-2)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # the adapters run in bf16, as in PEFT
         out = model(input_ids=x).logits
-        # q/k/v, gate/up and o_proj of each layer; down_proj too where bnb's GEMV takes its in_features (the
+        # q/k/v, gate/up and o_proj of each layer; down_proj too where the GEMV takes its in_features (the
         # tiny model's 160 is not a multiple of the blocksize 64: PEFT's forward serves that one)
         per_layer = 3 + (model.config.intermediate_size % 64 == 0)
         assert calls == [] and len(decodes) == per_layer * n_layers

@@ -6,10 +6,11 @@ projection involved carries this patch and takes the fused path.
 Bound per instance by the patch registry. The fused path takes the common training case: one active
 plain-LoRA adapter (no DoRA or other variant, no LoRA bias, no dropout), not merged, adapters enabled,
 no per-call ``adapter_names``, eager (compiled regions trace PEFT's own forward, which inductor fuses),
-the LoRA branch in the base layer's compute dtype (autocast off or at that dtype). A one-token no-grad CUDA
-call (a decode step) takes ``ops.lora.lora_decode`` instead: bnb's fused 4-bit GEMV plus the rank-r terms, one
-group of projections at a time. Anything else runs PEFT's forward unchanged, so multiple adapters,
-``disable_adapter()``, merging and mixed batches keep working.
+the LoRA branch in the base layer's compute dtype (autocast off or at that dtype). A no-grad CUDA call of 1 to 64
+token rows (a decode step) takes ``ops.lora.lora_decode`` instead: fastllm's NF4 GEMV with the rank-r term fused
+(or, for one row where that kernel is off, bnb's 4-bit GEMV plus the rank-r term), one group of projections at a
+time, a gated MLP's gate/up and activation as one launch. Anything else runs PEFT's forward unchanged, so
+multiple adapters, ``disable_adapter()``, merging and mixed batches keep working.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import torch
 from torch import nn
 
 from .._compat import is_linear4bit
-from ..ops.lora import decode_states, lora_decode, lora_nf4_linear
+from ..ops.lora import decode_states, lora_decode, lora_decode_glu, lora_nf4_linear
 from ..ops.lora_mlp import lora_mlp
 from ..ops.lora_qkv import lora_qkv
 from ..ops.swiglu import geglu, swiglu
 from .checkpointing import in_checkpoint, is_recomputing
-from .nf4_linear import goes_to_bnb_gemv, nf4_linear_eligible, prepare_nf4_call
+from .nf4_linear import decode_rows, goes_to_bnb_gemv, nf4_linear_eligible, prepare_nf4_call
 
 __all__ = ["fused_lora_forward", "fused_lora_mlp", "fused_lora_qkv", "fused_parts", "is_lora_linear4bit",
            "lora_eligible", "stacked_bias"]
@@ -110,10 +111,11 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     xc, inp_dtype, bias, base, name, A, B = fusable
     weight = base._parameters["weight"]
     if decode:
-        states = decode_states((weight,))
-        if states is None:
-            return type(self).forward(self, x)
-        return lora_decode(xc, ((weight, A, B, self.scaling[name]),), states, (bias,))[0].to(inp_dtype)
+        states = decode_states((weight,), decode)
+        if states is not None:
+            return lora_decode(xc, ((weight, A, B, self.scaling[name]),), states, (bias,))[0].to(inp_dtype)
+        if decode == 1:
+            return type(self).forward(self, x)  # bnb's GEMV through PEFT
     return lora_nf4_linear(xc, weight, A, B, self.scaling[name], bias, cast_cache=_cast_cache()).to(inp_dtype)
 
 
@@ -162,19 +164,27 @@ def stacked_bias(parts, biases) -> torch.Tensor | None:
                       for (w, *_), b in zip(parts, biases)])
 
 
-def _decode_step(layer, x: torch.Tensor) -> bool:
-    """A decode step: one token on CUDA where bnb's GEMV serves the base layer, with grad mode off (``lora_decode``
-    records no graph; with grad mode on, a one-token call still trains the adapters through PEFT)."""
-    return not torch.is_grad_enabled() and goes_to_bnb_gemv(x, _base_layer(layer)._parameters.get("weight"))
+def _decode_step(layer, x: torch.Tensor) -> int:
+    """The token rows of a decode step: 1 to 64 rows on CUDA where a 4-bit GEMV serves the base layer, with grad
+    mode off (``lora_decode`` records no graph; with grad mode on, such a call still trains the adapters); else 0."""
+    if torch.is_grad_enabled():
+        return 0
+    return decode_rows(x, _base_layer(layer)._parameters.get("weight"))
 
 
-def _decode_group(projs, x: torch.Tensor) -> list | None:
+def _decode_parts(projs, x: torch.Tensor, rows: int, biases: list | None = None):
+    """(parts, states) of ``projs`` for ``lora_decode`` on a decode step of ``rows`` rows, or None."""
+    parts = fused_parts(projs, x, decode=True, biases=biases)
+    states = None if parts is None else decode_states([p[0] for p in parts], rows)
+    return None if states is None else (parts, states)
+
+
+def _decode_group(projs, x: torch.Tensor, rows: int) -> list | None:
     """The outputs of ``projs`` on ``x`` through ``lora_decode`` when ``x`` is a decode step they can all take
     that way (frozen biases included), else None."""
     biases = []
-    parts = fused_parts(projs, x, decode=True, biases=biases)
-    states = None if parts is None else decode_states([p[0] for p in parts])
-    return None if states is None else lora_decode(x, parts, states, biases)
+    found = _decode_parts(projs, x, rows, biases)
+    return None if found is None else lora_decode(x, *found, biases)
 
 
 def fused_lora_mlp(mlp, x: torch.Tensor, gelu: bool = False, output_to_residual: bool = True) -> torch.Tensor | None:
@@ -187,13 +197,17 @@ def fused_lora_mlp(mlp, x: torch.Tensor, gelu: bool = False, output_to_residual:
     output feeds a norm, whose backward needs it. A decode step runs gate/up as one ``lora_decode`` group, the
     activation, then down_proj's."""
     projs = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    if _decode_step(projs[0], x):
-        gu = _decode_group(projs[:2], x)
-        if gu is None:
-            return None
-        h = (geglu if gelu else swiglu)(*gu)
-        down = _decode_group(projs[2:], h)
-        return down[0] if down is not None else mlp.down_proj(h)
+    rows = _decode_step(projs[0], x)
+    if rows:
+        found = _decode_parts(projs[:2], x, rows)
+        h = None if found is None else lora_decode_glu(x, *found, gelu=gelu)
+        if h is None and found is not None:
+            h = (geglu if gelu else swiglu)(*lora_decode(x, *found))
+        if h is not None:
+            down = _decode_group(projs[2:], h, rows)
+            return down[0] if down is not None else mlp.down_proj(h)
+        if rows == 1:
+            return None  # PEFT's forward, bnb's GEMV
     parts = fused_parts(projs, x)
     need_output = not (output_to_residual and is_recomputing())
     return None if parts is None else lora_mlp(x, *parts, need_output=need_output, cast_cache=_cast_cache(), gelu=gelu)
@@ -203,9 +217,11 @@ def fused_lora_qkv(attn, x: torch.Tensor):
     """(q, k, v) projections of x as one op (attention under QLoRA with the lora patch; frozen q/k/v biases, as
     Qwen2's, added to the stacked output), or None. A decode step runs them as one ``lora_decode`` group."""
     projs = (attn.q_proj, attn.k_proj, attn.v_proj)
-    if _decode_step(projs[0], x):
-        out = _decode_group(projs, x)
-        return None if out is None else tuple(out)
+    rows = _decode_step(projs[0], x)
+    if rows:
+        out = _decode_group(projs, x, rows)
+        if out is not None or rows == 1:
+            return None if out is None else tuple(out)
     biases = []
     parts = fused_parts(projs, x, biases=biases)
     if parts is None:

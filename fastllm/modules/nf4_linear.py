@@ -24,9 +24,10 @@ import torch
 
 from .._compat import SUPPORTED_DTYPES, bnb, is_linear4bit
 from ..ops.nf4 import NF4Args, nf4_args, nf4_linear, nf4_linear_args
+from ..ops.nf4_gemv import MAX_ROWS, gemv_enabled
 
-__all__ = ["NF4Alias", "nf4_linear4bit_compiled_forward", "nf4_linear4bit_forward", "nf4_linear_eligible",
-           "prepare_nf4_call", "refresh_nf4_aliases"]
+__all__ = ["NF4Alias", "decode_rows", "nf4_linear4bit_compiled_forward", "nf4_linear4bit_forward",
+           "nf4_linear_eligible", "prepare_nf4_call", "refresh_nf4_aliases"]
 
 
 def nf4_linear_eligible(module) -> str | None:
@@ -82,6 +83,15 @@ def goes_to_bnb_gemv(x: torch.Tensor, weight) -> bool:
     fused 4-bit GEMV, serves it better than dequant + GEMM (not FSDP2's NF4Param: only fastllm reads that)."""
     return (x.numel() == x.shape[-1] and x.is_cuda and not (x.requires_grad and torch.is_grad_enabled())
             and type(weight) is bnb().nn.Params4bit)
+
+
+def decode_rows(x: torch.Tensor, weight) -> int:
+    """The token rows of ``x`` when it is a decode step that a 4-bit GEMV serves (no grad, CUDA, a bnb
+    ``Params4bit`` weight; one row for bnb's GEMV, up to ``MAX_ROWS`` for fastllm's ``ops.nf4_gemv``), else 0."""
+    if not x.is_cuda or (x.requires_grad and torch.is_grad_enabled()) or type(weight) is not bnb().nn.Params4bit:
+        return 0
+    rows = x.numel() // x.shape[-1]
+    return rows if rows == 1 or (rows <= MAX_ROWS and gemv_enabled(x.device)) else 0
 
 
 def nf4_linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,10 +27,11 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .nf4 import bias_grad, bnb_gemv, bnb_gemv_ok, no_autocast, plain_tensor, stacked_dequant, state_args
+from .nf4_gemv import gemv_enabled, gemv_ok, nf4_gemv, nf4_glu_gemv
 
 __all__ = ["LoRAFrozen", "LoRANF4Function", "adapter_views", "cast_adapters", "check_adapter", "decode_states",
-           "frozen_parts", "lora_decode", "lora_group_backward", "lora_group_forward", "lora_nf4_linear",
-           "master_grads", "stacked_rows"]
+           "frozen_parts", "lora_decode", "lora_decode_glu", "lora_group_backward", "lora_group_forward",
+           "lora_nf4_linear", "master_grads", "stacked_rows"]
 
 
 class LoRAFrozen(NamedTuple):
@@ -175,50 +176,76 @@ def lora_group_backward(dys, x2, xa, weights, states, A_stack, Bs, scales, backe
         return dx.addmm_(gt.t(), A_stack)
 
 
-def decode_states(weights) -> tuple | None:
-    """``(packed plain tensor, state_args)`` of each bnb ``Params4bit`` in ``weights`` when bnb's 4-bit GEMV takes
-    them all, else None."""
-    states = []
-    for w in weights:
-        packed, st = plain_tensor(w), state_args(w.quant_state)
-        if not bnb_gemv_ok(packed, st[2], st[5], st[6], st[7]):
-            return None
-        states.append((packed, st))
-    return tuple(states)
+def decode_states(weights, rows: int = 1) -> tuple | None:
+    """``(kind, states)`` for a decode step of ``rows`` token rows over the bnb ``Params4bit`` ``weights``, with
+    states their ``(packed plain tensor, state_args)``: kind ``"gemv"`` when fastllm's Triton GEMV takes them all
+    (``ops.nf4_gemv``), ``"bnb"`` for one row that bnb's 4-bit GEMV takes, else None."""
+    states = tuple((plain_tensor(w), state_args(w.quant_state)) for w in weights)
+    if gemv_enabled(weights[0].device) and all(gemv_ok(st, rows) for _, st in states):
+        return "gemv", states
+    if rows == 1 and all(bnb_gemv_ok(packed, st[2], st[5], st[6], st[7]) for packed, st in states):
+        return "bnb", states
+    return None
+
+
+def _decode_xa(x2: torch.Tensor, parts) -> tuple:
+    """``xa = x @ [A_1; A_2; ..].T`` (one GEMM for every adapter of the group) split per adapter, and the ``B_i``
+    in x's dtype (``cast_adapters``: one launch)."""
+    n, k = len(parts), x2.shape[-1]
+    flat, views = cast_adapters([p[1] for p in parts] + [p[2] for p in parts], x2.dtype)  # one launch
+    ranks = [a.shape[0] for a in views[:n]]
+    # No autocast guard (a context costs ~10 us of host time a call): every operand is already in x's dtype, the
+    # one autocast may be set to (the callers' condition), and in-place addmm_ and the GEMVs are never autocast.
+    xa = x2 @ stacked_rows(flat, sum(ranks), k).t()
+    return ((xa,) if n == 1 else xa.split_with_sizes(ranks, 1)), views[n:]
 
 
 def lora_decode(x: torch.Tensor, parts, states, biases=None) -> list:
-    """A decode step of projections sharing one input: one token, no autograd. For each projection i::
+    """A decode step of projections sharing one input: 1 to 64 token rows, no autograd. For each projection i::
 
-        xa  = x @ [A_1; A_2; ..].T              (1, R)     one GEMM for every adapter
-        y_i = gemv4bit(x, W_i) + b_i + s_i * xa_i @ B_i.T   (1, N_i)   bnb's GEMV, the rank-r term in place
+        xa  = x @ [A_1; A_2; ..].T              (M, R)     one GEMM for every adapter
+        y_i = gemv4bit(x, W_i) + b_i + s_i * xa_i @ B_i.T   (M, N_i)
 
-    bnb's fused 4-bit GEMV reads only the packed weight (dequant + GEMM would write and re-read a dense one),
-    and the whole step is a few ops where PEFT runs about seven per projection plus its Python: a decode step
-    is bound by that host work. Same numbers as PEFT's forward under autocast up to the rank-r term's
-    rounding (one addmm instead of a GEMM, a multiply and an add).
+    With ``states`` of kind ``"gemv"`` each y_i is one launch of fastllm's NF4 GEMV (``ops.nf4_gemv``: the weight
+    dequantized in registers, the rank-r term in its epilogue); with ``"bnb"`` (one row) bnb's fused 4-bit GEMV,
+    the rank-r term added in place. Either reads only the packed weight (dequant + GEMM would write and re-read a
+    dense one), and the whole step is a few ops where PEFT runs about seven per projection plus its Python.
+    Same numbers as PEFT's forward under autocast up to the base GEMV's summation order (the LoRA term rounded
+    as PEFT rounds it).
 
-    x: (..., K) holding one token, in the compute dtype (autocast off or at that dtype); parts:
-    ``(weight, A, B, scale)`` per projection (bnb ``Params4bit`` weights); states: ``decode_states`` of the
-    weights; biases: None or one per projection.
-    Returns the outputs (..., N_i) in x's dtype.
+    x: (..., K) in the compute dtype (autocast off or at that dtype); parts: ``(weight, A, B, scale)`` per
+    projection (bnb ``Params4bit`` weights); states: ``decode_states`` of the weights; biases: None or one per
+    projection. Returns the outputs (..., N_i) in x's dtype.
     """
-    n, k = len(parts), x.shape[-1]
-    x2 = x.reshape(1, k)
-    flat, views = cast_adapters([p[1] for p in parts] + [p[2] for p in parts], x.dtype)  # one launch
-    ranks = [a.shape[0] for a in views[:n]]
-    # No autocast guard (a context costs ~10 us of host time a call): every operand is already in x's dtype, the
-    # one autocast may be set to (the callers' condition), and in-place addmm_ and bnb's op are never autocast.
-    xa = x2 @ stacked_rows(flat, sum(ranks), k).t()
-    xas = (xa,) if n == 1 else xa.split_with_sizes(ranks, 1)
+    kind, states = states
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    xas, bs = _decode_xa(x2, parts)
     outs = []
-    for i, ((_, _, _, s), (packed, st), b, xa_i) in enumerate(zip(parts, states, views[n:], xas)):
-        absmax, code, code2, absmax2, offset, bs, _, shape = st
+    for i, ((_, _, _, s), (packed, st), b, xa_i) in enumerate(zip(parts, states, bs, xas)):
         bias = None if biases is None else biases[i]
-        y = bnb_gemv(x2, packed, absmax, code, code2, absmax2, offset, bias, bs, shape)
-        add_lora_term(y, xa_i, b, float(s), True)
+        if kind == "gemv":
+            y = nf4_gemv(x2, packed, st, bias, (xa_i, b, float(s)))
+        else:
+            absmax, code, code2, absmax2, offset, blocksize, _, shape = st
+            y = bnb_gemv(x2, packed, absmax, code, code2, absmax2, offset, bias, blocksize, shape)
+            add_lora_term(y, xa_i, b, float(s), True)
         outs.append(y.view(*x.shape[:-1], y.shape[-1]))
     return outs
+
+
+def lora_decode_glu(x: torch.Tensor, parts, states, gelu: bool = False) -> torch.Tensor | None:
+    """A gated MLP's ``act(gate(x)) * up(x)`` for a decode step as one GEMV launch (plus the adapters' shared
+    ``xa`` GEMM), or None where the pair cannot take it (then ``lora_decode`` runs gate and up). parts, states:
+    as ``lora_decode``'s for (gate, up). Returns (..., N) in x's dtype."""
+    kind, states = states
+    (pg, sg), (pu, su) = states
+    if kind != "gemv" or tuple(sg[7]) != tuple(su[7]) or sg[5] != su[5] or (sg[2] is None) != (su[2] is None):
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    (xg, xu), (bg, bu) = _decode_xa(x2, parts)
+    h = nf4_glu_gemv(x2, (pg, sg, (xg, bg, float(parts[0][3]))), (pu, su, (xu, bu, float(parts[1][3]))), gelu)
+    return h.view(*x.shape[:-1], h.shape[-1])
 
 
 def master_grads(gflat: torch.Tensor, shapes: tuple, dtypes: tuple, needs: tuple) -> list:

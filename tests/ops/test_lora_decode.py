@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastllm.ops import dequantize_nf4
-from fastllm.ops.lora import decode_states, lora_decode
+from fastllm.ops.lora import decode_states, lora_decode, lora_decode_glu
 
 from .test_lora_mlp import _adapter, _params4bit
 
@@ -47,3 +47,26 @@ def test_decode_states_refuse_what_the_gemv_cannot_take():
     assert decode_states([_params4bit(64, 96, 0)]) is None
     assert decode_states([_params4bit(64, 128, 0), _params4bit(64, 96, 1)]) is None
     assert decode_states([_params4bit(64, 128, 0)]) is not None
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_gemv_kind_matches_dense_maths_for_several_rows(dtype, tol):
+    """States of kind "gemv" (fastllm's NF4 GEMV: here its torch fallback; tests/kernels/test_nf4_gemv.py runs the
+    kernel) for a batch of token rows; the gate/up pair as one call equal to SiLU(gate) * up of the group."""
+    k, outs, ranks = 128, (96, 96), (4, 6)
+    weights = [_params4bit(n, k, i) for i, n in enumerate(outs)]
+    adapters = [_adapter(n, k, r, 7 + i) for i, (n, r) in enumerate(zip(outs, ranks))]
+    parts = [(w, a, b, s) for w, (a, b), s in zip(weights, adapters, (0.5, 2.0))]
+    _, states = decode_states(weights)  # (kind "bnb" on the CPU: one row); the same states serve the GEMV
+    x = torch.randn(5, 1, k, generator=torch.Generator().manual_seed(4)).to(dtype)
+    with torch.no_grad():
+        ys = lora_decode(x, parts, ("gemv", states))
+        h = lora_decode_glu(x, parts, ("gemv", states))
+    for y, w, (a, b), (*_, s) in zip(ys, weights, adapters, parts):
+        dense = dequantize_nf4(w.data, w.quant_state, backend="torch").float()
+        ref = x.float() @ dense.t() + s * (x.float() @ a.t()) @ b.t()
+        assert y.shape == (5, 1, 96) and y.dtype == dtype
+        torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(h, torch.nn.functional.silu(ys[0]) * ys[1], rtol=0, atol=0)
+    assert lora_decode_glu(x, parts, ("bnb", states)) is None  # bnb's GEMV has no fused pair
+    assert decode_states(weights, 2) is None  # on the CPU: bnb's GEMV takes one row only

@@ -1,0 +1,120 @@
+"""Decode-step QLoRA linears: ``x @ W.T + bias + s * (x @ A.T) @ B.T`` for 1 to 64 token rows, W read as 4-bit.
+
+``nf4_gemv`` runs one projection, ``nf4_glu_gemv`` a gated MLP's gate and up with the activation: on CUDA one
+Triton launch each (``fastllm.kernels.nf4_gemv``: the packed weight dequantized in registers, no dense copy, the
+LoRA term in the epilogue), elsewhere the torch fallback (dequant, GEMM, the LoRA term) with the same roundings:
+the base output, the rank-r product, its scaling and the sum each rounded to x's dtype, as PEFT under autocast.
+No autograd: these serve generation (grad mode off).
+
+The Triton path is on by default; ``set_enabled(False)`` (or ``FASTLLM_NF4_GEMV=0`` in the environment, read at
+the first call) sends one-token steps back to bitsandbytes' own GEMV and batched steps to dequant + GEMM.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .._compat import pick_backend, triton_available
+from .nf4 import no_autocast, stacked_dequant
+
+__all__ = ["MAX_ROWS", "gemv_enabled", "gemv_ok", "nf4_glu_gemv", "nf4_gemv", "set_enabled"]
+
+MAX_ROWS = 64  # the kernels' largest M (``kernels.nf4_gemv.MAX_ROWS``; not imported: Triton may be absent)
+
+_ENABLED: bool | None = None
+
+
+def set_enabled(on: bool | None) -> None:
+    """Turn the Triton decode GEMV on or off for this process (None: read ``FASTLLM_NF4_GEMV`` again)."""
+    global _ENABLED
+    _ENABLED = on
+
+
+def gemv_enabled(device: torch.device) -> bool:
+    """The Triton GEMV serves decode steps on ``device``: CUDA, Triton importable, not switched off."""
+    global _ENABLED
+    if _ENABLED is None:
+        _ENABLED = os.environ.get("FASTLLM_NF4_GEMV", "1") != "0"
+    return _ENABLED and device.type == "cuda" and triton_available()
+
+
+def gemv_ok(state: tuple, rows: int) -> bool:
+    """The kernels take this weight (``state_args``) for ``rows`` token rows: K a multiple of the blocksize
+    and of 32, at most ``MAX_ROWS`` rows."""
+    k, bs = state[7][1], state[5]
+    return 1 <= rows <= MAX_ROWS and k % bs == 0 and k % 32 == 0
+
+
+_KERNELS = None
+
+
+def _kernels():
+    global _KERNELS
+    if _KERNELS is None:
+        from ..kernels import nf4_gemv
+
+        _KERNELS = nf4_gemv
+    return _KERNELS
+
+
+def _lora_torch(y: torch.Tensor, lora) -> torch.Tensor:
+    """``y + s * xa @ B.T`` with PEFT's roundings (product, scaled product, sum)."""
+    xa, b, s = lora
+    t = xa @ b.t()
+    if s != 1.0:
+        t = t * s
+    return y + t
+
+
+def _linear_torch(x, packed, state, bias, lora) -> torch.Tensor:
+    w = stacked_dequant((packed,), (state,), x.device, x.dtype, "torch")
+    with no_autocast(x):
+        y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        return y if lora is None else _lora_torch(y, lora)
+
+
+def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state: tuple, bias: torch.Tensor | None = None,
+             lora: tuple | None = None, backend: str = "auto") -> torch.Tensor:
+    """``x @ W.T + bias + s * xa @ B.T`` for W the NF4 weight (``packed`` plain bytes, ``state_args``).
+
+    x: (M, K) in the compute dtype, M <= MAX_ROWS for Triton; bias: (N,) or None; lora: ``(xa (M, r), B (N, r), s)``
+    in x's dtype (xa may be a column slice of a wider buffer) or None. Returns (M, N) in x's dtype.
+    """
+    n = state[7][0]
+    if pick_backend(backend, x.device) != "triton":
+        return _linear_torch(x, packed, state, bias, lora)
+    absmax, code, code2, absmax2, offset, bs, bs2, _ = state
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if lora is not None:
+        lora = (lora[0], lora[1].contiguous(), lora[2])
+    return _kernels().nf4_gemv_fwd(x, _bytes(packed), (absmax, code, code2, absmax2, offset), n, bs, bs2 or 256,
+                                   out, bias, lora)
+
+
+def nf4_glu_gemv(x: torch.Tensor, gate: tuple, up: tuple, gelu: bool = False, backend: str = "auto") -> torch.Tensor:
+    """``act(gate(x)) * up(x)`` (act SiLU, or GELU-tanh with ``gelu``) for a gated MLP's two NF4 projections, each
+    ``(packed, state, lora)`` as ``nf4_gemv`` takes them (one shape, blocksize and nesting; a LoRA term on both or
+    neither). x: (M, K); returns (M, N) in x's dtype, act(g) rounded before the product as eager rounds it."""
+    (pg, sg, lg), (pu, su, lu) = gate, up
+    if pick_backend(backend, x.device) != "triton":
+        g = _linear_torch(x, pg, sg, None, lg)
+        u = _linear_torch(x, pu, su, None, lu)
+        return (F.gelu(g, approximate="tanh") if gelu else F.silu(g)) * u
+    if tuple(sg[7]) != tuple(su[7]) or sg[5] != su[5]:
+        raise ValueError(f"the fused gate/up GEMV needs one shape and blocksize, got {sg[7]}/{sg[5]} and "
+                         f"{su[7]}/{su[5]}")
+    n = sg[7][0]
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    lg = None if lg is None else (lg[0], lg[1].contiguous(), lg[2])
+    lu = None if lu is None else (lu[0], lu[1].contiguous(), lu[2])
+    return _kernels().nf4_glu_gemv_fwd(x, (_bytes(pg), sg[:5], lg), (_bytes(pu), su[:5], lu), n, sg[5], sg[6] or 256,
+                                       out, gelu)
+
+
+def _bytes(packed: torch.Tensor) -> torch.Tensor:
+    return packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)  # quant_storage may be bf16 etc.

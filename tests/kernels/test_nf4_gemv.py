@@ -1,0 +1,102 @@
+"""The decode NF4 GEMV (``fastllm.kernels.nf4_gemv`` through ``fastllm.ops.nf4_gemv``) against ``F.linear`` on the
+dequantized weight, with and without the LoRA term and bias, nested or not, odd shapes and several blocksizes; the
+gate/up kernel against SiLU / GELU-tanh of the two. On the CPU the kernels run through the Triton interpreter
+(fp32 and fp16: the interpreter mishandles bf16 arithmetic), and the torch fallback is checked the same way."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+bnb = pytest.importorskip("bitsandbytes")
+
+from fastllm.ops.nf4 import dequantize_nf4, plain_tensor, state_args  # noqa: E402
+from fastllm.ops.nf4_gemv import gemv_ok, nf4_gemv, nf4_glu_gemv  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+BACKENDS = ["triton", "torch"]
+
+
+def quantized(n, k, blocksize, nested):
+    w = torch.randn(n, k, device=DEVICE) * 0.05
+    packed, qs = bnb.functional.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
+    state = state_args(qs)
+    # the dense weight from fastllm's torch decode (bnb's CPU dequant is wrong for some blocksizes: FACTS.md);
+    # tests/kernels/test_nf4_dequant.py ties that decode to bitsandbytes
+    dense = dequantize_nf4(packed, qs, backend="torch").float()
+    return plain_tensor(packed), state, dense
+
+
+def reference(x, dense, bias=None, lora=None):
+    """PEFT's roundings on the dense weight: base (fp32 accumulate, rounded), product, scaled product, sum."""
+    dt = x.dtype
+    y = (x.float() @ dense.to(dt).float().T + (0 if bias is None else bias.float())).to(dt)
+    if lora is None:
+        return y
+    xa, b, s = lora
+    t = (xa.float() @ b.float().T).to(dt)
+    t = (t.float() * s).to(dt)
+    return (y.float() + t.float()).to(dt)
+
+
+def tol(dtype, k):
+    # fp32: summation order only; half types: a base rounding apart (one ulp) where the fp32 sums straddle a tie
+    return {torch.float32: dict(rtol=1e-5, atol=1e-5 * k ** 0.5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+            torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2)}[dtype]
+
+
+def lora_args(m, n, r, dtype, s=0.5):
+    a = torch.randn(m, r + 3, device=DEVICE, dtype=dtype)[:, 1:r + 1]  # a column slice, as lora_decode's split gives
+    return a, (torch.randn(n, r, device=DEVICE) * 0.1).to(dtype), s
+
+
+SHAPES = [  # (M, N, K, blocksize)
+    (1, 123, 64, 64), (3, 77, 192, 64), (17, 40, 1024, 64), (5, 33, 96, 32), (2, 50, 384, 128), (64, 24, 768, 256),
+    (1, 16, 4096, 4096)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gemv_matches_linear_on_dequantized_weight(shape, nested, dtype, backend):
+    m, n, k, bs = shape
+    packed, state, dense = quantized(n, k, bs, nested)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    bias = torch.randn(n, device=DEVICE).to(dtype) if m % 2 else None
+    torch.testing.assert_close(nf4_gemv(x, packed, state, bias, backend=backend), reference(x, dense, bias),
+                               **tol(dtype, k))
+    lora = lora_args(m, n, 5 if n % 2 else 16, dtype)
+    torch.testing.assert_close(nf4_gemv(x, packed, state, bias, lora, backend=backend),
+                               reference(x, dense, bias, lora), **tol(dtype, k))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 45, 128, 64), (6, 19, 192, 64), (33, 64, 512, 128)])
+def test_glu_gemv_matches_act_of_two_linears(shape, dtype, gelu, backend):
+    m, n, k, bs = shape
+    nested = m % 2 == 0
+    (pg, sg, dg), (pu, su, du) = quantized(n, k, bs, nested), quantized(n, k, bs, nested)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    for lg, lu in ((None, None), (lora_args(m, n, 8, dtype, 2.0), lora_args(m, n, 8, dtype, 2.0))):
+        if lg is not None:  # gate's and up's xa: two column slices of one buffer, as the decode group computes them
+            xa = torch.randn(m, 16, device=DEVICE).to(dtype)
+            lg, lu = (xa[:, :8], lg[1], lg[2]), (xa[:, 8:], lu[1], lu[2])
+        g, u = reference(x, dg, None, lg), reference(x, du, None, lu)
+        want = (F.gelu(g, approximate="tanh") if gelu else F.silu(g)) * u
+        got = nf4_glu_gemv(x, (pg, sg, lg), (pu, su, lu), gelu=gelu, backend=backend)
+        t = tol(dtype, k)
+        torch.testing.assert_close(got, want, rtol=t["rtol"] * 2, atol=t["atol"] * 2)
+
+
+def test_gemv_limits():
+    packed, state, _ = quantized(8, 96, 32, False)
+    assert gemv_ok(state, 1) and gemv_ok(state, 64)
+    assert not gemv_ok(state, 65) and not gemv_ok(state, 0)
+    odd = state[:7] + ([8, 80],)  # in_features not a multiple of the blocksize
+    assert not gemv_ok(odd, 1)
+    with pytest.raises(ValueError, match="1 to 64 rows"):
+        nf4_gemv(torch.randn(65, 96, device=DEVICE), packed, state, backend="triton")
