@@ -9,7 +9,8 @@ import math
 import sys
 
 BENCHES = {"dequant": "fastllm.bench.dequant", "loss": "fastllm.bench.loss", "train": "fastllm.bench.train",
-           "compile": "fastllm.bench.compile", "memory": "fastllm.bench.memory"}
+           "compile": "fastllm.bench.compile", "memory": "fastllm.bench.memory",
+           "generate": "fastllm.bench.generate"}
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 
 

@@ -98,9 +98,9 @@ def measure_train(model, *, batch: int, seq: int, steps: int) -> dict:
             "compile_s": max(first - med, 0.0), "peak_gib": torch.cuda.max_memory_allocated() / GiB}
 
 
-def _infer_inputs(model, prompt: int, new_tokens: int):
-    # seeded on the host: the unsloth child process feeds the same prompt
-    x = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(2)).cuda()
+def _infer_inputs(model, prompt: int, new_tokens: int, batch: int = 1):
+    # seeded on the host: the unsloth child process feeds the same prompts
+    x = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(2)).cuda()
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
     return x, gen
 
@@ -213,7 +213,7 @@ def run(shape: str, *, batch: int, seq: int, steps: int, prompt: int, new_tokens
     return rows
 
 
-def infer_child(provider: str, shape: str, *, prompt: int, new_tokens: int, runs: int) -> dict:
+def infer_child(provider: str, shape: str, *, prompt: int, new_tokens: int, runs: int, batch: int = 1) -> dict:
     """A child provider's inference row (``{"error": ...}`` when it fails or is not installed)."""
     from .train import spawn_command, unavailable
 
@@ -221,11 +221,11 @@ def infer_child(provider: str, shape: str, *, prompt: int, new_tokens: int, runs
     if why is not None:
         return {"error": why}
     cmd = ["--worker", provider, "--shapes", shape, "--prompt", str(prompt), "--new-tokens", str(new_tokens),
-           "--runs", str(runs)]
+           "--runs", str(runs), "--batch", str(batch)]
     return spawn_command("fastllm.bench.compile", cmd, provider, timeout=900)
 
 
-def infer_worker(provider: str, shape: str, *, prompt: int, new_tokens: int, runs: int) -> dict:
+def infer_worker(provider: str, shape: str, *, prompt: int, new_tokens: int, runs: int, batch: int = 1) -> dict:
     """In the child: Unsloth's model on the same weights, ``for_inference``, then the same timing as the others."""
     from .unsloth_provider import build
 
@@ -233,7 +233,7 @@ def infer_worker(provider: str, shape: str, *, prompt: int, new_tokens: int, run
     from unsloth import FastLanguageModel
 
     FastLanguageModel.for_inference(model)
-    x, gen = _infer_inputs(model, prompt, new_tokens)
+    x, gen = _infer_inputs(model, prompt, new_tokens, batch)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         first = _sync_time(lambda: model.generate(input_ids=x, **gen))
     torch.cuda.reset_peak_memory_stats()
@@ -287,11 +287,12 @@ def main(argv=None) -> int:
     p.add_argument("--providers", default="eager,fastllm,fastllm+compile")
     p.add_argument("--modes", default="train,infer", help="train, infer, numerics (comma-separated)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    for name in ("--prompt", "--new-tokens", "--runs"):
+    for name in ("--prompt", "--new-tokens", "--runs", "--batch"):
         p.add_argument(name, type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:  # a child provider (CHILD): one inference row on stdout
-        row = infer_worker(args.worker, args.shapes, prompt=args.prompt, new_tokens=args.new_tokens, runs=args.runs)
+        row = infer_worker(args.worker, args.shapes, prompt=args.prompt, new_tokens=args.new_tokens, runs=args.runs,
+                           batch=args.batch or 1)
         print("ROW " + json.dumps(row), flush=True)
         return 0
     modes = tuple(m for m in args.modes.split(",") if m)

@@ -1,0 +1,188 @@
+"""``fastllm bench generate``: QLoRA generation at decode batch sizes, next to the memory-bandwidth limit (GPU).
+
+One random QLoRA model per shape (``bench.compile.build_qlora``: NF4 double quant, LoRA r16 on all linears; the
+adapters' B drawn N(0, 0.02) so their terms count), greedy ``generate`` of ``new_tokens`` after a ``prompt``-token
+prompt for each batch size, bf16 autocast. Providers, the runs interleaved per batch size:
+
+- ``hf``: transformers + PEFT + bitsandbytes as they come, dynamic cache;
+- ``hf+static``: the same with transformers' static cache (which compiles the forward where it can);
+- ``fastllm``: fastllm's defaults (decode graphs over a static cache, the NF4 GEMV with the LoRA term fused);
+- ``fastllm:gemv=off``: the same with bitsandbytes' GEMV for one row and dequant + GEMM for batches
+  (``ops.nf4_gemv.set_enabled(False)``);
+- ``unsloth``: Unsloth's ``FastLanguageModel.for_inference`` on the same weights, in a child process.
+
+Per row: ms per decode step ((generate - prefill) / new_tokens), tokens/s (batch * new_tokens / generate),
+peak GiB, and ``limit_ms``: the bytes one decode step must read (every 4-bit weight with its absmax, the adapters,
+the bf16 lm_head and norms, the KV cache at the mean context) over this GPU's measured copy bandwidth; ``of_limit``
+= limit_ms / decode ms. JSON lines and a PNG of ms per step against batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+
+import torch
+
+from .common import copy_bandwidth_gbs, finish_figure, format_table, stamp, write_jsonl
+from .compile import _infer_once, _infer_row, _set_provider, _sync_time, build_qlora, infer_child
+from .models import SHAPES
+
+PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "unsloth")
+
+
+def _select(model, provider: str) -> dict:
+    """Patch or unpatch ``model`` for ``provider``; the generate kwargs it runs with."""
+    from ..ops.nf4_gemv import set_enabled
+
+    set_enabled(False if provider == "fastllm:gemv=off" else None)
+    _set_provider(model, "fastllm" if provider.startswith("fastllm") else "eager")
+    return {"cache_implementation": "static"} if provider == "hf+static" else {}
+
+
+def step_bytes(model, batch: int, context: int) -> int:
+    """Bytes a decode step reads at least: parameters the step touches once (4-bit weights and their quant state,
+    adapters, lm_head, norms; one embedding row per sequence) plus the K and V cache up to ``context`` tokens."""
+    import bitsandbytes as bnb
+
+    total = 0
+    emb = model.get_input_embeddings().weight
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            qs = m.weight.quant_state
+            total += m.weight.numel() * m.weight.element_size() + qs.absmax.numel() * qs.absmax.element_size()
+    for name, p in model.named_parameters():
+        if p is emb or "base_layer" in name or isinstance(p, bnb.nn.Params4bit):
+            continue
+        total += p.numel() * p.element_size()
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2  # K and V, bf16, per token
+    return total + batch * (emb.shape[1] * emb.element_size() + context * kv)
+
+
+def measure(model, providers, *, batch: int, prompt: int, new_tokens: int, runs: int, bandwidth: float) -> list:
+    from .compile import _infer_inputs
+    from .numerics import init_lora_b
+
+    init_lora_b(model)
+    x, gen = _infer_inputs(model, prompt, new_tokens, batch)
+    gen["pad_token_id"] = 0
+    first, samples, peaks = {}, {p: [] for p in providers}, {}
+    for p in providers:  # a warm-up generate each (captures, compiles)
+        kw = {**gen, **_select(model, p)}
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            first[p] = _sync_time(lambda: model.generate(input_ids=x, **kw))  # noqa: B023 - called right here
+    for _ in range(runs):
+        for p in providers:
+            kw = {**gen, **_select(model, p)}
+            torch.cuda.reset_peak_memory_stats()
+            samples[p].append(_infer_once(model, x, kw))
+            peaks[p] = max(peaks.get(p, 0.0), torch.cuda.max_memory_allocated() / (1 << 30))
+    _select(model, "hf")
+    limit_ms = step_bytes(model, batch, prompt + new_tokens // 2) / (bandwidth * 1e9) * 1e3
+    rows = []
+    for p in providers:
+        row = _infer_row(first[p], [a for a, _ in samples[p]], [b for _, b in samples[p]], new_tokens)
+        rows.append({"provider": p, "batch": batch, **row, "peak_gib": peaks[p]})
+    return [_finish(r, limit_ms, new_tokens) for r in rows]
+
+
+def _finish(row: dict, limit_ms: float, new_tokens: int) -> dict:
+    if "generate_ms" in row:
+        row["tokens_per_s"] = row["batch"] * new_tokens / (row["generate_ms"] / 1e3)
+        row["limit_ms"] = limit_ms
+        row["of_limit"] = limit_ms / row["decode_ms_per_token"]
+    return row
+
+
+def run(shape: str, providers, *, batches, prompt: int, new_tokens: int, runs: int, jsonl: str | None) -> list:
+    base = {"bench": "generate", "shape": shape, "prompt": prompt, "new_tokens": new_tokens, **stamp()}
+    bandwidth = copy_bandwidth_gbs()
+    local = [p for p in providers if p != "unsloth"]
+    model = build_qlora(shape, torch.device("cuda"))
+    rows = []
+    for batch in batches:
+        found = measure(model, local, batch=batch, prompt=prompt, new_tokens=new_tokens, runs=runs,
+                        bandwidth=bandwidth)
+        if "unsloth" in providers:
+            limit = found[0]["limit_ms"] if found else float("nan")
+            row = {"provider": "unsloth", "batch": batch, **infer_child("unsloth", shape, prompt=prompt,
+                                                                       new_tokens=new_tokens, runs=runs, batch=batch)}
+            found.append(_finish(row, limit, new_tokens))
+        for r in found:
+            r.update(base, copy_gbs=bandwidth)
+            print({k: r.get(k) for k in ("batch", "provider", "decode_ms_per_token", "tokens_per_s", "of_limit",
+                                         "error")}, flush=True)
+            if jsonl:
+                write_jsonl([r], jsonl)
+        rows += found
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for p in dict.fromkeys(r["provider"] for r in rows):
+        pts = sorted((r["batch"], r["decode_ms_per_token"]) for r in rows
+                     if r["provider"] == p and "decode_ms_per_token" in r)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=p)
+    limit = sorted({(r["batch"], r["limit_ms"]) for r in rows if "limit_ms" in r})
+    if limit:
+        ax.plot(*zip(*limit), linestyle="--", color="gray", label="bandwidth limit")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch (sequences decoded together)")
+    finish_figure(fig, ax, title=f"{rows[0]['shape']} QLoRA decode ({rows[0].get('gpu', '?')})",
+                  ylabel="ms per decode step", path=path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fastllm bench generate", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench-out", help="directory for generate.jsonl and generate_<shape>.png")
+    p.add_argument("--shapes", default="8b", help=f"comma-separated, from: {', '.join(sorted(SHAPES))}")
+    p.add_argument("--providers", default="hf,fastllm,fastllm:gemv=off,unsloth",
+                   help=f"comma-separated, from: {', '.join(PROVIDERS)}")
+    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--runs", type=int, default=3)
+    args = p.parse_args(argv)
+    providers = [x for x in args.providers.split(",") if x]
+    bad = sorted(set(providers) - set(PROVIDERS))
+    if bad:
+        p.error(f"unknown provider(s) {bad}; choose from {', '.join(PROVIDERS)}")
+    shapes = [s for s in args.shapes.split(",") if s]
+    bad = sorted(set(shapes) - set(SHAPES))
+    if bad:
+        p.error(f"unknown shape(s) {bad}; choose from {', '.join(sorted(SHAPES))}")
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b]
+    except ValueError:
+        p.error(f"--batches takes comma-separated integers, got {args.batches!r}")
+    if not batches or min(batches) < 1:
+        p.error("--batches takes positive integers")
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    os.makedirs(args.out, exist_ok=True)
+    jsonl = os.path.join(args.out, "generate.jsonl")
+    for shape in shapes:
+        rows = run(shape, providers, batches=batches, prompt=args.prompt, new_tokens=args.new_tokens, runs=args.runs,
+                   jsonl=jsonl)
+        print(format_table(rows, ["shape", "batch", "provider", "decode_ms_per_token", "limit_ms", "of_limit",
+                                  "tokens_per_s", "generate_ms", "peak_gib", "error"]))
+        _plot(rows, os.path.join(args.out, f"generate_{shape}.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

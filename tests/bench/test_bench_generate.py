@@ -1,0 +1,53 @@
+"""``fastllm bench generate`` on the CPU: the bytes a decode step reads (its bandwidth limit) on the tiny shape
+against a count from the quant states, and its argument errors. The timings are GPU measurements."""
+
+import pytest
+import torch
+
+from fastllm.bench import generate
+
+
+def test_step_bytes_counts_packed_weights_adapters_head_and_cache():
+    bnb = pytest.importorskip("bitsandbytes")
+    from fastllm import FastLlama
+    from fastllm.bench.models import build_qlora_base
+
+    model = FastLlama.get_peft_model(build_qlora_base("tiny", "cpu"), r=4, lora_alpha=8)
+    cfg = model.config
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears
+    packed = sum(m.weight.numel() for m in linears)  # uint8: one byte per two weights
+    absmax = sum(m.weight.quant_state.absmax.numel() for m in linears)  # uint8 codes under double quant
+    adapters = sum(p.numel() * 4 for n, p in model.named_parameters() if "lora_" in n)  # fp32 masters
+    head = cfg.vocab_size * cfg.hidden_size * 2 * (not cfg.tie_word_embeddings)
+    norms = (2 * cfg.num_hidden_layers + 1) * cfg.hidden_size * 2
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2
+    for batch, context in ((1, 10), (3, 77)):
+        want = packed + absmax + adapters + head + norms + batch * (cfg.hidden_size * 2 + context * kv)
+        assert generate.step_bytes(model, batch, context) == want
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--providers", "hf,vllm"], "unknown provider(s) ['vllm']"),
+    (["--shapes", "3b"], "unknown shape(s) ['3b']"),
+    (["--batches", "1,x"], "--batches takes comma-separated integers"),
+    (["--batches", "0"], "--batches takes positive integers"),
+])
+def test_bad_arguments_are_named(capsys, argv, message):
+    with pytest.raises(SystemExit) as done:
+        generate.main(argv)
+    assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only refusal")
+def test_needs_cuda(capsys):
+    with pytest.raises(SystemExit):
+        generate.main(["--shapes", "tiny"])
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_cli_lists_it():
+    from fastllm.cli import BENCHES
+
+    assert BENCHES["generate"] == "fastllm.bench.generate"
