@@ -125,6 +125,52 @@ def run(shape: str, providers, *, batches, prompt: int, new_tokens: int, runs: i
     return rows
 
 
+def _projection_times(glu: bool, packed, qs, m: int) -> dict:
+    """Milliseconds of one projection (or a gate/up pair, ``glu``) at ``m`` rows: fastllm's GEMV with a LoRA r16
+    term, dequant + GEMM, and (one row) bitsandbytes' GEMV; the pair's baselines run each projection once."""
+    from ..ops.nf4 import bnb_gemv, dequantize_nf4, plain_tensor, state_args
+    from ..ops.nf4_gemv import nf4_gemv, nf4_glu_gemv
+    from .common import bench_ms
+
+    packed, st = plain_tensor(packed), state_args(qs)
+    n, k = st[7]
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    xa = torch.randn(m, 32, device="cuda", dtype=torch.bfloat16)
+    lora = (xa[:, :16], torch.randn(n, 16, device="cuda", dtype=torch.bfloat16) * 0.02, 2.0)
+    if glu:
+        ours = bench_ms(lambda: nf4_glu_gemv(x, (packed, st, lora), (packed, st, lora)))
+    else:
+        ours = bench_ms(lambda: nf4_gemv(x, packed, st, None, lora))
+    times = {"fastllm": ours, "dequant+gemm": bench_ms(lambda: x @ dequantize_nf4(packed, qs).t()) * (1 + glu)}
+    if m == 1:
+        times["bnb"] = bench_ms(lambda: bnb_gemv(x, packed, *st[:5], None, st[5], st[7])) * (1 + glu)
+    return times
+
+
+def kernel_rows(shape: str, rows_list=(1, 8, 32)) -> list:
+    """Per-projection GEMV times of one decoder layer of ``shape`` (random NF4 double-quant weights, LoRA r16):
+    fastllm's kernels, bitsandbytes' GEMV (one row) and dequant + GEMM, each next to its packed bytes' limit."""
+    import bitsandbytes as bnb
+
+    from .models import shape_config
+
+    cfg = shape_config(shape)
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads)
+    bandwidth = copy_bandwidth_gbs()
+    out = []
+    for name, n, k in (("q", d, d), ("k", kv, d), ("gate+up", i, d), ("down", d, i)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        packed, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        limit_ms = packed.numel() * (1 + (name == "gate+up")) / (bandwidth * 1e9) * 1e3
+        for m in rows_list:
+            for provider, ms in _projection_times(name == "gate+up", packed, qs, m).items():
+                out.append({"bench": "generate-kernels", "shape": shape, "proj": name, "rows": m,
+                            "provider": provider, "us": ms * 1e3, "limit_us": limit_ms * 1e3,
+                            "of_limit": limit_ms / ms})
+    return out
+
+
 def _plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -156,6 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--kernels", action="store_true", help="also time one layer's GEMVs (fastllm, bnb, dequant+GEMM)")
     args = p.parse_args(argv)
     providers = [x for x in args.providers.split(",") if x]
     bad = sorted(set(providers) - set(PROVIDERS))
@@ -176,6 +223,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     jsonl = os.path.join(args.out, "generate.jsonl")
     for shape in shapes:
+        if args.kernels:
+            krows = kernel_rows(shape)
+            write_jsonl(krows, jsonl)
+            print(format_table(krows, ["proj", "rows", "provider", "us", "limit_us", "of_limit"]), flush=True)
         rows = run(shape, providers, batches=batches, prompt=args.prompt, new_tokens=args.new_tokens, runs=args.runs,
                    jsonl=jsonl)
         print(format_table(rows, ["shape", "batch", "provider", "decode_ms_per_token", "limit_ms", "of_limit",

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One GPU pass for decode (issue #23), under the GPU image's transformers:
+#   device run: bash examples/decode_check.sh    (carry: [".whl"], with .whl/unsloth for the unsloth rows)
+# STEPS: tests (the GEMV, decode-op, decode-graph and auto-checkpointing GPU tests), kernels (one 8B layer's
+# GEMVs against bitsandbytes' and dequant + GEMM), generate (`fastllm bench generate`). Output under $OUT.
+set -uo pipefail
+source examples/device_env.sh
+if [ -d .whl/unsloth ]; then source examples/unsloth_env.sh || exit 1; fi
+steps=${STEPS:-tests,generate}
+if [[ $steps == *tests* ]]; then
+  timeout "${TEST_TIMEOUT:-150}" python -m pytest -q --tb=short -p no:cacheprovider tests/test_gpu_gemv.py \
+    tests/test_gpu_decode_graphs.py "tests/test_gpu_model.py::test_decode_step_with_lora_takes_the_decode_op" \
+    "tests/test_gpu_model.py::test_auto_checkpointing_on_cuda_matches_recompute" > "$out/gpu-tests.txt" 2>&1
+  tail -15 "$out/gpu-tests.txt"
+fi
+kernels=""
+if [[ $steps == *kernels* ]]; then kernels="--kernels"; fi
+if [[ $steps == *generate* ]]; then
+  timeout "${GENERATE_TIMEOUT:-300}" python -m fastllm.bench.generate --shapes "${SHAPES:-8b}" $kernels \
+    --providers "${PROVIDERS:-fastllm,fastllm:gemv=off,hf,unsloth}" --batches "${BATCHES:-1,8,32}" \
+    --new-tokens "${NEW_TOKENS:-256}" --runs "${RUNS:-3}" --out "$out/generate" 2>&1 | tail -40
+fi
