@@ -17,6 +17,6 @@ kernels=""
 if [[ $steps == *kernels* ]]; then kernels="--kernels"; fi
 if [[ $steps == *generate* ]]; then
   timeout "${GENERATE_TIMEOUT:-300}" python -m fastllm.bench.generate --shapes "${SHAPES:-8b}" $kernels \
-    --providers "${PROVIDERS:-fastllm,fastllm:gemv=off,hf,unsloth}" --batches "${BATCHES:-1,8,32}" \
+    --providers "${PROVIDERS:-fastllm,fastllm:gemv=on,hf,unsloth}" --batches "${BATCHES:-1,8,32}" \
     --new-tokens "${NEW_TOKENS:-256}" --runs "${RUNS:-3}" --out "$out/generate" 2>&1 | tail -40
 fi

@@ -65,7 +65,14 @@ def _generate(model, x, new=12):
     return out.sequences, torch.stack(out.logits, 1)  # (B, T), (B, new, V)
 
 
-def test_batched_generation_equals_one_by_one(tiny_llama_i128_dir):
+@pytest.fixture
+def gemv_on():
+    set_enabled(True)
+    yield
+    set_enabled(None)
+
+
+def test_batched_generation_equals_one_by_one(tiny_llama_i128_dir, gemv_on):
     model = _model(tiny_llama_i128_dir)
     x = torch.randint(0, 320, (4, 9), device="cuda")
     seq, logits = _generate(model, x)
@@ -79,8 +86,5 @@ def test_batched_generation_equals_one_by_one(tiny_llama_i128_dir):
         assert torch.equal(one[0], seq[i])
         torch.testing.assert_close(one_logits[0], logits[i], rtol=2e-2, atol=2e-2)
     set_enabled(False)  # the same steps with bnb's GEMV (one row) and dequant + GEMM (batched): close, not equal
-    try:
-        _, ref = _generate(model, x)
-    finally:
-        set_enabled(None)
+    _, ref = _generate(model, x)
     torch.testing.assert_close(logits, ref, rtol=5e-2, atol=5e-2)

@@ -6,9 +6,10 @@ prompt for each batch size, bf16 autocast. Providers, the runs interleaved per b
 
 - ``hf``: transformers + PEFT + bitsandbytes as they come, dynamic cache;
 - ``hf+static``: the same with transformers' static cache (which compiles the forward where it can);
-- ``fastllm``: fastllm's defaults (decode graphs over a static cache, the NF4 GEMV with the LoRA term fused);
-- ``fastllm:gemv=off``: the same with bitsandbytes' GEMV for one row and dequant + GEMM for batches
-  (``ops.nf4_gemv.set_enabled(False)``);
+- ``fastllm``: fastllm's defaults (decode graphs over a static cache; bitsandbytes' GEMV for one row, dequant +
+  GEMM for batches, the LoRA terms grouped per input);
+- ``fastllm:gemv=on``: the same with fastllm's NF4 GEMV (the LoRA term fused, gate/up as one launch) for 1 to 64
+  rows (``ops.nf4_gemv.set_enabled(True)``, opt-in);
 - ``unsloth``: Unsloth's ``FastLanguageModel.for_inference`` on the same weights, in a child process.
 
 Per row: ms per decode step ((generate - prefill) / new_tokens), tokens/s (batch * new_tokens / generate),
@@ -29,14 +30,14 @@ from .common import copy_bandwidth_gbs, finish_figure, format_table, stamp, writ
 from .compile import _infer_once, _infer_row, _set_provider, _sync_time, build_qlora, infer_child
 from .models import SHAPES
 
-PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "unsloth")
+PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=on", "unsloth")
 
 
 def _select(model, provider: str) -> dict:
     """Patch or unpatch ``model`` for ``provider``; the generate kwargs it runs with."""
     from ..ops.nf4_gemv import set_enabled
 
-    set_enabled(False if provider == "fastllm:gemv=off" else None)
+    set_enabled(True if provider == "fastllm:gemv=on" else None)
     _set_provider(model, "fastllm" if provider.startswith("fastllm") else "eager")
     return {"cache_implementation": "static"} if provider == "hf+static" else {}
 
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastllm bench generate", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench-out", help="directory for generate.jsonl and generate_<shape>.png")
     p.add_argument("--shapes", default="8b", help=f"comma-separated, from: {', '.join(sorted(SHAPES))}")
-    p.add_argument("--providers", default="hf,fastllm,fastllm:gemv=off,unsloth",
+    p.add_argument("--providers", default="hf,fastllm,fastllm:gemv=on,unsloth",
                    help=f"comma-separated, from: {', '.join(PROVIDERS)}")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--prompt", type=int, default=256)

@@ -7,10 +7,10 @@ Bound per instance by the patch registry. The fused path takes the common traini
 plain-LoRA adapter (no DoRA or other variant, no LoRA bias, no dropout), not merged, adapters enabled,
 no per-call ``adapter_names``, eager (compiled regions trace PEFT's own forward, which inductor fuses),
 the LoRA branch in the base layer's compute dtype (autocast off or at that dtype). A no-grad CUDA call of 1 to 64
-token rows (a decode step) takes ``ops.lora.lora_decode`` instead: fastllm's NF4 GEMV with the rank-r term fused
-(or, for one row where that kernel is off, bnb's 4-bit GEMV plus the rank-r term), one group of projections at a
-time, a gated MLP's gate/up and activation as one launch. Anything else runs PEFT's forward unchanged, so
-multiple adapters, ``disable_adapter()``, merging and mixed batches keep working.
+token rows (a decode step) takes ``ops.lora.lora_decode`` instead: for one row bnb's 4-bit GEMV plus the rank-r
+terms, one group of projections at a time; with fastllm's NF4 GEMV switched on (``ops.nf4_gemv``, opt-in), 1 to 64
+rows through it, the rank-r term fused, a gated MLP's gate/up and activation as one launch. Anything else runs
+PEFT's forward unchanged, so multiple adapters, ``disable_adapter()``, merging and mixed batches keep working.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def fused_lora_mlp(mlp, x: torch.Tensor, gelu: bool = False, output_to_residual:
     rows = _decode_step(projs[0], x)
     if rows:
         found = _decode_parts(projs[:2], x, rows)
-        h = None if found is None else lora_decode_glu(x, *found, gelu=gelu)
+        h = lora_decode_glu(x, *found, gelu=gelu) if found is not None and found[1][0] == "gemv" else None
         if h is None and found is not None:
             h = (geglu if gelu else swiglu)(*lora_decode(x, *found))
         if h is not None:

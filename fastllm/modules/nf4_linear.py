@@ -87,7 +87,8 @@ def goes_to_bnb_gemv(x: torch.Tensor, weight) -> bool:
 
 def decode_rows(x: torch.Tensor, weight) -> int:
     """The token rows of ``x`` when it is a decode step that a 4-bit GEMV serves (no grad, CUDA, a bnb
-    ``Params4bit`` weight; one row for bnb's GEMV, up to ``MAX_ROWS`` for fastllm's ``ops.nf4_gemv``), else 0."""
+    ``Params4bit`` weight; one row for bnb's GEMV, up to ``MAX_ROWS`` for fastllm's ``ops.nf4_gemv`` when it is
+    switched on), else 0."""
     if not x.is_cuda or (x.requires_grad and torch.is_grad_enabled()) or type(weight) is not bnb().nn.Params4bit:
         return 0
     rows = x.numel() // x.shape[-1]

@@ -6,8 +6,10 @@ LoRA term in the epilogue), elsewhere the torch fallback (dequant, GEMM, the LoR
 the base output, the rank-r product, its scaling and the sum each rounded to x's dtype, as PEFT under autocast.
 No autograd: these serve generation (grad mode off).
 
-The Triton path is on by default; ``set_enabled(False)`` (or ``FASTLLM_NF4_GEMV=0`` in the environment, read at
-the first call) sends one-token steps back to bitsandbytes' own GEMV and batched steps to dequant + GEMM.
+Decode steps take it only when switched on (``set_enabled(True)``, or ``FASTLLM_NF4_GEMV=1`` in the environment,
+read at the first call): the kernel is correct but not yet fast (its measurements against bitsandbytes' GEMV and
+dequant + GEMM: docs/benchmarks.md, "decode GEMV"), so by default one-token steps take bitsandbytes' own GEMV and
+batched steps dequant + GEMM.
 """
 
 from __future__ import annotations
@@ -28,16 +30,16 @@ _ENABLED: bool | None = None
 
 
 def set_enabled(on: bool | None) -> None:
-    """Turn the Triton decode GEMV on or off for this process (None: read ``FASTLLM_NF4_GEMV`` again)."""
+    """Turn the Triton decode GEMV on or off for this process (None: read ``FASTLLM_NF4_GEMV`` again; default off)."""
     global _ENABLED
     _ENABLED = on
 
 
 def gemv_enabled(device: torch.device) -> bool:
-    """The Triton GEMV serves decode steps on ``device``: CUDA, Triton importable, not switched off."""
+    """The Triton GEMV serves decode steps on ``device``: CUDA, Triton importable, switched on."""
     global _ENABLED
     if _ENABLED is None:
-        _ENABLED = os.environ.get("FASTLLM_NF4_GEMV", "1") != "0"
+        _ENABLED = os.environ.get("FASTLLM_NF4_GEMV", "0") not in ("", "0")
     return _ENABLED and device.type == "cuda" and triton_available()
 
 

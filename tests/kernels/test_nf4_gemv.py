@@ -100,3 +100,22 @@ def test_gemv_limits():
     assert not gemv_ok(odd, 1)
     with pytest.raises(ValueError, match="1 to 64 rows"):
         nf4_gemv(torch.randn(65, 96, device=DEVICE), packed, state, backend="triton")
+
+
+def test_decode_steps_take_it_only_when_switched_on(monkeypatch):
+    from fastllm._compat import triton_available
+    from fastllm.ops.nf4_gemv import gemv_enabled, set_enabled
+
+    cuda = torch.device("cuda")
+    try:
+        monkeypatch.delenv("FASTLLM_NF4_GEMV", raising=False)
+        set_enabled(None)
+        assert not gemv_enabled(cuda)  # off by default
+        monkeypatch.setenv("FASTLLM_NF4_GEMV", "1")
+        set_enabled(None)  # the environment is read again
+        assert gemv_enabled(cuda) == triton_available()
+        assert not gemv_enabled(torch.device("cpu"))  # never on the CPU: the torch fallback is no faster there
+        set_enabled(False)
+        assert not gemv_enabled(cuda)
+    finally:
+        set_enabled(None)
