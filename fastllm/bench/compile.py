@@ -57,7 +57,7 @@ PROVIDERS = ("eager", "eager+static", "fastllm", "fastllm+compile", "fastllm-nog
 CHILD = ("unsloth",)  # providers measured in a child process
 
 
-def _set_provider(model, provider: str) -> None:
+def set_provider(model, provider: str) -> None:
     from .. import PatchConfig, patch, unpatch
 
     unpatch(model)
@@ -67,7 +67,7 @@ def _set_provider(model, provider: str) -> None:
                                  decode_graphs=False if suffix == "nographs" else None))
 
 
-def _sync_time(fn) -> float:
+def sync_time(fn) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
@@ -90,15 +90,15 @@ def measure_train(model, *, batch: int, seq: int, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    first = _sync_time(step)
+    first = sync_time(step)
     torch.cuda.reset_peak_memory_stats()
-    times = [_sync_time(step) for _ in range(steps)]
+    times = [sync_time(step) for _ in range(steps)]
     med = statistics.median(times)
     return {"tokens_per_s": batch * seq / med, "step_ms": med * 1e3, "first_step_s": first,
             "compile_s": max(first - med, 0.0), "peak_gib": torch.cuda.max_memory_allocated() / GiB}
 
 
-def _infer_inputs(model, prompt: int, new_tokens: int, batch: int = 1):
+def infer_inputs(model, prompt: int, new_tokens: int, batch: int = 1):
     # seeded on the host: the unsloth child process feeds the same prompts
     x = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(2)).cuda()
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
@@ -111,16 +111,16 @@ def _gen_of(provider: str, gen: dict) -> dict:
     return {**gen, "cache_implementation": "static"} if provider == "eager+static" else gen
 
 
-def _infer_once(model, x, gen) -> tuple[float, float]:
+def infer_once(model, x, gen) -> tuple[float, float]:
     """(prefill seconds, generate seconds) of one measurement: eval, no grad, bf16 autocast."""
     model.eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        prefill = _sync_time(lambda: model(input_ids=x, use_cache=True))
-        total = _sync_time(lambda: model.generate(input_ids=x, **gen))
+        prefill = sync_time(lambda: model(input_ids=x, use_cache=True))
+        total = sync_time(lambda: model.generate(input_ids=x, **gen))
     return prefill, total
 
 
-def _infer_row(first: float, prefills: list, totals: list, new_tokens: int) -> dict:
+def infer_row(first: float, prefills: list, totals: list, new_tokens: int) -> dict:
     prefill, total = statistics.median(prefills), statistics.median(totals)
     return {"prefill_ms": prefill * 1e3, "generate_ms": total * 1e3, "generate_ms_min": min(totals) * 1e3,
             "generate_ms_max": max(totals) * 1e3, "decode_ms_per_token": (total - prefill) * 1e3 / new_tokens,
@@ -131,19 +131,19 @@ def measure_infer_interleaved(model, providers, *, prompt: int, new_tokens: int,
     """``measure_infer`` for every provider, the runs interleaved (provider 1, 2, 3, 1, 2, 3...): decode is
     host-bound, and a host's speed drifts by 10-40% within minutes, which one provider's block of runs would
     take for a difference between providers. Compiled regions keep their graphs between rounds."""
-    x, gen = _infer_inputs(model, prompt, new_tokens)
+    x, gen = infer_inputs(model, prompt, new_tokens)
     first, samples, peaks, notes = {}, {p: [] for p in providers}, {}, {}
     for p in providers:  # warm-up (compiles) once per provider
-        _set_provider(model, p)
+        set_provider(model, p)
         model.eval()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             kw = _gen_of(p, gen)
-            first[p] = _sync_time(lambda: model.generate(input_ids=x, **kw))  # noqa: B023 - called right here
+            first[p] = sync_time(lambda: model.generate(input_ids=x, **kw))  # noqa: B023 - called right here
     for _ in range(runs):
         for p in providers:
-            _set_provider(model, p)
+            set_provider(model, p)
             torch.cuda.reset_peak_memory_stats()
-            samples[p].append(_infer_once(model, x, _gen_of(p, gen)))
+            samples[p].append(infer_once(model, x, _gen_of(p, gen)))
             peaks[p] = max(peaks.get(p, 0.0), torch.cuda.max_memory_allocated() / GiB)
             report = patch_report(model)
             graphs = report.live.get("decode_graphs") if report is not None else None
@@ -151,7 +151,7 @@ def measure_infer_interleaved(model, providers, *, prompt: int, new_tokens: int,
                 notes[p] = graphs.summary()
     rows = {}
     for p in providers:
-        rows[p] = _infer_row(first[p], [a for a, _ in samples[p]], [b for _, b in samples[p]], new_tokens)
+        rows[p] = infer_row(first[p], [a for a, _ in samples[p]], [b for _, b in samples[p]], new_tokens)
         rows[p]["peak_gib"] = peaks[p]
         if p in notes:
             rows[p]["decode_graphs"] = notes[p]
@@ -178,7 +178,7 @@ def run(shape: str, *, batch: int, seq: int, steps: int, prompt: int, new_tokens
     rows, base = [], stamp()
     torch._dynamo.reset()
     for provider in providers:
-        _set_provider(model, provider)
+        set_provider(model, provider)
         common = {**base, "bench": "compile", "shape": shape, "provider": provider}
         if "train" in modes:
             res = measure_train(model, batch=batch, seq=seq, steps=steps)
@@ -190,7 +190,7 @@ def run(shape: str, *, batch: int, seq: int, steps: int, prompt: int, new_tokens
     if "infer" in modes:
         results = measure_infer_interleaved(model, providers, prompt=prompt, new_tokens=new_tokens, runs=runs)
         for provider in providers:
-            _set_provider(model, provider)
+            set_provider(model, provider)
             rows.append({**base, "bench": "compile", "shape": shape, "provider": provider, "mode": "infer",
                          "prompt": prompt, "new_tokens": new_tokens, "runs": runs, "interleaved": True,
                          **results[provider], **_graphs(compile_report(model), provider)})
@@ -200,7 +200,7 @@ def run(shape: str, *, batch: int, seq: int, steps: int, prompt: int, new_tokens
                          "prompt": prompt, "new_tokens": new_tokens, "runs": runs,
                          **infer_child(provider, shape, prompt=prompt, new_tokens=new_tokens, runs=runs)})
             _emit(rows[-1], jsonl)
-    _set_provider(model, "eager")
+    set_provider(model, "eager")
     for mode, key in (("train", "tokens_per_s"), ("infer", "generate_ms")):  # numerics rows have their own floor
         ref = next((r for r in rows if r["mode"] == mode and r["provider"] == "eager"), None)
         for r in rows:
@@ -233,12 +233,12 @@ def infer_worker(provider: str, shape: str, *, prompt: int, new_tokens: int, run
     from unsloth import FastLanguageModel
 
     FastLanguageModel.for_inference(model)
-    x, gen = _infer_inputs(model, prompt, new_tokens, batch)
+    x, gen = infer_inputs(model, prompt, new_tokens, batch)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        first = _sync_time(lambda: model.generate(input_ids=x, **gen))
+        first = sync_time(lambda: model.generate(input_ids=x, **gen))
     torch.cuda.reset_peak_memory_stats()
-    samples = [_infer_once(model, x, gen) for _ in range(runs)]
-    return {**_infer_row(first, [a for a, _ in samples], [b for _, b in samples], new_tokens), "setup": note}
+    samples = [infer_once(model, x, gen) for _ in range(runs)]
+    return {**infer_row(first, [a for a, _ in samples], [b for _, b in samples], new_tokens), "setup": note}
 
 
 def numerics_rows(model, providers, *, prompt: int, steps: int, base: dict, shape: str, jsonl: str | None) -> list:

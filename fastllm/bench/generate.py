@@ -27,7 +27,7 @@ import os
 import torch
 
 from .common import copy_bandwidth_gbs, finish_figure, format_table, stamp, write_jsonl
-from .compile import _infer_once, _infer_row, _set_provider, _sync_time, build_qlora, infer_child
+from .compile import build_qlora, infer_child, infer_once, infer_row, set_provider, sync_time
 from .models import SHAPES
 
 PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=on", "unsloth")
@@ -38,7 +38,7 @@ def _select(model, provider: str) -> dict:
     from ..ops.nf4_gemv import set_enabled
 
     set_enabled(True if provider == "fastllm:gemv=on" else None)
-    _set_provider(model, "fastllm" if provider.startswith("fastllm") else "eager")
+    set_provider(model, "fastllm" if provider.startswith("fastllm") else "eager")
     return {"cache_implementation": "static"} if provider == "hf+static" else {}
 
 
@@ -64,29 +64,29 @@ def step_bytes(model, batch: int, context: int) -> int:
 
 
 def measure(model, providers, *, batch: int, prompt: int, new_tokens: int, runs: int, bandwidth: float) -> list:
-    from .compile import _infer_inputs
+    from .compile import infer_inputs
     from .numerics import init_lora_b
 
     init_lora_b(model)
-    x, gen = _infer_inputs(model, prompt, new_tokens, batch)
+    x, gen = infer_inputs(model, prompt, new_tokens, batch)
     gen["pad_token_id"] = 0
     first, samples, peaks = {}, {p: [] for p in providers}, {}
     for p in providers:  # a warm-up generate each (captures, compiles)
         kw = {**gen, **_select(model, p)}
         model.eval()
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            first[p] = _sync_time(lambda: model.generate(input_ids=x, **kw))  # noqa: B023 - called right here
+            first[p] = sync_time(lambda: model.generate(input_ids=x, **kw))  # noqa: B023 - called right here
     for _ in range(runs):
         for p in providers:
             kw = {**gen, **_select(model, p)}
             torch.cuda.reset_peak_memory_stats()
-            samples[p].append(_infer_once(model, x, kw))
+            samples[p].append(infer_once(model, x, kw))
             peaks[p] = max(peaks.get(p, 0.0), torch.cuda.max_memory_allocated() / (1 << 30))
     _select(model, "hf")
     limit_ms = step_bytes(model, batch, prompt + new_tokens // 2) / (bandwidth * 1e9) * 1e3
     rows = []
     for p in providers:
-        row = _infer_row(first[p], [a for a, _ in samples[p]], [b for _, b in samples[p]], new_tokens)
+        row = infer_row(first[p], [a for a, _ in samples[p]], [b for _, b in samples[p]], new_tokens)
         rows.append({"provider": p, "batch": batch, **row, "peak_gib": peaks[p]})
     return [_finish(r, limit_ms, new_tokens) for r in rows]
 
