@@ -156,6 +156,29 @@ def test_two_ranks_equal_one_process(runs, patched):
         torch.testing.assert_close(r["param_mib"], full / 2, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("budget,plan", [(1.0, ["keep", "keep"]), (1e-6, ["offload", "offload"])])
+def test_auto_checkpointing_two_ranks_equal_one_process(runs, tiny_llama_dir, tmp_path, budget, plan):
+    """``gradient_checkpointing="auto"`` under FSDP2 (``--memory-budget``): with room to keep every layer's
+    activations, and with a budget below even one layer's input (every layer's input parked through the offload
+    hooks, the sharded 4-bit weights gathered again in the recompute), 2 gloo ranks equal one process, and both
+    equal full recompute (the ``runs`` fixture's patched run, same batch)."""
+    common = ["--model", tiny_llama_dir, "--steps", "2", "--batch-size", "4", "--seq-len", "48", "--lr", "1e-2",
+              "--lora-r", "4", "--lora", "--memory-budget", str(budget)]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _run([sys.executable, EXAMPLE, *common, "--out", one])
+    _torchrun(2, EXAMPLE, *common, "--grad-accum", "2", "--out", two)
+    (steps1, summary1), (steps2, summary2) = _metrics(one), _metrics(two)
+    assert summary1["checkpoint_plan"] == plan and summary2["checkpoint_plan"] == plan
+    l1 = torch.tensor([s["loss"] for s in steps1], dtype=torch.float64)
+    l2 = torch.tensor([s["loss"] for s in steps2], dtype=torch.float64)
+    ref = torch.tensor([s["loss"] for s in _metrics(runs[True][0])[0][:2]], dtype=torch.float64)  # its first steps
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l1, ref, rtol=1e-6, atol=1e-6)
+    a1, a2 = _adapter(one), _adapter(two)
+    for k in a1:
+        torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "gemma3_text"])
 def test_other_architectures_two_ranks_equal_one_process(tiny_arch_dir, tmp_path, model_type):
     """FSDP2 ``shard()`` of the table's other layouts (Qwen2's q/k/v biases beside the sharded 4-bit weights, Qwen3's
