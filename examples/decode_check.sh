@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU pass for decode (issue #23), under the GPU image's transformers:
 #   device run: bash examples/decode_check.sh    (carry: [".whl"], with .whl/unsloth for the unsloth rows)
-# STEPS: tests (the GEMV, decode-op, decode-graph and auto-checkpointing GPU tests), kernels (one 8B layer's
-# GEMVs against bitsandbytes' and dequant + GEMM), generate (`fastllm bench generate`). Output under $OUT.
+# STEPS: tests (the GEMV, decode-op, decode-graph and auto-checkpointing GPU tests), sweep (the GEMV's tile
+# alternatives), kernels (one 8B layer's GEMVs against bitsandbytes' and dequant + GEMM), generate (`fastllm bench
+# generate` at BATCHES). Output under $OUT.
 set -uo pipefail
 source examples/device_env.sh
 if [ -d .whl/unsloth ]; then source examples/unsloth_env.sh || exit 1; fi
@@ -13,10 +14,13 @@ if [[ $steps == *tests* ]]; then
     "tests/test_gpu_model.py::test_auto_checkpointing_on_cuda_matches_recompute" > "$out/gpu-tests.txt" 2>&1
   tail -15 "$out/gpu-tests.txt"
 fi
-kernels=""
-if [[ $steps == *kernels* ]]; then kernels="--kernels"; fi
-if [[ $steps == *generate* ]]; then
-  timeout "${GENERATE_TIMEOUT:-300}" python -m fastllm.bench.generate --shapes "${SHAPES:-8b}" $kernels \
-    --providers "${PROVIDERS:-fastllm,fastllm:gemv=on,hf,unsloth}" --batches "${BATCHES:-1,8,32}" \
-    --new-tokens "${NEW_TOKENS:-256}" --runs "${RUNS:-3}" --out "$out/generate" 2>&1 | tail -40
+extra=""
+if [[ $steps == *sweep* ]]; then extra="$extra --sweep"; fi
+if [[ $steps == *kernels* ]]; then extra="$extra --kernels"; fi
+batches=${BATCHES:-1,8,32}
+if [[ $steps != *generate* ]]; then batches=""; fi
+if [[ -n "$extra$batches" ]]; then
+  timeout "${GENERATE_TIMEOUT:-300}" python -m fastllm.bench.generate --shapes "${SHAPES:-8b}" $extra \
+    --providers "${PROVIDERS:-fastllm,fastllm:gemv=on,hf,unsloth}" --batches "$batches" \
+    --new-tokens "${NEW_TOKENS:-256}" --runs "${RUNS:-3}" --out "$out/generate" 2>&1 | tail -60
 fi

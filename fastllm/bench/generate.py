@@ -172,6 +172,48 @@ def kernel_rows(shape: str, rows_list=(1, 8, 32)) -> list:
     return out
 
 
+ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w} for bn in (2, 4, 8) for bk in (512, 1024, 2048)
+             for w in (2, 4, 8)]
+DOT_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st, "num_warps": 4} for bn in (16, 32, 64)
+             for bk in (64, 128) for st in (2, 3, 4)]
+
+
+def sweep_rows(shape: str, rows_list=(1, 8, 32)) -> list:
+    """fastllm's GEMV (LoRA r16) over the tile alternatives (``ROW_SWEEP`` for one row, ``DOT_SWEEP`` for more) on
+    one decoder layer's q and down projections of ``shape``: microseconds per config, next to the packed bytes'
+    limit. A config that fails to compile or run is a row with its error."""
+    import bitsandbytes as bnb
+
+    from ..ops.nf4 import plain_tensor, state_args
+    from ..ops.nf4_gemv import nf4_gemv
+    from .common import bench_ms
+    from .models import shape_config
+
+    cfg = shape_config(shape)
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    bandwidth = copy_bandwidth_gbs()
+    out = []
+    for name, n, k in (("q", d, d), ("down", d, i)):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        packed, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        packed, st = plain_tensor(packed), state_args(qs)
+        b = torch.randn(n, 16, device="cuda", dtype=torch.bfloat16) * 0.02
+        limit_us = packed.numel() / (bandwidth * 1e9) * 1e6
+        for m in rows_list:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            lora = (torch.randn(m, 16, device="cuda", dtype=torch.bfloat16), b, 2.0)
+            for config in (ROW_SWEEP if m == 1 else DOT_SWEEP):
+                row = {"bench": "generate-sweep", "shape": shape, "proj": name, "rows": m, **config,
+                       "limit_us": limit_us}
+                try:
+                    us = bench_ms(lambda c=config: nf4_gemv(x, packed, st, None, lora, config=c)) * 1e3  # noqa: B023
+                    row.update(us=us, of_limit=limit_us / us)
+                except Exception as err:  # a config the compiler refuses (shared memory, registers) is a result too
+                    row["error"] = " ".join(str(err).split())[:200]
+                out.append(row)
+    return out
+
+
 def _plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -199,11 +241,12 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="8b", help=f"comma-separated, from: {', '.join(sorted(SHAPES))}")
     p.add_argument("--providers", default="hf,fastllm,fastllm:gemv=on,unsloth",
                    help=f"comma-separated, from: {', '.join(PROVIDERS)}")
-    p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--batches", default="1,8,32", help="decode batch sizes ('' with --kernels / --sweep: none)")
     p.add_argument("--prompt", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--kernels", action="store_true", help="also time one layer's GEMVs (fastllm, bnb, dequant+GEMM)")
+    p.add_argument("--sweep", action="store_true", help="also time the GEMV's tile alternatives (q and down)")
     args = p.parse_args(argv)
     providers = [x for x in args.providers.split(",") if x]
     bad = sorted(set(providers) - set(PROVIDERS))
@@ -217,17 +260,28 @@ def main(argv=None) -> int:
         batches = [int(b) for b in args.batches.split(",") if b]
     except ValueError:
         p.error(f"--batches takes comma-separated integers, got {args.batches!r}")
-    if not batches or min(batches) < 1:
-        p.error("--batches takes positive integers")
+    if batches and min(batches) < 1 or not (batches or args.kernels or args.sweep):
+        p.error("--batches takes positive integers (empty only with --kernels or --sweep)")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
     jsonl = os.path.join(args.out, "generate.jsonl")
     for shape in shapes:
+        if args.sweep:
+            srows = sweep_rows(shape)
+            write_jsonl(srows, jsonl)
+            best = {}
+            for r in srows:
+                if "us" in r and r["us"] < best.get((r["proj"], r["rows"]), {"us": float("inf")})["us"]:
+                    best[(r["proj"], r["rows"])] = r
+            print(format_table(list(best.values()), ["proj", "rows", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
+                                                     "us", "limit_us", "of_limit"]), flush=True)
         if args.kernels:
             krows = kernel_rows(shape)
             write_jsonl(krows, jsonl)
             print(format_table(krows, ["proj", "rows", "provider", "us", "limit_us", "of_limit"]), flush=True)
+        if not batches:
+            continue
         rows = run(shape, providers, batches=batches, prompt=args.prompt, new_tokens=args.new_tokens, runs=args.runs,
                    jsonl=jsonl)
         print(format_table(rows, ["shape", "batch", "provider", "decode_ms_per_token", "limit_ms", "of_limit",

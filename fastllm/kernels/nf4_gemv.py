@@ -13,12 +13,16 @@ and, for a gated MLP's gate/up pair (``W_g``, ``W_u`` of one shape, their own ad
     h = act(x @ W_g.T + s_g * xa_g @ B_g.T) * (x @ W_u.T + s_u * xa_u @ B_u.T)       act: SiLU or GELU-tanh
 
 Each program owns ``BLOCK_N`` output columns (weight rows) and streams their packed bytes over K in ``BLOCK_K``
-steps: the bytes decode through the 16-entry NF4 table, the per-block absmax (double quant decoded as
-``code2[q] * absmax2 + offset``, two fp32 ops rounded as bitsandbytes does) scales them in fp32, the product is
-rounded once to x's dtype (so ``W`` equals ``dequantize_4bit``'s, as the dequant + GEMM path uses it) and
-``tl.dot`` accumulates in fp32. The packed weight is read once and no dense copy is written: a decode step's
-bytes are the 4-bit weight's, a quarter of the dense bf16 weight that dequant + GEMM writes and reads again.
-Rows of x beyond M are masked (tensor-core tiles are at least 16 rows; the spare rows cost compute, not bytes).
+steps; the packed weight is read once and no dense copy is written (a decode step's bytes are the 4-bit weight's, a
+quarter of the dense bf16 weight that dequant + GEMM writes and reads again). The bytes decode through the 16-entry
+NF4 table and the per-block absmax (double quant decoded as ``code2[q] * absmax2 + offset``, two fp32 ops rounded as
+bitsandbytes does). Two ways to multiply:
+
+- one row (a batch-1 decode step): on the CUDA cores, ``y[n] = sum_blocks absmax * sum_k code[q] x[k]`` in fp32,
+  the tile read as (rows, blocks, bytes) so the absmax multiplies a block's partial sum (W is never rounded to a
+  16-bit dtype: closer to the exact product than the dense path, within its rounding);
+- 2 to 64 rows: on the tensor cores (``tl.dot``, tiles of at least 16 rows, the spare rows masked), each weight
+  rounded once to x's dtype (equal to ``dequantize_4bit``'s, as the dense path uses it), fp32 accumulation.
 
 Needs K a multiple of the quantization blocksize (blocks then never straddle two rows: block of (n, k) is
 ``n * K / blocksize + k // blocksize``), as bitsandbytes' own GEMV does.
@@ -33,11 +37,55 @@ from .launch import cdiv, launch, next_power_of_2
 
 
 @triton.jit
+def _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, ok, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
+    """The fp32 absmax of quantization blocks ``blk`` (any shape), double quant decoded as bitsandbytes does."""
+    if NESTED:
+        qa = tl.load(ABSMAX + blk, mask=ok, other=0).to(tl.int32)
+        scale = tl.load(CODE2 + qa) * tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=ok, other=0.0)
+        return scale + tl.load(OFFSET)  # a separate rounded add (fp fusion is off at launch), as bnb
+    return tl.load(ABSMAX + blk, mask=ok, other=0.0)
+
+
+@triton.jit
+def _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K,
+             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+    """acc[j] = sum_k x[k] W[rn_j, k] for one row x, in fp32 on the CUDA cores: (BLOCK_N,).
+
+    The packed tile is read as (BLOCK_N, NB, HB) bytes, NB quantization blocks (or block chunks) of HB bytes per
+    row, so the absmax broadcasts over the last axis with no reshape; the block's absmax multiplies its partial
+    sum (``absmax * sum(code[q] * x)``), one multiply per block instead of one per weight."""
+    HB: tl.constexpr = CHUNK // 2        # bytes of one block chunk
+    NB: tl.constexpr = BLOCK_K // CHUNK  # block chunks per row per step
+    n_ok = rn < N
+    row_bytes = (rn.to(tl.int64) * (K // 2))[:, None, None]  # (BLOCK_N, 1, 1)
+    row_blocks = (rn * (K // BLOCKSIZE))[:, None]             # (BLOCK_N, 1)
+    chunk = tl.arange(0, NB)
+    byte = chunk[:, None] * HB + tl.arange(0, HB)[None, :]   # (NB, HB) byte offsets within a step
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        bb = k0 // 2 + byte
+        q = tl.load(PACKED + row_bytes + bb[None, :, :], mask=n_ok[:, None, None], other=0).to(tl.int32)
+        x_hi = tl.load(X + 2 * bb).to(tl.float32)[None, :, :]  # element 2b pairs with byte b's high nibble
+        x_lo = tl.load(X + 2 * bb + 1).to(tl.float32)[None, :, :]
+        part = tl.sum(tl.load(CODE + (q >> 4)) * x_hi + tl.load(CODE + (q & 15)) * x_lo, axis=2)  # (BLOCK_N, NB)
+        blk = row_blocks + ((k0 + chunk * CHUNK) // BLOCKSIZE)[None, :]
+        acc += tl.sum(part * _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED), axis=1)
+    return acc
+
+
+@triton.jit
 def _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K,
               BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-              FP32: tl.constexpr):
-    """acc[m, j] = sum_k x[rm_m, k] * W[rn_j, k] in fp32: (BLOCK_M, BLOCK_N). BLOCK_K divides K."""
+              DOT: tl.constexpr, FP32: tl.constexpr):
+    """acc[m, j] = sum_k x[rm_m, k] * W[rn_j, k] in fp32: (BLOCK_M, BLOCK_N). BLOCK_K divides K.
+
+    ``DOT``: tensor cores (``tl.dot``, at least 16 rows of x, the spare ones masked), W rounded to x's dtype as the
+    dense dequant writes it; else one row (BLOCK_M = 1) on the CUDA cores (``_nf4_row``)."""
+    if not DOT:
+        return _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, BLOCKSIZE, BLOCKSIZE2, NESTED,
+                        BLOCK_N, BLOCK_K, CHUNK)[None, :]
     NCH: tl.constexpr = BLOCK_K // CHUNK  # absmax entries per row per step (CHUNK = min(BLOCKSIZE, BLOCK_K))
     m_ok = rm < M
     n_ok = rn < N
@@ -52,13 +100,11 @@ def _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn,
         # byte b holds element 2b in its high nibble and 2b + 1 in its low one
         w = tl.reshape(tl.join(tl.load(CODE + (q >> 4)), tl.load(CODE + (q & 15))), (BLOCK_N, BLOCK_K))
         blk = row_blocks + ((k0 + tl.arange(0, NCH) * CHUNK) // BLOCKSIZE)[None, :]  # (BLOCK_N, NCH)
-        if NESTED:
-            qa = tl.load(ABSMAX + blk, mask=n_ok[:, None], other=0).to(tl.int32)
-            scale = tl.load(CODE2 + qa) * tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=n_ok[:, None], other=0.0)
-            scale = scale + tl.load(OFFSET)  # a separate rounded add (fp fusion is off at launch), as bnb
+        scale = _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED)
+        if NCH == 1:  # the step lies inside one block per row: a broadcast, no reshape
+            w = w * scale
         else:
-            scale = tl.load(ABSMAX + blk, mask=n_ok[:, None], other=0.0)
-        w = tl.reshape(tl.reshape(w, (BLOCK_N, NCH, CHUNK)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+            w = tl.reshape(tl.reshape(w, (BLOCK_N, NCH, CHUNK)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
         w = w.to(X.dtype.element_ty)  # W rounded to x's dtype once, as the dense dequant writes it
         if FP32:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
@@ -68,7 +114,8 @@ def _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn,
 
 
 @triton.jit
-def _lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R: tl.constexpr, FP32: tl.constexpr):
+def _lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
+               FP32: tl.constexpr):
     """acc + s * xa[rm] @ B[rn].T, rounded as PEFT's forward under autocast rounds it: the base output, the
     product, the scaled product and the sum each to x's dtype (a decode step then gives eager's logits)."""
     dt = XA.dtype.element_ty
@@ -79,7 +126,9 @@ def _lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R: tl.constexpr
                      other=0.0)  # (BLOCK_M, BLOCK_R)
         b = tl.load(Bw + rn[:, None] * R + rr[None, :], mask=(rn < N)[:, None] & (rr < R)[None, :],
                     other=0.0)  # (BLOCK_N, BLOCK_R)
-        if FP32:
+        if not DOT:  # one row: (1, BLOCK_R) against (BLOCK_N, BLOCK_R) on the CUDA cores
+            lora += tl.sum(xa.to(tl.float32) * b.to(tl.float32), axis=1)[None, :]
+        elif FP32:
             lora += tl.dot(xa, tl.trans(b), input_precision="ieee")
         else:
             lora += tl.dot(xa, tl.trans(b))
@@ -92,16 +141,17 @@ def _nf4_gemv_kernel(X, stride_x, OUT, stride_o, PACKED, ABSMAX, CODE, CODE2, AB
                      XA, stride_xa, Bw, s, M, N, K, R,
                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, FP32: tl.constexpr):
+                     BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
+                     FP32: tl.constexpr):
     """out[m, n] = x[m] . W[n] + bias[n] + s * xa[m] . B[n]  for BLOCK_N columns n per program."""
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K,
-                    BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, FP32)
+                    BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
-        acc = _lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R, FP32)
+        acc = _lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R, DOT, FP32)
     tl.store(OUT + rm[:, None] * stride_o + rn[None, :], acc.to(OUT.dtype.element_ty),
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
@@ -114,18 +164,18 @@ def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, CODE,
                          BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                          HAS_LORA: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
-                         FP32: tl.constexpr):
+                         DOT: tl.constexpr, FP32: tl.constexpr):
     """out[m, n] = act(g[m, n]) * u[m, n], g and u each ``x . W[n] + s * xa . B[n]``; act SiLU or, with GELU,
     GELU-tanh; computed in fp32."""
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = _nf4_tile(X, stride_x, P_G, A_G, CODE, C2_G, A2_G, O_G, rm, rn, M, N, K,
-                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, FP32)
+                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32)
     u = _nf4_tile(X, stride_x, P_U, A_U, CODE, C2_U, A2_U, O_U, rm, rn, M, N, K,
-                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, FP32)
+                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32)
     if HAS_LORA:
-        g = _lora_term(g, XA_G, stride_xa, B_G, s_g, rm, rn, M, N, R_G, BLOCK_R, FP32)
-        u = _lora_term(u, XA_U, stride_xa, B_U, s_u, rm, rn, M, N, R_U, BLOCK_R, FP32)
+        g = _lora_term(g, XA_G, stride_xa, B_G, s_g, rm, rn, M, N, R_G, BLOCK_R, DOT, FP32)
+        u = _lora_term(u, XA_U, stride_xa, B_U, s_u, rm, rn, M, N, R_U, BLOCK_R, DOT, FP32)
     # g, u and act(g) rounded to the output dtype as the unfused MLP holds them (eager's decode logits, not drift)
     g = g.to(OUT.dtype.element_ty).to(tl.float32)
     u = u.to(OUT.dtype.element_ty).to(tl.float32)
@@ -140,20 +190,25 @@ def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, CODE,
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-# Tile sizes: a program streams BLOCK_N weight rows; 16 rows keep a 4096-row weight at 256 programs (about two per
-# SM on an H200) at batch 1, and BLOCK_K = 512 elements puts 4 KiB of packed bytes in flight per program per step.
-_BLOCK_N = 16
-_MAX_BLOCK_K = 512
-_NUM_WARPS = 4
-_NUM_STAGES = 3
+# Tile sizes, one row (CUDA cores): 4 weight rows a program keep even a 1024-row weight at 256 programs, and a
+# 1024-element step reads 2 KiB of packed bytes per program (16 bytes a thread at 4 warps). Batches (tensor cores):
+# 32 weight rows a program, one quantization block per step (the absmax a broadcast). Starting points: ``fastllm
+# bench generate --kernels --sweep`` times the alternatives (docs/benchmarks.md, "decode GEMV").
+ROW_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1}
+DOT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
 MAX_ROWS = 64  # largest M these kernels take (decode batches); more rows go to dequant + GEMM
 
 
-def gemv_config(m: int, k: int, blocksize: int) -> tuple[int, int, int, int]:
-    """The one place that maps a problem to (BLOCK_M, BLOCK_N, BLOCK_K, CHUNK): BLOCK_K is the largest power of two
-    up to ``_MAX_BLOCK_K`` dividing K (no tail to mask; K is a multiple of the blocksize)."""
-    block_k = min(_MAX_BLOCK_K, k & -k)
-    return max(16, next_power_of_2(m)), _BLOCK_N, block_k, min(blocksize, block_k)
+def gemv_config(m: int, k: int, blocksize: int, override: dict | None = None) -> dict:
+    """The one place that maps a problem to its tile sizes and launch options: ``DOT`` (tensor cores) for more
+    than one row; BLOCK_K capped at the largest power of two dividing K (no tail to mask; K is a multiple of the
+    blocksize and of 32); ``override`` (the sweep) replaces any of ``BLOCK_N, BLOCK_K, num_warps, num_stages``."""
+    dot = m > 1
+    cfg = {**(DOT_CONFIG if dot else ROW_CONFIG), **(override or {})}
+    block_k = min(cfg["BLOCK_K"], k & -k)
+    return {"BLOCK_M": max(16, next_power_of_2(m)) if dot else 1, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": block_k,
+            "CHUNK": min(blocksize, block_k), "DOT": dot, "num_warps": cfg["num_warps"],
+            "num_stages": cfg["num_stages"]}
 
 
 def check_gemv(x, n: int, k: int, blocksize: int) -> None:
@@ -173,30 +228,32 @@ def _state(st):
             nested)
 
 
-def nf4_gemv_fwd(x, packed, state, n: int, blocksize: int, blocksize2: int, out, bias=None, lora=None):
+def nf4_gemv_fwd(x, packed, state, n: int, blocksize: int, blocksize2: int, out, bias=None, lora=None,
+                 config: dict | None = None):
     """``out = x @ W.T + bias + s * xa @ B.T`` (see the module docstring) and return ``out``.
 
     x: (M, K) with M <= MAX_ROWS; packed: the (N * K / 2) bytes as uint8; state: ``(absmax, code, code2,
     absmax2, offset)`` (code2 None unless nested); out: (M, N) of x's dtype, unit stride along N;
-    bias: (N,) or None; lora: ``(xa (M, R), B (N, R) contiguous, s)`` or None (xa, B in x's dtype).
+    bias: (N,) or None; lora: ``(xa (M, R), B (N, R) contiguous, s)`` or None (xa, B in x's dtype);
+    config: tile overrides (``gemv_config``).
     """
     m, k = x.shape
     check_gemv(x, n, k, blocksize)
     absmax, code, code2, absmax2, offset, nested = _state(state)
-    bm, bn, bk, chunk = gemv_config(m, k, blocksize)
+    cfg = gemv_config(m, k, blocksize, config)
     xa, b, s = lora if lora is not None else (x, x, 0.0)
     r = b.shape[1] if lora is not None else 0
-    launch(_nf4_gemv_kernel, (cdiv(n, bn),),
+    launch(_nf4_gemv_kernel, (cdiv(n, cfg["BLOCK_N"]),),
            x, x.stride(0), out, out.stride(0), packed, absmax, code, code2, absmax2, offset,
            bias if bias is not None else x, xa, xa.stride(0), b, float(s), m, n, k, r,
            BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, HAS_BIAS=bias is not None,
-           HAS_LORA=lora is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CHUNK=chunk,
-           BLOCK_R=min(64, max(16, next_power_of_2(r))), FP32=x.dtype.itemsize == 4,
-           num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, enable_fp_fusion=False)
+           HAS_LORA=lora is not None, BLOCK_R=min(64, max(16, next_power_of_2(r))), FP32=x.dtype.itemsize == 4,
+           enable_fp_fusion=False, **cfg)
     return out
 
 
-def nf4_glu_gemv_fwd(x, gate, up, n: int, blocksize: int, blocksize2: int, out, gelu: bool = False):
+def nf4_glu_gemv_fwd(x, gate, up, n: int, blocksize: int, blocksize2: int, out, gelu: bool = False,
+                     config: dict | None = None):
     """``out = act(gate(x)) * up(x)`` with each projection ``(packed, state, lora)`` as for ``nf4_gemv_fwd`` (both
     with a LoRA term or neither; one blocksize and nesting); out: (M, N) of x's dtype."""
     m, k = x.shape
@@ -208,19 +265,18 @@ def nf4_glu_gemv_fwd(x, gate, up, n: int, blocksize: int, blocksize2: int, out, 
     au, _, c2u, a2u, ou, nested_u = _state(su)
     if nested != nested_u:
         raise ValueError("the fused gate/up GEMV needs both weights nested or neither")
-    bm, bn, bk, chunk = gemv_config(m, k, blocksize)
+    cfg = gemv_config(m, k, blocksize, config)
     xag, bg, s_g = lg if lg is not None else (x, x, 0.0)
     xau, bu, s_u = lu if lu is not None else (x, x, 0.0)
     if xag.stride(0) != xau.stride(0):
         raise ValueError("gate's and up's xa must share a row stride (views of one (M, R_g + R_u) buffer)")
     rg, ru = (bg.shape[1], bu.shape[1]) if lg is not None else (0, 0)
-    launch(_nf4_glu_gemv_kernel, (cdiv(n, bn),),
+    launch(_nf4_glu_gemv_kernel, (cdiv(n, cfg["BLOCK_N"]),),
            x, x.stride(0), out, out.stride(0), code,
            pg, ag, c2g, a2g, og, xag, bg, float(s_g),
            pu, au, c2u, a2u, ou, xau, bu, float(s_u),
            xag.stride(0), m, n, k, rg, ru,
            BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, HAS_LORA=lg is not None,
-           GELU=gelu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CHUNK=chunk,
-           BLOCK_R=min(64, max(16, next_power_of_2(max(rg, ru)))), FP32=x.dtype.itemsize == 4,
-           num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, enable_fp_fusion=False)
+           GELU=gelu, BLOCK_R=min(64, max(16, next_power_of_2(max(rg, ru)))), FP32=x.dtype.itemsize == 4,
+           enable_fp_fusion=False, **cfg)
     return out

@@ -79,11 +79,12 @@ def _linear_torch(x, packed, state, bias, lora) -> torch.Tensor:
 
 
 def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state: tuple, bias: torch.Tensor | None = None,
-             lora: tuple | None = None, backend: str = "auto") -> torch.Tensor:
+             lora: tuple | None = None, backend: str = "auto", config: dict | None = None) -> torch.Tensor:
     """``x @ W.T + bias + s * xa @ B.T`` for W the NF4 weight (``packed`` plain bytes, ``state_args``).
 
     x: (M, K) in the compute dtype, M <= MAX_ROWS for Triton; bias: (N,) or None; lora: ``(xa (M, r), B (N, r), s)``
-    in x's dtype (xa may be a column slice of a wider buffer) or None. Returns (M, N) in x's dtype.
+    in x's dtype (xa may be a column slice of a wider buffer) or None; config: the kernel's tile overrides
+    (``kernels.nf4_gemv.gemv_config``, for sweeps). Returns (M, N) in x's dtype.
     """
     n = state[7][0]
     if pick_backend(backend, x.device) != "triton":
@@ -95,10 +96,11 @@ def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state: tuple, bias: torch.Te
     if lora is not None:
         lora = (lora[0], lora[1].contiguous(), lora[2])
     return _kernels().nf4_gemv_fwd(x, _bytes(packed), (absmax, code, code2, absmax2, offset), n, bs, bs2 or 256,
-                                   out, bias, lora)
+                                   out, bias, lora, config)
 
 
-def nf4_glu_gemv(x: torch.Tensor, gate: tuple, up: tuple, gelu: bool = False, backend: str = "auto") -> torch.Tensor:
+def nf4_glu_gemv(x: torch.Tensor, gate: tuple, up: tuple, gelu: bool = False, backend: str = "auto",
+                 config: dict | None = None) -> torch.Tensor:
     """``act(gate(x)) * up(x)`` (act SiLU, or GELU-tanh with ``gelu``) for a gated MLP's two NF4 projections, each
     ``(packed, state, lora)`` as ``nf4_gemv`` takes them (one shape, blocksize and nesting; a LoRA term on both or
     neither). x: (M, K); returns (M, N) in x's dtype, act(g) rounded before the product as eager rounds it."""
@@ -115,7 +117,7 @@ def nf4_glu_gemv(x: torch.Tensor, gate: tuple, up: tuple, gelu: bool = False, ba
     lg = None if lg is None else (lg[0], lg[1].contiguous(), lg[2])
     lu = None if lu is None else (lu[0], lu[1].contiguous(), lu[2])
     return _kernels().nf4_glu_gemv_fwd(x, (_bytes(pg), sg[:5], lg), (_bytes(pu), su[:5], lu), n, sg[5], sg[6] or 256,
-                                       out, gelu)
+                                       out, gelu, config)
 
 
 def _bytes(packed: torch.Tensor) -> torch.Tensor:

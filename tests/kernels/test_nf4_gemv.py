@@ -119,3 +119,22 @@ def test_decode_steps_take_it_only_when_switched_on(monkeypatch):
         assert not gemv_enabled(cuda)
     finally:
         set_enabled(None)
+
+
+@pytest.mark.parametrize("m,config", [
+    (1, {"BLOCK_N": 2, "BLOCK_K": 256, "num_warps": 2}),   # one row, 4 quantization blocks a step
+    (1, {"BLOCK_N": 8, "BLOCK_K": 32}),                     # one row, half a block a step
+    (5, {"BLOCK_N": 16, "BLOCK_K": 256, "num_stages": 2}),  # tensor cores, 4 blocks a step (the 3-D scale path)
+    (5, {"BLOCK_N": 64, "BLOCK_K": 32}),                    # tensor cores, half a block a step
+])
+def test_tile_overrides_keep_the_maths(m, config):
+    """The sweep's tile alternatives (``gemv_config`` overrides) compute the same as the defaults."""
+    n, k, bs = 37, 512, 64
+    packed, state, dense = quantized(n, k, bs, True)
+    x = torch.randn(m, k, device=DEVICE).to(torch.float16)
+    lora = lora_args(m, n, 8, torch.float16)
+    want = reference(x, dense, None, lora)
+    torch.testing.assert_close(nf4_gemv(x, packed, state, None, lora, backend="triton", config=config), want,
+                               **tol(torch.float16, k))
+    pair = nf4_glu_gemv(x, (packed, state, lora), (packed, state, lora), backend="triton", config=config)
+    torch.testing.assert_close(pair, F.silu(want) * want, rtol=4e-3, atol=4e-3)
