@@ -1,4 +1,4 @@
-"""A FastLlama QLoRA model trains unchanged under HF Trainer and TRL SFTTrainer."""
+"""A FastLlama QLoRA model trains unchanged under HF Trainer and TRL SFTTrainer and GRPOTrainer."""
 
 import functools
 import glob
@@ -125,3 +125,39 @@ def test_trl_sft_trainer_on_the_default_model(tmp_path, packing, padding_free, l
     assert len(losses) == 3 and all(0 < v < 20 for v in losses)
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert len(moved) == len(before)
+
+
+@pytest.mark.slow
+def test_trl_grpo_trainer_generates_and_trains_on_the_default_model(tmp_path):
+    """TRL's GRPOTrainer without vLLM on a fastllm QLoRA model: it samples groups of completions through the patched
+    model's ``generate`` (padded batches of prompts), scores them, and trains through fastllm's loss forward (TRL's
+    fused log-prob head routed to fastllm); the adapters move and the reward is logged each step."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    model, tok = _qlora("SmolLM2-135M-Instruct", patch=True)
+    tok.padding_side = "left"
+    prompts = ["Name a colour.", "Count to three:", "What is the capital of France?", "Say hello."]
+    generated = []
+
+    def reward(completions, **kwargs):  # longer answers score higher: a reward with spread inside each group
+        generated.extend(completions)
+        return [len(c) / 10.0 for c in completions]
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    cfg = GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=2,
+                     max_completion_length=8, temperature=1.0, logging_steps=1, report_to=[], save_strategy="no",
+                     learning_rate=5e-3, use_cpu=True, bf16=False, seed=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg,
+                          train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tok)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    assert len(generated) == 2 * 4 and all(isinstance(c, str) for c in generated)
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert moved and all("lora_" in n for n in moved)
+    # TRL switches gradient checkpointing off and on around generation: fastllm's "auto" layer function is put back
+    from fastllm import is_patched, patch_report
+
+    auto = patch_report(model).live["gradient_checkpointing"]
+    assert is_patched(model) and auto.passes >= 2 and set(auto.plan) == {"recompute"}
