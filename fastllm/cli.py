@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=_int_at_least(1), default=1)
     p.add_argument("--lr", type=_positive_float, default=2e-4)
     p.add_argument("--optim", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="compute dtype (auto: bf16, fp16 where the device has no bf16)")
     p.add_argument("--save-every", type=_int_at_least(0), default=0,
                    help="also save a checkpoint every N steps (SIGINT/SIGTERM and the end always save one)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")

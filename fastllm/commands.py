@@ -39,7 +39,9 @@ def _load_qlora(args, *, adapter: str | None = None, trainable: bool = True, nee
     if budget is not None and gc_mode != "auto":  # before the load: a bad flag costs nothing
         raise InputError(f"--memory-budget applies to --gradient-checkpointing auto, got "
                          f"{args.gradient_checkpointing}: drop --memory-budget or pass auto")
+    dtype = getattr(args, "dtype", "auto")
     model, tok = FastLlama.from_pretrained(args.model or DEFAULT, max_seq_length=args.max_seq_length,
+                                           dtype=None if dtype == "auto" else dtype,
                                            patch=False if getattr(args, "no_patch", False) else PatchConfig())
     if tok is None and need_tokenizer:
         raise InputError(f"{args.model} has no tokenizer; fastllm's commands need one in the checkpoint")
@@ -92,7 +94,8 @@ def loss_curve_png(losses: list[float], path: str, title: str) -> None:
     plt.close(fig)
 
 
-RUN_KEYS = ("model", "data", "max_seq_length", "batch_size", "grad_accum", "lr", "optim", "lora_r", "seed")
+RUN_KEYS = ("model", "data", "max_seq_length", "batch_size", "grad_accum", "lr", "optim", "lora_r", "seed", "dtype")
+RUN_DEFAULTS = {"dtype": "auto"}  # what a run saved before the key existed used
 # what a train run writes to --output (removed by --overwrite; nothing else in the directory is touched)
 RUN_FILES = ("run_config.json", "train_log.jsonl", "run_summary.json", "loss_curve.png", "trainer_state.pt",
              "adapter_model.safetensors", "adapter_config.json")
@@ -138,7 +141,8 @@ def _prepare_output(args) -> str | None:
             raise InputError(f"--resume: nothing to resume in {out} (no run_config.json); drop --resume")
         with open(cfg_path) as f:
             old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in mine.items() if old.get(k) != v}
+        old = {k: old.get(k, RUN_DEFAULTS.get(k)) for k in RUN_KEYS}
+        diff = {k: (old[k], v) for k, v in mine.items() if old[k] != v}
         if diff:
             raise InputError(f"--resume with different settings than the saved run (saved, now): {diff}")
         if saved and saved[-1][0] >= args.max_steps:

@@ -57,6 +57,8 @@ def test_resume_with_other_settings_is_refused(trained, tmp_path, capsys):
     split, _ = trained
     assert main(["train", *SMALL, "--lr", "5e-4", "--max-steps", "8", "--output", split, "--resume"]) == 2
     assert "different settings" in capsys.readouterr().err
+    assert main(["train", *SMALL, "--dtype", "fp32", "--max-steps", "8", "--output", split, "--resume"]) == 2
+    assert "'dtype': ('auto', 'fp32')" in capsys.readouterr().err
     assert main(["train", *SMALL, "--output", str(tmp_path / "new"), "--resume"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
 

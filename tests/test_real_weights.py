@@ -66,12 +66,17 @@ def test_gemma3_fixture_generates_as_eager(gemma3_gguf):
 
 
 def test_train_on_gemma3_fixture_matches_no_patch(gemma3_gguf, tmp_path):
+    """fp32 compute: Adam's first step moves each LoRA B entry by lr * sign(grad), so in bf16 a rounding-level
+    difference flips the sign of near-zero gradients and the runs part by ~1% for reasons that are not the patches
+    (eager bf16 is further from eager fp32 than patched bf16 is from eager bf16). In fp32 they agree to ~1e-6."""
     runs = {}
     for name, extra in (("patched", []), ("eager", ["--no-patch"])):
         out = tmp_path / name
         assert main(["train", "--model", gemma3_gguf, "--max-seq-length", "64", "--eval-blocks", "2", "--lora-r", "4",
-                     "--max-steps", "2", "--batch-size", "1", "--lr", "1e-3", "--output", str(out), *extra]) == 0
+                     "--max-steps", "2", "--batch-size", "1", "--lr", "1e-3", "--dtype", "fp32", "--output", str(out),
+                     *extra]) == 0
         with open(os.path.join(out, "run_summary.json")) as f:
             runs[name] = json.load(f)
-    assert abs(runs["patched"]["perplexity_after"] / runs["eager"]["perplexity_after"] - 1) < 0.01
+    assert abs(runs["patched"]["perplexity_after"] / runs["eager"]["perplexity_after"] - 1) < 1e-3
+    torch.testing.assert_close(runs["patched"]["losses"], runs["eager"]["losses"], rtol=1e-4, atol=0)
     assert runs["patched"]["perplexity_after"] < runs["patched"]["perplexity_before"]
