@@ -3,7 +3,8 @@
 #   device run: bash examples/decode_check.sh    (carry: [".whl"], with .whl/unsloth for the unsloth rows)
 # STEPS: tests (the GEMV, decode-op, decode-graph and auto-checkpointing GPU tests), sweep (the GEMV's tile
 # alternatives), kernels (one 8B layer's GEMVs against bitsandbytes' and dequant + GEMM), generate (`fastllm bench
-# generate` at BATCHES). Output under $OUT.
+# generate` at BATCHES), grpo (`fastllm bench grpo`: TRL GRPO steps, hf against fastllm, GRPO_SHAPE, default 1b).
+# Output under $OUT.
 set -uo pipefail
 source examples/device_env.sh
 if [ -d .whl/unsloth ]; then source examples/unsloth_env.sh || exit 1; fi
@@ -23,4 +24,8 @@ if [[ -n "$extra$batches" ]]; then
   timeout "${GENERATE_TIMEOUT:-300}" python -m fastllm.bench.generate --shapes "${SHAPES:-8b}" $extra \
     --providers "${PROVIDERS:-fastllm,fastllm:gemv=on,hf,unsloth}" --batches "$batches" \
     --new-tokens "${NEW_TOKENS:-256}" --runs "${RUNS:-3}" --out "$out/generate" 2>&1 | tail -60
+fi
+if [[ $steps == *grpo* ]]; then
+  timeout "${GRPO_TIMEOUT:-400}" python -m fastllm.bench.grpo --shapes "${GRPO_SHAPE:-1b}" \
+    --new-tokens "${GRPO_NEW_TOKENS:-256}" --steps "${GRPO_STEPS:-2}" --timeout 190 --out "$out/grpo" 2>&1 | tail -20
 fi
