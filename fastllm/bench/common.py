@@ -128,3 +128,12 @@ def finish_figure(fig, ax, *, title: str, ylabel: str, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def pick(parser, text: str, allowed: Sequence[str], what: str) -> list[str]:
+    """The comma-separated items of ``text``, each one of ``allowed``; else the parser's error naming the choices."""
+    chosen = [x for x in text.split(",") if x]
+    bad = sorted(set(chosen) - set(allowed))
+    if bad:
+        parser.error(f"unknown {what}(s) {bad}; choose from {', '.join(allowed)}")
+    return chosen

@@ -37,7 +37,7 @@ import time
 import torch
 
 from ..patching.api import patch_report
-from .common import bar_chart, format_table, stamp, write_jsonl
+from .common import bar_chart, format_table, pick, stamp, write_jsonl
 from .models import SHAPES, build_qlora_base
 
 logger = logging.getLogger(__name__)
@@ -300,14 +300,8 @@ def main(argv=None) -> int:
         p.error(f"--modes takes train, infer and/or numerics, got {args.modes!r}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
-    providers = tuple(p for p in args.providers.split(",") if p)
-    bad = sorted(set(providers) - set(PROVIDERS))
-    if bad:
-        p.error(f"unknown provider(s) {bad}; choose from {', '.join(PROVIDERS)}")
-    shapes = [s for s in args.shapes.split(",") if s]
-    bad = sorted(set(shapes) - set(SHAPES))
-    if bad:
-        p.error(f"unknown shape(s) {bad}; choose from {sorted(SHAPES)}")
+    providers = pick(p, args.providers, PROVIDERS, "provider")
+    shapes = pick(p, args.shapes, sorted(SHAPES), "shape")
     kw = dict(batch=2, seq=1024, steps=3, prompt=256, new_tokens=128, runs=3) if args.quick else \
         dict(batch=2, seq=2048, steps=10, prompt=512, new_tokens=128, runs=3)
     os.makedirs(args.out, exist_ok=True)

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from .common import copy_bandwidth_gbs, finish_figure, format_table, stamp, write_jsonl
+from .common import copy_bandwidth_gbs, finish_figure, format_table, pick, stamp, write_jsonl
 from .compile import build_qlora, infer_child, infer_once, infer_row, set_provider, sync_time
 from .models import SHAPES
 
@@ -248,14 +248,8 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", action="store_true", help="also time one layer's GEMVs (fastllm, bnb, dequant+GEMM)")
     p.add_argument("--sweep", action="store_true", help="also time the GEMV's tile alternatives (q and down)")
     args = p.parse_args(argv)
-    providers = [x for x in args.providers.split(",") if x]
-    bad = sorted(set(providers) - set(PROVIDERS))
-    if bad:
-        p.error(f"unknown provider(s) {bad}; choose from {', '.join(PROVIDERS)}")
-    shapes = [s for s in args.shapes.split(",") if s]
-    bad = sorted(set(shapes) - set(SHAPES))
-    if bad:
-        p.error(f"unknown shape(s) {bad}; choose from {', '.join(sorted(SHAPES))}")
+    providers = pick(p, args.providers, PROVIDERS, "provider")
+    shapes = pick(p, args.shapes, sorted(SHAPES), "shape")
     try:
         batches = [int(b) for b in args.batches.split(",") if b]
     except ValueError:

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from .common import format_table, stamp, write_jsonl
+from .common import format_table, pick, stamp, write_jsonl
 from .models import SHAPES
 
 PROVIDERS = ("hf", "fastllm")
@@ -155,14 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=1800, help="seconds per provider")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    providers = [x for x in args.providers.split(",") if x]
-    bad = sorted(set(providers) - set(PROVIDERS))
-    if bad:
-        p.error(f"unknown provider(s) {bad}; choose from {', '.join(PROVIDERS)}")
-    shapes = [s for s in args.shapes.split(",") if s]
-    bad = sorted(set(shapes) - set(SHAPES))
-    if bad:
-        p.error(f"unknown shape(s) {bad}; choose from {', '.join(sorted(SHAPES))}")
+    providers = pick(p, args.providers, PROVIDERS, "provider")
+    shapes = pick(p, args.shapes, sorted(SHAPES), "shape")
     small = [n for n in ("prompts", "prompt", "new_tokens", "steps") if getattr(args, n) < 1]
     if small or args.generations < 2 or args.warmup < 0:
         p.error("--prompts, --prompt, --new-tokens and --steps take positive integers, --generations at least 2 "
