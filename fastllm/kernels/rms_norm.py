@@ -25,56 +25,65 @@ from .launch import cdiv, launch, next_power_of_2
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr, OFFSET: tl.constexpr):
-    """One program per row: y = w * cast(x * rstd) (OFFSET 0) or cast(x * rstd * (OFFSET + w)); rstd stored."""
-    row = tl.program_id(0).to(tl.int64)
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, M, N, eps, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+                         OFFSET: tl.constexpr):
+    """BLOCK_M rows per program: y = w * cast(x * rstd) (OFFSET 0) or cast(x * rstd * (OFFSET + w)); rstd stored."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)  # (BLOCK_M,)
     if OFFSET == 0.0:
         # Round the normalised row to the input dtype before the weight multiply, like transformers' Llama.
-        xhat = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
+        xhat = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
     else:
-        xhat = x * rstd  # Gemma: the whole product in fp32, rounded once
-    tl.store(Y + row * stride_y + cols, ((w + OFFSET) * xhat).to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
+        xhat = x * rstd[:, None]  # Gemma: the whole product in fp32, rounded once
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], ((w + OFFSET) * xhat).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, M, N,
-                         ROWS_PER_PROG: tl.constexpr, BLOCK: tl.constexpr, HAS_DW: tl.constexpr,
-                         OFFSET: tl.constexpr):
-    """Each program walks ROWS_PER_PROG rows: dx per row, and one partial dW row per program."""
+                         TILES_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
+                         HAS_DW: tl.constexpr, OFFSET: tl.constexpr):
+    """Each program walks TILES_PER_PROG tiles of BLOCK_M rows: dx per row, and one partial dW row per program."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + OFFSET
+    col_ok = cols < N
+    w = (tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32) + OFFSET)[None, :]
     dw_acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(ROWS_PER_PROG):
-        row = (pid * ROWS_PER_PROG + i).to(tl.int64)
-        if row < M:
-            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row)
-            xhat = x * rstd
-            g = dy * w
-            dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / N))
-            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-            if HAS_DW:
-                dw_acc += dy * xhat
+    for i in range(TILES_PER_PROG):
+        rows = (pid * TILES_PER_PROG + i).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]
+        xhat = x * rstd
+        g = dy * w
+        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=1) / N)[:, None])
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DW:
+            dw_acc += tl.sum(dy * xhat, axis=0)  # rows past M load as zeros
     if HAS_DW:
-        tl.store(DW_PART + pid * N + cols, dw_acc, mask=mask)
+        tl.store(DW_PART + pid * N + cols, dw_acc, mask=col_ok)
 
 
-def _launch_config(n: int) -> tuple[int, int]:
-    """The one place that maps a row width to (BLOCK, num_warps)."""
+# Elements one program holds at a time when rows are narrow: a per-head q/k norm (rows of the head dim, 128) would
+# otherwise be one tiny program per row (8B: 131K of them per norm, and backward walking hundreds of rows in turn).
+TILE_ELEMENTS = 4096
+
+
+def _launch_config(n: int) -> tuple[int, int, int]:
+    """The one place that maps a row width to (BLOCK, BLOCK_M rows per tile, num_warps)."""
     block = next_power_of_2(n)
     if block > 65536:
         raise ValueError(f"rms_norm Triton kernel supports rows up to 65536 wide, got {n}")
+    block_m = max(1, TILE_ELEMENTS // block)
     num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    return block, num_warps
+    return block, block_m, num_warps
 
 
 def rms_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -84,9 +93,9 @@ def rms_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, eps: float,
     m, n = x2d.shape
     y = torch.empty((m, n), dtype=torch.result_type(x2d, weight) if offset == 0 else x2d.dtype, device=x2d.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x2d.device)
-    block, num_warps = _launch_config(n)
-    launch(_rms_norm_fwd_kernel, (m,), x2d, weight, y, rstd, x2d.stride(0), y.stride(0), n, eps,
-           BLOCK=block, OFFSET=float(offset), num_warps=num_warps)
+    block, block_m, num_warps = _launch_config(n)
+    launch(_rms_norm_fwd_kernel, (cdiv(m, block_m),), x2d, weight, y, rstd, x2d.stride(0), y.stride(0), m, n, eps,
+           BLOCK_M=block_m, BLOCK=block, OFFSET=float(offset), num_warps=num_warps)
     return y, rstd
 
 
@@ -96,18 +105,19 @@ def rms_norm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rs
     m, n = x2d.shape
     dy2d = dy2d.contiguous()
     dx = torch.empty_like(x2d)
-    block, num_warps = _launch_config(n)
+    block, block_m, num_warps = _launch_config(n)
+    tiles = cdiv(m, block_m)
     if x2d.is_cuda:
         sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
-        programs = min(m, 4 * sms)
+        programs = min(tiles, 4 * sms)
     else:
-        programs = min(m, 8)
+        programs = min(tiles, 8)
     programs = max(programs, 1)
-    rows_per_prog = cdiv(m, programs)
-    programs = cdiv(m, rows_per_prog)
+    tiles_per_prog = cdiv(tiles, programs)
+    programs = cdiv(tiles, tiles_per_prog)
     dw_part = torch.empty((programs, n), dtype=torch.float32, device=x2d.device) if need_dw else dx
     launch(_rms_norm_bwd_kernel, (programs,), dy2d, x2d, weight, rstd, dx, dw_part, dy2d.stride(0), x2d.stride(0),
-           dx.stride(0), m, n, ROWS_PER_PROG=rows_per_prog, BLOCK=block,
+           dx.stride(0), m, n, TILES_PER_PROG=tiles_per_prog, BLOCK_M=block_m, BLOCK=block,
            HAS_DW=need_dw, OFFSET=float(offset), num_warps=num_warps)
     dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
     return dx, dw
