@@ -17,8 +17,9 @@ How a call of the patched decoder model's ``forward`` (``LlamaModel``, ``Qwen2Mo
 - a captured key: copy the tensor inputs into the graph's static buffers, replay, return fresh outputs.
 
 The static cache comes from ``generate``: the patched model's ``generate`` adds ``cache_implementation="static"``
-(``static_generate_kwargs``) where the call leaves the cache to transformers; a cache, cache choice, generation
-config or assistant the user passes is kept as it is (and then decode runs eagerly unless that cache is static).
+(``static_generate_kwargs``) where the call leaves the cache to transformers (a passed generation config that chooses
+no cache, as TRL's rollouts pass, gets a static copy); a cache, cache choice, beams or assistant the user passes is
+kept as it is (and then decode runs eagerly unless that cache is static).
 
 What a replay cannot notice, and how it is covered: the state the forward's Python branches on (weights replaced,
 adapters switched, disabled, merged or rescaled, hooks, train/eval, the config's output flags) is fingerprinted
@@ -44,6 +45,7 @@ turns graphs off for the model; that step and every later one run eagerly, with 
 
 from __future__ import annotations
 
+import copy
 import logging
 import weakref
 from collections import Counter, OrderedDict
@@ -411,21 +413,35 @@ def decode_graphs_eligible(module: nn.Module) -> str | None:
     return None
 
 
-_NO_STATIC = ("past_key_values", "cache", "cache_implementation", "generation_config", "assistant_model",
-              "prompt_lookup_num_tokens", "assistant_early_exit")
+_NO_STATIC = ("past_key_values", "cache", "cache_implementation", "assistant_model", "prompt_lookup_num_tokens",
+              "assistant_early_exit")
+
+
+def _leaves_cache(config) -> bool:
+    """A generation config that chooses no cache and nothing a static cache would refuse (beams, assistants,
+    prompt lookup, no cache at all)."""
+    return (config.cache_implementation is None and config.use_cache is not False and (config.num_beams or 1) == 1
+            and all(getattr(config, k, None) is None for k in _NO_STATIC[3:]))
 
 
 def static_generate_kwargs(model: nn.Module, kwargs: dict) -> dict:
     """``generate``'s kwargs with ``cache_implementation="static"`` (and transformers' own auto-compile of the forward
-    off: fastllm graphs the decode step itself) when the call leaves the cache to transformers' default: no cache,
-    cache choice, generation config or assistant passed, a single beam, the model's config choosing no cache either.
-    Any such choice is the user's and is kept (a static cache would refuse a passed cache, assisted decoding, ...)."""
+    off: fastllm graphs the decode step itself) when the call leaves the cache to transformers: no cache, cache
+    choice or assistant passed, a single beam, the model's config choosing no cache either. A ``generation_config``
+    passed with those same defaults (TRL's trainers pass one for their rollouts) is copied with the static cache
+    set; the caller's object is not changed. Any choice of the user's is kept (a static cache would refuse a passed
+    cache, assisted decoding, ...)."""
     config = getattr(model, "generation_config", None)
-    if (config is None or config.cache_implementation is not None or kwargs.get("use_cache") is False
-            or any(kwargs.get(k) is not None for k in _NO_STATIC)
-            or (kwargs.get("num_beams") or config.num_beams or 1) > 1):
+    passed = kwargs.get("generation_config")
+    if (config is None or not _leaves_cache(config) or kwargs.get("use_cache") is False
+            or any(kwargs.get(k) is not None for k in _NO_STATIC) or (kwargs.get("num_beams") or 1) > 1
+            or (passed is not None and not _leaves_cache(passed))):
         return kwargs
-    return {**kwargs, "cache_implementation": "static", "disable_compile": True}
+    if passed is None:
+        return {**kwargs, "cache_implementation": "static", "disable_compile": True}
+    passed = copy.deepcopy(passed)
+    passed.cache_implementation, passed.disable_compile = "static", True
+    return {**kwargs, "generation_config": passed}
 
 
 def static_generate(self, *args, **kwargs):

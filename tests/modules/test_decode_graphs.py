@@ -506,9 +506,21 @@ def test_static_generate_kwargs():
     want = {"max_new_tokens": 3, "cache_implementation": "static", "disable_compile": True}
     assert static_generate_kwargs(m, {"max_new_tokens": 3}) == want
     for kept in ({"past_key_values": object()}, {"cache": object()}, {"cache_implementation": "dynamic"},
-                 {"generation_config": GenerationConfig()}, {"assistant_model": object()}, {"num_beams": 2},
-                 {"use_cache": False}, {"prompt_lookup_num_tokens": 3}):
+                 {"assistant_model": object()}, {"num_beams": 2}, {"use_cache": False},
+                 {"prompt_lookup_num_tokens": 3},
+                 {"generation_config": GenerationConfig(cache_implementation="dynamic")},
+                 {"generation_config": GenerationConfig(num_beams=2)},
+                 {"generation_config": GenerationConfig(use_cache=False)},
+                 {"generation_config": GenerationConfig(prompt_lookup_num_tokens=3)}):
         assert static_generate_kwargs(m, dict(kept)) == kept
+    # a passed config that leaves the cache to transformers (TRL's rollouts): a static copy, the caller's untouched
+    theirs = GenerationConfig(max_new_tokens=5, do_sample=True, temperature=0.7, disable_compile=True)
+    out = static_generate_kwargs(m, {"generation_config": theirs, "max_new_tokens": 5})
+    got = out["generation_config"]
+    assert got is not theirs and theirs.cache_implementation is None
+    assert (got.cache_implementation, got.disable_compile) == ("static", True)
+    assert (got.temperature, got.do_sample, got.max_new_tokens) == (0.7, True, 5)
+    assert out["max_new_tokens"] == 5 and "cache_implementation" not in out
     for config in (GenerationConfig(cache_implementation="dynamic"), GenerationConfig(num_beams=3)):
         assert static_generate_kwargs(SimpleNamespace(generation_config=config), {}) == {}
     assert static_generate_kwargs(SimpleNamespace(), {}) == {}  # no generation config: left alone
@@ -592,6 +604,23 @@ def test_generate_wrapper_goes_static_and_keeps_a_users_cache(model, bind, stati
                              max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
     assert any(k.startswith("eager: no static KV cache") for k in graphs.stats), graphs.summary()
     torch.testing.assert_close(own, plain, rtol=0, atol=0)
+
+
+def test_generate_wrapper_graphs_a_passed_generation_config(model, bind, static_generate_bound):
+    """TRL's GRPO/RLOO rollouts pass ``generation_config=`` (cache left to transformers): the steps are graphed and the
+    tokens are those of a plain call; the trainer's config object keeps its own settings."""
+    from transformers import GenerationConfig
+
+    graphs = bind()
+    x = _ids()
+    theirs = GenerationConfig(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = model.generate(input_ids=x, generation_config=theirs)
+    assert graphs.stats["captured"] == 1 and theirs.cache_implementation is None, graphs.summary()
+    vars(static_generate_bound).pop("generate")  # transformers' own generate: dynamic cache, eager steps
+    with torch.no_grad():
+        ref = model.generate(input_ids=x, generation_config=theirs)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 def test_seq_guard_takes_an_empty_dynamic_cache(model):
