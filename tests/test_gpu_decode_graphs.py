@@ -155,3 +155,27 @@ def test_replays_never_write_a_workspace_that_was_freed(tiny_llama_i128_dir, cha
     torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
     gc.collect()
     assert all(r.expired() for r in old)  # the old graph went at the new capture, and its buffers with it
+
+
+def test_trl_grpo_rollouts_are_graphed(tiny_llama_i128_dir, tmp_path):
+    """TRL's GRPOTrainer (no vLLM) passes its own ``generation_config`` to ``generate``: the rollouts' decode steps
+    still run as graphs (the wrapper gives that config a static cache), and the step trains."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from fastllm.bench.grpo import _reward, word_tokenizer
+
+    model, _ = FastLlama.from_pretrained(tiny_llama_i128_dir, dtype=torch.bfloat16, max_seq_length=256)
+    model = FastLlama.get_peft_model(model, r=8, lora_alpha=8)
+    graphs = decode_graphs_of(find_base(model))
+    tok = word_tokenizer(model.config.vocab_size)
+    rows = [{"prompt": " ".join(f"w{i}" for i in range(3 + j, 9 + j))} for j in range(4)]
+    cfg = GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, num_generations=2,
+                     max_completion_length=NEW, generation_kwargs={"min_new_tokens": NEW}, logging_steps=1,
+                     report_to=[], save_strategy="no", bf16=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=_reward, args=cfg, train_dataset=Dataset.from_list(rows),
+                          processing_class=tok)
+    trainer.train()
+    assert graphs.stats["captured"] >= 1 and graphs.stats["replayed"] >= 2 * (NEW - 3), graphs.summary()
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
