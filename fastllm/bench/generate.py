@@ -172,10 +172,10 @@ def kernel_rows(shape: str, rows_list=(1, 8, 32)) -> list:
     return out
 
 
-ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w} for bn in (2, 4, 8) for bk in (512, 1024, 2048)
-             for w in (2, 4, 8)]
-DOT_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st, "num_warps": 4} for bn in (16, 32, 64)
-             for bk in (64, 128) for st in (2, 3, 4)]
+ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "UNPACK": u} for u in (0, 1) for bn in (2, 4, 8)
+             for bk in (512, 1024) for w in (4, 8)]
+DOT_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st, "num_warps": 4, "UNPACK": u} for u in (0, 1)
+             for bn in (16, 32, 64) for bk in (64, 128) for st in (2, 3)]
 
 
 def sweep_rows(shape: str, rows_list=(1, 8, 32)) -> list:
@@ -268,8 +268,8 @@ def main(argv=None) -> int:
             for r in srows:
                 if "us" in r and r["us"] < best.get((r["proj"], r["rows"]), {"us": float("inf")})["us"]:
                     best[(r["proj"], r["rows"])] = r
-            print(format_table(list(best.values()), ["proj", "rows", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
-                                                     "us", "limit_us", "of_limit"]), flush=True)
+            print(format_table(list(best.values()), ["proj", "rows", "BLOCK_N", "BLOCK_K", "UNPACK", "num_warps",
+                                                     "num_stages", "us", "limit_us", "of_limit"]), flush=True)
         if args.kernels:
             krows = kernel_rows(shape)
             write_jsonl(krows, jsonl)

@@ -49,12 +49,15 @@ def _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, ok, BLOCKSIZE2: tl.constexpr, N
 @triton.jit
 def _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K,
              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, UNPACK: tl.constexpr):
     """acc[j] = sum_k x[k] W[rn_j, k] for one row x, in fp32 on the CUDA cores: (BLOCK_N,).
 
     The packed tile is read as (BLOCK_N, NB, HB) bytes, NB quantization blocks (or block chunks) of HB bytes per
     row, so the absmax broadcasts over the last axis with no reshape; the block's absmax multiplies its partial
-    sum (``absmax * sum(code[q] * x)``), one multiply per block instead of one per weight."""
+    sum (``absmax * sum(code[q] * x)``), one multiply per block instead of one per weight. ``UNPACK`` 0: each byte
+    once, its two nibbles against x's even and odd elements (strided x loads); 1: the tile read per element
+    (BLOCK_N, NB, CHUNK), each element shifting its own nibble out of its byte (each byte loaded twice, from the
+    same cache line) against contiguous x."""
     HB: tl.constexpr = CHUNK // 2        # bytes of one block chunk
     NB: tl.constexpr = BLOCK_K // CHUNK  # block chunks per row per step
     n_ok = rn < N
@@ -62,13 +65,20 @@ def _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K,
     row_blocks = (rn * (K // BLOCKSIZE))[:, None]             # (BLOCK_N, 1)
     chunk = tl.arange(0, NB)
     byte = chunk[:, None] * HB + tl.arange(0, HB)[None, :]   # (NB, HB) byte offsets within a step
+    elem = chunk[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # (NB, CHUNK) element offsets within a step
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        bb = k0 // 2 + byte
-        q = tl.load(PACKED + row_bytes + bb[None, :, :], mask=n_ok[:, None, None], other=0).to(tl.int32)
-        x_hi = tl.load(X + 2 * bb).to(tl.float32)[None, :, :]  # element 2b pairs with byte b's high nibble
-        x_lo = tl.load(X + 2 * bb + 1).to(tl.float32)[None, :, :]
-        part = tl.sum(tl.load(CODE + (q >> 4)) * x_hi + tl.load(CODE + (q & 15)) * x_lo, axis=2)  # (BLOCK_N, NB)
+        if UNPACK == 0:
+            bb = k0 // 2 + byte
+            q = tl.load(PACKED + row_bytes + bb[None, :, :], mask=n_ok[:, None, None], other=0).to(tl.int32)
+            x_hi = tl.load(X + 2 * bb).to(tl.float32)[None, :, :]  # element 2b pairs with byte b's high nibble
+            x_lo = tl.load(X + 2 * bb + 1).to(tl.float32)[None, :, :]
+            part = tl.sum(tl.load(CODE + (q >> 4)) * x_hi + tl.load(CODE + (q & 15)) * x_lo, axis=2)  # (BLOCK_N, NB)
+        else:
+            kk = k0 + elem
+            q = tl.load(PACKED + row_bytes + (kk // 2)[None, :, :], mask=n_ok[:, None, None], other=0).to(tl.int32)
+            nib = (q >> (4 - 4 * (kk & 1))[None, :, :]) & 15  # even elements in the high nibble
+            part = tl.sum(tl.load(CODE + nib) * tl.load(X + kk).to(tl.float32)[None, :, :], axis=2)
         blk = row_blocks + ((k0 + chunk * CHUNK) // BLOCKSIZE)[None, :]
         acc += tl.sum(part * _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED), axis=1)
     return acc
@@ -78,14 +88,16 @@ def _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K,
 def _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K,
               BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-              DOT: tl.constexpr, FP32: tl.constexpr):
+              DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr):
     """acc[m, j] = sum_k x[rm_m, k] * W[rn_j, k] in fp32: (BLOCK_M, BLOCK_N). BLOCK_K divides K.
 
     ``DOT``: tensor cores (``tl.dot``, at least 16 rows of x, the spare ones masked), W rounded to x's dtype as the
-    dense dequant writes it; else one row (BLOCK_M = 1) on the CUDA cores (``_nf4_row``)."""
+    dense dequant writes it; else one row (BLOCK_M = 1) on the CUDA cores (``_nf4_row``). ``UNPACK`` picks how the
+    nibbles come out of the bytes (see ``_nf4_row``): 0 both nibbles of a byte, joined into k order; 1 each element
+    shifted out of its own byte, no join."""
     if not DOT:
         return _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, BLOCKSIZE, BLOCKSIZE2, NESTED,
-                        BLOCK_N, BLOCK_K, CHUNK)[None, :]
+                        BLOCK_N, BLOCK_K, CHUNK, UNPACK)[None, :]
     NCH: tl.constexpr = BLOCK_K // CHUNK  # absmax entries per row per step (CHUNK = min(BLOCKSIZE, BLOCK_K))
     m_ok = rm < M
     n_ok = rn < N
@@ -95,10 +107,14 @@ def _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn,
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(X + rm[:, None] * stride_x + kk[None, :], mask=m_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K)
-        bb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        q = tl.load(PACKED + row_bytes + bb[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
-        # byte b holds element 2b in its high nibble and 2b + 1 in its low one
-        w = tl.reshape(tl.join(tl.load(CODE + (q >> 4)), tl.load(CODE + (q & 15))), (BLOCK_N, BLOCK_K))
+        if UNPACK == 0:
+            bb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            q = tl.load(PACKED + row_bytes + bb[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
+            # byte b holds element 2b in its high nibble and 2b + 1 in its low one
+            w = tl.reshape(tl.join(tl.load(CODE + (q >> 4)), tl.load(CODE + (q & 15))), (BLOCK_N, BLOCK_K))
+        else:
+            q = tl.load(PACKED + row_bytes + (kk // 2)[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
+            w = tl.load(CODE + ((q >> (4 - 4 * (kk & 1))[None, :]) & 15))
         blk = row_blocks + ((k0 + tl.arange(0, NCH) * CHUNK) // BLOCKSIZE)[None, :]  # (BLOCK_N, NCH)
         scale = _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED)
         if NCH == 1:  # the step lies inside one block per row: a broadcast, no reshape
@@ -142,12 +158,12 @@ def _nf4_gemv_kernel(X, stride_x, OUT, stride_o, PACKED, ABSMAX, CODE, CODE2, AB
                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
-                     FP32: tl.constexpr):
+                     FP32: tl.constexpr, UNPACK: tl.constexpr):
     """out[m, n] = x[m] . W[n] + bias[n] + s * xa[m] . B[n]  for BLOCK_N columns n per program."""
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K,
-                    BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32)
+                    BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
@@ -164,15 +180,15 @@ def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, CODE,
                          BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                          HAS_LORA: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
-                         DOT: tl.constexpr, FP32: tl.constexpr):
+                         DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr):
     """out[m, n] = act(g[m, n]) * u[m, n], g and u each ``x . W[n] + s * xa . B[n]``; act SiLU or, with GELU,
     GELU-tanh; computed in fp32."""
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = _nf4_tile(X, stride_x, P_G, A_G, CODE, C2_G, A2_G, O_G, rm, rn, M, N, K,
-                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32)
+                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK)
     u = _nf4_tile(X, stride_x, P_U, A_U, CODE, C2_U, A2_U, O_U, rm, rn, M, N, K,
-                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32)
+                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK)
     if HAS_LORA:
         g = _lora_term(g, XA_G, stride_xa, B_G, s_g, rm, rn, M, N, R_G, BLOCK_R, DOT, FP32)
         u = _lora_term(u, XA_U, stride_xa, B_U, s_u, rm, rn, M, N, R_U, BLOCK_R, DOT, FP32)
@@ -194,20 +210,21 @@ def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, CODE,
 # 1024-element step reads 2 KiB of packed bytes per program (16 bytes a thread at 4 warps). Batches (tensor cores):
 # 32 weight rows a program, one quantization block per step (the absmax a broadcast). Starting points: ``fastllm
 # bench generate --kernels --sweep`` times the alternatives (docs/benchmarks.md, "decode GEMV").
-ROW_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1}
-DOT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+ROW_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "UNPACK": 0}
+DOT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "UNPACK": 0}
 MAX_ROWS = 64  # largest M these kernels take (decode batches); more rows go to dequant + GEMM
 
 
 def gemv_config(m: int, k: int, blocksize: int, override: dict | None = None) -> dict:
     """The one place that maps a problem to its tile sizes and launch options: ``DOT`` (tensor cores) for more
     than one row; BLOCK_K capped at the largest power of two dividing K (no tail to mask; K is a multiple of the
-    blocksize and of 32); ``override`` (the sweep) replaces any of ``BLOCK_N, BLOCK_K, num_warps, num_stages``."""
+    blocksize and of 32); ``override`` (the sweep) replaces any of ``BLOCK_N, BLOCK_K, UNPACK, num_warps,
+    num_stages``."""
     dot = m > 1
     cfg = {**(DOT_CONFIG if dot else ROW_CONFIG), **(override or {})}
     block_k = min(cfg["BLOCK_K"], k & -k)
     return {"BLOCK_M": max(16, next_power_of_2(m)) if dot else 1, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": block_k,
-            "CHUNK": min(blocksize, block_k), "DOT": dot, "num_warps": cfg["num_warps"],
+            "CHUNK": min(blocksize, block_k), "DOT": dot, "UNPACK": cfg["UNPACK"], "num_warps": cfg["num_warps"],
             "num_stages": cfg["num_stages"]}
 
 

@@ -126,6 +126,10 @@ def test_decode_steps_take_it_only_when_switched_on(monkeypatch):
     (1, {"BLOCK_N": 8, "BLOCK_K": 32}),                     # one row, half a block a step
     (5, {"BLOCK_N": 16, "BLOCK_K": 256, "num_stages": 2}),  # tensor cores, 4 blocks a step (the 3-D scale path)
     (5, {"BLOCK_N": 64, "BLOCK_K": 32}),                    # tensor cores, half a block a step
+    (1, {"BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 1}),       # each element its own nibble: one row, 4 blocks a step
+    (1, {"BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 1}),        # ... half a block a step
+    (5, {"BLOCK_N": 16, "BLOCK_K": 128, "UNPACK": 1}),      # ... tensor cores, 2 blocks a step
+    (5, {"BLOCK_N": 32, "BLOCK_K": 64, "UNPACK": 1}),       # ... tensor cores, one block a step
 ])
 def test_tile_overrides_keep_the_maths(m, config):
     """The sweep's tile alternatives (``gemv_config`` overrides) compute the same as the defaults."""
