@@ -2,7 +2,7 @@
 # One GPU pass for decode (issue #23), under the GPU image's transformers:
 #   device run: bash examples/decode_check.sh    (carry: [".whl"], with .whl/unsloth for the unsloth rows)
 # STEPS: tests (the GEMV, decode-op, decode-graph and auto-checkpointing GPU tests), sweep (the GEMV's tile
-# alternatives), kernels (one 8B layer's GEMVs against bitsandbytes' and dequant + GEMM), generate (`fastllm bench
+# alternatives; the fastest are adopted for this run's fastllm:gemv=on rows), kernels (one 8B layer's GEMVs against bitsandbytes' and dequant + GEMM), generate (`fastllm bench
 # generate` at BATCHES), grpo (`fastllm bench grpo`: TRL GRPO steps, hf against fastllm, GRPO_SHAPE, default 1b).
 # Output under $OUT.
 set -uo pipefail

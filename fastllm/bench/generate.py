@@ -214,6 +214,30 @@ def sweep_rows(shape: str, rows_list=(1, 8, 32)) -> list:
     return out
 
 
+def adopt_best(sweep: list[dict]) -> dict:
+    """Set ``kernels.nf4_gemv.ROW_CONFIG`` / ``DOT_CONFIG`` (for this process) to the sweep's fastest config: the
+    one-row configs by their summed time over the projections, the tensor-core ones over projections and row
+    counts; a config must have run everywhere it was timed. Returns ``{"row": config, "dot": config}``."""
+    from ..kernels import nf4_gemv as kernels
+
+    keys = ("BLOCK_N", "BLOCK_K", "UNPACK", "num_warps", "num_stages")
+    chosen = {}
+    for name, target, one in (("row", kernels.ROW_CONFIG, True), ("dot", kernels.DOT_CONFIG, False)):
+        totals, failed = {}, set()
+        for r in sweep:
+            if (r["rows"] == 1) != one:
+                continue
+            cfg = tuple((k, r[k]) for k in keys if k in r)
+            if "us" not in r:
+                failed.add(cfg)
+            totals[cfg] = totals.get(cfg, 0.0) + r.get("us", 0.0)
+        ok = {c: t for c, t in totals.items() if c not in failed}
+        if ok:
+            target.update(dict(min(ok, key=ok.get)))
+        chosen[name] = dict(target)
+    return chosen
+
+
 def _plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -270,6 +294,9 @@ def main(argv=None) -> int:
                     best[(r["proj"], r["rows"])] = r
             print(format_table(list(best.values()), ["proj", "rows", "BLOCK_N", "BLOCK_K", "UNPACK", "num_warps",
                                                      "num_stages", "us", "limit_us", "of_limit"]), flush=True)
+            tuned = adopt_best(srows)  # the generate rows below (fastllm:gemv=on) run with the winners
+            print(f"GEMV configs adopted for this run: {tuned}", flush=True)
+            write_jsonl([{"bench": "generate-tuned", "shape": shape, **tuned}], jsonl)
         if args.kernels:
             krows = kernel_rows(shape)
             write_jsonl(krows, jsonl)

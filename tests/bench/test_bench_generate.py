@@ -51,3 +51,24 @@ def test_the_cli_lists_it():
     from fastllm.cli import BENCHES
 
     assert BENCHES["generate"] == "fastllm.bench.generate"
+
+
+def test_adopt_best_takes_the_fastest_config_that_ran_everywhere(monkeypatch):
+    from fastllm.kernels import nf4_gemv as kernels
+
+    monkeypatch.setattr(kernels, "ROW_CONFIG", dict(kernels.ROW_CONFIG))
+    monkeypatch.setattr(kernels, "DOT_CONFIG", dict(kernels.DOT_CONFIG))
+    a = {"BLOCK_N": 2, "BLOCK_K": 512, "num_warps": 4, "UNPACK": 0}
+    b = {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 8, "UNPACK": 1}
+    c = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "UNPACK": 1}
+    d = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "UNPACK": 0}
+    sweep = [
+        {"proj": "q", "rows": 1, **a, "us": 5.0}, {"proj": "down", "rows": 1, **a, "us": 9.0},
+        {"proj": "q", "rows": 1, **b, "us": 4.0}, {"proj": "down", "rows": 1, **b, "us": 8.0},  # b: fastest sum
+        {"proj": "q", "rows": 8, **c, "us": 1.0}, {"proj": "down", "rows": 8, **c, "error": "out of resources"},
+        {"proj": "q", "rows": 8, **d, "us": 6.0}, {"proj": "down", "rows": 8, **d, "us": 7.0},  # c failed once
+        {"proj": "q", "rows": 32, **d, "us": 6.5}, {"proj": "down", "rows": 32, **d, "us": 7.5},
+    ]
+    chosen = generate.adopt_best(sweep)
+    assert chosen["row"] == {**kernels.ROW_CONFIG} and {k: chosen["row"][k] for k in b} == b
+    assert {k: chosen["dot"][k] for k in d} == d and kernels.DOT_CONFIG["BLOCK_N"] == 64
