@@ -3,7 +3,7 @@
 #   device run: bash examples/decode_check.sh    (carry: [".whl"], with .whl/unsloth for the unsloth rows)
 # STEPS: tests (the GEMV, decode-op, decode-graph and auto-checkpointing GPU tests), sweep (the GEMV's tile
 # alternatives; the fastest are adopted for this run's fastllm:gemv=on rows), kernels (one 8B layer's GEMVs against bitsandbytes' and dequant + GEMM), generate (`fastllm bench
-# generate` at BATCHES), grpo (`fastllm bench grpo`: TRL GRPO steps, hf against fastllm, GRPO_SHAPE, default 1b).
+# generate` at BATCHES), grpo (`fastllm bench grpo`: TRL GRPO steps, hf, fastllm and unsloth, GRPO_SHAPE, default 1b).
 # Output under $OUT.
 set -uo pipefail
 source examples/device_env.sh

@@ -6,7 +6,9 @@ it. Each provider runs in its own process on the same random QLoRA model (``benc
 double quant, LoRA r16 on all linears) with TRL's GRPO defaults (bf16, gradient checkpointing, beta 0):
 
 - ``hf``: transformers + PEFT + bitsandbytes as they come (fastllm unpatched);
-- ``fastllm``: fastllm's defaults (decode graphs, fused QLoRA training path, auto checkpointing).
+- ``fastllm``: fastllm's defaults (decode graphs, fused QLoRA training path, auto checkpointing);
+- ``unsloth``: Unsloth's model on the same NF4 bytes (``bench.unsloth_provider``) and its patched GRPOTrainer
+  (imported after Unsloth, which patches TRL at import; no vLLM), with Unsloth's own pinned TRL.
 
 The tokenizer is built here over the shape's vocabulary (word ``w<id>`` is token ``id``), so a prompt of P random
 words is P tokens and any sampled id decodes; completions are exactly ``new_tokens`` long (``min_new_tokens``:
@@ -28,7 +30,7 @@ import torch
 from .common import format_table, pick, stamp, write_jsonl
 from .models import SHAPES
 
-PROVIDERS = ("hf", "fastllm")
+PROVIDERS = ("hf", "fastllm", "unsloth")
 
 
 def word_tokenizer(vocab_size: int):
@@ -60,6 +62,11 @@ def _sync(device: torch.device) -> None:
 def measure(provider: str, shape: str, device: torch.device, *, prompts: int, generations: int, prompt: int,
             new_tokens: int, steps: int, warmup: int, seed: int = 0) -> dict:
     """``warmup + steps`` GRPO steps of ``provider``; timings of the last ``steps``."""
+    note = None
+    if provider == "unsloth":  # first: Unsloth patches transformers, PEFT and TRL as it is imported
+        from .unsloth_provider import build
+
+        model, note = build(shape, device, prompt + new_tokens + 64)
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -67,8 +74,9 @@ def measure(provider: str, shape: str, device: torch.device, *, prompts: int, ge
     from .. import PatchConfig, is_patched, patch, unpatch
     from .compile import build_qlora
 
-    model = build_qlora(shape, device)
-    unpatch(model)
+    if provider != "unsloth":
+        model = build_qlora(shape, device)
+        unpatch(model)
     if provider == "fastllm":  # get_peft_model's default checkpointing
         patch(model, PatchConfig(gradient_checkpointing="auto"))
     tok = word_tokenizer(model.config.vocab_size)
@@ -94,7 +102,9 @@ def measure(provider: str, shape: str, device: torch.device, *, prompts: int, ge
         out = generate(*args, **kwargs)
         _sync(device)
         gen_s.append(time.perf_counter() - t0)
-        lens.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor):
+            lens.append(out.shape[1] - ids.shape[1])
         return out
 
     model.generate = timed_generate
@@ -110,17 +120,20 @@ def measure(provider: str, shape: str, device: torch.device, *, prompts: int, ge
         torch.cuda.reset_peak_memory_stats(device)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    step, in_gen = statistics.median(step_s[warmup:]), statistics.median(gen_s[warmup:])
+    step = statistics.median(step_s[warmup:])
+    # a trainer that generates some other way (Unsloth's) leaves no generate times: the step time still stands
+    in_gen = statistics.median(gen_s[warmup:]) if len(gen_s) > warmup else None
     seqs = prompts * generations
     return {"provider": provider, "patched": is_patched(model), "step_s": step, "generate_s": in_gen,
-            "train_s": step - in_gen, "tokens_per_s": seqs * (prompt + new_tokens) / step,
+            "train_s": None if in_gen is None else step - in_gen, "setup": note,
+            "tokens_per_s": seqs * (prompt + new_tokens) / step,
             "completion_tokens_per_s": seqs * new_tokens / step, "new_tokens_seen": sorted(set(lens)),
             "loss": losses[-1] if losses else None,
             "peak_gib": torch.cuda.max_memory_allocated(device) / (1 << 30) if cuda else None}
 
 
 def run(shape: str, providers, args, jsonl: str | None) -> list:
-    from .train import spawn_command
+    from .train import spawn_command, unavailable
 
     base = {"bench": "grpo", "shape": shape, "prompts": args.prompts, "generations": args.generations,
             "prompt": args.prompt, "new_tokens": args.new_tokens, "steps": args.steps, **stamp()}
@@ -129,7 +142,9 @@ def run(shape: str, providers, args, jsonl: str | None) -> list:
         cmd = ["--worker", provider, "--shapes", shape, "--prompts", str(args.prompts), "--generations",
                str(args.generations), "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens), "--steps",
                str(args.steps), "--warmup", str(args.warmup)]
-        row = {**base, **spawn_command("fastllm.bench.grpo", cmd, provider, timeout=args.timeout)}
+        why = unavailable(provider)
+        found = {"error": why} if why else spawn_command("fastllm.bench.grpo", cmd, provider, timeout=args.timeout)
+        row = {**base, **found}
         row.setdefault("provider", provider)
         ref = next((r for r in rows if r["provider"] == "hf" and "step_s" in r), None)
         if ref and "step_s" in row:

@@ -23,7 +23,7 @@ def test_reward_is_the_share_of_even_ids():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("provider", grpo.PROVIDERS)
+@pytest.mark.parametrize("provider", ["hf", "fastllm"])  # unsloth: a GPU provider (its own site, CUDA only)
 def test_measure_runs_trl_grpo_steps_of_exact_length(provider):
     pytest.importorskip("trl")
     row = grpo.measure(provider, "tiny", torch.device("cpu"), prompts=2, generations=2, prompt=5, new_tokens=6,
@@ -52,6 +52,16 @@ def test_needs_cuda(capsys):
     with pytest.raises(SystemExit):
         grpo.main(["--shapes", "tiny"])
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_unsloth_without_its_site_is_a_row_error(monkeypatch, tmp_path):
+    import argparse
+
+    monkeypatch.delenv("UNSLOTH_SITE", raising=False)
+    args = argparse.Namespace(prompts=2, generations=2, prompt=4, new_tokens=4, steps=1, warmup=0, timeout=60)
+    (row,) = grpo.run("tiny", ["unsloth"], args, str(tmp_path / "grpo.jsonl"))
+    assert row["provider"] == "unsloth" and "UNSLOTH_SITE not set" in row["error"]
+    assert (tmp_path / "grpo.jsonl").read_text().count("UNSLOTH_SITE") == 1
 
 
 def test_the_cli_lists_it():
