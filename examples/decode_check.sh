@@ -26,6 +26,6 @@ if [[ -n "$extra$batches" ]]; then
     --new-tokens "${NEW_TOKENS:-256}" --runs "${RUNS:-3}" --out "$out/generate" 2>&1 | tail -60
 fi
 if [[ $steps == *grpo* ]]; then
-  timeout "${GRPO_TIMEOUT:-400}" python -m fastllm.bench.grpo --shapes "${GRPO_SHAPE:-1b}" \
-    --new-tokens "${GRPO_NEW_TOKENS:-256}" --steps "${GRPO_STEPS:-2}" --timeout 190 --out "$out/grpo" 2>&1 | tail -20
+  timeout "${GRPO_TIMEOUT:-560}" python -m fastllm.bench.grpo --shapes "${GRPO_SHAPE:-1b}" \
+    --providers "${GRPO_PROVIDERS:-hf,fastllm,unsloth}" --new-tokens "${GRPO_NEW_TOKENS:-256}" --steps "${GRPO_STEPS:-2}" --timeout 180 --out "$out/grpo" 2>&1 | tail -20
 fi
