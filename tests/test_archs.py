@@ -261,7 +261,25 @@ def test_long_layers_run_the_mlp_over_row_tiles(tiny_arch_dir, model_type, monke
     """A layer with more rows than ``MLP_TILE_ROWS`` runs its MLP (and Gemma's norm after it) over row tiles in the
     fused layer's forward and backward: the same loss and LoRA grads as untiled and as eager (74 rows over tiles of
     16: a partial last tile)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from fastllm.ops import lora_layer
+
+    class GateUpRows(TorchDispatchMode):
+        """The row counts of every op output as wide as the MLP's gate/up pair (2 x intermediate)."""
+
+        def __init__(self, width):
+            super().__init__()
+            self.width, self.rows = width, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(r.alias_info is not None for r in func._schema.returns):
+                return out  # a view (a dequantized weight's transpose is (hidden, 2I)) holds no new memory
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-1] == self.width:
+                    self.rows.append(t.numel() // self.width)
+            return out
 
     path = tiny_arch_dir(model_type)
     results = []
@@ -271,8 +289,11 @@ def test_long_layers_run_the_mlp_over_row_tiles(tiny_arch_dir, model_type, monke
         model.train()
         ids = _ids(device=model.device)
         LAYER_CALLS.clear()
-        results.append(_loss_grads(model, ids))
+        with GateUpRows(2 * model.config.intermediate_size) as seen:
+            results.append(_loss_grads(model, ids))
         assert LAYER_CALLS == {"fused": 2}
+        # tiled: no [tokens, 2 x intermediate] tensor for the whole sequence, forward or backward (74 rows)
+        assert seen.rows and max(seen.rows) == min(tile, ids.numel()), (tile, sorted(set(seen.rows)))
     with eager(model):
         ref_loss, ref_grads = _loss_grads(model, ids)
     (loss, grads), (t_loss, t_grads) = results
