@@ -30,15 +30,16 @@ def _r(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def _rotate_heads(X, Y, row, x_stride, n_heads, c1, c2, s1, s2, D: tl.constexpr, HALF: tl.constexpr,
+def _rotate_heads(X, Y, row, x_stride, y_stride, n_heads, c1, c2, s1, s2, D: tl.constexpr, HALF: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+    """Heads of one row; a head's two halves are loaded before either is stored, so Y may be X (in place)."""
     d = tl.arange(0, BLOCK_D)
     h = tl.arange(0, BLOCK_H)
     for h0 in range(0, n_heads, BLOCK_H):
         hh = h0 + h
         head = hh[:, None] * D + d[None, :]  # (BLOCK_H, BLOCK_D), first halves
-        offs = row * n_heads * D + head  # the output is contiguous
-        xoffs = row * x_stride + head  # the input may be a column block of a wider (rows, N) tensor
+        offs = row * y_stride + head   # input and output may each be a column block of a wider (rows, N) tensor
+        xoffs = row * x_stride + head
         m = (hh[:, None] < n_heads) & (d[None, :] < HALF)
         x1 = tl.load(X + xoffs, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(X + xoffs + HALF, mask=m, other=0.0).to(tl.float32)
@@ -54,8 +55,9 @@ def _rotate_heads(X, Y, row, x_stride, n_heads, c1, c2, s1, s2, D: tl.constexpr,
 
 
 @triton.jit
-def _rope_kernel(Q, K, COS, SIN, QO, KO, q_stride, k_stride, nq, nk, cos_rows, D: tl.constexpr, HALF: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+def _rope_kernel(Q, K, COS, SIN, QO, KO, q_stride, k_stride, qo_stride, ko_stride, nq, nk, cos_rows,
+                 D: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BACKWARD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     crow = row % cos_rows  # the batch shares one position row when cos has seq rows only
     d = tl.arange(0, BLOCK_D)
@@ -64,20 +66,23 @@ def _rope_kernel(Q, K, COS, SIN, QO, KO, q_stride, k_stride, nq, nk, cos_rows, D
     c2 = tl.load(COS + crow * D + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
     s1 = tl.load(SIN + crow * D + d, mask=dm, other=0.0).to(tl.float32)[None, :]
     s2 = tl.load(SIN + crow * D + HALF + d, mask=dm, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads(Q, QO, row, q_stride, nq, c1, c2, s1, s2, D, HALF, BLOCK_H, BLOCK_D, BACKWARD)
-    _rotate_heads(K, KO, row, k_stride, nk, c1, c2, s1, s2, D, HALF, BLOCK_H, BLOCK_D, BACKWARD)
+    _rotate_heads(Q, QO, row, q_stride, qo_stride, nq, c1, c2, s1, s2, D, HALF, BLOCK_H, BLOCK_D, BACKWARD)
+    _rotate_heads(K, KO, row, k_stride, ko_stride, nk, c1, c2, s1, s2, D, HALF, BLOCK_H, BLOCK_D, BACKWARD)
 
 
 def rope_apply(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               backward: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated (or, with ``backward``, gradient-rotated) copies of q (rows, nq, D) and k (rows, nk, D), each
-    contiguous within a row (stride(1) == D, stride(2) == 1) with any row stride; the copies are contiguous."""
+               backward: bool = False, out: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated (or, with ``backward``, gradient-rotated) q (rows, nq, D) and k (rows, nk, D), each contiguous within
+    a row (stride(1) == D, stride(2) == 1) with any row stride: into ``out`` = (qo, ko) of the same shapes and
+    layout rules (q and k themselves: in place), else into new contiguous tensors."""
     rows, nq, d = q.shape
-    qo = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ko = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if out is None:
+        out = (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+               torch.empty(k.shape, dtype=k.dtype, device=k.device))
+    qo, ko = out
     half = d // 2
     block_h = min(16, next_power_of_2(max(nq, k.shape[1])))
-    launch(_rope_kernel, (rows,), q, k, cos, sin, qo, ko, q.stride(0), k.stride(0), nq, k.shape[1], cos.shape[0],
-           D=d, HALF=half, BLOCK_H=block_h, BLOCK_D=next_power_of_2(half), BACKWARD=backward,
-           num_warps=4, enable_fp_fusion=False)
+    launch(_rope_kernel, (rows,), q, k, cos, sin, qo, ko, q.stride(0), k.stride(0), qo.stride(0), ko.stride(0), nq,
+           k.shape[1], cos.shape[0], D=d, HALF=half, BLOCK_H=block_h, BLOCK_D=next_power_of_2(half),
+           BACKWARD=backward, num_warps=4, enable_fp_fusion=False)
     return qo, ko

@@ -125,7 +125,8 @@ def _run(x, c, s, p: LayerParts, casts, shapes, keep: bool):
         (q, st_q), (k, st_k) = (_norm(t.reshape(-1, d), norm, p.use_triton)
                                 for t, norm in zip((q, k), p.qk_norm))
         st_qk = (st_q, st_k)
-    q, k = rope_rotate(q.view(B, T, nq, d), k.view(B, T, nkv, d), c, s, p.use_triton)
+    # in place: q and k become rotated column blocks of qkv (or of the norms' outputs), no new (M, (nq + nkv) d)
+    q, k = rope_rotate(q.view(B, T, nq, d), k.view(B, T, nkv, d), c, s, p.use_triton, inplace=True)
     q4, k4, v4 = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, nkv, d).transpose(1, 2)
     if keep:  # attention's backward comes from autograd on this one call
         q4, k4, v4 = (t.detach().requires_grad_() for t in (q4, k4, v4))

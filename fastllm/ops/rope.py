@@ -31,17 +31,18 @@ def _rotate_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backwar
     return torch.cat((x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), dim=-1)
 
 
-def _apply(q, k, cos, sin, use_triton: bool, backward: bool):
-    """q, k flattened to (rows, heads, D); cos, sin (cos_rows, D) contiguous."""
+def _apply(q, k, cos, sin, use_triton: bool, backward: bool, inplace: bool = False):
+    """q, k flattened to (rows, heads, D); cos, sin (cos_rows, D) contiguous; ``inplace`` writes into q and k."""
     if use_triton:
         from ..kernels.rope import rope_apply
 
-        return rope_apply(q, k, cos, sin, backward)
+        return rope_apply(q, k, cos, sin, backward, out=(q, k) if inplace else None)
     rows = q.shape[0]
     reps = rows // cos.shape[0]
     c = cos.to(q.dtype).repeat(reps, 1)[:, None, :]  # (rows, 1, D): row b*T + t takes position row t
     s = sin.to(q.dtype).repeat(reps, 1)[:, None, :]
-    return _rotate_torch(q, c, s, backward), _rotate_torch(k, c, s, backward)
+    qo, ko = _rotate_torch(q, c, s, backward), _rotate_torch(k, c, s, backward)
+    return (q.copy_(qo), k.copy_(ko)) if inplace else (qo, ko)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -58,10 +59,16 @@ def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
     return cos.reshape(-1, cos.shape[-1]).contiguous(), sin.reshape(-1, sin.shape[-1]).contiguous()
 
 
-def rope_rotate(q, k, c, s, use_triton: bool, backward: bool = False):
+def rope_rotate(q, k, c, s, use_triton: bool, backward: bool = False, inplace: bool = False):
     """RoPE (or, ``backward``, its transpose for gradients) of q (B, T, nq, D) and k (B, T, nk, D) with the
-    ``rope_tables`` c, s; no autograd. Returns new contiguous tensors of q's and k's shapes."""
-    qo, ko = _apply(_rows(q), _rows(k), c, s, use_triton, backward)
+    ``rope_tables`` c, s; no autograd. Returns new contiguous tensors of q's and k's shapes, or with ``inplace``
+    q and k themselves rotated (where their rows are views, as the column blocks of the fused q/k/v output are: no
+    copies, the pre-rotation values are gone; elsewhere new tensors)."""
+    rq, rk = _rows(q), _rows(k)
+    if inplace and rq.data_ptr() == q.data_ptr() and rk.data_ptr() == k.data_ptr():
+        _apply(rq, rk, c, s, use_triton, backward, inplace=True)
+        return q, k
+    qo, ko = _apply(rq, rk, c, s, use_triton, backward)
     return qo.view(q.shape), ko.view(k.shape)
 
 

@@ -92,3 +92,33 @@ def test_rope_reads_column_blocks_of_a_fused_qkv_output(backend):
     assert not q.is_contiguous()
     torch.testing.assert_close(qo, qc, rtol=0, atol=0)
     torch.testing.assert_close(ko, kc, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backward", [False, True])
+def test_rope_in_place_on_column_blocks(backend, backward):
+    """``rope_rotate(..., inplace=True)`` on q and k as column blocks of a fused q/k/v output (the fused layer's use):
+    q and k rotated where they lie, the same bits as the out-of-place result, v's columns untouched; a non-view
+    input (rows that cannot be flattened in place) falls back to new tensors."""
+    from fastllm.ops.rope import rope_rotate, rope_tables
+
+    b, t, nq, nk, d = 2, 5, 3, 2, 32
+    qkv = torch.randn(b * t, (nq + 2 * nk) * d, device=DEV)
+    before = qkv.clone()
+    q, k, v = qkv.split([nq * d, nk * d, nk * d], dim=-1)
+    cos, sin = _cos_sin(1, t, d, torch.float32)
+    c, s = rope_tables(cos, sin)
+    use_triton = backend == "triton"
+    want_q, want_k = rope_rotate(q.view(b, t, nq, d), k.view(b, t, nk, d), c, s, use_triton, backward)
+    got_q, got_k = rope_rotate(q.view(b, t, nq, d), k.view(b, t, nk, d), c, s, use_triton, backward, inplace=True)
+    assert got_q.data_ptr() == qkv.data_ptr() and got_k.data_ptr() == qkv.data_ptr() + nq * d * qkv.element_size()
+    torch.testing.assert_close(got_q, want_q, rtol=0, atol=0)
+    torch.testing.assert_close(got_k, want_k, rtol=0, atol=0)
+    torch.testing.assert_close(v, before[:, (nq + nk) * d:], rtol=0, atol=0)
+    # (B, T, heads, D) as a transposed (B, heads, T, D): its rows cannot be flattened in place
+    qt = torch.randn(b, nq, t, d, device=DEV).transpose(1, 2)
+    kt = torch.randn(b, nk, t, d, device=DEV).transpose(1, 2)
+    kept = qt.clone()
+    out_q, _ = rope_rotate(qt, kt, c, s, use_triton, backward, inplace=True)
+    assert out_q.data_ptr() != qt.data_ptr() and torch.equal(qt, kept)
+    torch.testing.assert_close(out_q, rope_rotate(qt, kt, c, s, use_triton, backward)[0], rtol=0, atol=0)
