@@ -22,10 +22,10 @@ batches=${BATCHES:-1,8,32}
 if [[ $steps != *generate* ]]; then batches=""; fi
 if [[ -n "$extra$batches" ]]; then
   timeout "${GENERATE_TIMEOUT:-300}" python -m fastllm.bench.generate --shapes "${SHAPES:-8b}" $extra \
-    --providers "${PROVIDERS:-fastllm,fastllm:gemv=on,hf,unsloth}" --batches "$batches" \
+    --providers "${PROVIDERS:-fastllm,fastllm:gemv=on,fastllm:dense,hf,unsloth}" --batches "$batches" \
     --new-tokens "${NEW_TOKENS:-256}" --runs "${RUNS:-3}" --out "$out/generate" 2>&1 | tail -60
 fi
 if [[ $steps == *grpo* ]]; then
   timeout "${GRPO_TIMEOUT:-560}" python -m fastllm.bench.grpo --shapes "${GRPO_SHAPE:-1b}" \
-    --providers "${GRPO_PROVIDERS:-hf,fastllm,unsloth}" --new-tokens "${GRPO_NEW_TOKENS:-256}" --steps "${GRPO_STEPS:-2}" --timeout 180 --out "$out/grpo" 2>&1 | tail -20
+    --providers "${GRPO_PROVIDERS:-hf,fastllm,fastllm:dense,unsloth}" --new-tokens "${GRPO_NEW_TOKENS:-256}" --steps "${GRPO_STEPS:-2}" --timeout 180 --out "$out/grpo" 2>&1 | tail -20
 fi

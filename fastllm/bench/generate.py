@@ -10,6 +10,8 @@ prompt for each batch size, bf16 autocast. Providers, the runs interleaved per b
   GEMM for batches, the LoRA terms grouped per input);
 - ``fastllm:gemv=on``: the same with fastllm's NF4 GEMV (the LoRA term fused, gate/up as one launch) for 1 to 64
   rows (``ops.nf4_gemv.set_enabled(True)``, opt-in);
+- ``fastllm:dense``: the same with ``ops.dense_decode`` (dense copies of the 4-bit weights for the length of each
+  generate call: every step one cuBLAS GEMM over 2 bytes a weight; its peak shows their memory);
 - ``unsloth``: Unsloth's ``FastLanguageModel.for_inference`` on the same weights, in a child process.
 
 Per row: ms per decode step ((generate - prefill) / new_tokens), tokens/s (batch * new_tokens / generate),
@@ -30,14 +32,16 @@ from .common import copy_bandwidth_gbs, finish_figure, format_table, pick, stamp
 from .compile import build_qlora, infer_child, infer_once, infer_row, set_provider, sync_time
 from .models import SHAPES
 
-PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=on", "unsloth")
+PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=on", "fastllm:dense", "unsloth")
 
 
 def _select(model, provider: str) -> dict:
     """Patch or unpatch ``model`` for ``provider``; the generate kwargs it runs with."""
+    from ..ops import dense_decode
     from ..ops.nf4_gemv import set_enabled
 
     set_enabled(True if provider == "fastllm:gemv=on" else None)
+    dense_decode.set_enabled(True if provider == "fastllm:dense" else None)
     set_provider(model, "fastllm" if provider.startswith("fastllm") else "eager")
     return {"cache_implementation": "static"} if provider == "hf+static" else {}
 
@@ -263,7 +267,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastllm bench generate", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench-out", help="directory for generate.jsonl and generate_<shape>.png")
     p.add_argument("--shapes", default="8b", help=f"comma-separated, from: {', '.join(sorted(SHAPES))}")
-    p.add_argument("--providers", default="hf,fastllm,fastllm:gemv=on,unsloth",
+    p.add_argument("--providers", default="hf,fastllm,fastllm:gemv=on,fastllm:dense,unsloth",
                    help=f"comma-separated, from: {', '.join(PROVIDERS)}")
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes ('' with --kernels / --sweep: none)")
     p.add_argument("--prompt", type=int, default=256)

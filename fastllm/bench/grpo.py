@@ -7,6 +7,8 @@ double quant, LoRA r16 on all linears) with TRL's GRPO defaults (bf16, gradient 
 
 - ``hf``: transformers + PEFT + bitsandbytes as they come (fastllm unpatched);
 - ``fastllm``: fastllm's defaults (decode graphs, fused QLoRA training path, auto checkpointing);
+- ``fastllm:dense``: the same with ``ops.dense_decode`` (the rollouts read dense copies of the 4-bit weights, made
+  at each generate call and dropped after it);
 - ``unsloth``: Unsloth's model on the same NF4 bytes (``bench.unsloth_provider``) and its patched GRPOTrainer
   (imported after Unsloth, which patches TRL at import; no vLLM), with Unsloth's own pinned TRL.
 
@@ -30,7 +32,7 @@ import torch
 from .common import format_table, pick, stamp, write_jsonl
 from .models import SHAPES
 
-PROVIDERS = ("hf", "fastllm", "unsloth")
+PROVIDERS = ("hf", "fastllm", "fastllm:dense", "unsloth")
 
 
 def word_tokenizer(vocab_size: int):
@@ -77,8 +79,12 @@ def measure(provider: str, shape: str, device: torch.device, *, prompts: int, ge
     if provider != "unsloth":
         model = build_qlora(shape, device)
         unpatch(model)
-    if provider == "fastllm":  # get_peft_model's default checkpointing
+    if provider.startswith("fastllm"):  # get_peft_model's default checkpointing
         patch(model, PatchConfig(gradient_checkpointing="auto"))
+    if provider == "fastllm:dense":
+        from ..ops import dense_decode
+
+        dense_decode.set_enabled(True)
     tok = word_tokenizer(model.config.vocab_size)
     gen = torch.Generator().manual_seed(seed)
     rows = [{"prompt": " ".join(f"w{i}" for i in torch.randint(3, tok.vocab_size, (prompt,), generator=gen).tolist())}

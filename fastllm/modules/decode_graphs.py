@@ -53,6 +53,7 @@ from collections import Counter, OrderedDict
 import torch
 from torch import nn
 
+from ..ops import dense_decode
 from ..ops.nf4 import workspace_buffers, workspace_epoch
 
 logger = logging.getLogger("fastllm")
@@ -446,8 +447,17 @@ def static_generate_kwargs(model: nn.Module, kwargs: dict) -> dict:
 
 def static_generate(self, *args, **kwargs):
     """``generate`` over a static KV cache where the call leaves the cache to transformers (``static_generate_kwargs``);
-    bound per instance on the patched model."""
-    return type(self).generate(self, *args, **static_generate_kwargs(self, kwargs))
+    bound per instance on the patched model. With ``ops.dense_decode`` on, the call runs in its scope: dense weight
+    copies for its steps, dropped at the end together with the graphs that captured them (so their memory goes)."""
+    with dense_decode.scope() as dense:
+        try:
+            return type(self).generate(self, *args, **static_generate_kwargs(self, kwargs))
+        finally:
+            if dense:
+                for module in self.modules():
+                    graphs = _BY_MODEL.get(module)
+                    if graphs is not None:
+                        graphs.graphs.clear()
 
 
 class _Forget:

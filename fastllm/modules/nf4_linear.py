@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .._compat import SUPPORTED_DTYPES, bnb, is_linear4bit
+from ..ops import dense_decode
 from ..ops.nf4 import NF4Args, nf4_args, nf4_linear, nf4_linear_args
 from ..ops.nf4_gemv import MAX_ROWS, gemv_enabled
 
@@ -82,7 +83,7 @@ def goes_to_bnb_gemv(x: torch.Tensor, weight) -> bool:
     """One token without grad on CUDA over a bnb ``Params4bit`` (a decode step): bnb's own forward, with its
     fused 4-bit GEMV, serves it better than dequant + GEMM (not FSDP2's NF4Param: only fastllm reads that)."""
     return (x.numel() == x.shape[-1] and x.is_cuda and not (x.requires_grad and torch.is_grad_enabled())
-            and type(weight) is bnb().nn.Params4bit)
+            and type(weight) is bnb().nn.Params4bit and not dense_decode.active())
 
 
 def decode_rows(x: torch.Tensor, weight) -> int:
@@ -92,7 +93,9 @@ def decode_rows(x: torch.Tensor, weight) -> int:
     if not x.is_cuda or (x.requires_grad and torch.is_grad_enabled()) or type(weight) is not bnb().nn.Params4bit:
         return 0
     rows = x.numel() // x.shape[-1]
-    return rows if rows == 1 or (rows <= MAX_ROWS and gemv_enabled(x.device)) else 0
+    if rows <= MAX_ROWS and gemv_enabled(x.device):
+        return rows
+    return rows if rows == 1 and not dense_decode.active() else 0  # dense copies: one GEMM, as for a batch
 
 
 def nf4_linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from .._compat import pick_backend, records_graph
+from . import dense_decode
 
 __all__ = ["NF4Args", "NF4LinearFunction", "dequantize_nf4", "nf4_args", "nf4_linear", "nf4_linear_args",
            "plain_tensor"]
@@ -183,18 +184,28 @@ def _workspace(device: torch.device, dtype: torch.dtype, shape) -> torch.Tensor:
 
 def stacked_dequant(weights, states, device: torch.device, dtype: torch.dtype, backend: str) -> torch.Tensor:
     """``[W_1; W_2; ..]`` (sum N_i, K): the dense weights of projections sharing one input (q/k/v, gate/up)
-    stacked along dim 0 in the workspace, so one GEMM serves them all.
+    stacked along dim 0 in the workspace, so one GEMM serves them all (inside a ``generate`` call with
+    ``ops.dense_decode`` on: its kept copy, made once).
 
     One Triton launch for two or three weights of one blocksize and nesting (``nf4_dequant_parts``); one
     dequant per weight otherwise, into consecutive rows. weights: packed plain tensors; states: ``state_args``.
     """
+    shape = (sum(st[7][0] for st in states), states[0][7][1])
+    if dense_decode.active():
+        dense = dense_decode.lookup(weights, shape, device, dtype,
+                                    lambda out: _stacked_into(weights, states, out, backend))
+        if dense is not None:
+            return dense
+    return _stacked_into(weights, states, _workspace(device, dtype, shape), backend)
+
+
+def _stacked_into(weights, states, out: torch.Tensor, backend: str) -> torch.Tensor:
     if len(weights) == 1:
-        absmax, code, code2, absmax2, offset, bs, bs2, shape = states[0]
-        return _dequant_into(weights[0], absmax, code, code2, absmax2, offset, bs, bs2,
-                             _workspace(device, dtype, shape), backend)
+        absmax, code, code2, absmax2, offset, bs, bs2, _ = states[0]
+        return _dequant_into(weights[0], absmax, code, code2, absmax2, offset, bs, bs2, out, backend)
     k = states[0][7][1]
     rows = [st[7][0] for st in states]
-    out = _workspace(device, dtype, (sum(rows), k))
+    device = out.device
     same = all(st[7][1] == k and st[5] == states[0][5] and (st[2] is None) == (states[0][2] is None)
                and (st[7][0] * k) % 2 == 0 for st in states)
     if same and 2 <= len(weights) <= 3 and pick_backend(backend, device) == "triton":
@@ -218,15 +229,17 @@ def clear_workspaces() -> None:
 
 
 def workspace_epoch() -> int:
-    """A counter bumped whenever a workspace buffer is replaced (grown) or dropped (``clear_workspaces``): equal
-    values mean every buffer taken in between is still the one in use."""
-    return _EPOCH
+    """A counter bumped whenever a workspace buffer is replaced (grown) or dropped (``clear_workspaces``), or a dense
+    decode copy is made or the copies dropped (``ops.dense_decode``): equal values mean every buffer taken in between
+    is still the one in use."""
+    return _EPOCH + dense_decode.epoch()
 
 
 def workspace_buffers() -> tuple:
-    """The workspace buffers in use now. A CUDA graph that dequantizes replays its writes into the buffers it captured:
-    holding these keeps that memory from being freed and handed to another tensor while the graph can replay."""
-    return tuple(_WORKSPACES.values())
+    """The workspace buffers (and dense decode copies) in use now. A CUDA graph that dequantizes replays its writes
+    into the buffers it captured, and one that reads a dense copy reads that copy's address: holding these keeps that
+    memory from being freed and handed to another tensor while the graph can replay."""
+    return tuple(_WORKSPACES.values()) + dense_decode.buffers()
 
 
 def no_autocast(t: torch.Tensor):
@@ -324,7 +337,7 @@ def bnb_gemv_ok(packed, code2, blocksize, blocksize2, shape) -> bool:
     one. bnb takes it for K a multiple of the blocksize and nested states with a second-level blocksize of 256
     (what ``quantize_4bit`` writes)."""
     return (shape[1] % blocksize == 0 and packed.dtype == torch.uint8 and (code2 is None or blocksize2 == 256)
-            and _bnb_gemm_op() is not None)
+            and not dense_decode.active() and _bnb_gemm_op() is not None)
 
 
 def bnb_gemv(x, packed, absmax, code, code2, absmax2, offset, bias, blocksize, shape) -> torch.Tensor:

@@ -756,3 +756,27 @@ def test_sliding_window_layers_graph_on_both_sides_of_the_window(tiny_arch_dir, 
         want = m.generate(input_ids=x, **kw)
     vars(inner).pop("forward")
     _assert_same((got.sequences, torch.stack(got.logits)), (want.sequences, torch.stack(want.logits)))
+
+
+def test_generate_wrapper_drops_its_graphs_with_the_dense_copies(model, bind, static_generate_bound):
+    """With ``ops.dense_decode`` on, a generate call's graphs (which read the call's dense weight copies) are dropped
+    when the call returns, so the copies' memory goes; without it the graphs stay for the next call."""
+    from fastllm.ops import dense_decode
+
+    graphs = bind()
+    inner = find_base(model).model
+    decode_graphs._BY_MODEL[inner] = graphs  # as ``patch`` registers them (``new_decode_graphs``)
+    x = _ids()
+    gen = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    with torch.no_grad():
+        kept = model.generate(input_ids=x, **gen)
+    assert graphs.stats["captured"] == 1 and len(graphs.graphs) == 1
+    dense_decode.set_enabled(True)
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=x, **gen)
+    finally:
+        dense_decode.set_enabled(None)
+        decode_graphs._BY_MODEL.pop(inner, None)
+    assert graphs.stats["captured"] == 2 and len(graphs.graphs) == 0 and dense_decode.buffers() == ()
+    torch.testing.assert_close(out, kept, rtol=0, atol=0)
