@@ -45,6 +45,7 @@ turns graphs off for the model; that step and every later one run eagerly, with 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import weakref
@@ -449,7 +450,9 @@ def static_generate(self, *args, **kwargs):
     """``generate`` over a static KV cache where the call leaves the cache to transformers (``static_generate_kwargs``);
     bound per instance on the patched model. With ``ops.dense_decode`` on, the call runs in its scope: dense weight
     copies for its steps, dropped at the end together with the graphs that captured them (so their memory goes)."""
-    with dense_decode.scope() as dense:
+    # sharded weights are gathered into buffers freed after each layer: no address of theirs may key a copy
+    scope = dense_decode.scope() if why_not_graphable(self) is None else contextlib.nullcontext(False)
+    with scope as dense:
         try:
             return type(self).generate(self, *args, **static_generate_kwargs(self, kwargs))
         finally:
