@@ -25,14 +25,22 @@ from .launch import cdiv, launch, next_power_of_2
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, M, N, eps, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
-                         OFFSET: tl.constexpr):
+def _row_offsets(rows, stride_x, heads, stride_h):
+    """Where row ``rows`` of x starts: x is (M / heads, heads, N) with strides (stride_x, stride_h, 1), e.g. the
+    per-head q or k columns of a fused q/k/v output read in place (heads = 1: plain rows)."""
+    return (rows // heads) * stride_x + (rows % heads) * stride_h
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_h, heads, stride_y, M, N, eps, BLOCK_M: tl.constexpr,
+                         BLOCK: tl.constexpr, OFFSET: tl.constexpr):
     """BLOCK_M rows per program: y = w * cast(x * rstd) (OFFSET 0) or cast(x * rstd * (OFFSET + w)); rstd stored."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK)
     row_ok = rows < M
     mask = row_ok[:, None] & (cols < N)[None, :]
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    xrow = _row_offsets(rows, stride_x, heads, stride_h)
+    x = tl.load(X + xrow[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)  # (BLOCK_M,)
     if OFFSET == 0.0:
@@ -45,7 +53,7 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, M, N, eps, BLOCK_M: 
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, M, N,
+def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_h, heads, stride_dx, M, N,
                          TILES_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr,
                          HAS_DW: tl.constexpr, OFFSET: tl.constexpr):
     """Each program walks TILES_PER_PROG tiles of BLOCK_M rows: dx per row, and one partial dW row per program."""
@@ -59,7 +67,8 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, strid
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        xrow = _row_offsets(rows, stride_x, heads, stride_h)
+        x = tl.load(X + xrow[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]
         xhat = x * rstd
         g = dy * w
@@ -86,25 +95,37 @@ def _launch_config(n: int) -> tuple[int, int, int]:
     return block, block_m, num_warps
 
 
+def _rows(x: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(M rows, N, row stride, head stride, heads) of x: (M, N), or (M / H, H, N) read as M rows; unit last stride."""
+    if x.stride(-1) != 1 or x.dim() not in (2, 3):
+        raise ValueError(f"rms_norm kernels take (rows, N) or (rows, heads, N) with unit last stride, got "
+                         f"{tuple(x.shape)} strides {x.stride()}")
+    if x.dim() == 2:
+        return x.shape[0], x.shape[1], x.stride(0), 0, 1
+    return x.shape[0] * x.shape[1], x.shape[2], x.stride(0), x.stride(1), x.shape[1]
+
+
 def rms_norm_fwd(x2d: torch.Tensor, weight: torch.Tensor, eps: float,
                  offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """x2d: (M, N) with unit last stride. Returns y (M, N) in result_type(x, w) (offset 0) or x's dtype (offset
-    != 0, Gemma), and rstd (M,) fp32."""
-    m, n = x2d.shape
+    """x2d: (M, N) with unit last stride, or (M / H, H, N) (per-head rows read in place, any outer strides).
+    Returns y (M, N) contiguous in result_type(x, w) (offset 0) or x's dtype (offset != 0, Gemma), and rstd (M,)
+    fp32."""
+    m, n, stride_x, stride_h, heads = _rows(x2d)
     y = torch.empty((m, n), dtype=torch.result_type(x2d, weight) if offset == 0 else x2d.dtype, device=x2d.device)
     rstd = torch.empty(m, dtype=torch.float32, device=x2d.device)
     block, block_m, num_warps = _launch_config(n)
-    launch(_rms_norm_fwd_kernel, (cdiv(m, block_m),), x2d, weight, y, rstd, x2d.stride(0), y.stride(0), m, n, eps,
-           BLOCK_M=block_m, BLOCK=block, OFFSET=float(offset), num_warps=num_warps)
+    launch(_rms_norm_fwd_kernel, (cdiv(m, block_m),), x2d, weight, y, rstd, stride_x, stride_h, heads, y.stride(0), m,
+           n, eps, BLOCK_M=block_m, BLOCK=block, OFFSET=float(offset), num_warps=num_warps)
     return y, rstd
 
 
 def rms_norm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                  need_dw: bool, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Returns dx (M, N) in x's dtype and dw (N,) in w's dtype (or None)."""
-    m, n = x2d.shape
+    """dy2d (M, N); x2d as ``rms_norm_fwd`` took it. Returns dx (M, N) contiguous in x's dtype and dw (N,) in w's
+    dtype (or None)."""
+    m, n, stride_x, stride_h, heads = _rows(x2d)
     dy2d = dy2d.contiguous()
-    dx = torch.empty_like(x2d)
+    dx = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
     block, block_m, num_warps = _launch_config(n)
     tiles = cdiv(m, block_m)
     if x2d.is_cuda:
@@ -116,8 +137,8 @@ def rms_norm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, rs
     tiles_per_prog = cdiv(tiles, programs)
     programs = cdiv(tiles, tiles_per_prog)
     dw_part = torch.empty((programs, n), dtype=torch.float32, device=x2d.device) if need_dw else dx
-    launch(_rms_norm_bwd_kernel, (programs,), dy2d, x2d, weight, rstd, dx, dw_part, dy2d.stride(0), x2d.stride(0),
-           dx.stride(0), m, n, TILES_PER_PROG=tiles_per_prog, BLOCK_M=block_m, BLOCK=block,
+    launch(_rms_norm_bwd_kernel, (programs,), dy2d, x2d, weight, rstd, dx, dw_part, dy2d.stride(0), stride_x,
+           stride_h, heads, dx.stride(0), m, n, TILES_PER_PROG=tiles_per_prog, BLOCK_M=block_m, BLOCK=block,
            HAS_DW=need_dw, OFFSET=float(offset), num_warps=num_warps)
     dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
     return dx, dw

@@ -121,8 +121,8 @@ def _run(x, c, s, p: LayerParts, casts, shapes, keep: bool):
     qkv, xa_qkv = qkv_forward(n1, p.qkv, casts[0][0], shapes[0], views=casts[0][1])
     q, k, v = qkv.split_with_sizes([nq * d, nkv * d, nkv * d], 1)
     st_qk = None
-    if p.qk_norm is not None:  # per head: rows of the head dim
-        (q, st_q), (k, st_k) = (_norm(t.reshape(-1, d), norm, p.use_triton)
+    if p.qk_norm is not None:  # per head: rows of the head dim, read in place from qkv's columns
+        (q, st_q), (k, st_k) = (_norm(t.view(B * T, -1, d), norm, p.use_triton)
                                 for t, norm in zip((q, k), p.qk_norm))
         st_qk = (st_q, st_k)
     # in place: q and k become rotated column blocks of qkv (or of the norms' outputs), no new (M, (nq + nkv) d)

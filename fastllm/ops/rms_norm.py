@@ -43,14 +43,17 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm_forward(x2d: torch.Tensor, weight: torch.Tensor, eps: float, use_triton: bool, offset: float = 0.0):
-    """RMSNorm of x2d (M, N) without autograd: (y, state) with state for ``rms_norm_backward``. Triton: one
-    kernel, state (x, weight, rstd, offset); torch: transformers' maths, state (x, weight, eps, offset)."""
+    """RMSNorm of x2d (M, N), or of (M / H, H, N) per-head rows (the q or k columns of a fused q/k/v output, read
+    where they lie), without autograd: (y (M, N), state) with state for ``rms_norm_backward``. Triton: one kernel,
+    state (x, weight, rstd, offset); torch: transformers' maths, state (x, weight, eps, offset)."""
     if use_triton:
         from ..kernels.rms_norm import rms_norm_fwd
 
-        x2d = x2d.contiguous()
+        if x2d.stride(-1) != 1:
+            x2d = x2d.contiguous()
         y, rstd = rms_norm_fwd(x2d, weight, eps, offset)
         return y, (x2d, weight, rstd, offset)
+    x2d = x2d.reshape(-1, x2d.shape[-1])
     return _rms_norm_torch(x2d, weight, eps, offset), (x2d, weight, eps, offset)
 
 

@@ -68,3 +68,31 @@ def test_gemma_form_matches_transformers_gemma3_rms_norm(shape, dtype, weight_gr
         if weight_grad:
             torch.testing.assert_close(w.grad.float(), ref.weight.grad.float(),
                                        **{k: v * 10 for k, v in TOL[dtype].items()})
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_per_head_rows_read_in_place_from_a_fused_qkv_output(offset, dtype):
+    """``rms_norm_forward`` / ``rms_norm_backward`` on (M, heads, head_dim) views of the q or k columns of a wider
+    (M, Nq + Nk + Nv) tensor (the fused layer's per-head q/k norms) equal the same norm on contiguous copies, bit for
+    bit, with the views' memory untouched; the torch fallback agrees."""
+    from fastllm.ops.rms_norm import rms_norm_backward, rms_norm_forward
+
+    m, nq, nk, d = 37, 5, 2, 24
+    qkv = (torch.randn(m, (nq + 2 * nk) * d, device=DEV) * 2).to(dtype)
+    before = qkv.clone()
+    w = (torch.rand(d, device=DEV) + 0.5).to(dtype)
+    for start, heads in ((0, nq), (nq * d, nk)):
+        view = qkv[:, start:start + heads * d].view(m, heads, d)
+        dy = torch.randn(m * heads, d, device=DEV).to(dtype)
+        outs = []
+        for x, use_triton in ((view, True), (view.reshape(-1, d).contiguous(), True), (view, False)):
+            y, st = rms_norm_forward(x, w, 1e-6, use_triton, offset)
+            outs.append((y, rms_norm_backward(dy, st, use_triton)))
+        (y, dx), (yc, dxc), (yt, dxt) = outs
+        assert y.shape == dx.shape == (m * heads, d)
+        torch.testing.assert_close(y, yc, rtol=0, atol=0)
+        torch.testing.assert_close(dx, dxc, rtol=0, atol=0)
+        torch.testing.assert_close(y.float(), yt.float(), **TOL[dtype])
+        torch.testing.assert_close(dx.float(), dxt.float(), **TOL[dtype])
+    torch.testing.assert_close(qkv, before, rtol=0, atol=0)
