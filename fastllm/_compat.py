@@ -18,6 +18,22 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @functools.cache
+class Switch:
+    """A process-wide opt-in: ``set(True)`` / ``set(False)``, or ``set(None)`` to follow the environment variable
+    ``env`` again (on unless unset, empty or ``0``), read once at the next use and kept (hot paths ask per call)."""
+
+    def __init__(self, env: str):
+        self.env, self.value = env, None
+
+    def set(self, on: bool | None) -> None:
+        self.value = on
+
+    def __bool__(self) -> bool:
+        if self.value is None:
+            self.value = os.environ.get(self.env, "0") not in ("", "0")
+        return self.value
+
+
 def triton_available() -> bool:
     """True if triton imports (it may still lack a GPU: see ``triton_usable``)."""
     if importlib.util.find_spec("triton") is None:

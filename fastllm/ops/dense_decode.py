@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections import Counter
 
 import torch
 
+from .._compat import Switch
+
 logger = logging.getLogger(__name__)
 
 MARGIN = 1 << 30  # bytes left free on the device after a copy
-_ON: bool | None = None  # None: FASTLLM_DENSE_DECODE
+_SWITCH = Switch("FASTLLM_DENSE_DECODE")
 _DEPTH = 0  # nesting of ``scope``
 _CACHE: dict[tuple, torch.Tensor] = {}
 _EPOCH = 0  # bumped when a copy is made or the copies are dropped (``ops.nf4.workspace_epoch`` adds it)
@@ -34,13 +35,12 @@ stats: Counter = Counter()
 
 
 def enabled() -> bool:
-    return os.environ.get("FASTLLM_DENSE_DECODE", "") == "1" if _ON is None else _ON
+    return bool(_SWITCH)
 
 
 def set_enabled(on: bool | None) -> None:
     """``True`` / ``False``, or ``None`` for the environment's choice (``FASTLLM_DENSE_DECODE=1``: on)."""
-    global _ON
-    _ON = on
+    _SWITCH.set(on)
 
 
 def active() -> bool:
@@ -95,7 +95,7 @@ def lookup(weights, shape: tuple, device: torch.device, dtype: torch.dtype, fill
     dense = _CACHE.get(key)
     if dense is not None:
         return dense
-    nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+    nbytes = shape[0] * shape[1] * dtype.itemsize
     if not _room(nbytes, device):
         if not stats["no room"]:
             logger.warning("fastllm: dense decode copies stop at %d weight groups: no room for %.1f MB more on %s; "

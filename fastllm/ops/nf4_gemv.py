@@ -14,33 +14,27 @@ batched steps dequant + GEMM.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from .._compat import pick_backend, triton_available
+from .._compat import Switch, pick_backend, triton_available
 from .nf4 import no_autocast, stacked_dequant
 
 __all__ = ["MAX_ROWS", "gemv_enabled", "gemv_ok", "nf4_glu_gemv", "nf4_gemv", "set_enabled"]
 
 MAX_ROWS = 64  # the kernels' largest M (``kernels.nf4_gemv.MAX_ROWS``; not imported: Triton may be absent)
 
-_ENABLED: bool | None = None
+_SWITCH = Switch("FASTLLM_NF4_GEMV")
 
 
 def set_enabled(on: bool | None) -> None:
     """Turn the Triton decode GEMV on or off for this process (None: read ``FASTLLM_NF4_GEMV`` again; default off)."""
-    global _ENABLED
-    _ENABLED = on
+    _SWITCH.set(on)
 
 
 def gemv_enabled(device: torch.device) -> bool:
     """The Triton GEMV serves decode steps on ``device``: CUDA, Triton importable, switched on."""
-    global _ENABLED
-    if _ENABLED is None:
-        _ENABLED = os.environ.get("FASTLLM_NF4_GEMV", "0") not in ("", "0")
-    return _ENABLED and device.type == "cuda" and triton_available()
+    return bool(_SWITCH) and device.type == "cuda" and triton_available()
 
 
 def gemv_ok(state: tuple, rows: int) -> bool:
