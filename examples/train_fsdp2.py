@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import resource
@@ -303,8 +304,7 @@ def train(args) -> list[dict]:
     auto = report.live.get("gradient_checkpointing") if report is not None else None
     summary["checkpoint_plan"] = list(auto.plan) if auto is not None else None  # the last pass's, under "auto"
     save(args, model, records, summary, rank, sharded)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    barrier()
     return records
 
 
@@ -351,3 +351,8 @@ def save(args, model, records, summary, rank, sharded) -> None:
 
 if __name__ == "__main__":
     train(parse_args())
+    # Destroyed only once train()'s model is gone: its DTensors' device mesh holds the process group, and a Gloo
+    # group whose threads outlive destroy_process_group until interpreter finalization can abort a good run.
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()

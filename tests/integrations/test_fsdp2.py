@@ -352,7 +352,9 @@ def _worker(model_dir: str, out_dir: str) -> None:
         res["checked"] = _compare(model, ref, f"mp={mp}", res[key])
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
-    dist.destroy_process_group()
+    from test_fsdp2_trainer import _leave  # this file runs as a script: its folder is on sys.path
+
+    _leave(dist)
 
 
 if __name__ == "__main__":

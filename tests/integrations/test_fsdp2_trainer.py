@@ -148,7 +148,18 @@ def _main(model_dir: str, out: str, kind: str) -> None:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(res, f)
     if dist.is_initialized():
-        dist.destroy_process_group()
+        _leave(dist)
+
+
+def _leave(dist) -> None:
+    """End a rank: barrier, destroy the group, then exit without interpreter finalization. Gloo's worker threads
+    can still hold work objects (FSDP2's async reduce-scatters) whose tensors, freed during finalization, abort
+    the process after a good run ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
