@@ -13,12 +13,12 @@ if [[ $steps == *tests* ]]; then
   tail -3 "$out/gpu-tests.txt"
 fi
 if [[ $steps == *train8b* ]]; then
-  timeout "${TRAIN_TIMEOUT:-330}" python -m fastllm.bench.train --shapes 8b --steps 5 --warmup 2 --timeout 200 \
+  timeout "${TRAIN_TIMEOUT:-330}" python -m fastllm.bench.train --shapes 8b --steps 5 --warmup 3 --timeout 200 \
     --providers "${PROVIDERS_8B:-unsloth,fastllm,fastllm:memory_budget=7.0,fastllm:gradient_checkpointing=offload}" \
     --out "$out/train-8b" 2>&1 | tail -8
 fi
 if [[ $steps == *train1b* ]]; then
-  timeout "${TRAIN1B_TIMEOUT:-150}" python -m fastllm.bench.train --shapes 1b --steps 5 --warmup 2 --timeout 120 \
+  timeout "${TRAIN1B_TIMEOUT:-150}" python -m fastllm.bench.train --shapes 1b --steps 5 --warmup 3 --timeout 120 \
     --providers "${PROVIDERS_1B:-unsloth,fastllm,fastllm:memory_budget=1.75}" --out "$out/train-1b" 2>&1 | tail -6
 fi
 if [[ $steps == *memory* ]]; then

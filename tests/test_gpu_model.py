@@ -107,12 +107,30 @@ def test_auto_checkpointing_on_cuda_matches_recompute(tiny_llama_dir):
     assert auto.plan == ("offload", "offload") and auto.calibrations[0].warm
     close(step(model), ref)
     assert auto.plan == ("keep", "keep")  # an H200's budget holds a tiny model's activations
+    assert auto.calibrations[0].checked and auto._check is not None  # this step's peak is read when the next begins
     now = torch.cuda.memory_allocated()
     overhead, keep = auto.calibrations[0].overhead, auto.calibrations[0].keep_per_token * x.numel()
     for budget, plan in ((now + overhead + 1.5 * keep, ("recompute", "keep")), (now, ("offload", "offload"))):
         auto.budget = budget
         close(step(model), ref)
-        assert auto.plan == plan
+        assert auto.plan == plan and auto._check is None
+
+    # The first planned step after a calibration is checked: an allocation after its backward (an optimizer's, say)
+    # that takes the step over the budget is overhead the calibration missed, and the next plans count it.
+    model = build("auto")
+    auto = patch_report(model).live["gradient_checkpointing"]
+    step(model)
+    step(model)
+    cal = auto.calibrations[0]
+    keep = cal.keep_per_token * x.numel()
+    auto.budget = budget = torch.cuda.memory_allocated() + cal.overhead + 1.5 * keep
+    close(step(model), ref)
+    assert auto.plan == ("recompute", "keep") and auto._check is not None
+    before = cal.overhead
+    spike = torch.empty(int(budget - torch.cuda.memory_allocated() + keep), dtype=torch.uint8, device="cuda")
+    del spike
+    close(step(model), ref)
+    assert cal.overhead >= before + keep and "keep" not in auto.plan and auto._check is None
 
 
 def test_decode_step_with_lora_takes_the_decode_op(tiny_llama_dir, monkeypatch):

@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--seqs", default="8192,16384,32768,65536,131072", help="lengths of the curve")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=3,
+                   help='untimed steps: "auto" calibrates on two and checks the third')
     p.add_argument("--caps", default="", help="GiB caps for the longest-length search, e.g. 24,80")
     p.add_argument("--min-seq", type=int, default=4096)
     p.add_argument("--max-seq", type=int, default=262144)

@@ -18,11 +18,13 @@ Calibration (on CUDA, per largest token count seen): the first pass at a new lar
 saved tensors counted (``K``) and parked on the host, and every other layer offloaded, the leanest plan; the next
 pass runs the leanest plan again, and its peak (``torch.cuda.max_memory_allocated``, reset at that pass's start, read
 once layer 0's output gradient arrives) minus the allocation at its start is the step's overhead (the first step's
-peak would count the workspaces and optimizer state it creates, which later steps find already allocated). Both
-passes reset the device's peak-memory counter. Later passes of at most that ``T`` plan against it,
-so a plan never needs more than the calibration pass's all-offload peak plus what it chooses to keep; a longer batch
-calibrates again. On the CPU there is no allocator counter: the budget (``memory_budget``) bounds the kept and
-recomputed layers' own bytes, and without one every layer recomputes.
+peak would count the workspaces and optimizer state it creates, which later steps find already allocated). Later
+passes of at most that ``T`` plan against it, so a plan needs about the all-offload peak plus what it chooses to
+keep; a longer batch calibrates again. The first planned pass after a calibration is checked once: its whole step's
+peak (read when the next pass begins, so the optimizer step and everything after layer 0's backward count) above
+the budget is added to the overhead, and the plans from then on are made with it. The two calibration passes and the
+checked one reset the device's peak-memory counter; no other pass does. On the CPU there is no allocator counter:
+the budget (``memory_budget``) bounds the kept and recomputed layers' own bytes, and without one every layer recomputes.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class _Calibration:
     keep_per_token: float               # K: bytes a kept layer saves, per token
     overhead: float | None = None       # the all-offload step's peak above its start (CUDA); None until measured
     warm: bool = False                  # overhead measured on a step after the first (CUDA)
+    checked: bool = False               # a planned pass's whole-step peak compared with the budget (CUDA)
 
 
 @dataclass
@@ -74,6 +77,7 @@ class AutoCheckpoint:
     _start: float = 0.0
     _keep_bytes: float = 0.0                            # bytes counted in this calibration pass's layer 0
     short: float | None = None                          # bytes the leanest plan needs, when over the budget
+    _check: tuple | None = None                         # (calibration, budget) of the pass being checked
     _warned: bool = False
 
     def layer_function(self, index: int):
@@ -100,6 +104,8 @@ class AutoCheckpoint:
         tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.numel() // x.shape[-1]
         cuda = x.is_cuda
         budget = self._budget(x.device)
+        if self._check is not None:
+            self._correct(x.device)
         if budget is None:  # a CPU model without a budget: recompute, as True does
             self.plan, self.plan_tokens = ("recompute",) * self.n_layers, tokens
             return
@@ -124,10 +130,24 @@ class AutoCheckpoint:
             avail -= torch.cuda.memory_allocated(x.device) + cal.overhead
         self.plan = plan_layers(self.n_layers, avail, cal.keep_per_token * tokens, input_bytes)
         self.short = budget - avail if avail < 0 else None  # the leanest plan's need, when the budget is below it
+        if cuda and cal.warm and not cal.checked and self.short is None:
+            cal.checked = True
+            self._check = (cal, budget)
+            torch.cuda.reset_peak_memory_stats(x.device)
         if self.short is not None and not self._warned:
             self._warned = True
             logger.warning("fastllm: memory_budget %.2f GiB is below what this step needs with every layer "
                            "offloaded (%.2f GiB): running that, the leanest plan", budget / GiB, self.short / GiB)
+
+    def _correct(self, device: torch.device) -> None:
+        """The checked pass has ended (this is the next one's start): what its step's peak went over its budget
+        is overhead the calibration missed (allocator rounding, what ran after layer 0's backward)."""
+        (cal, budget), self._check = self._check, None
+        over = torch.cuda.max_memory_allocated(device) - budget
+        if over > 0:
+            cal.overhead += over
+            logger.info("fastllm: auto checkpointing's first planned step peaked %.3f GiB over its budget: "
+                        "planning with that much more overhead", over / GiB)
 
     def _finish_calibration(self, device: torch.device) -> None:
         cal, self._pending = self._pending, None
