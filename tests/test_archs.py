@@ -260,7 +260,8 @@ def test_final_logit_softcapping_reaches_the_chunked_loss(save_arch):
 def test_long_layers_run_the_mlp_over_row_tiles(tiny_arch_dir, model_type, monkeypatch):
     """A layer with more rows than ``MLP_TILE_ROWS`` runs its MLP (and Gemma's norm after it) over row tiles in the
     fused layer's forward and backward: the same loss and LoRA grads as untiled and as eager (74 rows over tiles of
-    16: a partial last tile)."""
+    16: a partial last tile). Tiles set by ``mlp_tile_rows`` around the forward (``"auto"``'s lean tiles) hold in
+    the backward that runs after it."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fastllm.ops import lora_layer
@@ -283,21 +284,31 @@ def test_long_layers_run_the_mlp_over_row_tiles(tiny_arch_dir, model_type, monke
 
     path = tiny_arch_dir(model_type)
     results = []
-    for tile in (10**9, 16):
-        monkeypatch.setattr(lora_layer, "MLP_TILE_ROWS", tile)
+    for tile in (10**9, 16, 24):
+        monkeypatch.setattr(lora_layer, "MLP_TILE_ROWS", min(tile, 16))
         model = _qlora(path)
         model.train()
         ids = _ids(device=model.device)
         LAYER_CALLS.clear()
         with GateUpRows(2 * model.config.intermediate_size) as seen:
-            results.append(_loss_grads(model, ids))
+            if tile == 24:  # forward inside, backward (after it) outside the context
+                with lora_layer.mlp_tile_rows(tile):
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                if p.grad is not None}))
+            else:
+                monkeypatch.setattr(lora_layer, "MLP_TILE_ROWS", tile)
+                results.append(_loss_grads(model, ids))
         assert LAYER_CALLS == {"fused": 2}
         # tiled: no [tokens, 2 x intermediate] tensor for the whole sequence, forward or backward (74 rows)
         assert seen.rows and max(seen.rows) == min(tile, ids.numel()), (tile, sorted(set(seen.rows)))
+        assert tile != 24 or 16 not in seen.rows  # the backward kept the forward's tiles
     with eager(model):
         ref_loss, ref_grads = _loss_grads(model, ids)
-    (loss, grads), (t_loss, t_grads) = results
-    for other_loss, other_grads in ((loss, grads), (ref_loss, ref_grads)):
-        torch.testing.assert_close(t_loss, other_loss, rtol=1e-5, atol=1e-5)
-        for n in grads:
-            torch.testing.assert_close(t_grads[n], other_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    (loss, grads), *tiled = results
+    for t_loss, t_grads in tiled:
+        for other_loss, other_grads in ((loss, grads), (ref_loss, ref_grads)):
+            torch.testing.assert_close(t_loss, other_loss, rtol=1e-5, atol=1e-5)
+            for n in grads:
+                torch.testing.assert_close(t_grads[n], other_grads[n], rtol=1e-4, atol=1e-6, msg=n)

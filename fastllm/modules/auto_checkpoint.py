@@ -25,20 +25,27 @@ peak (read when the next pass begins, so the optimizer step and everything after
 the budget is added to the overhead, and the plans from then on are made with it. The two calibration passes and the
 checked one reset the device's peak-memory counter; no other pass does. On the CPU there is no allocator counter:
 the budget (``memory_budget``) bounds the kept and recomputed layers' own bytes, and without one every layer recomputes.
+
+Below the leanest plan's need, the fused layers also run their MLPs over ``LEAN_TILE_ROWS``-row tiles
+(``ops.lora_layer.mlp_tile_rows``): a layer's backward then holds a tile's gate/up buffers instead of the whole
+batch's (8B, 4,096 tokens: ~0.2 GB less at the peak), for one more MLP dequant per tile.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
+from ..ops.lora_layer import mlp_tile_rows
 from .checkpointing import Offloader
 
 logger = logging.getLogger("fastllm")
 GiB = 1 << 30
 MODES = ("keep", "recompute", "offload")
+LEAN_TILE_ROWS = 1024
 
 
 def plan_layers(n: int, avail: float, keep_bytes: float, input_bytes: float) -> tuple[str, ...]:
@@ -116,7 +123,7 @@ class AutoCheckpoint:
             # measure: K on a new largest token count (layer 0 kept and counted), then the overhead once more on
             # the next pass of that count, a warm one (the first step also creates workspaces that later steps find
             # allocated); a shorter pass in between plans with the first, larger, overhead
-            self._pending = cal
+            self._pending, self.short = cal, None  # calibration measures the untiled layers
             if cuda:
                 torch.cuda.reset_peak_memory_stats(x.device)
                 self._start = torch.cuda.memory_allocated(x.device)
@@ -137,7 +144,8 @@ class AutoCheckpoint:
         if self.short is not None and not self._warned:
             self._warned = True
             logger.warning("fastllm: memory_budget %.2f GiB is below what this step needs with every layer "
-                           "offloaded (%.2f GiB): running that, the leanest plan", budget / GiB, self.short / GiB)
+                           "offloaded (%.2f GiB): running that, the leanest plan, with the MLPs in %d-row tiles",
+                           budget / GiB, self.short / GiB, LEAN_TILE_ROWS)
 
     def _correct(self, device: torch.device) -> None:
         """The checked pass has ended (this is the next one's start): what its step's peak went over its budget
@@ -173,9 +181,10 @@ class AutoCheckpoint:
         if mode == "keep":
             y = function(*args, **kwargs)
         elif mode == "recompute":
-            y = self.recompute(function, *args, **kwargs)
+            with self._tiles():
+                y = self.recompute(function, *args, **kwargs)
         elif mode == "offload":
-            with self.offloader.hooks():
+            with self.offloader.hooks(), self._tiles():
                 y = self.recompute(function, *args, **kwargs)
         else:
             y = self._measure(function, *args, **kwargs)
@@ -187,6 +196,9 @@ class AutoCheckpoint:
             else:
                 self._finish_calibration(device)
         return y
+
+    def _tiles(self):
+        return mlp_tile_rows(LEAN_TILE_ROWS) if self.short is not None else nullcontext()
 
     def _measure(self, function, *args, **kwargs):
         """Layer 0 of a calibration pass: run it as ``keep``, counting the bytes autograd saves (parked on the host
@@ -212,7 +224,8 @@ class AutoCheckpoint:
         counts = {m: sum(p == m for p in self.plan) for m in (*MODES, "measure")}
         what = ", ".join(f"{n} {m}" for m, n in counts.items() if n)
         budget = "device's" if self.budget is None else f"{self.budget / GiB:.2f} GiB"
-        over = "" if self.short is None else f" (over budget: the leanest plan needs {self.short / GiB:.2f} GiB)"
+        over = "" if self.short is None else (f" (over budget: the leanest plan needs {self.short / GiB:.2f} GiB; "
+                                              f"MLPs in {LEAN_TILE_ROWS}-row tiles)")
         return (f"auto (budget {budget}): last pass {self.plan_tokens} tokens: {what}{over}; "
                 f"{len(self.calibrations)} calibration(s), {self.passes} pass(es)")
 

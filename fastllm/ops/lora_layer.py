@@ -31,6 +31,8 @@ re-run with grad enabled in backward, as checkpointing's recompute does (SDPA ma
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import torch
@@ -46,7 +48,7 @@ from .nf4 import no_autocast
 from .rms_norm import rms_norm_backward, rms_norm_forward
 from .rope import rope_rotate, rope_tables
 
-__all__ = ["LayerParts", "LoRADecoderLayerFunction", "lora_decoder_layer"]
+__all__ = ["LayerParts", "LoRADecoderLayerFunction", "lora_decoder_layer", "mlp_tile_rows"]
 
 
 class LayerParts(NamedTuple):
@@ -81,26 +83,39 @@ def _norm(x2, norm: tuple, use_triton: bool):
 # and in backward, so no (rows, intermediate) tensor exists for the whole sequence (8B: a 64K-token gate/up output
 # is 3.8 GB, a tile's 0.47 GB). The same maths; the adapter gradients are summed over tiles in fp32.
 MLP_TILE_ROWS = 8192
+_TILE_ROWS: ContextVar[int | None] = ContextVar("fastllm_mlp_tile_rows", default=None)
 
 
-def _tiles(m: int) -> list[tuple[int, int]]:
-    return [(s, min(s + MLP_TILE_ROWS, m)) for s in range(0, m, MLP_TILE_ROWS)]
+@contextmanager
+def mlp_tile_rows(rows: int):
+    """Layer ops called inside use MLP tiles of ``rows`` rows (their backward too: the size is fixed in forward).
+    Smaller tiles lower a layer's backward peak (the (rows, 2 x intermediate) buffers) at the cost of dequantizing
+    the MLP weights once per tile: ``"auto"`` checkpointing takes them when its leanest plan is over the budget."""
+    token = _TILE_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _TILE_ROWS.reset(token)
 
 
-def _mlp_out(n2, p: LayerParts, casts, shapes):
+def _tiles(m: int, rows: int) -> list[tuple[int, int]]:
+    return [(s, min(s + rows, m)) for s in range(0, m, rows)]
+
+
+def _mlp_out(n2, p: LayerParts, casts, shapes, tile: int):
     """The MLP's output (with Gemma's norm after it) for n2 (M, H), tile by tile."""
     y = torch.empty_like(n2)
-    for s, e in _tiles(n2.shape[0]):
+    for s, e in _tiles(n2.shape[0], tile):
         y_t, _ = mlp_forward(n2[s:e], p.mlp, casts[2][0], shapes[2], views=casts[2][1])
         y[s:e] = y_t if p.sandwich is None else _norm(y_t, p.sandwich[1], p.use_triton)[0]
     return y
 
 
-def _mlp_grads_tiled(dy2, n2, p: LayerParts, casts, shapes):
+def _mlp_grads_tiled(dy2, n2, p: LayerParts, casts, shapes, tile: int):
     """(dn2, fp32 adapter grads in the MLP's flat layout) of ``_mlp_out`` for dy2 (M, H), recomputing the MLP tile
     by tile in backward (its output too where Gemma's norm after it needs it)."""
     dn2, g = torch.empty_like(n2), None
-    for s, e in _tiles(n2.shape[0]):
+    for s, e in _tiles(n2.shape[0], tile):
         y_t, saved = mlp_forward(n2[s:e], p.mlp, casts[2][0], shapes[2], need_output=p.sandwich is not None,
                                  views=casts[2][1])
         d_t = dy2[s:e]
@@ -112,7 +127,7 @@ def _mlp_grads_tiled(dy2, n2, p: LayerParts, casts, shapes):
     return dn2, g
 
 
-def _run(x, c, s, p: LayerParts, casts, shapes, keep: bool):
+def _run(x, c, s, p: LayerParts, casts, shapes, keep: bool, tile: int):
     """The layer's forward on x (B, T, H). Returns y, or (with ``keep``) everything backward reads."""
     B, T, H = x.shape
     nq, nkv, d = p.heads
@@ -144,9 +159,9 @@ def _run(x, c, s, p: LayerParts, casts, shapes, keep: bool):
     m2 = x2 + ao
     n2, st2 = _norm(m2, p.norm2, p.use_triton)
     saved_mlp = None
-    if B * T > MLP_TILE_ROWS:  # over tiles: here in forward; in backward by ``_mlp_grads_tiled``
+    if B * T > tile:  # over tiles: here in forward; in backward by ``_mlp_grads_tiled``
         if not keep:
-            return (m2 + _mlp_out(n2, p, casts, shapes)).view(B, T, H)
+            return (m2 + _mlp_out(n2, p, casts, shapes, tile)).view(B, T, H)
     else:
         # the recompute drops the MLP's output, unless the post-feed-forward norm's backward needs it
         y, saved_mlp = mlp_forward(n2, p.mlp, casts[2][0], shapes[2], need_output=not keep or p.sandwich is not None,
@@ -169,10 +184,11 @@ class LoRADecoderLayerFunction(torch.autograd.Function):
             casts = tuple(cast_adapters(g, x.dtype) for g in groups)  # (flat, views) per group
             shapes = tuple(tuple(a.shape for a in g) for g in groups)
             c, s = rope_tables(cos, sin)
-            y = _run(x, c, s, parts, casts, shapes, keep=False)
+            tile = _TILE_ROWS.get() or MLP_TILE_ROWS
+            y = _run(x, c, s, parts, casts, shapes, keep=False, tile=tile)
         ctx.save_for_backward(x)
         # frozen or plain values: on ctx (the adapter copies are reused by the recompute, never cast twice)
-        ctx.parts, ctx.casts, ctx.shapes, ctx.tables = parts, casts, shapes, (c, s)
+        ctx.parts, ctx.casts, ctx.shapes, ctx.tables, ctx.tile = parts, casts, shapes, (c, s), tile
         ctx.dtypes = tuple(tuple(a.dtype for a in g) for g in groups)
         return y
 
@@ -184,12 +200,12 @@ class LoRADecoderLayerFunction(torch.autograd.Function):
         B, T, H = x.shape
         nq, nkv, d = p.heads
         with torch.no_grad(), no_autocast(x):
-            st = _run(x, *ctx.tables, p, casts, shapes, keep=True)
+            st = _run(x, *ctx.tables, p, casts, shapes, keep=True, tile=ctx.tile)
             dy2 = dy.reshape(B * T, H).to(x.dtype)
             # st.pop: each intermediate is dropped once its backward has read it (the MLP's are the largest)
             st_pf, st_pa, saved_mlp = st.pop("st_pf"), st.pop("st_pa"), st.pop("mlp")
             if saved_mlp is None:  # a long layer: the MLP over row tiles
-                dn2, g_mlp = _mlp_grads_tiled(dy2, st.pop("n2"), p, casts, shapes)
+                dn2, g_mlp = _mlp_grads_tiled(dy2, st.pop("n2"), p, casts, shapes, ctx.tile)
             else:
                 df = dy2 if st_pf is None else rms_norm_backward(dy2, st_pf, p.use_triton)
                 saved_mlp = list(saved_mlp)  # consumed by mlp_backward: its buffers go as soon as they are read
