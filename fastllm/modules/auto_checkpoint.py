@@ -26,9 +26,11 @@ the budget is added to the overhead, and the plans from then on are made with it
 checked one reset the device's peak-memory counter; no other pass does. On the CPU there is no allocator counter:
 the budget (``memory_budget``) bounds the kept and recomputed layers' own bytes, and without one every layer recomputes.
 
-Below the leanest plan's need, the fused layers also run their MLPs over ``LEAN_TILE_ROWS``-row tiles
-(``ops.lora_layer.mlp_tile_rows``): a layer's backward then holds a tile's gate/up buffers instead of the whole
-batch's (8B, 4,096 tokens: ~0.2 GB less at the peak), for one more MLP dequant per tile.
+Below the leanest plan's need, the fused layers also run their MLPs over row tiles (``ops.lora_layer.mlp_tile_rows``):
+a layer's backward then holds a tile's gate/up/activation buffers (about ``3 x intermediate`` elements a row,
+``row_elements``) instead of the whole batch's, for one more dequant of the MLP weights per tile. The tile is the
+largest power of two that covers what the plan is over by (``lean_tile_rows``): few tiles cost little, and the first
+such pass is checked like a planned one; over the budget still, the tiles halve (down to ``MIN_TILE_ROWS``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from .checkpointing import Offloader
 logger = logging.getLogger("fastllm")
 GiB = 1 << 30
 MODES = ("keep", "recompute", "offload")
-LEAN_TILE_ROWS = 1024
+MIN_TILE_ROWS = 256
+TILE_MARGIN = 1.25  # the tile's saving estimate covers the overshoot with this much to spare
 
 
 def plan_layers(n: int, avail: float, keep_bytes: float, input_bytes: float) -> tuple[str, ...]:
@@ -58,6 +61,18 @@ def plan_layers(n: int, avail: float, keep_bytes: float, input_bytes: float) -> 
     return ("offload",) * (n - k - r) + ("recompute",) * r + ("keep",) * k
 
 
+def lean_tile_rows(tokens: int, over: float, row_bytes: float, cap: int | None = None) -> int:
+    """MLP tile rows for a pass of ``tokens`` rows whose leanest plan is ``over`` bytes above the budget, when
+    tiling saves ``row_bytes`` per row taken out of the MLP's buffers: the largest power of two below ``tokens``
+    (and at most ``cap``) that saves ``TILE_MARGIN x over``; at least ``MIN_TILE_ROWS``."""
+    rows = tokens - 1
+    if row_bytes > 0:
+        rows = min(rows, int(tokens - TILE_MARGIN * max(over, 0.0) / row_bytes))
+    if cap is not None:
+        rows = min(rows, cap)
+    return max(MIN_TILE_ROWS, 1 << max(rows, 1).bit_length() - 1)
+
+
 @dataclass
 class _Calibration:
     tokens: int
@@ -65,6 +80,8 @@ class _Calibration:
     overhead: float | None = None       # the all-offload step's peak above its start (CUDA); None until measured
     warm: bool = False                  # overhead measured on a step after the first (CUDA)
     checked: bool = False               # a planned pass's whole-step peak compared with the budget (CUDA)
+    tile_cap: int | None = None         # MLP tile rows found too many by a checked pass over the budget
+    tile_checked: bool = False          # a tiled pass under budget was checked
 
 
 @dataclass
@@ -84,7 +101,9 @@ class AutoCheckpoint:
     _start: float = 0.0
     _keep_bytes: float = 0.0                            # bytes counted in this calibration pass's layer 0
     short: float | None = None                          # bytes the leanest plan needs, when over the budget
-    _check: tuple | None = None                         # (calibration, budget) of the pass being checked
+    row_elements: int = 0                               # elements an MLP tile saves a row (3 x intermediate)
+    tile_rows: int | None = None                        # MLP tile rows of this pass, when over the budget
+    _check: tuple | None = None                         # (calibration, budget, tiled) of the pass being checked
     _warned: bool = False
 
     def layer_function(self, index: int):
@@ -123,7 +142,7 @@ class AutoCheckpoint:
             # measure: K on a new largest token count (layer 0 kept and counted), then the overhead once more on
             # the next pass of that count, a warm one (the first step also creates workspaces that later steps find
             # allocated); a shorter pass in between plans with the first, larger, overhead
-            self._pending, self.short = cal, None  # calibration measures the untiled layers
+            self._pending, self.short, self.tile_rows = cal, None, None  # calibration measures untiled layers
             if cuda:
                 torch.cuda.reset_peak_memory_stats(x.device)
                 self._start = torch.cuda.memory_allocated(x.device)
@@ -137,22 +156,33 @@ class AutoCheckpoint:
             avail -= torch.cuda.memory_allocated(x.device) + cal.overhead
         self.plan = plan_layers(self.n_layers, avail, cal.keep_per_token * tokens, input_bytes)
         self.short = budget - avail if avail < 0 else None  # the leanest plan's need, when the budget is below it
-        if cuda and cal.warm and not cal.checked and self.short is None:
-            cal.checked = True
-            self._check = (cal, budget)
+        self.tile_rows = None
+        if self.short is not None:
+            self.tile_rows = lean_tile_rows(tokens, -avail, self.row_elements * x.element_size(), cal.tile_cap)
+        tiled = self.tile_rows is not None
+        if cuda and cal.warm and not (cal.tile_checked if tiled else cal.checked):
+            if tiled:
+                cal.tile_checked = True
+            else:
+                cal.checked = True
+            self._check = (cal, budget, self.tile_rows)
             torch.cuda.reset_peak_memory_stats(x.device)
         if self.short is not None and not self._warned:
             self._warned = True
             logger.warning("fastllm: memory_budget %.2f GiB is below what this step needs with every layer "
                            "offloaded (%.2f GiB): running that, the leanest plan, with the MLPs in %d-row tiles",
-                           budget / GiB, self.short / GiB, LEAN_TILE_ROWS)
+                           budget / GiB, self.short / GiB, self.tile_rows)
 
     def _correct(self, device: torch.device) -> None:
         """The checked pass has ended (this is the next one's start): what its step's peak went over its budget
         is overhead the calibration missed (allocator rounding, what ran after layer 0's backward)."""
-        (cal, budget), self._check = self._check, None
+        (cal, budget, tile), self._check = self._check, None
         over = torch.cuda.max_memory_allocated(device) - budget
-        if over > 0:
+        if over > 0 and tile is not None:
+            cal.tile_cap, cal.tile_checked = max(MIN_TILE_ROWS, tile // 2), tile <= MIN_TILE_ROWS
+            logger.info("fastllm: auto checkpointing's tiled step peaked %.3f GiB over its budget: MLP tiles of %d "
+                        "rows from now on", over / GiB, cal.tile_cap)
+        elif over > 0:
             cal.overhead += over
             logger.info("fastllm: auto checkpointing's first planned step peaked %.3f GiB over its budget: "
                         "planning with that much more overhead", over / GiB)
@@ -198,7 +228,7 @@ class AutoCheckpoint:
         return y
 
     def _tiles(self):
-        return mlp_tile_rows(LEAN_TILE_ROWS) if self.short is not None else nullcontext()
+        return mlp_tile_rows(self.tile_rows) if self.tile_rows is not None else nullcontext()
 
     def _measure(self, function, *args, **kwargs):
         """Layer 0 of a calibration pass: run it as ``keep``, counting the bytes autograd saves (parked on the host
@@ -225,7 +255,7 @@ class AutoCheckpoint:
         what = ", ".join(f"{n} {m}" for m, n in counts.items() if n)
         budget = "device's" if self.budget is None else f"{self.budget / GiB:.2f} GiB"
         over = "" if self.short is None else (f" (over budget: the leanest plan needs {self.short / GiB:.2f} GiB; "
-                                              f"MLPs in {LEAN_TILE_ROWS}-row tiles)")
+                                              f"MLPs in {self.tile_rows}-row tiles)")
         return (f"auto (budget {budget}): last pass {self.plan_tokens} tokens: {what}{over}; "
                 f"{len(self.calibrations)} calibration(s), {self.passes} pass(es)")
 

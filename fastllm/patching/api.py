@@ -50,6 +50,13 @@ def _device_of(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _intermediate_size(base: nn.Module) -> int:
+    """The MLP width of ``base``'s text model (0 when its config does not say)."""
+    config = getattr(base, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(getattr(text, "intermediate_size", 0) or 0)
+
+
 def _apply_checkpointing(base: nn.Module, mode, state: ModelState, fused_layer: bool = False,
                          budget_gib: float | None = None) -> None:
     """Make the decoder layers' checkpointing non-reentrant (``mode`` None/True), offloading, or per-layer
@@ -67,7 +74,7 @@ def _apply_checkpointing(base: nn.Module, mode, state: ModelState, fused_layer: 
         fns = [fused_layer_offload if fused_layer else offload_checkpoint] * len(layers)
     elif mode == "auto":
         auto = AutoCheckpoint(len(layers), recompute, None if budget_gib is None else budget_gib * 2**30,
-                              static_storages(base))
+                              static_storages(base), row_elements=3 * _intermediate_size(base))
         fns = [auto.layer_function(i) for i in range(len(layers))]
         state.report.live["gradient_checkpointing"] = auto
     else:

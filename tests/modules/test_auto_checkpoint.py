@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastllm import FastLlama, PatchConfig, patch_report, unpatch
-from fastllm.modules.auto_checkpoint import plan_layers
+from fastllm.modules.auto_checkpoint import MIN_TILE_ROWS, AutoCheckpoint, _Calibration, lean_tile_rows, plan_layers
 from fastllm.modules.layer import LAYER_CALLS
 
 
@@ -20,6 +20,37 @@ def test_plan_layers_keeps_most_then_recomputes_then_offloads():
     assert plan_layers(3, 2.0, 10.0, 1.0) == ("offload", "recompute", "recompute")
     assert plan_layers(3, 0.5, 10.0, 1.0) == ("offload",) * 3
     assert plan_layers(3, -5.0, 10.0, 1.0) == ("offload",) * 3  # over budget already: the leanest plan
+
+
+def test_lean_tile_rows_covers_the_overshoot_with_few_tiles():
+    row = 3 * 14336 * 2  # an 8B layer's MLP buffers a row, bf16
+    # 4,096 tokens, 58 MB over: 2,048-row tiles save 2,048 rows (~176 MB), enough with the margin; two tiles
+    assert lean_tile_rows(4096, 58e6, row) == 2048
+    assert lean_tile_rows(4096, 200e6, row) == 1024  # 200 MB x 1.25 takes 2,907 rows out: 1,189 left -> 1,024
+    assert lean_tile_rows(4096, 270e6, row) == MIN_TILE_ROWS  # 3,924 rows out: 172 left, below the floor
+    assert lean_tile_rows(4096, 1e12, row) == MIN_TILE_ROWS
+    assert lean_tile_rows(4096, 58e6, row, cap=1024) == 1024  # a checked pass found 2,048 too many
+    assert lean_tile_rows(5000, 0.0, 0.0) == 4096  # no estimate: the largest power of two below the batch
+    assert lean_tile_rows(100, 1.0, row) == MIN_TILE_ROWS
+
+
+def test_a_tiled_pass_over_its_budget_halves_the_tiles(monkeypatch):
+    """The first tiled pass is checked like a planned one: over the budget, the next plans halve the tiles (down
+    to ``MIN_TILE_ROWS``, then no more checks); under it, the tiles stay."""
+    auto, cal = AutoCheckpoint(2, None, budget=1000.0), _Calibration(4096, 0.0, overhead=0.0, warm=True)
+    peak = {"bytes": 1500}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak["bytes"])
+    auto._check = (cal, 1000.0, 1024)
+    auto._correct(torch.device("cuda"))
+    assert cal.tile_cap == 512 and not cal.tile_checked and cal.overhead == 0.0 and auto._check is None
+    auto._check = (cal, 1000.0, MIN_TILE_ROWS)
+    auto._correct(torch.device("cuda"))
+    assert cal.tile_cap == MIN_TILE_ROWS and cal.tile_checked
+    peak["bytes"] = 900
+    cal2 = _Calibration(4096, 0.0, overhead=0.0, warm=True, tile_checked=True)
+    auto._check = (cal2, 1000.0, 2048)
+    auto._correct(torch.device("cuda"))
+    assert cal2.tile_cap is None and cal2.overhead == 0.0
 
 
 def _model(path, mode, budget=None, seed=0):
