@@ -176,10 +176,11 @@ def kernel_rows(shape: str, rows_list=(1, 8, 32)) -> list:
     return out
 
 
-ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "UNPACK": u} for u in (0, 1) for bn in (2, 4, 8)
-             for bk in (512, 1024) for w in (4, 8)]
-DOT_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": st, "num_warps": 4, "UNPACK": u} for u in (0, 1)
-             for bn in (16, 32, 64) for bk in (64, 128) for st in (2, 3)]
+ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "UNPACK": u} for u in (0, 1, 2) for bn in (4, 8)
+             for bk in (512, 1024, 2048)] + [{"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8, "UNPACK": 2},
+                                             {"BLOCK_N": 2, "BLOCK_K": 2048, "num_warps": 4, "UNPACK": 2}]
+DOT_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": 3, "num_warps": 4, "UNPACK": u} for u in (0, 2)
+             for bn in (32, 64) for bk in (64, 128)]
 
 
 def sweep_rows(shape: str, rows_list=(1, 8, 32)) -> list:

@@ -47,6 +47,15 @@ def _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, ok, BLOCKSIZE2: tl.constexpr, N
 
 
 @triton.jit
+def _pair(PAIRS, q):
+    """The two NF4 values of bytes ``q`` (any shape), high nibble's first, from one 64-bit load a byte: ``PAIRS``
+    (256 int64, ``pair_table``) holds byte b's values as the fp32 bits of ``code[b >> 4]`` (high word) and
+    ``code[b & 15]`` (low word)."""
+    pair = tl.load(PAIRS + q)
+    return (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True), pair.to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K,
              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, UNPACK: tl.constexpr):
@@ -57,7 +66,8 @@ def _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K,
     sum (``absmax * sum(code[q] * x)``), one multiply per block instead of one per weight. ``UNPACK`` 0: each byte
     once, its two nibbles against x's even and odd elements (strided x loads); 1: the tile read per element
     (BLOCK_N, NB, CHUNK), each element shifting its own nibble out of its byte (each byte loaded twice, from the
-    same cache line) against contiguous x."""
+    same cache line) against contiguous x; 2: each byte once, both its values from one 64-bit load of the pair
+    table (``CODE`` is then ``pair_table(code)``), x read contiguously and split into even and odd elements."""
     HB: tl.constexpr = CHUNK // 2        # bytes of one block chunk
     NB: tl.constexpr = BLOCK_K // CHUNK  # block chunks per row per step
     n_ok = rn < N
@@ -74,11 +84,17 @@ def _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K,
             x_hi = tl.load(X + 2 * bb).to(tl.float32)[None, :, :]  # element 2b pairs with byte b's high nibble
             x_lo = tl.load(X + 2 * bb + 1).to(tl.float32)[None, :, :]
             part = tl.sum(tl.load(CODE + (q >> 4)) * x_hi + tl.load(CODE + (q & 15)) * x_lo, axis=2)  # (BLOCK_N, NB)
-        else:
+        elif UNPACK == 1:
             kk = k0 + elem
             q = tl.load(PACKED + row_bytes + (kk // 2)[None, :, :], mask=n_ok[:, None, None], other=0).to(tl.int32)
             nib = (q >> (4 - 4 * (kk & 1))[None, :, :]) & 15  # even elements in the high nibble
             part = tl.sum(tl.load(CODE + nib) * tl.load(X + kk).to(tl.float32)[None, :, :], axis=2)
+        else:
+            bb = k0 // 2 + byte
+            q = tl.load(PACKED + row_bytes + bb[None, :, :], mask=n_ok[:, None, None], other=0).to(tl.int32)
+            hi, lo = _pair(CODE, q)
+            x_hi, x_lo = tl.split(tl.reshape(tl.load(X + k0 + elem).to(tl.float32), (NB, HB, 2)))
+            part = tl.sum(hi * x_hi[None, :, :] + lo * x_lo[None, :, :], axis=2)
         blk = row_blocks + ((k0 + chunk * CHUNK) // BLOCKSIZE)[None, :]
         acc += tl.sum(part * _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED), axis=1)
     return acc
@@ -94,7 +110,7 @@ def _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn,
     ``DOT``: tensor cores (``tl.dot``, at least 16 rows of x, the spare ones masked), W rounded to x's dtype as the
     dense dequant writes it; else one row (BLOCK_M = 1) on the CUDA cores (``_nf4_row``). ``UNPACK`` picks how the
     nibbles come out of the bytes (see ``_nf4_row``): 0 both nibbles of a byte, joined into k order; 1 each element
-    shifted out of its own byte, no join."""
+    shifted out of its own byte, no join; 2 as 0, both values of a byte from the pair table."""
     if not DOT:
         return _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, BLOCKSIZE, BLOCKSIZE2, NESTED,
                         BLOCK_N, BLOCK_K, CHUNK, UNPACK)[None, :]
@@ -112,9 +128,13 @@ def _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn,
             q = tl.load(PACKED + row_bytes + bb[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
             # byte b holds element 2b in its high nibble and 2b + 1 in its low one
             w = tl.reshape(tl.join(tl.load(CODE + (q >> 4)), tl.load(CODE + (q & 15))), (BLOCK_N, BLOCK_K))
-        else:
+        elif UNPACK == 1:
             q = tl.load(PACKED + row_bytes + (kk // 2)[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
             w = tl.load(CODE + ((q >> (4 - 4 * (kk & 1))[None, :]) & 15))
+        else:
+            bb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            q = tl.load(PACKED + row_bytes + bb[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
+            w = tl.reshape(tl.join(*_pair(CODE, q)), (BLOCK_N, BLOCK_K))
         blk = row_blocks + ((k0 + tl.arange(0, NCH) * CHUNK) // BLOCKSIZE)[None, :]  # (BLOCK_N, NCH)
         scale = _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED)
         if NCH == 1:  # the step lies inside one block per row: a broadcast, no reshape
@@ -237,6 +257,22 @@ def check_gemv(x, n: int, k: int, blocksize: int) -> None:
         raise ValueError(f"the NF4 GEMV needs in_features ({k}) a multiple of the blocksize ({blocksize}) and of 32")
 
 
+_PAIRS: dict = {}
+
+
+def pair_table(code):
+    """(256,) int64: byte b's two NF4 values as fp32 bits, ``code[b >> 4]`` in the high word and ``code[b & 15]``
+    in the low one (``UNPACK=2``: one load a byte instead of two). Made once per code tensor and kept."""
+    import torch
+
+    key = (code.device, code.data_ptr())
+    if key not in _PAIRS:
+        bits = code.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        b = torch.arange(256, device=code.device)
+        _PAIRS[key] = (bits[b >> 4] << 32) | bits[b & 15]
+    return _PAIRS[key]
+
+
 def _state(st):
     """(absmax, code, code2, absmax2, offset) as kernel pointers (the absmax standing in where not nested)."""
     absmax, code, code2, absmax2, offset = st
@@ -258,6 +294,8 @@ def nf4_gemv_fwd(x, packed, state, n: int, blocksize: int, blocksize2: int, out,
     check_gemv(x, n, k, blocksize)
     absmax, code, code2, absmax2, offset, nested = _state(state)
     cfg = gemv_config(m, k, blocksize, config)
+    if cfg["UNPACK"] == 2:
+        code = pair_table(code)
     xa, b, s = lora if lora is not None else (x, x, 0.0)
     r = b.shape[1] if lora is not None else 0
     launch(_nf4_gemv_kernel, (cdiv(n, cfg["BLOCK_N"]),),
@@ -283,6 +321,8 @@ def nf4_glu_gemv_fwd(x, gate, up, n: int, blocksize: int, blocksize2: int, out, 
     if nested != nested_u:
         raise ValueError("the fused gate/up GEMV needs both weights nested or neither")
     cfg = gemv_config(m, k, blocksize, config)
+    if cfg["UNPACK"] == 2:
+        code = pair_table(code)
     xag, bg, s_g = lg if lg is not None else (x, x, 0.0)
     xau, bu, s_u = lu if lu is not None else (x, x, 0.0)
     if xag.stride(0) != xau.stride(0):

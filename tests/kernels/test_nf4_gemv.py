@@ -121,6 +121,19 @@ def test_decode_steps_take_it_only_when_switched_on(monkeypatch):
         set_enabled(None)
 
 
+def test_pair_table_holds_both_values_of_each_byte():
+    from fastllm.kernels.nf4_gemv import pair_table
+
+    code = state_args(bnb.functional.quantize_4bit(torch.randn(64, 64), blocksize=64, quant_type="nf4")[1])[1]
+    pairs = pair_table(code)
+    hi = (pairs >> 32).to(torch.int32).view(torch.float32)
+    lo = (pairs & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
+    b = torch.arange(256)
+    torch.testing.assert_close(hi, code.float()[b >> 4], rtol=0, atol=0)
+    torch.testing.assert_close(lo, code.float()[b & 15], rtol=0, atol=0)
+    assert pair_table(code) is pairs  # made once per code tensor
+
+
 @pytest.mark.parametrize("m,config", [
     (1, {"BLOCK_N": 2, "BLOCK_K": 256, "num_warps": 2}),   # one row, 4 quantization blocks a step
     (1, {"BLOCK_N": 8, "BLOCK_K": 32}),                     # one row, half a block a step
@@ -130,6 +143,9 @@ def test_decode_steps_take_it_only_when_switched_on(monkeypatch):
     (1, {"BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 1}),        # ... half a block a step
     (5, {"BLOCK_N": 16, "BLOCK_K": 128, "UNPACK": 1}),      # ... tensor cores, 2 blocks a step
     (5, {"BLOCK_N": 32, "BLOCK_K": 64, "UNPACK": 1}),       # ... tensor cores, one block a step
+    (1, {"BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 2}),       # both values of a byte from the pair table: 4 blocks
+    (1, {"BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 2}),        # ... half a block a step
+    (5, {"BLOCK_N": 16, "BLOCK_K": 128, "UNPACK": 2}),      # ... tensor cores, 2 blocks a step
 ])
 def test_tile_overrides_keep_the_maths(m, config):
     """The sweep's tile alternatives (``gemv_config`` overrides) compute the same as the defaults."""
