@@ -39,11 +39,14 @@ from .launch import cdiv, launch, next_power_of_2
 @triton.jit
 def _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, ok, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
     """The fp32 absmax of quantization blocks ``blk`` (any shape), double quant decoded as bitsandbytes does."""
+    # one return after a constexpr branch: the compiler visits code after a returning branch too
     if NESTED:
         qa = tl.load(ABSMAX + blk, mask=ok, other=0).to(tl.int32)
         scale = tl.load(CODE2 + qa) * tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=ok, other=0.0)
-        return scale + tl.load(OFFSET)  # a separate rounded add (fp fusion is off at launch), as bnb
-    return tl.load(ABSMAX + blk, mask=ok, other=0.0)
+        absmax = scale + tl.load(OFFSET)  # a separate rounded add (fp fusion is off at launch), as bnb
+    else:
+        absmax = tl.load(ABSMAX + blk, mask=ok, other=0.0).to(tl.float32)
+    return absmax
 
 
 @triton.jit
@@ -111,9 +114,21 @@ def _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn,
     dense dequant writes it; else one row (BLOCK_M = 1) on the CUDA cores (``_nf4_row``). ``UNPACK`` picks how the
     nibbles come out of the bytes (see ``_nf4_row``): 0 both nibbles of a byte, joined into k order; 1 each element
     shifted out of its own byte, no join; 2 as 0, both values of a byte from the pair table."""
-    if not DOT:
-        return _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, BLOCKSIZE, BLOCKSIZE2, NESTED,
-                        BLOCK_N, BLOCK_K, CHUNK, UNPACK)[None, :]
+    if not DOT:  # one return (see _absmax)
+        acc = _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, BLOCKSIZE, BLOCKSIZE2, NESTED,
+                       BLOCK_N, BLOCK_K, CHUNK, UNPACK)[None, :]
+    else:
+        acc = _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, BLOCKSIZE,
+                       BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, FP32, UNPACK)
+    return acc
+
+
+@triton.jit
+def _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K,
+             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+             FP32: tl.constexpr, UNPACK: tl.constexpr):
+    """``_nf4_tile`` on the tensor cores."""
     NCH: tl.constexpr = BLOCK_K // CHUNK  # absmax entries per row per step (CHUNK = min(BLOCKSIZE, BLOCK_K))
     m_ok = rm < M
     n_ok = rn < N
