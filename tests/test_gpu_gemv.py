@@ -82,9 +82,15 @@ def test_batched_generation_equals_one_by_one(tiny_llama_i128_dir, gemv_on):
     _, logits2 = _generate(model, x)
     torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
     for i in range(x.shape[0]):
+        # one row runs on the CUDA cores (W unrounded), a batch on the tensor cores (W rounded to bf16): greedy tokens
+        # agree until a step whose top two logits are closer than that rounding; logits agree up to there
         one, one_logits = _generate(model, x[i:i + 1])
-        assert torch.equal(one[0], seq[i])
-        torch.testing.assert_close(one_logits[0], logits[i], rtol=2e-2, atol=2e-2)
+        new = one[0, x.shape[1]:] != seq[i, x.shape[1]:]
+        j = int(new.nonzero()[0]) if new.any() else new.numel()
+        if j < new.numel():
+            top2 = logits[i, j].float().topk(2).values
+            assert (top2[0] - top2[1]).item() < 4e-2, (j, top2)
+        torch.testing.assert_close(one_logits[0, :j + 1], logits[i, :j + 1], rtol=2e-2, atol=2e-2)
     set_enabled(False)  # the same steps with bnb's GEMV (one row) and dequant + GEMM (batched): close, not equal
     _, ref = _generate(model, x)
     torch.testing.assert_close(logits, ref, rtol=5e-2, atol=5e-2)

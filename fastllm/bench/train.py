@@ -282,13 +282,19 @@ def unavailable(provider: str) -> str | None:
 
 
 def spawn_command(module: str, args: list[str], provider: str, *, timeout: float) -> dict:
-    """Run ``python -m module *args`` and return the ``ROW {json}`` it prints, or ``{"error": last lines}``.
+    """Run ``python -m module *args`` and return the ``ROW {json}`` it prints, or ``{"error": last lines}`` (also
+    when it runs past ``timeout`` seconds).
     The unsloth provider gets its own site first on the path: Unsloth pins trl<=1.15, older than the one here."""
     env = dict(os.environ)
     if provider == "unsloth":
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                              env=env)
+    except subprocess.TimeoutExpired as err:  # a row like any failure: the other providers still run
+        tail = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else (err.stderr or "")
+        last = " | ".join(tail.strip().splitlines()[-3:])
+        return {"error": f"timed out after {timeout:g} s (raise --timeout)" + (f": {last}" if last else "")}
     for line in proc.stdout.splitlines():
         if line.startswith("ROW "):
             return json.loads(line[4:])

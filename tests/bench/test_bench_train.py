@@ -92,3 +92,12 @@ def test_layerwise_build_is_complete_and_the_same_on_every_rank(shape):
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in a.modules()) == 2 * 7
     ids = torch.randint(0, 512, (2, 17))
     assert torch.isfinite(a(input_ids=ids, labels=ids).loss)
+
+
+def test_a_worker_past_its_timeout_is_an_error_row():
+    """A provider that runs too long (Unsloth at 64K on a slower card) is a row with the reason, not a crash that
+    loses the other providers' rows."""
+    from fastllm.bench.train import spawn_command
+
+    row = spawn_command("timeit", ["-n", "1", "import time; time.sleep(30)"], "fastllm", timeout=1)
+    assert row["error"].startswith("timed out after 1 s")
