@@ -241,12 +241,12 @@ def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, CODE,
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-# Tile sizes, one row (CUDA cores): 4 weight rows a program keep even a 1024-row weight at 256 programs, and a
-# 1024-element step reads 2 KiB of packed bytes per program (16 bytes a thread at 4 warps). Batches (tensor cores):
-# 32 weight rows a program, one quantization block per step (the absmax a broadcast). Starting points: ``fastllm
-# bench generate --kernels --sweep`` times the alternatives (docs/benchmarks.md, "decode GEMV").
-ROW_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "UNPACK": 0}
-DOT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "UNPACK": 0}
+# Tile sizes, the fastest of ``fastllm bench generate --sweep`` (docs/benchmarks.md, "decode GEMV"): one row (CUDA
+# cores), 8 weight rows a program and 1,024-element steps, 4 KiB of packed bytes a step (32 bytes a thread at 4
+# warps), both values of a byte from the pair table; batches (tensor cores), 32 weight rows a program, one
+# quantization block a step (the absmax a broadcast).
+ROW_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "UNPACK": 2}
+DOT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "UNPACK": 2}
 MAX_ROWS = 64  # largest M these kernels take (decode batches); more rows go to dequant + GEMM
 
 
