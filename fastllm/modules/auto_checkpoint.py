@@ -103,7 +103,7 @@ class AutoCheckpoint:
     short: float | None = None                          # bytes the leanest plan needs, when over the budget
     row_elements: int = 0                               # elements an MLP tile saves a row (3 x intermediate)
     tile_rows: int | None = None                        # MLP tile rows of this pass, when over the budget
-    _check: tuple | None = None                         # (calibration, budget, tiled) of the pass being checked
+    _check: tuple | None = None                         # (calibration, budget, tile rows or None) being checked
     _warned: bool = False
 
     def layer_function(self, index: int):
@@ -156,15 +156,11 @@ class AutoCheckpoint:
             avail -= torch.cuda.memory_allocated(x.device) + cal.overhead
         self.plan = plan_layers(self.n_layers, avail, cal.keep_per_token * tokens, input_bytes)
         self.short = budget - avail if avail < 0 else None  # the leanest plan's need, when the budget is below it
-        self.tile_rows = None
-        if self.short is not None:
-            self.tile_rows = lean_tile_rows(tokens, -avail, self.row_elements * x.element_size(), cal.tile_cap)
-        tiled = self.tile_rows is not None
-        if cuda and cal.warm and not (cal.tile_checked if tiled else cal.checked):
-            if tiled:
-                cal.tile_checked = True
-            else:
-                cal.checked = True
+        self.tile_rows = None if self.short is None else lean_tile_rows(
+            tokens, -avail, self.row_elements * x.element_size(), cal.tile_cap)
+        flag = "checked" if self.tile_rows is None else "tile_checked"  # a tiled plan is checked on its own
+        if cuda and cal.warm and not getattr(cal, flag):
+            setattr(cal, flag, True)
             self._check = (cal, budget, self.tile_rows)
             torch.cuda.reset_peak_memory_stats(x.device)
         if self.short is not None and not self._warned:
