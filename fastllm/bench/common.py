@@ -62,6 +62,40 @@ def bench_ms(fn: Callable[[], object], *, warmup: int = 25, rep: int = 100) -> f
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def graph_ms(fns: Sequence[Callable[[], object]], *, reps: int = 20) -> float:
+    """Median milliseconds per call of ``fns``, all of them replayed as one CUDA graph: no host launch work in the
+    time (decode steps run in graphs), and calls over different weights (``l2_copies``) read them from memory as
+    a decode step does, where timing one call again and again would find its weight in the L2 cache."""
+    for fn in fns:  # compiles and caches before the capture
+        fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2] / len(fns)
+
+
+def l2_copies(nbytes: int) -> int:
+    """How many copies of an ``nbytes`` weight together fill three times this GPU's L2 cache (at least 2)."""
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 50 << 20)
+    return max(2, -(-3 * l2 // max(1, nbytes)))
+
+
 def peak_memory(fn: Callable[[], object]) -> tuple[object, int]:
     """Run ``fn`` once and return (its result, peak allocated bytes above what was live before)."""
     torch.cuda.synchronize()

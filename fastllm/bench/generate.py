@@ -130,33 +130,47 @@ def run(shape: str, providers, *, batches, prompt: int, new_tokens: int, runs: i
     return rows
 
 
-def _projection_times(glu: bool, packed, qs, m: int) -> dict:
-    """Milliseconds of one projection (or a gate/up pair, ``glu``) at ``m`` rows: fastllm's GEMV with a LoRA r16
-    term, dequant + GEMM, and (one row) bitsandbytes' GEMV; the pair's baselines run each projection once."""
-    from ..ops.nf4 import bnb_gemv, dequantize_nf4, plain_tensor, state_args
-    from ..ops.nf4_gemv import nf4_gemv, nf4_glu_gemv
-    from .common import bench_ms
+def _weights(n: int, k: int) -> tuple:
+    """A random (n, k) NF4 double-quant weight as (packed plain tensor, state_args, quant state), and enough
+    copies of its packed bytes to stream from memory (``l2_copies``)."""
+    import bitsandbytes as bnb
 
-    packed, st = plain_tensor(packed), state_args(qs)
-    n, k = st[7]
+    from ..ops.nf4 import plain_tensor, state_args
+    from .common import l2_copies
+
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    packed, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    packed = plain_tensor(packed)
+    return [packed.clone() for _ in range(l2_copies(packed.numel()))], state_args(qs), qs
+
+
+def _projection_times(glu: bool, n: int, k: int, m: int) -> dict:
+    """Milliseconds of one projection (or a gate/up pair, ``glu``) at ``m`` rows, replayed in a CUDA graph over
+    weight copies (``graph_ms``): fastllm's GEMV with a LoRA r16 term, dequant + GEMM, and (one row)
+    bitsandbytes' GEMV; the pair's baselines run each projection once (gate and up two different copies)."""
+    from ..ops.nf4 import bnb_gemv, dequantize_nf4
+    from ..ops.nf4_gemv import nf4_gemv, nf4_glu_gemv
+    from .common import graph_ms
+
+    copies, st, qs = _weights(n, k)
+    pairs = [(copies[i], copies[(i + 1) % len(copies)]) for i in range(0, len(copies), 2)]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     xa = torch.randn(m, 32, device="cuda", dtype=torch.bfloat16)
     lora = (xa[:, :16], torch.randn(n, 16, device="cuda", dtype=torch.bfloat16) * 0.02, 2.0)
     if glu:
-        ours = bench_ms(lambda: nf4_glu_gemv(x, (packed, st, lora), (packed, st, lora)))
+        ours = graph_ms([lambda g=g, u=u: nf4_glu_gemv(x, (g, st, lora), (u, st, lora)) for g, u in pairs])
     else:
-        ours = bench_ms(lambda: nf4_gemv(x, packed, st, None, lora))
-    times = {"fastllm": ours, "dequant+gemm": bench_ms(lambda: x @ dequantize_nf4(packed, qs).t()) * (1 + glu)}
+        ours = graph_ms([lambda p=p: nf4_gemv(x, p, st, None, lora) for p in copies])
+    times = {"fastllm": ours,
+             "dequant+gemm": graph_ms([lambda p=p: x @ dequantize_nf4(p, qs).t() for p in copies]) * (1 + glu)}
     if m == 1:
-        times["bnb"] = bench_ms(lambda: bnb_gemv(x, packed, *st[:5], None, st[5], st[7])) * (1 + glu)
+        times["bnb"] = graph_ms([lambda p=p: bnb_gemv(x, p, *st[:5], None, st[5], st[7]) for p in copies]) * (1 + glu)
     return times
 
 
 def kernel_rows(shape: str, rows_list=(1, 8, 32)) -> list:
     """Per-projection GEMV times of one decoder layer of ``shape`` (random NF4 double-quant weights, LoRA r16):
     fastllm's kernels, bitsandbytes' GEMV (one row) and dequant + GEMM, each next to its packed bytes' limit."""
-    import bitsandbytes as bnb
-
     from .models import shape_config
 
     cfg = shape_config(shape)
@@ -165,33 +179,31 @@ def kernel_rows(shape: str, rows_list=(1, 8, 32)) -> list:
     bandwidth = copy_bandwidth_gbs()
     out = []
     for name, n, k in (("q", d, d), ("k", kv, d), ("gate+up", i, d), ("down", d, i)):
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        packed, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        limit_ms = packed.numel() * (1 + (name == "gate+up")) / (bandwidth * 1e9) * 1e3
+        limit_ms = n * k // 2 * (1 + (name == "gate+up")) / (bandwidth * 1e9) * 1e3
         for m in rows_list:
-            for provider, ms in _projection_times(name == "gate+up", packed, qs, m).items():
+            for provider, ms in _projection_times(name == "gate+up", n, k, m).items():
                 out.append({"bench": "generate-kernels", "shape": shape, "proj": name, "rows": m,
                             "provider": provider, "us": ms * 1e3, "limit_us": limit_ms * 1e3,
                             "of_limit": limit_ms / ms})
+        torch.cuda.empty_cache()
     return out
 
 
-ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "UNPACK": u} for u in (0, 1, 2) for bn in (4, 8)
-             for bk in (512, 1024, 2048)] + [{"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 8, "UNPACK": 2},
-                                             {"BLOCK_N": 2, "BLOCK_K": 2048, "num_warps": 4, "UNPACK": 2}]
-DOT_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": 3, "num_warps": 4, "UNPACK": u} for u in (0, 2)
-             for bn in (32, 64) for bk in (64, 128)]
+ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "UNPACK": 2, "STEPS": st}
+             for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for st in (0, 1, 2) if bn * bk <= 8192]
+ROW_SWEEP += [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "UNPACK": u, "STEPS": 1}
+              for bn in (4, 8) for bk in (512, 1024) for u, w in ((0, 4), (2, 2), (2, 8)) if u == 0 or bk == 512]
+DOT_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": 3, "num_warps": 4, "UNPACK": 2, "STEPS": st}
+             for bn in (16, 32, 64) for bk in (64, 128) for st in (0, 2, 8)]
 
 
 def sweep_rows(shape: str, rows_list=(1, 8, 32)) -> list:
     """fastllm's GEMV (LoRA r16) over the tile alternatives (``ROW_SWEEP`` for one row, ``DOT_SWEEP`` for more) on
-    one decoder layer's q and down projections of ``shape``: microseconds per config, next to the packed bytes'
-    limit. A config that fails to compile or run is a row with its error."""
-    import bitsandbytes as bnb
-
-    from ..ops.nf4 import plain_tensor, state_args
+    one decoder layer's q and down projections of ``shape``, replayed in a CUDA graph over weight copies
+    (``graph_ms``): microseconds per config, next to the packed bytes' limit. A config that fails to compile or
+    run is a row with its error."""
     from ..ops.nf4_gemv import nf4_gemv
-    from .common import bench_ms
+    from .common import graph_ms
     from .models import shape_config
 
     cfg = shape_config(shape)
@@ -199,11 +211,9 @@ def sweep_rows(shape: str, rows_list=(1, 8, 32)) -> list:
     bandwidth = copy_bandwidth_gbs()
     out = []
     for name, n, k in (("q", d, d), ("down", d, i)):
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        packed, qs = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        packed, st = plain_tensor(packed), state_args(qs)
+        copies, st, _ = _weights(n, k)
         b = torch.randn(n, 16, device="cuda", dtype=torch.bfloat16) * 0.02
-        limit_us = packed.numel() / (bandwidth * 1e9) * 1e6
+        limit_us = n * k // 2 / (bandwidth * 1e9) * 1e6
         for m in rows_list:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             lora = (torch.randn(m, 16, device="cuda", dtype=torch.bfloat16), b, 2.0)
@@ -211,11 +221,14 @@ def sweep_rows(shape: str, rows_list=(1, 8, 32)) -> list:
                 row = {"bench": "generate-sweep", "shape": shape, "proj": name, "rows": m, **config,
                        "limit_us": limit_us}
                 try:
-                    us = bench_ms(lambda c=config: nf4_gemv(x, packed, st, None, lora, config=c)) * 1e3  # noqa: B023
+                    us = graph_ms([lambda p=p, c=config: nf4_gemv(x, p, st, None, lora, config=c)  # noqa: B023
+                                   for p in copies]) * 1e3
                     row.update(us=us, of_limit=limit_us / us)
                 except Exception as err:  # a config the compiler refuses (shared memory, registers) is a result too
                     row["error"] = " ".join(str(err).split())[:200]
                 out.append(row)
+        del copies
+        torch.cuda.empty_cache()
     return out
 
 
@@ -225,7 +238,7 @@ def adopt_best(sweep: list[dict]) -> dict:
     counts; a config must have run everywhere it was timed. Returns ``{"row": config, "dot": config}``."""
     from ..kernels import nf4_gemv as kernels
 
-    keys = ("BLOCK_N", "BLOCK_K", "UNPACK", "num_warps", "num_stages")
+    keys = ("BLOCK_N", "BLOCK_K", "UNPACK", "STEPS", "num_warps", "num_stages")
     chosen = {}
     for name, target, one in (("row", kernels.ROW_CONFIG, True), ("dot", kernels.DOT_CONFIG, False)):
         totals, failed = {}, set()
@@ -297,8 +310,9 @@ def main(argv=None) -> int:
             for r in srows:
                 if "us" in r and r["us"] < best.get((r["proj"], r["rows"]), {"us": float("inf")})["us"]:
                     best[(r["proj"], r["rows"])] = r
-            print(format_table(list(best.values()), ["proj", "rows", "BLOCK_N", "BLOCK_K", "UNPACK", "num_warps",
-                                                     "num_stages", "us", "limit_us", "of_limit"]), flush=True)
+            cols = ["proj", "rows", "BLOCK_N", "BLOCK_K", "UNPACK", "STEPS", "num_warps", "num_stages", "us",
+                    "limit_us", "of_limit"]
+            print(format_table(list(best.values()), cols), flush=True)
             tuned = adopt_best(srows)  # the generate rows below (fastllm:gemv=on) run with the winners
             print(f"GEMV configs adopted for this run: {tuned}", flush=True)
             write_jsonl([{"bench": "generate-tuned", "shape": shape, **tuned}], jsonl)

@@ -30,6 +30,7 @@ Needs K a multiple of the quantization blocksize (blocks then never straddle two
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -59,10 +60,10 @@ def _pair(PAIRS, q):
 
 
 @triton.jit
-def _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K,
+def _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi,
              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, UNPACK: tl.constexpr):
-    """acc[j] = sum_k x[k] W[rn_j, k] for one row x, in fp32 on the CUDA cores: (BLOCK_N,).
+    """acc[j] = sum_{k_lo <= k < k_hi} x[k] W[rn_j, k] for one row x, in fp32 on the CUDA cores: (BLOCK_N,).
 
     The packed tile is read as (BLOCK_N, NB, HB) bytes, NB quantization blocks (or block chunks) of HB bytes per
     row, so the absmax broadcasts over the last axis with no reshape; the block's absmax multiplies its partial
@@ -80,7 +81,7 @@ def _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K,
     byte = chunk[:, None] * HB + tl.arange(0, HB)[None, :]   # (NB, HB) byte offsets within a step
     elem = chunk[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # (NB, CHUNK) element offsets within a step
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if UNPACK == 0:
             bb = k0 // 2 + byte
             q = tl.load(PACKED + row_bytes + bb[None, :, :], mask=n_ok[:, None, None], other=0).to(tl.int32)
@@ -104,27 +105,29 @@ def _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K,
 
 
 @triton.jit
-def _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K,
+def _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, k_lo, k_hi,
               BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
               DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr):
-    """acc[m, j] = sum_k x[rm_m, k] * W[rn_j, k] in fp32: (BLOCK_M, BLOCK_N). BLOCK_K divides K.
+    """acc[m, j] = sum_{k_lo <= k < k_hi} x[rm_m, k] * W[rn_j, k] in fp32: (BLOCK_M, BLOCK_N). BLOCK_K divides K
+    and k_lo.
 
     ``DOT``: tensor cores (``tl.dot``, at least 16 rows of x, the spare ones masked), W rounded to x's dtype as the
     dense dequant writes it; else one row (BLOCK_M = 1) on the CUDA cores (``_nf4_row``). ``UNPACK`` picks how the
     nibbles come out of the bytes (see ``_nf4_row``): 0 both nibbles of a byte, joined into k order; 1 each element
     shifted out of its own byte, no join; 2 as 0, both values of a byte from the pair table."""
     if not DOT:  # one return (see _absmax)
-        acc = _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, BLOCKSIZE, BLOCKSIZE2, NESTED,
-                       BLOCK_N, BLOCK_K, CHUNK, UNPACK)[None, :]
+        acc = _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi, BLOCKSIZE, BLOCKSIZE2,
+                       NESTED, BLOCK_N, BLOCK_K, CHUNK, UNPACK)[None, :]
     else:
-        acc = _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, BLOCKSIZE,
+        acc = _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, k_lo, k_hi,
+                       BLOCKSIZE,
                        BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, FP32, UNPACK)
     return acc
 
 
 @triton.jit
-def _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K,
+def _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, k_lo, k_hi,
              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
              FP32: tl.constexpr, UNPACK: tl.constexpr):
@@ -135,7 +138,7 @@ def _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, 
     row_bytes = (rn.to(tl.int64) * (K // 2))[:, None]  # (BLOCK_N, 1) first packed byte of each weight row
     row_blocks = (rn * (K // BLOCKSIZE))[:, None]      # (BLOCK_N, 1) first quantization block of each row
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(X + rm[:, None] * stride_x + kk[None, :], mask=m_ok[:, None], other=0.0)  # (BLOCK_M, BLOCK_K)
         if UNPACK == 0:
@@ -188,17 +191,9 @@ def _lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R: tl.constexpr
 
 
 @triton.jit
-def _nf4_gemv_kernel(X, stride_x, OUT, stride_o, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS,
-                     XA, stride_xa, Bw, s, M, N, K, R,
-                     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
-                     FP32: tl.constexpr, UNPACK: tl.constexpr):
-    """out[m, n] = x[m] . W[n] + bias[n] + s * xa[m] . B[n]  for BLOCK_N columns n per program."""
-    rm = tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K,
-                    BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK)
+def _finish(acc, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, rm, rn, M, N, R, HAS_BIAS: tl.constexpr,
+            HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr):
+    """Store ``out[rm, rn] = acc + bias + s * xa @ B.T`` (acc: the base product, fp32)."""
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
@@ -208,22 +203,11 @@ def _nf4_gemv_kernel(X, stride_x, OUT, stride_o, PACKED, ABSMAX, CODE, CODE2, AB
 
 
 @triton.jit
-def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, CODE,
-                         P_G, A_G, C2_G, A2_G, O_G, XA_G, B_G, s_g,
-                         P_U, A_U, C2_U, A2_U, O_U, XA_U, B_U, s_u,
-                         stride_xa, M, N, K, R_G, R_U,
-                         BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                         HAS_LORA: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
-                         DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr):
-    """out[m, n] = act(g[m, n]) * u[m, n], g and u each ``x . W[n] + s * xa . B[n]``; act SiLU or, with GELU,
-    GELU-tanh; computed in fp32."""
-    rm = tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = _nf4_tile(X, stride_x, P_G, A_G, CODE, C2_G, A2_G, O_G, rm, rn, M, N, K,
-                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK)
-    u = _nf4_tile(X, stride_x, P_U, A_U, CODE, C2_U, A2_U, O_U, rm, rn, M, N, K,
-                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK)
+def _glu_finish(g, u, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, rm, rn, M, N, R_G, R_U,
+                HAS_LORA: tl.constexpr, GELU: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
+                FP32: tl.constexpr):
+    """Store ``out[rm, rn] = act(g + s_g * xa_g @ B_g.T) * (u + s_u * xa_u @ B_u.T)`` (g, u: the base products,
+    fp32); act SiLU or, with GELU, GELU-tanh, computed in fp32."""
     if HAS_LORA:
         g = _lora_term(g, XA_G, stride_xa, B_G, s_g, rm, rn, M, N, R_G, BLOCK_R, DOT, FP32)
         u = _lora_term(u, XA_U, stride_xa, B_U, s_u, rm, rn, M, N, R_U, BLOCK_R, DOT, FP32)
@@ -241,26 +225,122 @@ def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, CODE,
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
+@triton.jit
+def _store_part(PART, acc, rm, rn, M, N):
+    """One K split's fp32 partial product into its (M, N) slice of the workspace."""
+    tl.store(PART + rm[:, None] * N + rn[None, :], acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit
+def _sum_parts(PART, rm, rn, M, N, SPLIT: tl.constexpr):
+    """The base product as the sum of SPLIT partials, (SPLIT, M, N) fp32, added in split order (deterministic)."""
+    offs = rm[:, None] * N + rn[None, :]
+    ok = (rm < M)[:, None] & (rn < N)[None, :]
+    acc = tl.load(PART + offs, mask=ok, other=0.0)
+    for p in range(1, SPLIT):
+        acc += tl.load(PART + p * M * N + offs, mask=ok, other=0.0)
+    return acc
+
+
+@triton.jit
+def _nf4_gemv_kernel(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS,
+                     XA, stride_xa, Bw, s, M, N, K, KS, R,
+                     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
+                     FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr):
+    """out[m, n] = x[m] . W[n] + bias[n] + s * xa[m] . B[n]  for BLOCK_N columns n per program; with SPLIT > 1,
+    program (i, j) sums K range [j KS, (j + 1) KS) only and stores it to PART[j] (``_gemv_epilogue_kernel``
+    finishes)."""
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = tl.program_id(1) * KS
+    acc = _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, k_lo,
+                    tl.minimum(k_lo + KS, K), BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT,
+                    FP32, UNPACK)
+    if SPLIT == 1:
+        _finish(acc, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, rm, rn, M, N, R, HAS_BIAS, HAS_LORA, BLOCK_R, DOT,
+                FP32)
+    else:
+        _store_part(PART + tl.program_id(1) * M * N, acc, rm, rn, M, N)
+
+
+@triton.jit
+def _gemv_epilogue_kernel(PART, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, M, N, R, SPLIT: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr):
+    """A split-K GEMV's end: the partials summed, bias and LoRA term added, stored."""
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _finish(_sum_parts(PART, rm, rn, M, N, SPLIT), OUT, stride_o, BIAS, XA, stride_xa, Bw, s, rm, rn, M, N, R,
+            HAS_BIAS, HAS_LORA, BLOCK_R, DOT, FP32)
+
+
+@triton.jit
+def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, PART, CODE,
+                         P_G, A_G, C2_G, A2_G, O_G, XA_G, B_G, s_g,
+                         P_U, A_U, C2_U, A2_U, O_U, XA_U, B_U, s_u,
+                         stride_xa, M, N, K, KS, R_G, R_U,
+                         BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                         HAS_LORA: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
+                         DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr):
+    """out[m, n] = act(g[m, n]) * u[m, n], g and u each ``x . W[n] + s * xa . B[n]`` (``_glu_finish``); with
+    SPLIT > 1 the K-range partials of g go to PART[j] and of u to PART[SPLIT + j] (``_glu_epilogue_kernel``)."""
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = tl.program_id(1) * KS
+    k_hi = tl.minimum(k_lo + KS, K)
+    g = _nf4_tile(X, stride_x, P_G, A_G, CODE, C2_G, A2_G, O_G, rm, rn, M, N, K, k_lo, k_hi,
+                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK)
+    u = _nf4_tile(X, stride_x, P_U, A_U, CODE, C2_U, A2_U, O_U, rm, rn, M, N, K, k_lo, k_hi,
+                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK)
+    if SPLIT == 1:
+        _glu_finish(g, u, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, rm, rn, M, N, R_G, R_U,
+                    HAS_LORA, GELU, BLOCK_R, DOT, FP32)
+    else:
+        _store_part(PART + tl.program_id(1) * M * N, g, rm, rn, M, N)
+        _store_part(PART + (SPLIT + tl.program_id(1)) * M * N, u, rm, rn, M, N)
+
+
+@triton.jit
+def _glu_epilogue_kernel(PART, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, M, N, R_G, R_U,
+                         SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr):
+    """A split-K gate/up GEMV's end: each projection's partials summed, LoRA terms, activation, product."""
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    _glu_finish(_sum_parts(PART, rm, rn, M, N, SPLIT), _sum_parts(PART + SPLIT * M * N, rm, rn, M, N, SPLIT),
+                OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, rm, rn, M, N, R_G, R_U, HAS_LORA, GELU,
+                BLOCK_R, DOT, FP32)
+
+
 # Tile sizes, the fastest of ``fastllm bench generate --sweep`` (docs/benchmarks.md, "decode GEMV"): one row (CUDA
 # cores), 8 weight rows a program and 1,024-element steps, 4 KiB of packed bytes a step (32 bytes a thread at 4
 # warps), both values of a byte from the pair table; batches (tensor cores), 32 weight rows a program, one
 # quantization block a step (the absmax a broadcast).
-ROW_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "UNPACK": 2}
-DOT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "UNPACK": 2}
+ROW_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "UNPACK": 2, "STEPS": 0}
+DOT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "UNPACK": 2, "STEPS": 0}
 MAX_ROWS = 64  # largest M these kernels take (decode batches); more rows go to dequant + GEMM
+EPILOGUE_N = 64  # output columns per program of a split-K GEMV's epilogue
 
 
 def gemv_config(m: int, k: int, blocksize: int, override: dict | None = None) -> dict:
     """The one place that maps a problem to its tile sizes and launch options: ``DOT`` (tensor cores) for more
     than one row; BLOCK_K capped at the largest power of two dividing K (no tail to mask; K is a multiple of the
-    blocksize and of 32); ``override`` (the sweep) replaces any of ``BLOCK_N, BLOCK_K, UNPACK, num_warps,
-    num_stages``."""
+    blocksize and of 32); ``STEPS`` BLOCK_K steps per program along K (0: all of K, one launch; else K splits into
+    ``SPLIT`` ranges of ``KS`` elements, each a program column, and an epilogue launch sums them: more programs,
+    more bytes in flight, for the few output columns of a decode step); ``override`` (the sweep) replaces any of
+    ``BLOCK_N, BLOCK_K, UNPACK, STEPS, num_warps, num_stages``."""
     dot = m > 1
     cfg = {**(DOT_CONFIG if dot else ROW_CONFIG), **(override or {})}
     block_k = min(cfg["BLOCK_K"], k & -k)
+    steps = k // block_k
+    per = min(cfg.get("STEPS", 0) or steps, steps)
+    split = cdiv(steps, per)
     return {"BLOCK_M": max(16, next_power_of_2(m)) if dot else 1, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": block_k,
-            "CHUNK": min(blocksize, block_k), "DOT": dot, "UNPACK": cfg["UNPACK"], "num_warps": cfg["num_warps"],
-            "num_stages": cfg["num_stages"]}
+            "CHUNK": min(blocksize, block_k), "DOT": dot, "UNPACK": cfg["UNPACK"], "SPLIT": split,
+            "KS": k if split == 1 else per * block_k, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
 def check_gemv(x, n: int, k: int, blocksize: int) -> None:
@@ -278,8 +358,6 @@ _PAIRS: dict = {}
 def pair_table(code):
     """(256,) int64: byte b's two NF4 values as fp32 bits, ``code[b >> 4]`` in the high word and ``code[b & 15]``
     in the low one (``UNPACK=2``: one load a byte instead of two). Made once per code tensor and kept."""
-    import torch
-
     key = (code.device, code.data_ptr())
     if key not in _PAIRS:
         bits = code.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
@@ -313,12 +391,20 @@ def nf4_gemv_fwd(x, packed, state, n: int, blocksize: int, blocksize2: int, out,
         code = pair_table(code)
     xa, b, s = lora if lora is not None else (x, x, 0.0)
     r = b.shape[1] if lora is not None else 0
-    launch(_nf4_gemv_kernel, (cdiv(n, cfg["BLOCK_N"]),),
-           x, x.stride(0), out, out.stride(0), packed, absmax, code, code2, absmax2, offset,
-           bias if bias is not None else x, xa, xa.stride(0), b, float(s), m, n, k, r,
-           BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, HAS_BIAS=bias is not None,
-           HAS_LORA=lora is not None, BLOCK_R=min(64, max(16, next_power_of_2(r))), FP32=x.dtype.itemsize == 4,
-           enable_fp_fusion=False, **cfg)
+    bias = bias if bias is not None else x
+    ks, split = cfg.pop("KS"), cfg["SPLIT"]
+    part = x.new_empty((split, m, n), dtype=torch.float32) if split > 1 else out
+    epilogue = {"HAS_BIAS": bias is not x, "HAS_LORA": lora is not None, "FP32": x.dtype.itemsize == 4,
+                "BLOCK_R": min(64, max(16, next_power_of_2(r)))}
+    launch(_nf4_gemv_kernel, (cdiv(n, cfg["BLOCK_N"]), split),
+           x, x.stride(0), out, out.stride(0), part, packed, absmax, code, code2, absmax2, offset,
+           bias, xa, xa.stride(0), b, float(s), m, n, k, ks, r,
+           BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, enable_fp_fusion=False,
+           **epilogue, **cfg)
+    if split > 1:
+        launch(_gemv_epilogue_kernel, (cdiv(n, EPILOGUE_N),), part, out, out.stride(0), bias, xa, xa.stride(0), b,
+               float(s), m, n, r, SPLIT=split, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=EPILOGUE_N, DOT=cfg["DOT"],
+               enable_fp_fusion=False, **epilogue)
     return out
 
 
@@ -343,12 +429,20 @@ def nf4_glu_gemv_fwd(x, gate, up, n: int, blocksize: int, blocksize2: int, out, 
     if xag.stride(0) != xau.stride(0):
         raise ValueError("gate's and up's xa must share a row stride (views of one (M, R_g + R_u) buffer)")
     rg, ru = (bg.shape[1], bu.shape[1]) if lg is not None else (0, 0)
-    launch(_nf4_glu_gemv_kernel, (cdiv(n, cfg["BLOCK_N"]),),
-           x, x.stride(0), out, out.stride(0), code,
+    ks, split = cfg.pop("KS"), cfg["SPLIT"]
+    part = x.new_empty((2 * split, m, n), dtype=torch.float32) if split > 1 else out
+    epilogue = {"HAS_LORA": lg is not None, "GELU": gelu, "FP32": x.dtype.itemsize == 4,
+                "BLOCK_R": min(64, max(16, next_power_of_2(max(rg, ru))))}
+    lora_args = (xag, bg, float(s_g), xau, bu, float(s_u), xag.stride(0))
+    launch(_nf4_glu_gemv_kernel, (cdiv(n, cfg["BLOCK_N"]), split),
+           x, x.stride(0), out, out.stride(0), part, code,
            pg, ag, c2g, a2g, og, xag, bg, float(s_g),
            pu, au, c2u, a2u, ou, xau, bu, float(s_u),
-           xag.stride(0), m, n, k, rg, ru,
-           BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, HAS_LORA=lg is not None,
-           GELU=gelu, BLOCK_R=min(64, max(16, next_power_of_2(max(rg, ru)))), FP32=x.dtype.itemsize == 4,
-           enable_fp_fusion=False, **cfg)
+           xag.stride(0), m, n, k, ks, rg, ru,
+           BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, enable_fp_fusion=False,
+           **epilogue, **cfg)
+    if split > 1:
+        launch(_glu_epilogue_kernel, (cdiv(n, EPILOGUE_N),), part, out, out.stride(0), *lora_args, m, n, rg, ru,
+               SPLIT=split, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=EPILOGUE_N, DOT=cfg["DOT"], enable_fp_fusion=False,
+               **epilogue)
     return out

@@ -12,8 +12,11 @@ import sys
 
 import pytest
 
-CASES = [("gemv", u, dot, nested) for u, dot, nested in itertools.product((0, 1, 2), (False, True), (True, False))]
-CASES += [("glu", u, dot, True) for u, dot in itertools.product((0, 2), (False, True))]
+# (kernel, unpack, tensor cores, nested, K splits): the main kernels whole-K and split-K, and the split epilogues
+CASES = [("gemv", u, dot, nested, 1) for u, dot, nested in itertools.product((0, 1, 2), (False, True), (True, False))]
+CASES += [("glu", u, dot, True, 1) for u, dot in itertools.product((0, 2), (False, True))]
+CASES += [(kind, 2, dot, True, 4) for kind, dot in itertools.product(("gemv", "glu", "gemv-end", "glu-end"),
+                                                                       (False, True))]
 
 
 def _compile_all() -> int:
@@ -29,22 +32,24 @@ def _compile_all() -> int:
         return {n + suffix: t for n, t in zip(names, types)}
 
     failed = 0
-    for kind, unpack, dot, nested in CASES:
+    for kind, unpack, dot, nested, split in CASES:
         types = {"X": "*bf16", "stride_x": "i32", "OUT": "*bf16", "stride_o": "i32", "CODE": "*i64" if unpack == 2
-                 else "*fp32", "stride_xa": "i32", "M": "i32", "N": "i32", "K": "i32"}
+                 else "*fp32", "stride_xa": "i32", "M": "i32", "N": "i32", "K": "i32", "KS": "i32",
+                 "PART": "*fp32"}
         consts = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": nested, "BLOCK_M": 16 if dot else 1,
                   "BLOCK_N": 32 if dot else 4, "BLOCK_K": 128 if dot else 1024, "CHUNK": 64, "BLOCK_R": 16,
-                  "DOT": dot, "FP32": False, "UNPACK": unpack, "HAS_LORA": True}
-        if kind == "gemv":
-            kernel = kernels._nf4_gemv_kernel
+                  "DOT": dot, "FP32": False, "UNPACK": unpack, "HAS_LORA": True, "SPLIT": split}
+        if kind.startswith("gemv"):
+            kernel = kernels._nf4_gemv_kernel if kind == "gemv" else kernels._gemv_epilogue_kernel
             types.update(quant("", nested), BIAS="*bf16", XA="*bf16", Bw="*bf16", s="fp32", R="i32")
             consts.update(HAS_BIAS=True)
         else:
-            kernel = kernels._nf4_glu_gemv_kernel
+            kernel = kernels._nf4_glu_gemv_kernel if kind == "glu" else kernels._glu_epilogue_kernel
             for p in ("_G", "_U"):
                 types.update(quant(p, nested), **{f"XA{p}": "*bf16", f"B{p}": "*bf16", f"s{p.lower()}": "fp32",
                                                   f"R{p}": "i32"})
             consts.update(GELU=False)
+        consts = {n: v for n, v in consts.items() if n in kernel.arg_names}
         signature = {n: types.get(n, "constexpr") for n in kernel.arg_names}
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts),
@@ -52,7 +57,7 @@ def _compile_all() -> int:
             ok = bool(compiled.asm["cubin"])
         except Exception as err:  # reported per case, all cases tried
             ok, why = False, str(err).strip().splitlines()[-1][:300]
-        print(kind, unpack, dot, nested, "ok" if ok else f"FAILED {why}", flush=True)
+        print(kind, unpack, dot, nested, split, "ok" if ok else f"FAILED {why}", flush=True)
         failed += not ok
     return failed
 
