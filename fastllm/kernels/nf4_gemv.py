@@ -24,6 +24,11 @@ bitsandbytes does). Two ways to multiply:
 - 2 to 64 rows: on the tensor cores (``tl.dot``, tiles of at least 16 rows, the spare rows masked), each weight
   rounded once to x's dtype (equal to ``dequantize_4bit``'s, as the dense path uses it), fp32 accumulation.
 
+With few output columns (a decode step's q, k, v), ``N / BLOCK_N`` programs each walking all of K keep too few
+bytes in flight to reach the memory bandwidth: split K (``STEPS`` per program, ``gemv_config``) gives each program
+one K range, its fp32 partial goes to a (SPLIT, M, N) workspace, and a second launch (``_gemv_epilogue_kernel``,
+``_glu_epilogue_kernel``) sums the partials in split order (deterministic), then adds the bias and LoRA term.
+
 Needs K a multiple of the quantization blocksize (blocks then never straddle two rows: block of (n, k) is
 ``n * K / blocksize + k // blocksize``), as bitsandbytes' own GEMV does.
 """
