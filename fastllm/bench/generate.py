@@ -67,7 +67,22 @@ def step_bytes(model, batch: int, context: int) -> int:
     return total + batch * (emb.shape[1] * emb.element_size() + context * kv)
 
 
-def measure(model, providers, *, batch: int, prompt: int, new_tokens: int, runs: int, bandwidth: float) -> list:
+def _profile(model, x, kw, path: str) -> None:
+    """One generate under torch.profiler: the kernels by device time (graph replays' kernels included) to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model.generate(input_ids=x, **kw)
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=50))
+
+
+def measure(model, providers, *, batch: int, prompt: int, new_tokens: int, runs: int, bandwidth: float,
+            profile: str | None = None) -> list:
+    """Rows of each provider's generate at ``batch``; with ``profile`` (a path prefix) one more generate each
+    under torch.profiler (``_profile``)."""
     from .compile import infer_inputs
     from .numerics import init_lora_b
 
@@ -86,6 +101,8 @@ def measure(model, providers, *, batch: int, prompt: int, new_tokens: int, runs:
             torch.cuda.reset_peak_memory_stats()
             samples[p].append(infer_once(model, x, kw))
             peaks[p] = max(peaks.get(p, 0.0), torch.cuda.max_memory_allocated() / (1 << 30))
+    for p in providers if profile else ():
+        _profile(model, x, {**gen, **_select(model, p)}, f"{profile}_{p.replace(':', '-')}_b{batch}.txt")
     _select(model, "hf")
     limit_ms = step_bytes(model, batch, prompt + new_tokens // 2) / (bandwidth * 1e9) * 1e3
     rows = []
@@ -103,7 +120,8 @@ def _finish(row: dict, limit_ms: float, new_tokens: int) -> dict:
     return row
 
 
-def run(shape: str, providers, *, batches, prompt: int, new_tokens: int, runs: int, jsonl: str | None) -> list:
+def run(shape: str, providers, *, batches, prompt: int, new_tokens: int, runs: int, jsonl: str | None,
+        profile: str | None = None) -> list:
     base = {"bench": "generate", "shape": shape, "prompt": prompt, "new_tokens": new_tokens, **stamp()}
     bandwidth = copy_bandwidth_gbs()
     local = [p for p in providers if p != "unsloth"]
@@ -111,7 +129,7 @@ def run(shape: str, providers, *, batches, prompt: int, new_tokens: int, runs: i
     rows = []
     for batch in batches:
         found = measure(model, local, batch=batch, prompt=prompt, new_tokens=new_tokens, runs=runs,
-                        bandwidth=bandwidth)
+                        bandwidth=bandwidth, profile=profile)
         if "unsloth" in providers:
             limit = found[0]["limit_ms"] if found else float("nan")
             row = {"provider": "unsloth", "batch": batch, **infer_child("unsloth", shape, prompt=prompt,
@@ -189,10 +207,9 @@ def kernel_rows(shape: str, rows_list=(1, 8, 32)) -> list:
     return out
 
 
-ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "UNPACK": 2, "STEPS": st}
-             for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for st in (0, 1, 2) if bn * bk <= 8192]
-ROW_SWEEP += [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "UNPACK": u, "STEPS": 1}
-              for bn in (4, 8) for bk in (512, 1024) for u, w in ((0, 4), (2, 2), (2, 8)) if u == 0 or bk == 512]
+ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "UNPACK": u, "STEPS": st}
+             for u in (0, 3) for bn in (4, 8, 16) for bk in (512, 1024, 2048) for st in (0, 2) if bn * bk <= 16384]
+ROW_SWEEP += [{"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "UNPACK": u, "STEPS": 0} for u in (0, 3)]
 DOT_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": 3, "num_warps": 4, "UNPACK": 2, "STEPS": st}
              for bn in (16, 32, 64) for bk in (64, 128) for st in (0, 2, 8)]
 
@@ -289,6 +306,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--kernels", action="store_true", help="also time one layer's GEMVs (fastllm, bnb, dequant+GEMM)")
     p.add_argument("--sweep", action="store_true", help="also time the GEMV's tile alternatives (q and down)")
+    p.add_argument("--sweep-rows", default="1,8,32", help="the row counts --sweep times")
+    p.add_argument("--profile", action="store_true",
+                   help="also write each local provider's kernels (torch.profiler, one generate) to --out")
     args = p.parse_args(argv)
     providers = pick(p, args.providers, PROVIDERS, "provider")
     shapes = pick(p, args.shapes, sorted(SHAPES), "shape")
@@ -304,7 +324,7 @@ def main(argv=None) -> int:
     jsonl = os.path.join(args.out, "generate.jsonl")
     for shape in shapes:
         if args.sweep:
-            srows = sweep_rows(shape)
+            srows = sweep_rows(shape, [int(r) for r in args.sweep_rows.split(",")])
             write_jsonl(srows, jsonl)
             best = {}
             for r in srows:
@@ -323,7 +343,7 @@ def main(argv=None) -> int:
         if not batches:
             continue
         rows = run(shape, providers, batches=batches, prompt=args.prompt, new_tokens=args.new_tokens, runs=args.runs,
-                   jsonl=jsonl)
+                   jsonl=jsonl, profile=os.path.join(args.out, f"profile_{shape}") if args.profile else None)
         print(format_table(rows, ["shape", "batch", "provider", "decode_ms_per_token", "limit_ms", "of_limit",
                                   "tokens_per_s", "generate_ms", "peak_gib", "error"]))
         _plot(rows, os.path.join(args.out, f"generate_{shape}.png"))

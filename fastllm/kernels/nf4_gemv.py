@@ -76,7 +76,54 @@ def _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_
     once, its two nibbles against x's even and odd elements (strided x loads); 1: the tile read per element
     (BLOCK_N, NB, CHUNK), each element shifting its own nibble out of its byte (each byte loaded twice, from the
     same cache line) against contiguous x; 2: each byte once, both its values from one 64-bit load of the pair
-    table (``CODE`` is then ``pair_table(code)``), x read contiguously and split into even and odd elements."""
+    table (``CODE`` is then ``pair_table(code)``), x read contiguously and split into even and odd elements;
+    3: ``_nf4_row_words``."""
+    if UNPACK == 3:  # one return (see _absmax)
+        acc = _nf4_row_words(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi, BLOCKSIZE,
+                             BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K, CHUNK)
+    else:
+        acc = _nf4_row_bytes(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi, BLOCKSIZE,
+                             BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K, CHUNK, UNPACK)
+    return acc
+
+
+@triton.jit
+def _nf4_row_words(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi,
+                   BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+    """``_nf4_row`` over 32-bit words (``PACKED`` as int32: 8 weights a word, word w holding elements 8w..8w+7,
+    element 8w + i in bits ``8 (i // 2) + 4 (1 - i % 2)``), the next step's words loaded before this step's are
+    decoded (one step's bytes in flight while the other is computed), x read contiguously."""
+    WC: tl.constexpr = CHUNK // 8        # words of one block chunk
+    NB: tl.constexpr = BLOCK_K // CHUNK  # block chunks per row per step
+    n_ok = rn < N
+    row_words = (rn.to(tl.int64) * (K // 8))[:, None, None]  # (BLOCK_N, 1, 1)
+    row_blocks = (rn * (K // BLOCKSIZE))[:, None]            # (BLOCK_N, 1)
+    chunk = tl.arange(0, NB)
+    word = chunk[:, None] * WC + tl.arange(0, WC)[None, :]  # (NB, WC) word offsets within a step
+    nib = tl.arange(0, 8)
+    shift = ((nib // 2) * 8 + (1 - nib % 2) * 4)[None, None, None, :]  # (1, 1, 1, 8)
+    elem = word[:, :, None] * 8 + nib[None, None, :]                  # (NB, WC, 8) element offsets
+    nxt = tl.load(PACKED + row_words + (k_lo // 8 + word)[None, :, :], mask=n_ok[:, None, None], other=0)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        w = nxt
+        more = rn < tl.where(k0 + BLOCK_K < k_hi, N, 0)  # rows with a next step in this range
+        nxt = tl.load(PACKED + row_words + ((k0 + BLOCK_K) // 8 + word)[None, :, :], mask=more[:, None, None],
+                      other=0)
+        vals = tl.load(CODE + ((w[:, :, :, None] >> shift) & 15))          # (BLOCK_N, NB, WC, 8)
+        x = tl.load(X + k0 + elem).to(tl.float32)[None, :, :, :]
+        part = tl.sum(tl.sum(vals * x, axis=3), axis=2)                     # (BLOCK_N, NB)
+        blk = row_blocks + ((k0 + chunk * CHUNK) // BLOCKSIZE)[None, :]
+        acc += tl.sum(part * _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED), axis=1)
+    return acc
+
+
+@triton.jit
+def _nf4_row_bytes(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi,
+                   BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, UNPACK: tl.constexpr):
+    """``_nf4_row`` over bytes (``UNPACK`` 0 to 2)."""
     HB: tl.constexpr = CHUNK // 2        # bytes of one block chunk
     NB: tl.constexpr = BLOCK_K // CHUNK  # block chunks per row per step
     n_ok = rn < N
@@ -343,8 +390,9 @@ def gemv_config(m: int, k: int, blocksize: int, override: dict | None = None) ->
     steps = k // block_k
     per = min(cfg.get("STEPS", 0) or steps, steps)
     split = cdiv(steps, per)
+    unpack = 0 if dot and cfg["UNPACK"] == 3 else cfg["UNPACK"]  # words are a one-row mode
     return {"BLOCK_M": max(16, next_power_of_2(m)) if dot else 1, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": block_k,
-            "CHUNK": min(blocksize, block_k), "DOT": dot, "UNPACK": cfg["UNPACK"], "SPLIT": split,
+            "CHUNK": min(blocksize, block_k), "DOT": dot, "UNPACK": unpack, "SPLIT": split,
             "KS": k if split == 1 else per * block_k, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
@@ -371,6 +419,18 @@ def pair_table(code):
     return _PAIRS[key]
 
 
+def _operands(unpack: int, code, *packed) -> tuple:
+    """The code table and packed weights as the ``UNPACK`` mode reads them: the pair table (2), int32 words (3)."""
+    if unpack == 2:
+        code = pair_table(code)
+    if unpack == 3:
+        if any(p.numel() % 4 or p.storage_offset() % 4 or not p.is_contiguous() for p in packed):
+            raise ValueError("UNPACK=3 reads the packed weight as int32 words: it must be contiguous and 4-byte "
+                             "aligned")
+        packed = tuple(p.reshape(-1).view(torch.int32) for p in packed)
+    return code, packed[0] if len(packed) == 1 else packed
+
+
 def _state(st):
     """(absmax, code, code2, absmax2, offset) as kernel pointers (the absmax standing in where not nested)."""
     absmax, code, code2, absmax2, offset = st
@@ -392,8 +452,7 @@ def nf4_gemv_fwd(x, packed, state, n: int, blocksize: int, blocksize2: int, out,
     check_gemv(x, n, k, blocksize)
     absmax, code, code2, absmax2, offset, nested = _state(state)
     cfg = gemv_config(m, k, blocksize, config)
-    if cfg["UNPACK"] == 2:
-        code = pair_table(code)
+    code, packed = _operands(cfg["UNPACK"], code, packed)
     xa, b, s = lora if lora is not None else (x, x, 0.0)
     r = b.shape[1] if lora is not None else 0
     bias = bias if bias is not None else x
@@ -427,8 +486,7 @@ def nf4_glu_gemv_fwd(x, gate, up, n: int, blocksize: int, blocksize2: int, out, 
     if nested != nested_u:
         raise ValueError("the fused gate/up GEMV needs both weights nested or neither")
     cfg = gemv_config(m, k, blocksize, config)
-    if cfg["UNPACK"] == 2:
-        code = pair_table(code)
+    code, (pg, pu) = _operands(cfg["UNPACK"], code, pg, pu)
     xag, bg, s_g = lg if lg is not None else (x, x, 0.0)
     xau, bu, s_u = lu if lu is not None else (x, x, 0.0)
     if xag.stride(0) != xau.stride(0):

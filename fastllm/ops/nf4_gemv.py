@@ -1,10 +1,10 @@
 """Decode-step QLoRA linears: ``x @ W.T + bias + s * (x @ A.T) @ B.T`` for 1 to 64 token rows, W read as 4-bit.
 
 ``nf4_gemv`` runs one projection, ``nf4_glu_gemv`` a gated MLP's gate and up with the activation: on CUDA one
-Triton launch each (two with K split) (``fastllm.kernels.nf4_gemv``: the packed weight dequantized in registers, no dense copy, the
-LoRA term in the epilogue), elsewhere the torch fallback (dequant, GEMM, the LoRA term) with the same roundings:
-the base output, the rank-r product, its scaling and the sum each rounded to x's dtype, as PEFT under autocast.
-No autograd: these serve generation (grad mode off).
+Triton launch each, two with K split (``fastllm.kernels.nf4_gemv``: the packed weight dequantized in registers, no
+dense copy, the LoRA term in the epilogue), elsewhere the torch fallback (dequant, GEMM, the LoRA term) with the
+same roundings: the base output, the rank-r product, its scaling and the sum each rounded to x's dtype, as PEFT
+under autocast. No autograd: these serve generation (grad mode off).
 
 Decode steps take it only when switched on (``set_enabled(True)``, or ``FASTLLM_NF4_GEMV=1`` in the environment,
 read at the first call): the kernel is correct but not yet fast (its measurements against bitsandbytes' GEMV and

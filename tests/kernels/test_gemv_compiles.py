@@ -15,6 +15,8 @@ import pytest
 # (kernel, unpack, tensor cores, nested, K splits): the main kernels whole-K and split-K, and the split epilogues
 CASES = [("gemv", u, dot, nested, 1) for u, dot, nested in itertools.product((0, 1, 2), (False, True), (True, False))]
 CASES += [("glu", u, dot, True, 1) for u, dot in itertools.product((0, 2), (False, True))]
+CASES += [("gemv", 3, False, nested, split) for nested, split in ((True, 1), (False, 1), (True, 4))]
+CASES += [("glu", 3, False, True, split) for split in (1, 4)]
 CASES += [(kind, 2, dot, True, 4) for kind, dot in itertools.product(("gemv", "glu", "gemv-end", "glu-end"),
                                                                        (False, True))]
 
@@ -26,9 +28,9 @@ def _compile_all() -> int:
 
     from fastllm.kernels import nf4_gemv as kernels
 
-    def quant(suffix: str, nested: bool) -> dict:
+    def quant(suffix: str, nested: bool, unpack: int) -> dict:
         names = ("P", "A", "C2", "A2", "O") if suffix else ("PACKED", "ABSMAX", "CODE2", "ABSMAX2", "OFFSET")
-        types = ("*u8", "*u8" if nested else "*fp32", "*fp32", "*fp32", "*fp32")
+        types = ("*i32" if unpack == 3 else "*u8", "*u8" if nested else "*fp32", "*fp32", "*fp32", "*fp32")
         return {n + suffix: t for n, t in zip(names, types)}
 
     failed = 0
@@ -41,12 +43,12 @@ def _compile_all() -> int:
                   "DOT": dot, "FP32": False, "UNPACK": unpack, "HAS_LORA": True, "SPLIT": split}
         if kind.startswith("gemv"):
             kernel = kernels._nf4_gemv_kernel if kind == "gemv" else kernels._gemv_epilogue_kernel
-            types.update(quant("", nested), BIAS="*bf16", XA="*bf16", Bw="*bf16", s="fp32", R="i32")
+            types.update(quant("", nested, unpack), BIAS="*bf16", XA="*bf16", Bw="*bf16", s="fp32", R="i32")
             consts.update(HAS_BIAS=True)
         else:
             kernel = kernels._nf4_glu_gemv_kernel if kind == "glu" else kernels._glu_epilogue_kernel
             for p in ("_G", "_U"):
-                types.update(quant(p, nested), **{f"XA{p}": "*bf16", f"B{p}": "*bf16", f"s{p.lower()}": "fp32",
+                types.update(quant(p, nested, unpack), **{f"XA{p}": "*bf16", f"B{p}": "*bf16", f"s{p.lower()}": "fp32",
                                                   f"R{p}": "i32"})
             consts.update(GELU=False)
         consts = {n: v for n, v in consts.items() if n in kernel.arg_names}

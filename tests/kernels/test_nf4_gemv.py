@@ -150,6 +150,10 @@ def test_pair_table_holds_both_values_of_each_byte():
     (1, {"BLOCK_N": 4, "BLOCK_K": 128, "STEPS": 3}),        # ... ranges of 3 steps, the last one short
     (5, {"BLOCK_N": 16, "BLOCK_K": 64, "STEPS": 3}),        # ... tensor cores
     (3, {"BLOCK_N": 32, "BLOCK_K": 128, "STEPS": 1, "UNPACK": 2}),
+    (1, {"BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 3}),       # 32-bit words, the next step prefetched: 4 blocks
+    (1, {"BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 3}),        # ... half a block a step
+    (1, {"BLOCK_N": 2, "BLOCK_K": 128, "UNPACK": 3, "STEPS": 3}),  # ... split K, the last range short
+    (5, {"BLOCK_N": 16, "BLOCK_K": 64, "UNPACK": 3}),       # tensor cores: words are one-row only (bytes there)
 ])
 def test_tile_overrides_keep_the_maths(m, config):
     """The sweep's tile alternatives (``gemv_config`` overrides) compute the same as the defaults."""
