@@ -210,12 +210,15 @@ def kernel_rows(shape: str, rows_list=(1, 8, 32)) -> list:
 ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "UNPACK": u, "STEPS": st}
              for u in (0, 3) for bn in (4, 8, 16) for bk in (512, 1024, 2048) for st in (0, 2) if bn * bk <= 16384]
 ROW_SWEEP += [{"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "UNPACK": u, "STEPS": 0} for u in (0, 3)]
-DOT_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_stages": 3, "num_warps": 4, "UNPACK": 2, "STEPS": st}
-             for bn in (16, 32, 64) for bk in (64, 128) for st in (0, 2, 8)]
+DOT_SWEEP = [{"DOT": True, "BLOCK_N": bn, "BLOCK_K": bk, "num_stages": 3, "num_warps": 4, "UNPACK": 2, "STEPS": st}
+             for bn in (32, 64) for bk in (64, 128) for st in (0, 8)]
+ROWS_SWEEP = [{"DOT": False, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": st}
+              for bn in (2, 4, 8) for bk in (128, 256, 512) for st in (0, 2) if bn * bk <= 2048]
 
 
 def sweep_rows(shape: str, rows_list=(1, 8, 32)) -> list:
-    """fastllm's GEMV (LoRA r16) over the tile alternatives (``ROW_SWEEP`` for one row, ``DOT_SWEEP`` for more) on
+    """fastllm's GEMV (LoRA r16) over the tile alternatives (``ROW_SWEEP`` for one row, ``ROWS_SWEEP`` (CUDA cores)
+    and ``DOT_SWEEP`` (tensor cores) for more) on
     one decoder layer's q and down projections of ``shape``, replayed in a CUDA graph over weight copies
     (``graph_ms``): microseconds per config, next to the packed bytes' limit. A config that fails to compile or
     run is a row with its error."""
@@ -234,7 +237,7 @@ def sweep_rows(shape: str, rows_list=(1, 8, 32)) -> list:
         for m in rows_list:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             lora = (torch.randn(m, 16, device="cuda", dtype=torch.bfloat16), b, 2.0)
-            for config in (ROW_SWEEP if m == 1 else DOT_SWEEP):
+            for config in (ROW_SWEEP if m == 1 else ROWS_SWEEP + DOT_SWEEP):
                 row = {"bench": "generate-sweep", "shape": shape, "proj": name, "rows": m, **config,
                        "limit_us": limit_us}
                 try:
@@ -250,26 +253,41 @@ def sweep_rows(shape: str, rows_list=(1, 8, 32)) -> list:
 
 
 def adopt_best(sweep: list[dict]) -> dict:
-    """Set ``kernels.nf4_gemv.ROW_CONFIG`` / ``DOT_CONFIG`` (for this process) to the sweep's fastest config: the
-    one-row configs by their summed time over the projections, the tensor-core ones over projections and row
-    counts; a config must have run everywhere it was timed. Returns ``{"row": config, "dot": config}``."""
+    """Set ``kernels.nf4_gemv.ROW_CONFIG`` / ``ROWS_CONFIG`` / ``DOT_CONFIG`` (for this process) to the sweep's
+    fastest config of each path (one row; several on the CUDA cores; the tensor cores), by summed time over the
+    projections and row counts it was timed at; a config must have run everywhere it was timed. ``ROWS_CONFIG``'s
+    ``MAX_M`` becomes the largest swept row count at which the CUDA cores' best beat the tensor cores' (1: none).
+    Returns ``{"row": config, "rows": config, "dot": config}``."""
     from ..kernels import nf4_gemv as kernels
 
     keys = ("BLOCK_N", "BLOCK_K", "UNPACK", "STEPS", "num_warps", "num_stages")
-    chosen = {}
-    for name, target, one in (("row", kernels.ROW_CONFIG, True), ("dot", kernels.DOT_CONFIG, False)):
+    groups = {"row": (kernels.ROW_CONFIG, lambda r: r["rows"] == 1),
+              "rows": (kernels.ROWS_CONFIG, lambda r: r["rows"] > 1 and not r.get("DOT", True)),
+              "dot": (kernels.DOT_CONFIG, lambda r: r["rows"] > 1 and r.get("DOT", True))}
+    chosen, picked = {}, {}
+    for name, (target, mine) in groups.items():
         totals, failed = {}, set()
-        for r in sweep:
-            if (r["rows"] == 1) != one:
-                continue
+        for r in filter(mine, sweep):
             cfg = tuple((k, r[k]) for k in keys if k in r)
             if "us" not in r:
                 failed.add(cfg)
             totals[cfg] = totals.get(cfg, 0.0) + r.get("us", 0.0)
         ok = {c: t for c, t in totals.items() if c not in failed}
         if ok:
-            target.update(dict(min(ok, key=ok.get)))
+            picked[name] = min(ok, key=ok.get)
+            target.update(dict(picked[name]))
         chosen[name] = dict(target)
+
+    def time_at(name: str, m: int) -> float:  # the picked config's summed time at m rows
+        mine = groups[name][1]
+        hits = [r["us"] for r in sweep if r["rows"] == m and mine(r) and name in picked
+                and tuple((k, r[k]) for k in keys if k in r) == picked[name]]
+        return sum(hits) if hits else float("inf")
+
+    counts = sorted({r["rows"] for r in sweep if r["rows"] > 1})
+    if counts:
+        kernels.ROWS_CONFIG["MAX_M"] = max((m for m in counts if time_at("rows", m) < time_at("dot", m)), default=1)
+        chosen["rows"]["MAX_M"] = kernels.ROWS_CONFIG["MAX_M"]
     return chosen
 
 

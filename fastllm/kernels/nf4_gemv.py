@@ -65,10 +65,11 @@ def _pair(PAIRS, q):
 
 
 @triton.jit
-def _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi,
-             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+def _nf4_row(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, M, N, K, k_lo, k_hi,
+             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, UNPACK: tl.constexpr):
-    """acc[j] = sum_{k_lo <= k < k_hi} x[k] W[rn_j, k] for one row x, in fp32 on the CUDA cores: (BLOCK_N,).
+    """acc[m, j] = sum_{k_lo <= k < k_hi} x[m, k] W[rn_j, k] in fp32 on the CUDA cores: (BLOCK_M, BLOCK_N); rows
+    m >= M repeat row M - 1 (masked at the store). BLOCK_M > 1 only with ``UNPACK`` 3.
 
     The packed tile is read as (BLOCK_N, NB, HB) bytes, NB quantization blocks (or block chunks) of HB bytes per
     row, so the absmax broadcasts over the last axis with no reshape; the block's absmax multiplies its partial
@@ -79,21 +80,22 @@ def _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_
     table (``CODE`` is then ``pair_table(code)``), x read contiguously and split into even and odd elements;
     3: ``_nf4_row_words``."""
     if UNPACK == 3:  # one return (see _absmax)
-        acc = _nf4_row_words(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi, BLOCKSIZE,
-                             BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K, CHUNK)
+        acc = _nf4_row_words(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, M, N, K, k_lo, k_hi,
+                             BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
     else:
         acc = _nf4_row_bytes(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi, BLOCKSIZE,
-                             BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K, CHUNK, UNPACK)
+                             BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K, CHUNK, UNPACK)[None, :]
     return acc
 
 
 @triton.jit
-def _nf4_row_words(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi,
-                   BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+def _nf4_row_words(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, M, N, K, k_lo, k_hi,
+                   BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
     """``_nf4_row`` over 32-bit words (``PACKED`` as int32: 8 weights a word, word w holding elements 8w..8w+7,
     element 8w + i in bits ``8 (i // 2) + 4 (1 - i % 2)``), the next step's words loaded before this step's are
-    decoded (one step's bytes in flight while the other is computed), x read contiguously."""
+    decoded (one step's bytes in flight while the other is computed), x read contiguously. Each decoded step
+    serves the BLOCK_M rows of x in turn (a decode batch reads the weight once, its FMAs scale with the rows)."""
     WC: tl.constexpr = CHUNK // 8        # words of one block chunk
     NB: tl.constexpr = BLOCK_K // CHUNK  # block chunks per row per step
     n_ok = rn < N
@@ -105,17 +107,21 @@ def _nf4_row_words(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_
     shift = ((nib // 2) * 8 + (1 - nib % 2) * 4)[None, None, None, :]  # (1, 1, 1, 8)
     elem = word[:, :, None] * 8 + nib[None, None, :]                  # (NB, WC, 8) element offsets
     nxt = tl.load(PACKED + row_words + (k_lo // 8 + word)[None, :, :], mask=n_ok[:, None, None], other=0)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    rm = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         w = nxt
         more = rn < tl.where(k0 + BLOCK_K < k_hi, N, 0)  # rows with a next step in this range
         nxt = tl.load(PACKED + row_words + ((k0 + BLOCK_K) // 8 + word)[None, :, :], mask=more[:, None, None],
                       other=0)
-        vals = tl.load(CODE + ((w[:, :, :, None] >> shift) & 15))          # (BLOCK_N, NB, WC, 8)
-        x = tl.load(X + k0 + elem).to(tl.float32)[None, :, :, :]
-        part = tl.sum(tl.sum(vals * x, axis=3), axis=2)                     # (BLOCK_N, NB)
+        vals = tl.load(CODE + ((w[:, :, :, None] >> shift) & 15))  # (BLOCK_N, NB, WC, 8)
         blk = row_blocks + ((k0 + chunk * CHUNK) // BLOCKSIZE)[None, :]
-        acc += tl.sum(part * _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED), axis=1)
+        scale = _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED)  # (BLOCK_N, NB)
+        for m in tl.static_range(BLOCK_M):
+            x = tl.load(X + tl.minimum(m, M - 1) * stride_x + k0 + elem).to(tl.float32)[None, :, :, :]
+            part = tl.sum(tl.sum(vals * x, axis=3), axis=2)  # (BLOCK_N, NB)
+            y = tl.sum(part * scale, axis=1)                 # (BLOCK_N,)
+            acc += tl.where(rm[:, None] == m, y[None, :], 0.0)
     return acc
 
 
@@ -169,8 +175,8 @@ def _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn,
     nibbles come out of the bytes (see ``_nf4_row``): 0 both nibbles of a byte, joined into k order; 1 each element
     shifted out of its own byte, no join; 2 as 0, both values of a byte from the pair table."""
     if not DOT:  # one return (see _absmax)
-        acc = _nf4_row(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi, BLOCKSIZE, BLOCKSIZE2,
-                       NESTED, BLOCK_N, BLOCK_K, CHUNK, UNPACK)[None, :]
+        acc = _nf4_row(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, M, N, K, k_lo, k_hi,
+                       BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, UNPACK)
     else:
         acc = _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, k_lo, k_hi,
                        BLOCKSIZE,
@@ -232,8 +238,8 @@ def _lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R: tl.constexpr
                      other=0.0)  # (BLOCK_M, BLOCK_R)
         b = tl.load(Bw + rn[:, None] * R + rr[None, :], mask=(rn < N)[:, None] & (rr < R)[None, :],
                     other=0.0)  # (BLOCK_N, BLOCK_R)
-        if not DOT:  # one row: (1, BLOCK_R) against (BLOCK_N, BLOCK_R) on the CUDA cores
-            lora += tl.sum(xa.to(tl.float32) * b.to(tl.float32), axis=1)[None, :]
+        if not DOT:  # on the CUDA cores: (BLOCK_M, 1, BLOCK_R) against (1, BLOCK_N, BLOCK_R)
+            lora += tl.sum(xa.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
         elif FP32:
             lora += tl.dot(xa, tl.trans(b), input_precision="ieee")
         else:
@@ -372,27 +378,36 @@ def _glu_epilogue_kernel(PART, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, st
 # warps), both values of a byte from the pair table; batches (tensor cores), 32 weight rows a program, one
 # quantization block a step (the absmax a broadcast).
 ROW_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "UNPACK": 2, "STEPS": 0}
+# a few rows on the CUDA cores (32-bit words, each decoded step serving every row), up to MAX_M rows
+ROWS_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": 0, "MAX_M": 8}
 DOT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "UNPACK": 2, "STEPS": 0}
 MAX_ROWS = 64  # largest M these kernels take (decode batches); more rows go to dequant + GEMM
 EPILOGUE_N = 64  # output columns per program of a split-K GEMV's epilogue
 
 
 def gemv_config(m: int, k: int, blocksize: int, override: dict | None = None) -> dict:
-    """The one place that maps a problem to its tile sizes and launch options: ``DOT`` (tensor cores) for more
-    than one row; BLOCK_K capped at the largest power of two dividing K (no tail to mask; K is a multiple of the
-    blocksize and of 32); ``STEPS`` BLOCK_K steps per program along K (0: all of K, one launch; else K splits into
-    ``SPLIT`` ranges of ``KS`` elements, each a program column, and an epilogue launch sums them: more programs,
-    more bytes in flight, for the few output columns of a decode step); ``override`` (the sweep) replaces any of
-    ``BLOCK_N, BLOCK_K, UNPACK, STEPS, num_warps, num_stages``."""
-    dot = m > 1
-    cfg = {**(DOT_CONFIG if dot else ROW_CONFIG), **(override or {})}
+    """The one place that maps a problem to its tile sizes and launch options. Paths: one row (``ROW_CONFIG``),
+    up to ``ROWS_CONFIG["MAX_M"]`` rows on the CUDA cores (``ROWS_CONFIG``, 32-bit words), more on the tensor
+    cores (``DOT_CONFIG``, ``DOT``); ``override`` (the sweep, tests) replaces any of ``BLOCK_N, BLOCK_K, UNPACK,
+    STEPS, num_warps, num_stages`` and may pick the path (``DOT``). BLOCK_K is capped at the largest power of two
+    dividing K (no tail to mask; K is a multiple of the blocksize and of 32); ``STEPS`` BLOCK_K steps per program
+    along K (0: all of K, one launch; else K splits into ``SPLIT`` ranges of ``KS`` elements, each a program
+    column, and an epilogue launch sums them: more programs, more bytes in flight, for the few output columns of
+    a decode step)."""
+    override = override or {}
+    base = ROW_CONFIG if m == 1 else ROWS_CONFIG if m <= ROWS_CONFIG["MAX_M"] else DOT_CONFIG
+    dot = override.get("DOT", base is DOT_CONFIG) and m > 1
+    if "DOT" in override and dot != (base is DOT_CONFIG):
+        base = DOT_CONFIG if dot else ROWS_CONFIG
+    cfg = {**base, **override}
     block_k = min(cfg["BLOCK_K"], k & -k)
     steps = k // block_k
     per = min(cfg.get("STEPS", 0) or steps, steps)
     split = cdiv(steps, per)
-    unpack = 0 if dot and cfg["UNPACK"] == 3 else cfg["UNPACK"]  # words are a one-row mode
-    return {"BLOCK_M": max(16, next_power_of_2(m)) if dot else 1, "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": block_k,
-            "CHUNK": min(blocksize, block_k), "DOT": dot, "UNPACK": unpack, "SPLIT": split,
+    # words are the CUDA cores' only several-row mode, and one row's at most on the tensor cores' bytes
+    unpack = 3 if not dot and m > 1 else 0 if dot and cfg["UNPACK"] == 3 else cfg["UNPACK"]
+    return {"BLOCK_M": max(16, next_power_of_2(m)) if dot else next_power_of_2(m), "BLOCK_N": cfg["BLOCK_N"],
+            "BLOCK_K": block_k, "CHUNK": min(blocksize, block_k), "DOT": dot, "UNPACK": unpack, "SPLIT": split,
             "KS": k if split == 1 else per * block_k, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 

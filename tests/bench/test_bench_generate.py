@@ -58,17 +58,24 @@ def test_adopt_best_takes_the_fastest_config_that_ran_everywhere(monkeypatch):
 
     monkeypatch.setattr(kernels, "ROW_CONFIG", dict(kernels.ROW_CONFIG))
     monkeypatch.setattr(kernels, "DOT_CONFIG", dict(kernels.DOT_CONFIG))
+    monkeypatch.setattr(kernels, "ROWS_CONFIG", dict(kernels.ROWS_CONFIG))
     a = {"BLOCK_N": 2, "BLOCK_K": 512, "num_warps": 4, "UNPACK": 0}
     b = {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 8, "UNPACK": 1}
     c = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2, "UNPACK": 1}
     d = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "UNPACK": 0}
+    e = {"DOT": False, "BLOCK_N": 4, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": 2}
     sweep = [
         {"proj": "q", "rows": 1, **a, "us": 5.0}, {"proj": "down", "rows": 1, **a, "us": 9.0},
         {"proj": "q", "rows": 1, **b, "us": 4.0}, {"proj": "down", "rows": 1, **b, "us": 8.0},  # b: fastest sum
         {"proj": "q", "rows": 8, **c, "us": 1.0}, {"proj": "down", "rows": 8, **c, "error": "out of resources"},
         {"proj": "q", "rows": 8, **d, "us": 6.0}, {"proj": "down", "rows": 8, **d, "us": 7.0},  # c failed once
         {"proj": "q", "rows": 32, **d, "us": 6.5}, {"proj": "down", "rows": 32, **d, "us": 7.5},
+        # the CUDA cores' several-row path: faster than the tensor cores at 8 rows, slower at 32
+        {"proj": "q", "rows": 8, **e, "us": 2.0}, {"proj": "down", "rows": 8, **e, "us": 3.0},
+        {"proj": "q", "rows": 32, **e, "us": 9.0}, {"proj": "down", "rows": 32, **e, "us": 9.5},
     ]
     chosen = generate.adopt_best(sweep)
     assert chosen["row"] == {**kernels.ROW_CONFIG} and {k: chosen["row"][k] for k in b} == b
     assert {k: chosen["dot"][k] for k in d} == d and kernels.DOT_CONFIG["BLOCK_N"] == 64
+    assert {k: chosen["rows"][k] for k in e if k != "DOT"} == {k: v for k, v in e.items() if k != "DOT"}
+    assert kernels.ROWS_CONFIG["MAX_M"] == chosen["rows"]["MAX_M"] == 8

@@ -17,6 +17,7 @@ CASES = [("gemv", u, dot, nested, 1) for u, dot, nested in itertools.product((0,
 CASES += [("glu", u, dot, True, 1) for u, dot in itertools.product((0, 2), (False, True))]
 CASES += [("gemv", 3, False, nested, split) for nested, split in ((True, 1), (False, 1), (True, 4))]
 CASES += [("glu", 3, False, True, split) for split in (1, 4)]
+CASES += [(kind, 3, "rows", True, split) for kind in ("gemv", "glu") for split in (1, 4)]  # 8 rows, CUDA cores
 CASES += [(kind, 2, dot, True, 4) for kind, dot in itertools.product(("gemv", "glu", "gemv-end", "glu-end"),
                                                                        (False, True))]
 
@@ -38,7 +39,8 @@ def _compile_all() -> int:
         types = {"X": "*bf16", "stride_x": "i32", "OUT": "*bf16", "stride_o": "i32", "CODE": "*i64" if unpack == 2
                  else "*fp32", "stride_xa": "i32", "M": "i32", "N": "i32", "K": "i32", "KS": "i32",
                  "PART": "*fp32"}
-        consts = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": nested, "BLOCK_M": 16 if dot else 1,
+        rows, dot = dot == "rows", dot is True
+        consts = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": nested, "BLOCK_M": 16 if dot else 8 if rows else 1,
                   "BLOCK_N": 32 if dot else 4, "BLOCK_K": 128 if dot else 1024, "CHUNK": 64, "BLOCK_R": 16,
                   "DOT": dot, "FP32": False, "UNPACK": unpack, "HAS_LORA": True, "SPLIT": split}
         if kind.startswith("gemv"):
@@ -59,7 +61,7 @@ def _compile_all() -> int:
             ok = bool(compiled.asm["cubin"])
         except Exception as err:  # reported per case, all cases tried
             ok, why = False, str(err).strip().splitlines()[-1][:300]
-        print(kind, unpack, dot, nested, split, "ok" if ok else f"FAILED {why}", flush=True)
+        print(kind, unpack, "rows" if rows else dot, nested, split, "ok" if ok else f"FAILED {why}", flush=True)
         failed += not ok
     return failed
 

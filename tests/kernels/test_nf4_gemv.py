@@ -134,29 +134,51 @@ def test_pair_table_holds_both_values_of_each_byte():
     assert pair_table(code) is pairs  # made once per code tensor
 
 
+def test_gemv_config_picks_the_path_by_rows():
+    from fastllm.kernels.nf4_gemv import ROWS_CONFIG, gemv_config
+
+    top = ROWS_CONFIG["MAX_M"]
+    one, few, many = gemv_config(1, 4096, 64), gemv_config(top, 4096, 64), gemv_config(top + 1, 4096, 64)
+    assert (one["DOT"], one["BLOCK_M"]) == (False, 1)
+    assert (few["DOT"], few["UNPACK"], few["BLOCK_M"]) == (False, 3, next_pow2(top))
+    assert many["DOT"] and many["BLOCK_M"] >= 16
+    assert gemv_config(3, 4096, 64, {"DOT": True})["DOT"] and not gemv_config(40, 4096, 64, {"DOT": False})["DOT"]
+    split = gemv_config(1, 14336, 64, {"BLOCK_K": 1024, "STEPS": 3})
+    assert (split["SPLIT"], split["KS"]) == (5, 3072)  # 14 steps in ranges of 3: the last range 2 steps
+    assert gemv_config(1, 14336, 64, {"BLOCK_K": 1024, "STEPS": 0})["SPLIT"] == 1
+
+
+def next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
 @pytest.mark.parametrize("m,config", [
     (1, {"BLOCK_N": 2, "BLOCK_K": 256, "num_warps": 2}),   # one row, 4 quantization blocks a step
     (1, {"BLOCK_N": 8, "BLOCK_K": 32}),                     # one row, half a block a step
-    (5, {"BLOCK_N": 16, "BLOCK_K": 256, "num_stages": 2}),  # tensor cores, 4 blocks a step (the 3-D scale path)
-    (5, {"BLOCK_N": 64, "BLOCK_K": 32}),                    # tensor cores, half a block a step
+    (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 256, "num_stages": 2}),  # tensor cores, 4 blocks a step (3-D scale)
+    (5, {"DOT": True, "BLOCK_N": 64, "BLOCK_K": 32}),                    # tensor cores, half a block a step
     (1, {"BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 1}),       # each element its own nibble: one row, 4 blocks a step
     (1, {"BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 1}),        # ... half a block a step
-    (5, {"BLOCK_N": 16, "BLOCK_K": 128, "UNPACK": 1}),      # ... tensor cores, 2 blocks a step
-    (5, {"BLOCK_N": 32, "BLOCK_K": 64, "UNPACK": 1}),       # ... tensor cores, one block a step
+    (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 128, "UNPACK": 1}),      # ... tensor cores, 2 blocks a step
+    (5, {"DOT": True, "BLOCK_N": 32, "BLOCK_K": 64, "UNPACK": 1}),       # ... tensor cores, one block a step
     (1, {"BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 2}),       # both values of a byte from the pair table: 4 blocks
     (1, {"BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 2}),        # ... half a block a step
-    (5, {"BLOCK_N": 16, "BLOCK_K": 128, "UNPACK": 2}),      # ... tensor cores, 2 blocks a step
+    (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 128, "UNPACK": 2}),      # ... tensor cores, 2 blocks a step
     (1, {"BLOCK_N": 8, "BLOCK_K": 64, "STEPS": 1}),         # split K: 8 ranges of one step, an epilogue launch
     (1, {"BLOCK_N": 4, "BLOCK_K": 128, "STEPS": 3}),        # ... ranges of 3 steps, the last one short
-    (5, {"BLOCK_N": 16, "BLOCK_K": 64, "STEPS": 3}),        # ... tensor cores
-    (3, {"BLOCK_N": 32, "BLOCK_K": 128, "STEPS": 1, "UNPACK": 2}),
+    (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "STEPS": 3}),        # ... tensor cores
+    (3, {"DOT": True, "BLOCK_N": 32, "BLOCK_K": 128, "STEPS": 1, "UNPACK": 2}),
     (1, {"BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 3}),       # 32-bit words, the next step prefetched: 4 blocks
     (1, {"BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 3}),        # ... half a block a step
     (1, {"BLOCK_N": 2, "BLOCK_K": 128, "UNPACK": 3, "STEPS": 3}),  # ... split K, the last range short
-    (5, {"BLOCK_N": 16, "BLOCK_K": 64, "UNPACK": 3}),       # tensor cores: words are one-row only (bytes there)
+    (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "UNPACK": 3}),  # tensor cores: words are one-row only (bytes there)
+    (5, {"DOT": False, "BLOCK_N": 4, "BLOCK_K": 128}),      # several rows on the CUDA cores (words), 2 blocks a step
+    (3, {"DOT": False, "BLOCK_N": 8, "BLOCK_K": 32, "STEPS": 3}),  # ... half a block a step, split K
+    (8, {"DOT": False, "BLOCK_N": 2, "BLOCK_K": 512, "UNPACK": 0}),  # ... words whatever UNPACK says
 ])
 def test_tile_overrides_keep_the_maths(m, config):
-    """The sweep's tile alternatives (``gemv_config`` overrides) compute the same as the defaults."""
+    """The sweep's tile alternatives (``gemv_config`` overrides, the path included) compute the same as the
+    defaults."""
     n, k, bs = 37, 512, 64
     packed, state, dense = quantized(n, k, bs, True)
     x = torch.randn(m, k, device=DEVICE).to(torch.float16)
