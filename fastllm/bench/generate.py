@@ -208,12 +208,11 @@ def kernel_rows(shape: str, rows_list=(1, 8, 32)) -> list:
 
 
 ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "UNPACK": u, "STEPS": st}
-             for u in (0, 3) for bn in (4, 8, 16) for bk in (512, 1024, 2048) for st in (0, 2) if bn * bk <= 16384]
-ROW_SWEEP += [{"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8, "UNPACK": u, "STEPS": 0} for u in (0, 3)]
-DOT_SWEEP = [{"DOT": True, "BLOCK_N": bn, "BLOCK_K": bk, "num_stages": 3, "num_warps": 4, "UNPACK": 2, "STEPS": st}
-             for bn in (32, 64) for bk in (64, 128) for st in (0, 8)]
+             for u in (0, 3) for bn, bk in ((8, 1024), (16, 512), (16, 1024), (8, 2048)) for st in (0, 2)]
+DOT_SWEEP = [{"DOT": True, "BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 3, "num_warps": 4, "UNPACK": 2, "STEPS": st}
+             for st in (0, 8)]
 ROWS_SWEEP = [{"DOT": False, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": st}
-              for bn in (2, 4, 8) for bk in (128, 256, 512) for st in (0, 2) if bn * bk <= 2048]
+              for bn in (4, 8) for bk in (128, 256) for st in (0, 2)]
 
 
 def sweep_rows(shape: str, rows_list=(1, 8, 32)) -> list:
