@@ -373,14 +373,14 @@ def _glu_epilogue_kernel(PART, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, st
                 BLOCK_R, DOT, FP32)
 
 
-# Tile sizes, the fastest of ``fastllm bench generate --sweep`` (docs/benchmarks.md, "decode GEMV"): one row (CUDA
-# cores), 8 weight rows a program and 1,024-element steps, 4 KiB of packed bytes a step (32 bytes a thread at 4
-# warps), both values of a byte from the pair table; batches (tensor cores), 32 weight rows a program, one
-# quantization block a step (the absmax a broadcast).
-ROW_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1, "UNPACK": 2, "STEPS": 0}
+# Tile sizes, the fastest of ``fastllm bench generate --sweep`` (CUDA-graph timings over L2-busting weight copies;
+# docs/benchmarks.md, "decode GEMV"): one row over 32-bit words with the next step prefetched, 16 weight rows a
+# program and 512-element steps, K split two steps a program; several rows likewise with 8 x 256 tiles; batches on
+# the tensor cores, 64 weight rows a program, 128-element steps, K split 8 steps a program.
+ROW_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": 2}
 # a few rows on the CUDA cores (32-bit words, each decoded step serving every row), up to MAX_M rows
-ROWS_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": 0, "MAX_M": 8}
-DOT_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "UNPACK": 2, "STEPS": 0}
+ROWS_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": 2, "MAX_M": 8}
+DOT_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "UNPACK": 2, "STEPS": 8}
 MAX_ROWS = 64  # largest M these kernels take (decode batches); more rows go to dequant + GEMM
 EPILOGUE_N = 64  # output columns per program of a split-K GEMV's epilogue
 

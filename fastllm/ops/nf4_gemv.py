@@ -7,9 +7,9 @@ same roundings: the base output, the rank-r product, its scaling and the sum eac
 under autocast. No autograd: these serve generation (grad mode off).
 
 Decode steps take it only when switched on (``set_enabled(True)``, or ``FASTLLM_NF4_GEMV=1`` in the environment,
-read at the first call): the kernel is correct but not yet fast (its measurements against bitsandbytes' GEMV and
-dequant + GEMM: docs/benchmarks.md, "decode GEMV"), so by default one-token steps take bitsandbytes' own GEMV and
-batched steps dequant + GEMM.
+read at the first call). One row is level with bitsandbytes' GEMV with the LoRA term fused in, several rows are
+still slower than dequant + GEMM (docs/benchmarks.md, "Session 18"), so by default one-token steps take
+bitsandbytes' own GEMV plus the rank-r terms and batched steps dequant + GEMM.
 """
 
 from __future__ import annotations
