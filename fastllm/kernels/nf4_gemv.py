@@ -89,13 +89,18 @@ def _nf4_row(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, M, N
 
 
 @triton.jit
-def _nf4_row_words(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, M, N, K, k_lo, k_hi,
+def _nf4_row_words(X, stride_x, PACKED, ABSMAX, PAIRS, CODE2, ABSMAX2, OFFSET, rn, M, N, K, k_lo, k_hi,
                    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
-    """``_nf4_row`` over 32-bit words (``PACKED`` as int32: 8 weights a word, word w holding elements 8w..8w+7,
-    element 8w + i in bits ``8 (i // 2) + 4 (1 - i % 2)``), the next step's words loaded before this step's are
-    decoded (one step's bytes in flight while the other is computed), x read contiguously. Each decoded step
-    serves the BLOCK_M rows of x in turn (a decode batch reads the weight once, its FMAs scale with the rows)."""
+    """``_nf4_row`` over 32-bit words (``PACKED`` as int32: 8 weights a word, byte j of word w holding elements
+    8w + 2j (high nibble) and 8w + 2j + 1 (low nibble)), both values of a byte from one load of the pair table
+    (``PAIRS``, ``pair_table``), the next step's words loaded before this step's are decoded (one step's bytes
+    in flight while the other is computed), x read contiguously and split into a byte's even and odd elements.
+
+    Every product goes into its own fp32 accumulator (acc[m, n, c, w, j] += absmax * code * x: an FMUL per
+    weight, shared by the BLOCK_M rows, and an FMA per product), summed across the tile once after the last
+    step: a sum over the tile every step costs a cross-thread reduction (shuffles, shared memory) per step and
+    row, which made the GEMV instruction-bound at about 20 instructions a product (``bench generate --sass``)."""
     WC: tl.constexpr = CHUNK // 8        # words of one block chunk
     NB: tl.constexpr = BLOCK_K // CHUNK  # block chunks per row per step
     n_ok = rn < N
@@ -103,26 +108,26 @@ def _nf4_row_words(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn
     row_blocks = (rn * (K // BLOCKSIZE))[:, None]            # (BLOCK_N, 1)
     chunk = tl.arange(0, NB)
     word = chunk[:, None] * WC + tl.arange(0, WC)[None, :]  # (NB, WC) word offsets within a step
-    nib = tl.arange(0, 8)
-    shift = ((nib // 2) * 8 + (1 - nib % 2) * 4)[None, None, None, :]  # (1, 1, 1, 8)
-    elem = word[:, :, None] * 8 + nib[None, None, :]                  # (NB, WC, 8) element offsets
+    byte_shift = (tl.arange(0, 4) * 8)[None, None, None, :]  # (1, 1, 1, 4)
+    # (NB, WC, 4, 2) element offsets within a step: byte j's even and odd elements
+    pair = (tl.arange(0, 4) * 2)[:, None] + tl.arange(0, 2)[None, :]  # (4, 2)
+    elem = word[:, :, None, None] * 8 + pair[None, None, :, :]
+    x_rows = (tl.minimum(tl.arange(0, BLOCK_M), M - 1) * stride_x)[:, None, None, None, None, None]
     nxt = tl.load(PACKED + row_words + (k_lo // 8 + word)[None, :, :], mask=n_ok[:, None, None], other=0)
-    rm = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, BLOCK_N, NB, WC, 4), dtype=tl.float32)
+    acc_lo = tl.zeros((BLOCK_M, BLOCK_N, NB, WC, 4), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         w = nxt
         more = rn < tl.where(k0 + BLOCK_K < k_hi, N, 0)  # rows with a next step in this range
         nxt = tl.load(PACKED + row_words + ((k0 + BLOCK_K) // 8 + word)[None, :, :], mask=more[:, None, None],
                       other=0)
-        vals = tl.load(CODE + ((w[:, :, :, None] >> shift) & 15))  # (BLOCK_N, NB, WC, 8)
         blk = row_blocks + ((k0 + chunk * CHUNK) // BLOCKSIZE)[None, :]
-        scale = _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED)  # (BLOCK_N, NB)
-        for m in tl.static_range(BLOCK_M):
-            x = tl.load(X + tl.minimum(m, M - 1) * stride_x + k0 + elem).to(tl.float32)[None, :, :, :]
-            part = tl.sum(tl.sum(vals * x, axis=3), axis=2)  # (BLOCK_N, NB)
-            y = tl.sum(part * scale, axis=1)                 # (BLOCK_N,)
-            acc += tl.where(rm[:, None] == m, y[None, :], 0.0)
-    return acc
+        scale = _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED)[:, :, None, None]
+        hi, lo = _pair(PAIRS, (w[:, :, :, None] >> byte_shift) & 255)  # (BLOCK_N, NB, WC, 4) each
+        x_hi, x_lo = tl.split(tl.load(X + x_rows + (k0 + elem)[None, None, :, :, :, :]).to(tl.float32))
+        acc_hi = tl.fma((hi * scale)[None, :, :, :, :], x_hi, acc_hi)
+        acc_lo = tl.fma((lo * scale)[None, :, :, :, :], x_lo, acc_lo)
+    return tl.sum(tl.sum(tl.sum(acc_hi + acc_lo, axis=4), axis=3), axis=2)
 
 
 @triton.jit
@@ -435,8 +440,8 @@ def pair_table(code):
 
 
 def _operands(unpack: int, code, *packed) -> tuple:
-    """The code table and packed weights as the ``UNPACK`` mode reads them: the pair table (2), int32 words (3)."""
-    if unpack == 2:
+    """The code table and packed weights as the ``UNPACK`` mode reads them: the pair table (2, 3), int32 words (3)."""
+    if unpack in (2, 3):
         code = pair_table(code)
     if unpack == 3:
         if any(p.numel() % 4 or p.storage_offset() % 4 or not p.is_contiguous() for p in packed):

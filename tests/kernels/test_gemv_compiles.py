@@ -36,7 +36,7 @@ def _compile_all() -> int:
 
     failed = 0
     for kind, unpack, dot, nested, split in CASES:
-        types = {"X": "*bf16", "stride_x": "i32", "OUT": "*bf16", "stride_o": "i32", "CODE": "*i64" if unpack == 2
+        types = {"X": "*bf16", "stride_x": "i32", "OUT": "*bf16", "stride_o": "i32", "CODE": "*i64" if unpack in (2, 3)
                  else "*fp32", "stride_xa": "i32", "M": "i32", "N": "i32", "K": "i32", "KS": "i32",
                  "PART": "*fp32"}
         rows, dot = dot == "rows", dot is True
