@@ -10,7 +10,8 @@ import sys
 
 BENCHES = {"dequant": "fastllm.bench.dequant", "loss": "fastllm.bench.loss", "train": "fastllm.bench.train",
            "compile": "fastllm.bench.compile", "memory": "fastllm.bench.memory",
-           "generate": "fastllm.bench.generate", "grpo": "fastllm.bench.grpo"}
+           "generate": "fastllm.bench.generate", "grpo": "fastllm.bench.grpo",
+           "sass": "fastllm.bench.sass"}
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 
 

@@ -209,10 +209,11 @@ def kernel_rows(shape: str, rows_list=(1, 8, 32)) -> list:
 
 ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "UNPACK": u, "STEPS": st}
              for u in (0, 3) for bn, bk in ((8, 1024), (16, 512), (16, 1024), (8, 2048)) for st in (0, 2)]
-DOT_SWEEP = [{"DOT": True, "BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 3, "num_warps": 4, "UNPACK": 2, "STEPS": st}
-             for st in (0, 8)]
+# the 16-entry table (UNPACK 0) next to the pair table: a pair-table gather can touch 16 cache lines a warp
+DOT_SWEEP = [{"DOT": True, "BLOCK_N": 64, "BLOCK_K": 128, "num_stages": ns, "num_warps": 4, "UNPACK": u, "STEPS": 8}
+             for u, ns in ((2, 3), (0, 3), (0, 1))]
 ROWS_SWEEP = [{"DOT": False, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": st}
-              for bn in (4, 8) for bk in (128, 256) for st in (0, 2)]
+              for bn, bk in ((8, 128), (4, 256), (8, 256)) for st in (2, 4)]
 
 
 def sweep_rows(shape: str, rows_list=(1, 8, 32)) -> list:

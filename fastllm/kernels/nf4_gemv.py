@@ -18,10 +18,11 @@ quarter of the dense bf16 weight that dequant + GEMM writes and reads again). Th
 NF4 table and the per-block absmax (double quant decoded as ``code2[q] * absmax2 + offset``, two fp32 ops rounded as
 bitsandbytes does). Two ways to multiply:
 
-- one row (a batch-1 decode step): on the CUDA cores, ``y[n] = sum_blocks absmax * sum_k code[q] x[k]`` in fp32,
-  the tile read as (rows, blocks, bytes) so the absmax multiplies a block's partial sum (W is never rounded to a
-  16-bit dtype: closer to the exact product than the dense path, within its rounding);
-- 2 to 64 rows: on the tensor cores (``tl.dot``, tiles of at least 16 rows, the spare rows masked), each weight
+- 1 to ``ROWS_CONFIG["MAX_M"]`` rows (a decode step of a small batch): on the CUDA cores in fp32, W never rounded
+  to a 16-bit dtype (closer to the exact product than the dense path, within its rounding); the default mode reads
+  the packed weight as 32-bit words and keeps one accumulator per product, summed once after the K loop
+  (``_nf4_row_words``), each decoded weight serving every row;
+- more rows: on the tensor cores (``tl.dot``, tiles of at least 16 rows, the spare rows masked), each weight
   rounded once to x's dtype (equal to ``dequantize_4bit``'s, as the dense path uses it), fp32 accumulation.
 
 With few output columns (a decode step's q, k, v), ``N / BLOCK_N`` programs each walking all of K keep too few
@@ -89,7 +90,7 @@ def _nf4_row(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, M, N
 
 
 @triton.jit
-def _nf4_row_words(X, stride_x, PACKED, ABSMAX, PAIRS, CODE2, ABSMAX2, OFFSET, rn, M, N, K, k_lo, k_hi,
+def _nf4_row_words(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, M, N, K, k_lo, k_hi,
                    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
     """``_nf4_row`` over 32-bit words (``PACKED`` as int32: 8 weights a word, byte j of word w holding elements
@@ -123,7 +124,9 @@ def _nf4_row_words(X, stride_x, PACKED, ABSMAX, PAIRS, CODE2, ABSMAX2, OFFSET, r
                       other=0)
         blk = row_blocks + ((k0 + chunk * CHUNK) // BLOCKSIZE)[None, :]
         scale = _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED)[:, :, None, None]
-        hi, lo = _pair(PAIRS, (w[:, :, :, None] >> byte_shift) & 255)  # (BLOCK_N, NB, WC, 4) each
+        wu = w.to(tl.uint32, bitcast=True)[:, :, :, None]  # logical shifts: no sign to clear
+        hi = tl.load(CODE + ((wu >> (byte_shift + 4)) & 15))  # (BLOCK_N, NB, WC, 4)
+        lo = tl.load(CODE + ((wu >> byte_shift) & 15))
         x_hi, x_lo = tl.split(tl.load(X + x_rows + (k0 + elem)[None, None, :, :, :, :]).to(tl.float32))
         acc_hi = tl.fma((hi * scale)[None, :, :, :, :], x_hi, acc_hi)
         acc_lo = tl.fma((lo * scale)[None, :, :, :, :], x_lo, acc_lo)
@@ -378,13 +381,14 @@ def _glu_epilogue_kernel(PART, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, st
                 BLOCK_R, DOT, FP32)
 
 
-# Tile sizes, the fastest of ``fastllm bench generate --sweep`` (CUDA-graph timings over L2-busting weight copies;
-# docs/benchmarks.md, "decode GEMV"): one row over 32-bit words with the next step prefetched, 16 weight rows a
-# program and 512-element steps, K split two steps a program; several rows likewise with 8 x 256 tiles; batches on
-# the tensor cores, 64 weight rows a program, 128-element steps, K split 8 steps a program.
+# Tile sizes: one row, the fastest of ``fastllm bench generate --sweep`` (CUDA-graph timings over L2-busting weight
+# copies; docs/benchmarks.md), over 32-bit words with the next step prefetched, 16 weight rows a program and
+# 512-element steps, K split two steps a program; several rows 8 x 128 (up to 8 rows' accumulators in registers
+# without spilling, in the gate/up kernel too: ``fastllm bench sass``), K split four steps a program (fewer fp32
+# partials to write); batches on the tensor cores, 64 weight rows a program, 128-element steps, 8 steps a program.
 ROW_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": 2}
 # a few rows on the CUDA cores (32-bit words, each decoded step serving every row), up to MAX_M rows
-ROWS_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": 2, "MAX_M": 8}
+ROWS_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": 4, "MAX_M": 8}
 DOT_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3, "UNPACK": 2, "STEPS": 8}
 MAX_ROWS = 64  # largest M these kernels take (decode batches); more rows go to dequant + GEMM
 EPILOGUE_N = 64  # output columns per program of a split-K GEMV's epilogue
@@ -440,8 +444,8 @@ def pair_table(code):
 
 
 def _operands(unpack: int, code, *packed) -> tuple:
-    """The code table and packed weights as the ``UNPACK`` mode reads them: the pair table (2, 3), int32 words (3)."""
-    if unpack in (2, 3):
+    """The code table and packed weights as the ``UNPACK`` mode reads them: the pair table (2), int32 words (3)."""
+    if unpack == 2:
         code = pair_table(code)
     if unpack == 3:
         if any(p.numel() % 4 or p.storage_offset() % 4 or not p.is_contiguous() for p in packed):

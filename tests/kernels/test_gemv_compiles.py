@@ -23,41 +23,18 @@ CASES += [(kind, 2, dot, True, 4) for kind, dot in itertools.product(("gemv", "g
 
 
 def _compile_all() -> int:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    from fastllm.bench.sass import compile_sm90, signature
     from fastllm.kernels import nf4_gemv as kernels
-
-    def quant(suffix: str, nested: bool, unpack: int) -> dict:
-        names = ("P", "A", "C2", "A2", "O") if suffix else ("PACKED", "ABSMAX", "CODE2", "ABSMAX2", "OFFSET")
-        types = ("*i32" if unpack == 3 else "*u8", "*u8" if nested else "*fp32", "*fp32", "*fp32", "*fp32")
-        return {n + suffix: t for n, t in zip(names, types)}
 
     failed = 0
     for kind, unpack, dot, nested, split in CASES:
-        types = {"X": "*bf16", "stride_x": "i32", "OUT": "*bf16", "stride_o": "i32", "CODE": "*i64" if unpack in (2, 3)
-                 else "*fp32", "stride_xa": "i32", "M": "i32", "N": "i32", "K": "i32", "KS": "i32",
-                 "PART": "*fp32"}
         rows, dot = dot == "rows", dot is True
-        consts = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": nested, "BLOCK_M": 16 if dot else 8 if rows else 1,
-                  "BLOCK_N": 32 if dot else 4, "BLOCK_K": 128 if dot else 1024, "CHUNK": 64, "BLOCK_R": 16,
-                  "DOT": dot, "FP32": False, "UNPACK": unpack, "HAS_LORA": True, "SPLIT": split}
-        if kind.startswith("gemv"):
-            kernel = kernels._nf4_gemv_kernel if kind == "gemv" else kernels._gemv_epilogue_kernel
-            types.update(quant("", nested, unpack), BIAS="*bf16", XA="*bf16", Bw="*bf16", s="fp32", R="i32")
-            consts.update(HAS_BIAS=True)
-        else:
-            kernel = kernels._nf4_glu_gemv_kernel if kind == "glu" else kernels._glu_epilogue_kernel
-            for p in ("_G", "_U"):
-                types.update(quant(p, nested, unpack), **{f"XA{p}": "*bf16", f"B{p}": "*bf16", f"s{p.lower()}": "fp32",
-                                                  f"R{p}": "i32"})
-            consts.update(GELU=False)
-        consts = {n: v for n, v in consts.items() if n in kernel.arg_names}
-        signature = {n: types.get(n, "constexpr") for n in kernel.arg_names}
+        cfg = {"BLOCK_M": 16 if dot else 8 if rows else 1, "BLOCK_N": 32 if dot else 4, "BLOCK_K": 128 if dot else 1024,
+               "CHUNK": 64, "DOT": dot, "UNPACK": unpack, "SPLIT": split}
+        kernel = {"gemv": kernels._nf4_gemv_kernel, "gemv-end": kernels._gemv_epilogue_kernel,
+                  "glu": kernels._nf4_glu_gemv_kernel, "glu-end": kernels._glu_epilogue_kernel}[kind]
         try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts),
-                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+            compiled = compile_sm90(kernel, *signature(kernel, cfg, nested, bias=True))
             ok = bool(compiled.asm["cubin"])
         except Exception as err:  # reported per case, all cases tried
             ok, why = False, str(err).strip().splitlines()[-1][:300]
