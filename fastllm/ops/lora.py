@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .._compat import pick_backend
 from .nf4 import bias_grad, bnb_gemv, bnb_gemv_ok, no_autocast, plain_tensor, stacked_dequant, state_args
 from .nf4_gemv import gemv_enabled, gemv_ok, nf4_gemv, nf4_glu_gemv
 
@@ -51,10 +52,14 @@ class LoRAFrozen(NamedTuple):
 _CASTS = WeakIdKeyDictionary()  # first adapter weight -> (key, flat, views): a forward's cast, kept for its recompute
 
 
-def cast_adapters(params, dtype: torch.dtype, cache: str | None = None) -> tuple[torch.Tensor, tuple]:
+def cast_adapters(params, dtype: torch.dtype, cache: str | None = None,
+                  backend: str = "auto") -> tuple[torch.Tensor, tuple]:
     """The adapter weights ``params`` cast to the compute ``dtype`` in one launch: (flat buffer, views).
 
-    One ``cat`` into a flat buffer instead of a cast per weight: each cast is a launch on a host-bound step.
+    One launch into a flat buffer instead of a cast per weight (each a launch on a host-bound step or a graphed
+    decode step): on CUDA, when a weight's dtype differs from ``dtype``, ``kernels.cast_cat`` (``torch.cat`` would
+    copy weight by weight then); else ``torch.cat``. ``backend="triton"`` takes the kernel anywhere Triton runs
+    (the interpreter, for tests).
     ``cache="store"`` (a checkpointed forward) keeps the result for the group's next ``cache="reuse"`` call (that
     layer's recompute in backward), which takes it instead of casting again: the adapters cannot change between
     a layer's forward and its backward. Nothing longer-lived is safe to assume: fused AdamW updates weights in
@@ -66,11 +71,28 @@ def cast_adapters(params, dtype: torch.dtype, cache: str | None = None) -> tuple
         if hit is not None and hit[0] == key:
             return hit[1], hit[2]
     flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
-    torch.cat([p.reshape(-1) for p in params], out=flat)
+    if any(p.dtype != dtype for p in params) and all(p.is_contiguous() for p in params) \
+            and pick_backend(backend, flat.device) == "triton":
+        # torch.cat copies input by input (a launch each) when the dtypes differ: the cast kernel takes them all
+        _cast_cat()(params, flat)
+    else:
+        torch.cat([p.reshape(-1) for p in params], out=flat)
     views = adapter_views(flat, tuple(p.shape for p in params))
     if cache == "store":
         _CASTS[params[0]] = (key, flat, views)
     return flat, views
+
+
+_CAST_CAT = None
+
+
+def _cast_cat():
+    global _CAST_CAT
+    if _CAST_CAT is None:
+        from ..kernels.cast_cat import cast_cat
+
+        _CAST_CAT = cast_cat
+    return _CAST_CAT
 
 
 _TEMPLATES: dict[tuple, list] = {}  # shapes -> meta tensors of those shapes (no memory), for unflatten

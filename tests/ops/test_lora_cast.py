@@ -42,3 +42,26 @@ def test_fused_adamw_updates_weights_without_a_version_bump():
     before = (p._version, p.detach().clone())
     opt.step()
     assert p._version == before[0] and not torch.equal(p.detach(), before[1])
+
+
+def test_the_cast_kernel_path_equals_torch_cat():
+    """With Triton (the interpreter here, CUDA in use) adapters whose dtype differs from the compute dtype go
+    through ``kernels.cast_cat`` in one launch; same buffer as ``torch.cat`` of the casts (fp16 exactly; bf16 within
+    the interpreter's one-ulp truncation). A non-contiguous weight, or one dtype throughout, keeps ``torch.cat``."""
+    import pytest
+
+    from fastllm._compat import triton_usable
+
+    if not triton_usable():
+        pytest.skip("needs Triton (a GPU or TRITON_INTERPRET=1)")
+    ws = (torch.randn(16, 96), torch.randn(160, 16), torch.randn(3, 7).to(torch.bfloat16), torch.randn(5, 16))
+    for dtype, tol in ((torch.float16, 0), (torch.bfloat16, 2 ** -7)):
+        with torch.no_grad():
+            got, views = lora.cast_adapters(ws, dtype, backend="triton")
+            want, _ = lora.cast_adapters(ws, dtype, backend="torch")
+        torch.testing.assert_close(got, want, rtol=tol, atol=0)
+        assert [v.shape for v in views] == [w.shape for w in ws]
+    odd = (torch.randn(7, 4).t(), torch.randn(3))
+    with torch.no_grad():
+        flat, (t, _) = lora.cast_adapters(odd, torch.bfloat16, backend="triton")
+    assert torch.equal(t, odd[0].bfloat16())
