@@ -84,6 +84,16 @@ def cast_adapters(params, dtype: torch.dtype, cache: str | None = None,
 
 
 _CAST_CAT = None
+_LORA_ADD = None
+
+
+def _lora_add():
+    global _LORA_ADD
+    if _LORA_ADD is None:
+        from ..kernels.lora_add import lora_add
+
+        _LORA_ADD = lora_add
+    return _LORA_ADD
 
 
 def _cast_cat():
@@ -116,12 +126,16 @@ def stacked_rows(flat: torch.Tensor, n_rows: int, k: int) -> torch.Tensor:
     return flat[: n_rows * k].view(n_rows, k)
 
 
-def add_lora_term(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, s: float, exact: bool) -> torch.Tensor:
+def add_lora_term(y: torch.Tensor, xa: torch.Tensor, b: torch.Tensor, s: float, exact: bool,
+                  backend: str = "auto") -> torch.Tensor:
     """``y += s * xa @ b.T`` in place. ``exact``: rounded as PEFT under autocast rounds it (the product, the
-    scaled product, the sum: three roundings to y's dtype), so inference logits are eager's; else one addmm (one
-    rounding, one pass over y), for training."""
+    scaled product, the sum: three roundings to y's dtype), so inference logits are eager's: with Triton (CUDA)
+    one launch (``kernels.lora_add``) instead of three; else one addmm (one rounding, one pass over y), for
+    training."""
     if not exact:
         return y.addmm_(xa, b.t(), alpha=s)
+    if y.stride(1) == 1 and xa.stride(1) == 1 and pick_backend(backend, y.device) == "triton":
+        return _lora_add()(y, xa, b, s)
     t = xa @ b.t()
     if s != 1.0:
         t.mul_(s)

@@ -1,6 +1,7 @@
-"""The decode GEMV kernels compile for a Hopper GPU (sm_90), checked on the CPU: the interpreter runs a kernel's
-Python and never type-checks what the compiler does (a constexpr branch that returns is followed by the code after
-it, which must agree in type), so a kernel can pass every interpreter test and fail to build on the GPU.
+"""The decode GEMV kernels (and the decode step's other small kernels) compile for a Hopper GPU (sm_90), checked on
+the CPU: the interpreter runs a kernel's Python and never type-checks what the compiler does (a constexpr branch
+that returns is followed by the code after it, which must agree in type), so a kernel can pass every interpreter
+test and fail to build on the GPU.
 
 The compiles run in a child process with ``TRITON_INTERPRET=0`` (under the interpreter ``triton.jit`` gives
 functions the compiler cannot take); run as a script, this file is that child."""
@@ -40,6 +41,33 @@ def _compile_all() -> int:
             ok, why = False, str(err).strip().splitlines()[-1][:300]
         print(kind, unpack, "rows" if rows else dot, nested, split, "ok" if ok else f"FAILED {why}", flush=True)
         failed += not ok
+    return failed + _compile_others()
+
+
+# the decode step's other kernels: (kernel module, name, pointer types, constexprs)
+OTHERS = [("cast_cat", "_cast_cat_kernel", {"OUT": "*bf16", "S0": "*fp32", "S2": "*bf16"}, {"N_SRC": n, "BLOCK": 1024})
+          for n in (1, 3, 8)]
+OTHERS += [("lora_add", "_lora_add_kernel", {"Y": "*bf16", "XA": "*bf16", "Bw": "*bf16", "s": "fp32"},
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": 16, "DOT": dot, "FP32": False})
+           for bm, bn, dot in ((1, 128, False), (16, 16, False), (64, 64, True))]
+
+
+def _compile_others() -> int:
+    import importlib
+
+    from fastllm.bench.sass import compile_sm90
+
+    failed = 0
+    for module, name, pointers, consts in OTHERS:
+        kernel = getattr(importlib.import_module(f"fastllm.kernels.{module}"), name)
+        sig = {n: "constexpr" if n in consts else pointers.get(n, "*fp32" if n[0] == "S" and n[1:].isdigit()
+                                                                 else "i32") for n in kernel.arg_names}
+        try:
+            ok = bool(compile_sm90(kernel, sig, consts).asm["cubin"])
+        except Exception as err:
+            ok, why = False, str(err).strip().splitlines()[-1][:300]
+        print("other", module, consts, "ok" if ok else f"FAILED {why}", flush=True)
+        failed += not ok
     return failed
 
 
@@ -47,8 +75,8 @@ def test_gemv_kernels_compile_for_sm90():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in run.stdout.splitlines() if ln.startswith(("gemv", "glu"))]
-    assert run.returncode == 0 and len(lines) == len(CASES), run.stdout[-3000:] + run.stderr[-3000:]
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith(("gemv", "glu", "other"))]
+    assert run.returncode == 0 and len(lines) == len(CASES) + len(OTHERS), run.stdout[-3000:] + run.stderr[-3000:]
     assert all(ln.endswith(" ok") for ln in lines), "\n".join(lines)
 
 
