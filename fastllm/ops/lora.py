@@ -71,7 +71,7 @@ def cast_adapters(params, dtype: torch.dtype, cache: str | None = None,
         if hit is not None and hit[0] == key:
             return hit[1], hit[2]
     flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
-    if any(p.dtype != dtype for p in params) and all(p.is_contiguous() for p in params) \
+    if any(p.dtype != dtype for p in params) and all(type(p) in _PLAIN and p.is_contiguous() for p in params) \
             and pick_backend(backend, flat.device) == "triton":
         # torch.cat copies input by input (a launch each) when the dtypes differ: the cast kernel takes them all
         _cast_cat()(params, flat)
@@ -84,6 +84,7 @@ def cast_adapters(params, dtype: torch.dtype, cache: str | None = None,
 
 
 _CAST_CAT = None
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # the cast kernel reads data pointers: no tensor subclass (DTensor)
 _LORA_ADD = None
 
 
