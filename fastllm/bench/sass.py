@@ -43,6 +43,10 @@ def signature(kernel, cfg: dict, nested: bool = True, lora: bool = True, bias: b
             types[name + suffix] = t
     for name in ("XA", "Bw", "XA_G", "B_G", "XA_U", "B_U"):
         types[name] = f"*{dtype}"
+    for i in range(3):  # the grouped kernel's projections (``kernels.nf4_group_gemv``)
+        types.update({f"P{i}": types["PACKED"], f"A{i}": types["ABSMAX"], f"C2{i}": "*fp32", f"A2{i}": "*fp32",
+                      f"O{i}": "*fp32", f"s{i}": "fp32"})
+        types.update({f"{n}{i}": f"*{dtype}" for n in ("BIAS", "XA", "B", "OUT")})
     consts = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": nested, "HAS_LORA": lora, "HAS_BIAS": bias,
               "GELU": False, "FP32": dtype == "fp32", "BLOCK_R": 16, **cfg}
     sig = {n: types.get(n, "i32") if n not in consts else "constexpr" for n in kernel.arg_names}

@@ -28,7 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .._compat import pick_backend
 from .nf4 import bias_grad, bnb_gemv, bnb_gemv_ok, no_autocast, plain_tensor, stacked_dequant, state_args
-from .nf4_gemv import gemv_enabled, gemv_ok, nf4_gemv, nf4_glu_gemv
+from .nf4_gemv import gemv_enabled, gemv_ok, nf4_gemv, nf4_glu_gemv, nf4_group_gemv
 
 __all__ = ["LoRAFrozen", "LoRANF4Function", "adapter_views", "cast_adapters", "check_adapter", "decode_states",
            "frozen_parts", "lora_decode", "lora_decode_glu", "lora_group_backward", "lora_group_forward",
@@ -243,8 +243,8 @@ def lora_decode(x: torch.Tensor, parts, states, biases=None) -> list:
         xa  = x @ [A_1; A_2; ..].T              (M, R)     one GEMM for every adapter
         y_i = gemv4bit(x, W_i) + b_i + s_i * xa_i @ B_i.T   (M, N_i)
 
-    With ``states`` of kind ``"gemv"`` each y_i is one launch of fastllm's NF4 GEMV (``ops.nf4_gemv``: the weight
-    dequantized in registers, the rank-r term in its epilogue); with ``"bnb"`` (one row) bnb's fused 4-bit GEMV,
+    With ``states`` of kind ``"gemv"`` the group's y_i are one launch of fastllm's NF4 GEMV (``ops.nf4_gemv``: the
+    weight dequantized in registers, the rank-r term in its epilogue; ``nf4_group_gemv`` for q/k/v); with ``"bnb"`` (one row) bnb's fused 4-bit GEMV,
     the rank-r term added in place. Either reads only the packed weight (dequant + GEMM would write and re-read a
     dense one), and the whole step is a few ops where PEFT runs about seven per projection plus its Python.
     Same numbers as PEFT's forward under autocast up to the base GEMV's summation order (the LoRA term rounded
@@ -258,6 +258,11 @@ def lora_decode(x: torch.Tensor, parts, states, biases=None) -> list:
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     xas, bs = _decode_xa(x2, parts)
+    if kind == "gemv" and len(parts) > 1:  # q/k/v in one launch where they can share it
+        ys = nf4_group_gemv(x2, [(packed, st, None if biases is None else biases[i], (xa_i, b, float(p[3])))
+                                 for i, (p, (packed, st), b, xa_i) in enumerate(zip(parts, states, bs, xas))])
+        if ys is not None:
+            return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
     outs = []
     for i, ((_, _, _, s), (packed, st), b, xa_i) in enumerate(zip(parts, states, bs, xas)):
         bias = None if biases is None else biases[i]

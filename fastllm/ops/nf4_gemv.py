@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .._compat import Switch, pick_backend, triton_available
 from .nf4 import no_autocast, stacked_dequant
 
-__all__ = ["MAX_ROWS", "gemv_enabled", "gemv_ok", "nf4_glu_gemv", "nf4_gemv", "set_enabled"]
+__all__ = ["MAX_ROWS", "gemv_enabled", "gemv_ok", "nf4_glu_gemv", "nf4_gemv", "nf4_group_gemv", "set_enabled"]
 
 MAX_ROWS = 64  # the kernels' largest M (``kernels.nf4_gemv.MAX_ROWS``; not imported: Triton may be absent)
 
@@ -91,6 +91,29 @@ def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state: tuple, bias: torch.Te
         lora = (lora[0], lora[1].contiguous(), lora[2])
     return _kernels().nf4_gemv_fwd(x, _bytes(packed), (absmax, code, code2, absmax2, offset), n, bs, bs2 or 256,
                                    out, bias, lora, config)
+
+
+def nf4_group_gemv(x: torch.Tensor, items, backend: str = "auto", config: dict | None = None) -> list | None:
+    """Two or three projections of one input, each ``x @ W_i.T + bias_i + s_i * xa_i @ B_i.T`` as ``nf4_gemv``
+    computes it, in one launch on CUDA (``kernels.nf4_group_gemv``; two with K split). items: per projection
+    ``(packed, state, bias, lora)`` as ``nf4_gemv`` takes them. Returns the outputs (M, N_i), or None where the
+    projections cannot share a launch (blocksizes or nesting differ, a bias or LoRA term on some only): then the
+    caller runs them one by one."""
+    states = [it[1] for it in items]
+    if pick_backend(backend, x.device) != "triton":
+        return [_linear_torch(x, packed, st, bias, lora) for packed, st, bias, lora in items]
+    if not 2 <= len(items) <= 3 or len({(st[5], st[6], st[2] is None) for st in states}) != 1 \
+            or len({it[2] is None for it in items}) != 1 or len({it[3] is None for it in items}) != 1:
+        return None
+    outs = [torch.empty(x.shape[0], st[7][0], dtype=x.dtype, device=x.device) for st in states]
+    kernel_items = []
+    for packed, st, bias, lora in items:
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        kernel_items.append((_bytes(packed), st[:5], st[7][0], bias, lora))
+    from ..kernels.nf4_group_gemv import nf4_group_gemv_fwd
+
+    return nf4_group_gemv_fwd(x, kernel_items, states[0][5], states[0][6] or 256, outs, config)
 
 
 def nf4_glu_gemv(x: torch.Tensor, gate: tuple, up: tuple, gelu: bool = False, backend: str = "auto",

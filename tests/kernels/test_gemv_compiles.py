@@ -21,11 +21,14 @@ CASES += [("glu", 3, False, True, split) for split in (1, 4)]
 CASES += [(kind, 3, "rows", True, split) for kind in ("gemv", "glu") for split in (1, 4)]  # 8 rows, CUDA cores
 CASES += [(kind, 2, dot, True, 4) for kind, dot in itertools.product(("gemv", "glu", "gemv-end", "glu-end"),
                                                                        (False, True))]
+CASES += [("group", 3, False, True, split) for split in (1, 4)] + [("group", 3, "rows", True, 4)]
+CASES += [("group", 2, True, False, 4), ("group-end", 3, False, True, 4), ("group-end", 2, True, True, 4)]
 
 
 def _compile_all() -> int:
     from fastllm.bench.sass import compile_sm90, signature
     from fastllm.kernels import nf4_gemv as kernels
+    from fastllm.kernels import nf4_group_gemv as group
 
     failed = 0
     for kind, unpack, dot, nested, split in CASES:
@@ -33,7 +36,8 @@ def _compile_all() -> int:
         cfg = {"BLOCK_M": 16 if dot else 8 if rows else 1, "BLOCK_N": 32 if dot else 4, "BLOCK_K": 128 if dot else 1024,
                "CHUNK": 64, "DOT": dot, "UNPACK": unpack, "SPLIT": split}
         kernel = {"gemv": kernels._nf4_gemv_kernel, "gemv-end": kernels._gemv_epilogue_kernel,
-                  "glu": kernels._nf4_glu_gemv_kernel, "glu-end": kernels._glu_epilogue_kernel}[kind]
+                  "glu": kernels._nf4_glu_gemv_kernel, "glu-end": kernels._glu_epilogue_kernel,
+                  "group": group._nf4_group_gemv_kernel, "group-end": group._group_epilogue_kernel}[kind]
         try:
             compiled = compile_sm90(kernel, *signature(kernel, cfg, nested, bias=True))
             ok = bool(compiled.asm["cubin"])
@@ -75,7 +79,7 @@ def test_gemv_kernels_compile_for_sm90():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in run.stdout.splitlines() if ln.startswith(("gemv", "glu", "other"))]
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith(("gemv", "glu", "group", "other"))]
     assert run.returncode == 0 and len(lines) == len(CASES) + len(OTHERS), run.stdout[-3000:] + run.stderr[-3000:]
     assert all(ln.endswith(" ok") for ln in lines), "\n".join(lines)
 

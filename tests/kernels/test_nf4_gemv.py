@@ -188,3 +188,46 @@ def test_tile_overrides_keep_the_maths(m, config):
                                **tol(torch.float16, k))
     pair = nf4_glu_gemv(x, (packed, state, lora), (packed, state, lora), backend="triton", config=config)
     torch.testing.assert_close(pair, F.silu(want) * want, rtol=4e-3, atol=4e-3)
+
+
+@pytest.mark.parametrize("m,ns,k,blocksize,config", [
+    (1, (64, 16, 16), 256, 64, None),                                  # q/k/v: one launch, K split (default)
+    (1, (40, 24, 24), 192, 64, {"STEPS": 0}),                          # whole K: no epilogue
+    (3, (33, 17), 128, 32, None),                                      # two projections, several rows
+    (5, (48, 16, 16), 128, 64, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64}),  # tensor cores
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_group_gemv_equals_one_launch_a_projection(m, ns, k, blocksize, config, bias):
+    """``nf4_group_gemv`` (q/k/v in one launch) gives each projection what its own ``nf4_gemv`` launch gives (the
+    same tile maths: exactly, in the interpreter), LoRA on, biases on or off (Qwen2's q/k/v)."""
+    from fastllm.ops.nf4_gemv import nf4_group_gemv
+
+    dtype = torch.float32
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    xa_all = torch.randn(m, 16 * len(ns), device=DEVICE, dtype=dtype)  # one buffer, split per adapter
+    items = []
+    for i, n in enumerate(ns):
+        packed, state, _ = quantized(n, k, blocksize, nested=True)
+        b = torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
+        lora = (xa_all[:, 16 * i:16 * (i + 1)], (torch.randn(n, 16, device=DEVICE) * 0.1).to(dtype), 0.5 + i)
+        items.append((packed, state, b, lora))
+    got = nf4_group_gemv(x, items, backend="triton", config=config)
+    assert got is not None and [g.shape for g in got] == [(m, n) for n in ns]
+    for (packed, state, b, lora), g in zip(items, got):
+        torch.testing.assert_close(g, nf4_gemv(x, packed, state, b, lora, backend="triton", config=config), rtol=0,
+                                   atol=0)
+    fallback = nf4_group_gemv(x, items, backend="torch")
+    for g, f in zip(got, fallback):
+        torch.testing.assert_close(g, f, **tol(dtype, k))
+
+
+def test_group_gemv_declines_mixed_projections():
+    """A bias or nesting on some projections only: None, so the caller runs them one by one."""
+    from fastllm.ops.nf4_gemv import nf4_group_gemv
+
+    x = torch.randn(1, 128, device=DEVICE)
+    (p1, s1, _), (p2, s2, _) = quantized(32, 128, 64, True), quantized(16, 128, 64, False)
+    assert nf4_group_gemv(x, [(p1, s1, None, None), (p2, s2, None, None)], backend="triton") is None
+    (p3, s3, _) = quantized(16, 128, 64, True)
+    assert nf4_group_gemv(x, [(p1, s1, torch.zeros(32, device=DEVICE), None), (p3, s3, None, None)],
+                          backend="triton") is None
