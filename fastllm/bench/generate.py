@@ -186,6 +186,33 @@ def _projection_times(glu: bool, n: int, k: int, m: int) -> dict:
     return times
 
 
+def _qkv_times(d: int, kv: int, m: int) -> dict:
+    """Milliseconds of a layer's q, k and v at ``m`` rows, as ``_projection_times`` times one projection: fastllm's
+    grouped GEMV (one launch, ``nf4_group_gemv``) against three launches of the baselines."""
+    from ..ops.nf4 import bnb_gemv, dequantize_nf4
+    from ..ops.nf4_gemv import nf4_group_gemv
+    from .common import graph_ms
+
+    qc, qst, qqs = _weights(d, d)
+    kc, kst, kqs = _weights(kv, d)
+    sets = [(qc[i % len(qc)], kc[i % len(kc)], kc[(i + 1) % len(kc)]) for i in range(max(len(qc), len(kc)))]
+    x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+    xa = torch.randn(m, 48, device="cuda", dtype=torch.bfloat16)
+    loras = [(xa[:, 16 * j:16 * (j + 1)], torch.randn(n, 16, device="cuda", dtype=torch.bfloat16) * 0.02, 2.0)
+             for j, n in enumerate((d, kv, kv))]
+    ours = graph_ms([lambda q=q, k=k, v=v: nf4_group_gemv(x, [(q, qst, None, loras[0]), (k, kst, None, loras[1]),
+                                                              (v, kst, None, loras[2])]) for q, k, v in sets])
+    times = {"fastllm": ours, "dequant+gemm": graph_ms([
+        lambda q=q, k=k, v=v: (x @ dequantize_nf4(q, qqs).t(), x @ dequantize_nf4(k, kqs).t(),
+                               x @ dequantize_nf4(v, kqs).t()) for q, k, v in sets])}
+    if m == 1:
+        times["bnb"] = graph_ms([lambda q=q, k=k, v=v: (bnb_gemv(x, q, *qst[:5], None, qst[5], qst[7]),
+                                                        bnb_gemv(x, k, *kst[:5], None, kst[5], kst[7]),
+                                                        bnb_gemv(x, v, *kst[:5], None, kst[5], kst[7]))
+                                 for q, k, v in sets])
+    return times
+
+
 def kernel_rows(shape: str, rows_list=(1, 8, 32)) -> list:
     """Per-projection GEMV times of one decoder layer of ``shape`` (random NF4 double-quant weights, LoRA r16):
     fastllm's kernels, bitsandbytes' GEMV (one row) and dequant + GEMM, each next to its packed bytes' limit."""
@@ -204,6 +231,12 @@ def kernel_rows(shape: str, rows_list=(1, 8, 32)) -> list:
                             "provider": provider, "us": ms * 1e3, "limit_us": limit_ms * 1e3,
                             "of_limit": limit_ms / ms})
         torch.cuda.empty_cache()
+    limit_ms = (d + 2 * kv) * d // 2 / (bandwidth * 1e9) * 1e3
+    for m in rows_list:
+        for provider, ms in _qkv_times(d, kv, m).items():
+            out.append({"bench": "generate-kernels", "shape": shape, "proj": "q+k+v", "rows": m, "provider": provider,
+                        "us": ms * 1e3, "limit_us": limit_ms * 1e3, "of_limit": limit_ms / ms})
+    torch.cuda.empty_cache()
     return out
 
 

@@ -244,9 +244,10 @@ def lora_decode(x: torch.Tensor, parts, states, biases=None) -> list:
         y_i = gemv4bit(x, W_i) + b_i + s_i * xa_i @ B_i.T   (M, N_i)
 
     With ``states`` of kind ``"gemv"`` the group's y_i are one launch of fastllm's NF4 GEMV (``ops.nf4_gemv``: the
-    weight dequantized in registers, the rank-r term in its epilogue; ``nf4_group_gemv`` for q/k/v); with ``"bnb"`` (one row) bnb's fused 4-bit GEMV,
-    the rank-r term added in place. Either reads only the packed weight (dequant + GEMM would write and re-read a
-    dense one), and the whole step is a few ops where PEFT runs about seven per projection plus its Python.
+    weight dequantized in registers, the rank-r term in its epilogue; ``nf4_group_gemv`` for q/k/v); with
+    ``"bnb"`` (one row) bnb's fused 4-bit GEMV, the rank-r term added in place. Either reads only the packed
+    weight (dequant + GEMM would write and re-read a dense one), and the whole step is a few ops where PEFT runs
+    about seven per projection plus its Python.
     Same numbers as PEFT's forward under autocast up to the base GEMV's summation order (the LoRA term rounded
     as PEFT rounds it).
 
