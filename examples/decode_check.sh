@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU pass for decode (issue #23), under the GPU image's transformers:
 #   device run: bash examples/decode_check.sh    (carry: [".whl"], with .whl/unsloth for the unsloth rows)
-# STEPS: tests (the GEMV, decode-op, decode-graph and auto-checkpointing GPU tests), sweep (the GEMV's tile
+# STEPS: tests (the GEMV kernels and ops, the adapter cast and LoRA-term kernels, decode-op, decode-graph and
+# auto-checkpointing GPU tests), sweep (the GEMV's tile
 # alternatives; the fastest are adopted for this run's fastllm:gemv=on rows), kernels (one 8B layer's GEMVs against bitsandbytes' and dequant + GEMM), generate (`fastllm bench
 # generate` at BATCHES), grpo (`fastllm bench grpo`: TRL GRPO steps, hf, fastllm and unsloth, GRPO_SHAPE, default 1b).
 # Output under $OUT.
@@ -11,6 +12,7 @@ if [ -d .whl/unsloth ]; then source examples/unsloth_env.sh || exit 1; fi
 steps=${STEPS:-tests,generate}
 if [[ $steps == *tests* ]]; then
   timeout "${TEST_TIMEOUT:-150}" python -m pytest -q --tb=short -p no:cacheprovider tests/test_gpu_gemv.py \
+    tests/kernels/test_cast_cat.py tests/kernels/test_lora_add.py tests/kernels/test_nf4_gemv.py \
     tests/test_gpu_decode_graphs.py "tests/test_gpu_model.py::test_decode_step_with_lora_takes_the_decode_op" \
     "tests/test_gpu_model.py::test_auto_checkpointing_on_cuda_matches_recompute" > "$out/gpu-tests.txt" 2>&1
   tail -15 "$out/gpu-tests.txt"
