@@ -5,7 +5,7 @@
 Why: at inference (a decode step after bitsandbytes' 4-bit GEMV, a prefill after dequant + GEMM) PEFT's rounding
 costs three launches per projection in torch (the product, the scaling, the sum) and writes and reads the (M, N)
 product between them; here each output element is read once and written once. The maths and the roundings are
-the NF4 GEMV's epilogue (``nf4_gemv._lora_term``): on the CUDA cores up to 16 rows, on the tensor cores beyond.
+the NF4 GEMV's epilogue (``nf4_gemv.lora_term``): on the CUDA cores up to 16 rows, on the tensor cores beyond.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .launch import cdiv, launch, next_power_of_2
-from .nf4_gemv import _lora_term
+from .nf4_gemv import lora_term
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def _lora_add_kernel(Y, stride_y, XA, stride_xa, Bw, s, M, N, R, BLOCK_M: tl.con
     ok = (rm < M)[:, None] & (rn < N)[None, :]
     ptrs = Y + rm[:, None].to(tl.int64) * stride_y + rn[None, :]
     y = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-    y = _lora_term(y, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R, DOT, FP32)
+    y = lora_term(y, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R, DOT, FP32)
     tl.store(ptrs, y.to(Y.dtype.element_ty), mask=ok)
 
 

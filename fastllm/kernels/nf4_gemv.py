@@ -171,7 +171,7 @@ def _nf4_row_bytes(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_
 
 
 @triton.jit
-def _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, k_lo, k_hi,
+def nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, k_lo, k_hi,
               BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
               DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr):
@@ -197,7 +197,7 @@ def _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, 
              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
              FP32: tl.constexpr, UNPACK: tl.constexpr):
-    """``_nf4_tile`` on the tensor cores."""
+    """``nf4_tile`` on the tensor cores."""
     NCH: tl.constexpr = BLOCK_K // CHUNK  # absmax entries per row per step (CHUNK = min(BLOCKSIZE, BLOCK_K))
     m_ok = rm < M
     n_ok = rn < N
@@ -234,7 +234,7 @@ def _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, 
 
 
 @triton.jit
-def _lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
+def lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
                FP32: tl.constexpr):
     """acc + s * xa[rm] @ B[rn].T, rounded as PEFT's forward under autocast rounds it: the base output, the
     product, the scaled product and the sum each to x's dtype (a decode step then gives eager's logits)."""
@@ -257,13 +257,13 @@ def _lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R: tl.constexpr
 
 
 @triton.jit
-def _finish(acc, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, rm, rn, M, N, R, HAS_BIAS: tl.constexpr,
+def finish_tile(acc, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, rm, rn, M, N, R, HAS_BIAS: tl.constexpr,
             HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr):
     """Store ``out[rm, rn] = acc + bias + s * xa @ B.T`` (acc: the base product, fp32)."""
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
-        acc = _lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R, DOT, FP32)
+        acc = lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R, DOT, FP32)
     tl.store(OUT + rm[:, None] * stride_o + rn[None, :], acc.to(OUT.dtype.element_ty),
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
@@ -275,8 +275,8 @@ def _glu_finish(g, u, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, 
     """Store ``out[rm, rn] = act(g + s_g * xa_g @ B_g.T) * (u + s_u * xa_u @ B_u.T)`` (g, u: the base products,
     fp32); act SiLU or, with GELU, GELU-tanh, computed in fp32."""
     if HAS_LORA:
-        g = _lora_term(g, XA_G, stride_xa, B_G, s_g, rm, rn, M, N, R_G, BLOCK_R, DOT, FP32)
-        u = _lora_term(u, XA_U, stride_xa, B_U, s_u, rm, rn, M, N, R_U, BLOCK_R, DOT, FP32)
+        g = lora_term(g, XA_G, stride_xa, B_G, s_g, rm, rn, M, N, R_G, BLOCK_R, DOT, FP32)
+        u = lora_term(u, XA_U, stride_xa, B_U, s_u, rm, rn, M, N, R_U, BLOCK_R, DOT, FP32)
     # g, u and act(g) rounded to the output dtype as the unfused MLP holds them (eager's decode logits, not drift)
     g = g.to(OUT.dtype.element_ty).to(tl.float32)
     u = u.to(OUT.dtype.element_ty).to(tl.float32)
@@ -292,20 +292,56 @@ def _glu_finish(g, u, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, 
 
 
 @triton.jit
-def _store_part(PART, acc, rm, rn, M, N):
-    """One K split's fp32 partial product into its (M, N) slice of the workspace."""
-    tl.store(PART + rm[:, None] * N + rn[None, :], acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+def _store_part(PART, acc, rm, rn, M, N, N_ALL, col):
+    """One K split's fp32 partial product into columns ``col + rn`` of its (M, N_ALL) slice of the workspace."""
+    tl.store(PART + rm[:, None] * N_ALL + col + rn[None, :], acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 @triton.jit
-def _sum_parts(PART, rm, rn, M, N, SPLIT: tl.constexpr):
-    """The base product as the sum of SPLIT partials, (SPLIT, M, N) fp32, added in split order (deterministic)."""
-    offs = rm[:, None] * N + rn[None, :]
+def _sum_parts(PART, rm, rn, M, N, N_ALL, col, SPLIT: tl.constexpr):
+    """The base product as the sum of SPLIT partials, columns ``col + rn`` of (SPLIT, M, N_ALL) fp32, added in
+    split order (deterministic)."""
+    offs = rm[:, None] * N_ALL + col + rn[None, :]
     ok = (rm < M)[:, None] & (rn < N)[None, :]
     acc = tl.load(PART + offs, mask=ok, other=0.0)
     for p in range(1, SPLIT):
-        acc += tl.load(PART + p * M * N + offs, mask=ok, other=0.0)
+        acc += tl.load(PART + p * M * N_ALL + offs, mask=ok, other=0.0)
     return acc
+
+
+@triton.jit
+def gemv_tile(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, XA, stride_xa,
+              Bw, s, tile, col, M, N, N_ALL, K, KS, R,
+              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr,
+              UNPACK: tl.constexpr, SPLIT: tl.constexpr):
+    """out[m, n] = x[m] . W[n] + bias[n] + s * xa[m] . B[n] for the BLOCK_N columns n of output tile ``tile``;
+    with SPLIT > 1, program column j sums K range [j KS, (j + 1) KS) only and stores it to columns ``col + n`` of
+    PART[j], (SPLIT, M, N_ALL) fp32 (``gemv_end`` finishes; ``col``, ``N_ALL``: where this projection sits among
+    a group's)."""
+    rm = tl.arange(0, BLOCK_M)
+    rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo = tl.program_id(1) * KS
+    acc = nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, k_lo,
+                   tl.minimum(k_lo + KS, K), BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT,
+                   FP32, UNPACK)
+    if SPLIT == 1:
+        finish_tile(acc, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, rm, rn, M, N, R, HAS_BIAS, HAS_LORA, BLOCK_R,
+                    DOT, FP32)
+    else:
+        _store_part(PART + tl.program_id(1) * M * N_ALL, acc, rm, rn, M, N, N_ALL, col)
+
+
+@triton.jit
+def gemv_end(PART, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, R, tile, col, M, N, N_ALL,
+             SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr):
+    """A split-K GEMV's end for output tile ``tile``: the partials summed, bias and LoRA term added, stored."""
+    rm = tl.arange(0, BLOCK_M)
+    rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    finish_tile(_sum_parts(PART, rm, rn, M, N, N_ALL, col, SPLIT), OUT, stride_o, BIAS, XA, stride_xa, Bw, s, rm,
+                rn, M, N, R, HAS_BIAS, HAS_LORA, BLOCK_R, DOT, FP32)
 
 
 @triton.jit
@@ -315,31 +351,19 @@ def _nf4_gemv_kernel(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, COD
                      HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
                      FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr):
-    """out[m, n] = x[m] . W[n] + bias[n] + s * xa[m] . B[n]  for BLOCK_N columns n per program; with SPLIT > 1,
-    program (i, j) sums K range [j KS, (j + 1) KS) only and stores it to PART[j] (``_gemv_epilogue_kernel``
-    finishes)."""
-    rm = tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_lo = tl.program_id(1) * KS
-    acc = _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, k_lo,
-                    tl.minimum(k_lo + KS, K), BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT,
-                    FP32, UNPACK)
-    if SPLIT == 1:
-        _finish(acc, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, rm, rn, M, N, R, HAS_BIAS, HAS_LORA, BLOCK_R, DOT,
-                FP32)
-    else:
-        _store_part(PART + tl.program_id(1) * M * N, acc, rm, rn, M, N)
+    """Program (i, j): output tile i, K range j (``gemv_tile``; ``_gemv_epilogue_kernel`` finishes a split)."""
+    gemv_tile(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, XA, stride_xa,
+              Bw, s, tl.program_id(0), 0, M, N, N, K, KS, R, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
+              BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
 
 
 @triton.jit
 def _gemv_epilogue_kernel(PART, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, M, N, R, SPLIT: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr):
-    """A split-K GEMV's end: the partials summed, bias and LoRA term added, stored."""
-    rm = tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    _finish(_sum_parts(PART, rm, rn, M, N, SPLIT), OUT, stride_o, BIAS, XA, stride_xa, Bw, s, rm, rn, M, N, R,
-            HAS_BIAS, HAS_LORA, BLOCK_R, DOT, FP32)
+    """A split-K GEMV's end (``gemv_end``), program i: output tile i."""
+    gemv_end(PART, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, R, tl.program_id(0), 0, M, N, N, SPLIT, HAS_BIAS,
+             HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
 
 
 @triton.jit
@@ -357,16 +381,16 @@ def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, PART, CODE,
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = tl.program_id(1) * KS
     k_hi = tl.minimum(k_lo + KS, K)
-    g = _nf4_tile(X, stride_x, P_G, A_G, CODE, C2_G, A2_G, O_G, rm, rn, M, N, K, k_lo, k_hi,
+    g = nf4_tile(X, stride_x, P_G, A_G, CODE, C2_G, A2_G, O_G, rm, rn, M, N, K, k_lo, k_hi,
                   BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK)
-    u = _nf4_tile(X, stride_x, P_U, A_U, CODE, C2_U, A2_U, O_U, rm, rn, M, N, K, k_lo, k_hi,
+    u = nf4_tile(X, stride_x, P_U, A_U, CODE, C2_U, A2_U, O_U, rm, rn, M, N, K, k_lo, k_hi,
                   BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK)
     if SPLIT == 1:
         _glu_finish(g, u, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, rm, rn, M, N, R_G, R_U,
                     HAS_LORA, GELU, BLOCK_R, DOT, FP32)
     else:
-        _store_part(PART + tl.program_id(1) * M * N, g, rm, rn, M, N)
-        _store_part(PART + (SPLIT + tl.program_id(1)) * M * N, u, rm, rn, M, N)
+        _store_part(PART + tl.program_id(1) * M * N, g, rm, rn, M, N, N, 0)
+        _store_part(PART + (SPLIT + tl.program_id(1)) * M * N, u, rm, rn, M, N, N, 0)
 
 
 @triton.jit
@@ -376,7 +400,8 @@ def _glu_epilogue_kernel(PART, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, st
     """A split-K gate/up GEMV's end: each projection's partials summed, LoRA terms, activation, product."""
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    _glu_finish(_sum_parts(PART, rm, rn, M, N, SPLIT), _sum_parts(PART + SPLIT * M * N, rm, rn, M, N, SPLIT),
+    _glu_finish(_sum_parts(PART, rm, rn, M, N, N, 0, SPLIT), _sum_parts(PART + SPLIT * M * N, rm, rn, M, N, N, 0,
+                                                                         SPLIT),
                 OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, rm, rn, M, N, R_G, R_U, HAS_LORA, GELU,
                 BLOCK_R, DOT, FP32)
 
@@ -443,7 +468,7 @@ def pair_table(code):
     return _PAIRS[key]
 
 
-def _operands(unpack: int, code, *packed) -> tuple:
+def gemv_operands(unpack: int, code, *packed) -> tuple:
     """The code table and packed weights as the ``UNPACK`` mode reads them: the pair table (2), int32 words (3)."""
     if unpack == 2:
         code = pair_table(code)
@@ -455,7 +480,7 @@ def _operands(unpack: int, code, *packed) -> tuple:
     return code, packed[0] if len(packed) == 1 else packed
 
 
-def _state(st):
+def state_operands(st):
     """(absmax, code, code2, absmax2, offset) as kernel pointers (the absmax standing in where not nested)."""
     absmax, code, code2, absmax2, offset = st
     nested = code2 is not None
@@ -474,9 +499,9 @@ def nf4_gemv_fwd(x, packed, state, n: int, blocksize: int, blocksize2: int, out,
     """
     m, k = x.shape
     check_gemv(x, n, k, blocksize)
-    absmax, code, code2, absmax2, offset, nested = _state(state)
+    absmax, code, code2, absmax2, offset, nested = state_operands(state)
     cfg = gemv_config(m, k, blocksize, config)
-    code, packed = _operands(cfg["UNPACK"], code, packed)
+    code, packed = gemv_operands(cfg["UNPACK"], code, packed)
     xa, b, s = lora if lora is not None else (x, x, 0.0)
     r = b.shape[1] if lora is not None else 0
     bias = bias if bias is not None else x
@@ -505,12 +530,12 @@ def nf4_glu_gemv_fwd(x, gate, up, n: int, blocksize: int, blocksize2: int, out, 
     (pg, sg, lg), (pu, su, lu) = gate, up
     if (lg is None) != (lu is None):
         raise ValueError("the fused gate/up GEMV takes a LoRA term on both projections or on neither")
-    ag, code, c2g, a2g, og, nested = _state(sg)
-    au, _, c2u, a2u, ou, nested_u = _state(su)
+    ag, code, c2g, a2g, og, nested = state_operands(sg)
+    au, _, c2u, a2u, ou, nested_u = state_operands(su)
     if nested != nested_u:
         raise ValueError("the fused gate/up GEMV needs both weights nested or neither")
     cfg = gemv_config(m, k, blocksize, config)
-    code, (pg, pu) = _operands(cfg["UNPACK"], code, pg, pu)
+    code, (pg, pu) = gemv_operands(cfg["UNPACK"], code, pg, pu)
     xag, bg, s_g = lg if lg is not None else (x, x, 0.0)
     xau, bu, s_u = lu if lu is not None else (x, x, 0.0)
     if xag.stride(0) != xau.stride(0):

@@ -2,10 +2,11 @@
 
     out_i = x @ W_i.T + bias_i + s_i * xa_i @ B_i.T        i < G; x: (M, K), W_i: (N_i, K), one blocksize, nesting
 
-The maths, tiles and roundings are ``nf4_gemv``'s; the program grid runs over the projections' output tiles one
-after another (``T1``, ``T2``: where projections 1 and 2 start) and each program takes its projection's operands, so
-q, k and v cost one launch (two with K split: one epilogue for all) instead of three (six). Also more programs in
-one launch: k and v alone are 1,024 columns, too few tiles to fill the GPU.
+The maths, tiles and roundings are ``nf4_gemv``'s (its ``gemv_tile`` and ``gemv_end``); the program grid runs
+over the projections' output tiles one after another (``T1``, ``T2``: where projections 1 and 2 start) and each
+program takes its projection's operands, so q, k and v cost one launch (two with K split: one epilogue for all)
+instead of three (six). Also more programs in one launch: k and v alone are 1,024 columns, too few tiles to fill
+the GPU.
 """
 
 from __future__ import annotations
@@ -15,30 +16,7 @@ import triton
 import triton.language as tl
 
 from .launch import cdiv, launch, next_power_of_2
-from .nf4_gemv import EPILOGUE_N, _finish, _nf4_tile, _operands, _state, check_gemv, gemv_config
-
-
-@triton.jit
-def _group_tile(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, XA, stride_xa,
-                Bw, s, tile, col, M, N, N_ALL, K, KS, R,
-                BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr,
-                UNPACK: tl.constexpr, SPLIT: tl.constexpr):
-    """One program's tile of one projection: ``_nf4_gemv_kernel``'s body at output tile ``tile`` of that
-    projection; its split-K partial goes to columns ``col + rn`` of the group's (SPLIT, M, N_ALL) workspace."""
-    rm = tl.arange(0, BLOCK_M)
-    rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_lo = tl.program_id(1) * KS
-    acc = _nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, k_lo,
-                    tl.minimum(k_lo + KS, K), BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT,
-                    FP32, UNPACK)
-    if SPLIT == 1:
-        _finish(acc, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, rm, rn, M, N, R, HAS_BIAS, HAS_LORA, BLOCK_R, DOT,
-                FP32)
-    else:
-        tl.store(PART + tl.program_id(1) * M * N_ALL + rm[:, None] * N_ALL + col + rn[None, :], acc,
-                 mask=(rm < M)[:, None] & (rn < N)[None, :])
+from .nf4_gemv import EPILOGUE_N, check_gemv, gemv_config, gemv_end, gemv_operands, gemv_tile, state_operands
 
 
 @triton.jit
@@ -54,31 +32,17 @@ def _nf4_group_gemv_kernel(X, stride_x, PART, CODE, stride_xa, M, K, KS, N_ALL, 
     """Program (i, j): output tile i of the concatenated projections (0 below T1, 1 below T2, else 2), K range j."""
     pid = tl.program_id(0)
     if pid < T1:
-        _group_tile(X, stride_x, OUT0, N0, PART, P0, A0, CODE, C20, A20, O0, BIAS0, XA0, stride_xa, B0, s0,
-                    pid, 0, M, N0, N_ALL, K, KS, R0, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
-                    BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
+        gemv_tile(X, stride_x, OUT0, N0, PART, P0, A0, CODE, C20, A20, O0, BIAS0, XA0, stride_xa, B0, s0,
+                  pid, 0, M, N0, N_ALL, K, KS, R0, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
+                  BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
     elif pid < T2:  # with two projections T2 is the tile count: no program gets past it
-        _group_tile(X, stride_x, OUT1, N1, PART, P1, A1, CODE, C21, A21, O1, BIAS1, XA1, stride_xa, B1, s1,
-                    pid - T1, N0, M, N1, N_ALL, K, KS, R1, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
-                    BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
+        gemv_tile(X, stride_x, OUT1, N1, PART, P1, A1, CODE, C21, A21, O1, BIAS1, XA1, stride_xa, B1, s1,
+                  pid - T1, N0, M, N1, N_ALL, K, KS, R1, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
+                  BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
     else:
-        _group_tile(X, stride_x, OUT2, N2, PART, P2, A2, CODE, C22, A22, O2, BIAS2, XA2, stride_xa, B2, s2,
-                    pid - T2, N0 + N1, M, N2, N_ALL, K, KS, R2, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
-                    BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
-
-
-@triton.jit
-def _group_end(PART, OUT, N, BIAS, XA, stride_xa, Bw, s, R, tile, col, M, N_ALL,
-               SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr):
-    rm = tl.arange(0, BLOCK_M)
-    rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs = rm[:, None] * N_ALL + col + rn[None, :]
-    ok = (rm < M)[:, None] & (rn < N)[None, :]
-    acc = tl.load(PART + offs, mask=ok, other=0.0)
-    for p in range(1, SPLIT):  # split order: deterministic, as _sum_parts
-        acc += tl.load(PART + p * M * N_ALL + offs, mask=ok, other=0.0)
-    _finish(acc, OUT, N, BIAS, XA, stride_xa, Bw, s, rm, rn, M, N, R, HAS_BIAS, HAS_LORA, BLOCK_R, DOT, FP32)
+        gemv_tile(X, stride_x, OUT2, N2, PART, P2, A2, CODE, C22, A22, O2, BIAS2, XA2, stride_xa, B2, s2,
+                  pid - T2, N0 + N1, M, N2, N_ALL, K, KS, R2, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
+                  BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
 
 
 @triton.jit
@@ -91,14 +55,14 @@ def _group_epilogue_kernel(PART, stride_xa, M, N_ALL, T1, T2,
     """A split-K group's end: each projection's partials summed, bias and LoRA term added, stored."""
     pid = tl.program_id(0)
     if pid < T1:
-        _group_end(PART, OUT0, N0, BIAS0, XA0, stride_xa, B0, s0, R0, pid, 0, M, N_ALL, SPLIT, HAS_BIAS, HAS_LORA,
-                   BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
+        gemv_end(PART, OUT0, N0, BIAS0, XA0, stride_xa, B0, s0, R0, pid, 0, M, N0, N_ALL, SPLIT, HAS_BIAS,
+                 HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
     elif pid < T2:  # with two projections T2 is the tile count: no program gets past it
-        _group_end(PART, OUT1, N1, BIAS1, XA1, stride_xa, B1, s1, R1, pid - T1, N0, M, N_ALL, SPLIT, HAS_BIAS,
-                   HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
+        gemv_end(PART, OUT1, N1, BIAS1, XA1, stride_xa, B1, s1, R1, pid - T1, N0, M, N1, N_ALL, SPLIT, HAS_BIAS,
+                 HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
     else:
-        _group_end(PART, OUT2, N2, BIAS2, XA2, stride_xa, B2, s2, R2, pid - T2, N0 + N1, M, N_ALL, SPLIT, HAS_BIAS,
-                   HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
+        gemv_end(PART, OUT2, N2, BIAS2, XA2, stride_xa, B2, s2, R2, pid - T2, N0 + N1, M, N2, N_ALL, SPLIT,
+                 HAS_BIAS, HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
 
 
 def nf4_group_gemv_fwd(x, items, blocksize: int, blocksize2: int, outs, config: dict | None = None):
@@ -114,7 +78,7 @@ def nf4_group_gemv_fwd(x, items, blocksize: int, blocksize2: int, outs, config: 
         raise ValueError(f"the grouped GEMV takes 2 or 3 projections, got {g}")
     for _, _, n, _, _ in items:
         check_gemv(x, n, k, blocksize)
-    states = [_state(st) for _, st, _, _, _ in items]
+    states = [state_operands(st) for _, st, _, _, _ in items]
     nested = states[0][5]
     has_bias = items[0][3] is not None
     has_lora = items[0][4] is not None
@@ -124,7 +88,7 @@ def nf4_group_gemv_fwd(x, items, blocksize: int, blocksize2: int, outs, config: 
     if has_lora and len({it[4][0].stride(0) for it in items}) != 1:
         raise ValueError("the grouped GEMV's xa must share a row stride (views of one (M, sum R) buffer)")
     cfg = gemv_config(m, k, blocksize, config)
-    code, packed = _operands(cfg["UNPACK"], states[0][1], *[it[0] for it in items])
+    code, packed = gemv_operands(cfg["UNPACK"], states[0][1], *[it[0] for it in items])
     ns = [it[2] for it in items]
     ks, split = cfg.pop("KS"), cfg["SPLIT"]
     part = x.new_empty((split, m, sum(ns)), dtype=torch.float32) if split > 1 else x
