@@ -187,13 +187,16 @@ def convert_gguf(path: str, gguf_file: str) -> str:
     return out
 
 
-def _quant_config(dtype: torch.dtype):
+def _quant_config(dtype: torch.dtype, keep_16bit: tuple = ()):
+    """NF4 with double quant; ``keep_16bit``: submodule names left unquantized besides the head (the skip list
+    replaces transformers' default one, which is the output head)."""
     from transformers import BitsAndBytesConfig
 
     if bnb() is None:
         raise ImportError("load_in_4bit=True needs bitsandbytes: pip install bitsandbytes")
+    skip = {"llm_int8_skip_modules": ["lm_head", *keep_16bit]} if keep_16bit else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype)
+                              bnb_4bit_compute_dtype=dtype, **skip)
 
 
 def _fix_bnb_cpu(model: nn.Module) -> int:
@@ -257,16 +260,17 @@ class FastModel:
         config = _check_model_type(path, gguf)
         if gguf is not None:
             path = convert_gguf(path, gguf)
-        if max_seq_length > getattr(config, "max_position_embeddings", max_seq_length):
+        limit = getattr(config.get_text_config(), "max_position_embeddings", max_seq_length)
+        if max_seq_length > limit:
             logger.warning("fastllm: max_seq_length=%d is over the model's max_position_embeddings=%d",
-                           max_seq_length, config.max_position_embeddings)
+                           max_seq_length, limit)
         load_kwargs = dict(dtype=dtype, **kwargs)
         if patch is not False and hub_kernels_switch():
             # transformers' hub kernels replace the forwards fastllm patches (and fetch kernels from the Hub,
             # which an offline machine cannot): a patched model does without them; patch() would turn them off.
             load_kwargs.setdefault("use_kernels", False)
         if load_in_4bit:
-            load_kwargs["quantization_config"] = _quant_config(dtype)
+            load_kwargs["quantization_config"] = _quant_config(dtype, arch_of(config.model_type).keep_16bit)
         if device.type == "cuda":
             load_kwargs["device_map"] = {"": device} if device_map is None else device_map
         model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)

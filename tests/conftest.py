@@ -118,17 +118,32 @@ TINY_ARCH_CONFIGS = {
     "gemma3_text": ("Gemma3TextConfig", dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"],
                                               query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh")),
 }
+# Gemma 3 4B+ (``gemma3``): the tiny Gemma 3 text model above behind a tiny SigLIP tower (32 x 32 images, 8 x 8
+# patches pooled to 4 image tokens); the image token is the last id of the odd vocabulary.
+TINY_ARCH_CONFIGS["gemma3"] = ("Gemma3Config", dict(
+    text=TINY_ARCH_CONFIGS["gemma3_text"],
+    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                patch_size=8),
+    top=dict(mm_tokens_per_image=4, image_token_id=330, boi_token_index=328, eoi_token_index=329)))
 
 
 def tiny_arch_config(model_type: str, **overrides):
     import transformers
 
     cls_name, extra = TINY_ARCH_CONFIGS[model_type]
+    if "text" in extra:  # a vision-language checkpoint: its text config is the tiny text model's
+        text = getattr(transformers, extra["text"][0])(**_tiny_text(extra["text"][1], overrides))
+        return getattr(transformers, cls_name)(text_config=text.to_dict(), vision_config=extra["vision"],
+                                               **extra["top"])
+    return getattr(transformers, cls_name)(**_tiny_text(extra, overrides))
+
+
+def _tiny_text(extra: dict, overrides: dict) -> dict:
     cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=16, vocab_size=331, max_position_embeddings=256, rms_norm_eps=1e-5,
                tie_word_embeddings=False, **extra)
     cfg.update(overrides)
-    return getattr(transformers, cls_name)(**cfg)
+    return cfg
 
 
 def save_tiny_arch(path, model_type: str, **overrides):
@@ -142,7 +157,7 @@ def save_tiny_arch(path, model_type: str, **overrides):
         for name, p in model.named_parameters():
             if "norm" in name:  # Gemma's (1 + w) norms: the same values give scales in [1.5, 2.5]
                 p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") or not p.any():  # biases, and weights the init zeroes (image projection)
                 p.normal_(0, 0.5)
     model.save_pretrained(path)
     return str(path)

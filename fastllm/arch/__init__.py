@@ -24,7 +24,8 @@ class Arch:
     model_type: str
     module: str                       # the transformers modeling module
     classes: dict                     # role (``ROLES``) -> class name in ``module``
-    lora_targets: tuple               # default LoRA target modules (every linear of a decoder layer)
+    lora_targets: tuple | str         # default LoRA target modules (every linear of a decoder layer; a regex where
+                                      # other towers name their linears alike)
     # Feature flags that change the maths (a patch whose replacement does not implement a flag set here must not
     # be enabled for the architecture):
     qkv_bias: bool = False            # biases on q/k/v projections (Qwen2)
@@ -39,19 +40,20 @@ class Arch:
     sandwich_norms: bool = False      # norms after attention and around the MLP too (Gemma: four per layer)
     embed_scale: bool = False         # embeddings scaled by sqrt(hidden) (inside transformers' embedding module)
     logit_softcap: bool = False       # the config may soft-cap the final logits (the chunked loss applies it)
+    keep_16bit: tuple = ()            # submodule paths load_in_4bit leaves in 16-bit (a vision tower, its projector)
 
     def cls(self, role: str) -> type:
         """The transformers class of ``role`` (imported on first use: the table itself imports nothing)."""
         return getattr(importlib.import_module(self.module), self.classes[role])
 
 
-from .gemma3 import GEMMA3  # noqa: E402
+from .gemma3 import GEMMA3, GEMMA3_VISION  # noqa: E402
 from .llama import LLAMA  # noqa: E402  (the entries import Arch from here)
 from .mistral import MISTRAL  # noqa: E402
 from .qwen2 import QWEN2  # noqa: E402
 from .qwen3 import QWEN3  # noqa: E402
 
-ARCHS: dict[str, Arch] = {a.model_type: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3)}
+ARCHS: dict[str, Arch] = {a.model_type: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3, GEMMA3_VISION)}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(ARCHS)
 
 

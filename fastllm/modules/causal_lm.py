@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -127,18 +128,25 @@ def _head_map(head: nn.Module, h: torch.Tensor, y: torch.Tensor, fn: Callable, v
 
 
 def _softcap_of(model) -> float | None:
-    return getattr(model.config, "final_logit_softcapping", None) or None
+    """The final-logit soft-cap the class's own forward applies: the config's where the table says it reads one."""
+    from ..arch import arch_of_module
+
+    arch = arch_of_module(model, "causal_lm")
+    if arch is None or not arch.logit_softcap:
+        return None
+    return getattr(model.config.get_text_config(), "final_logit_softcapping", None) or None
 
 
 def _keeps_all(logits_to_keep) -> bool:
     return isinstance(logits_to_keep, int) and logits_to_keep == 0
 
 
-def make_causal_lm_forward(loss: str | Callable = "cross_entropy") -> Callable:
+def make_causal_lm_forward(loss: str | Callable = "cross_entropy", like: Callable | None = None) -> Callable:
     """A causal-LM ``forward`` replacement whose training loss is ``loss``.
 
     ``loss``: ``"cross_entropy"``, ``"focal"`` or a per-token callable
-    ``(logits_fp32 [n, V], labels [n]) -> [n]``. The function carries ``_fastllm_loss = loss``.
+    ``(logits_fp32 [n, V], labels [n]) -> [n]``; ``like``: the class's own forward, whose signature the
+    replacement shows (it passes every argument on). The function carries ``_fastllm_loss = loss``.
     """
     get_loss(loss)  # fail now, at patch time, on an unknown name
 
@@ -165,7 +173,8 @@ def make_causal_lm_forward(loss: str | Callable = "cross_entropy") -> Callable:
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
         shift_labels = shift_labels.reshape(-1).to(hidden.device)
         value = _head_loss(self.lm_head, hidden.reshape(-1, hidden.shape[-1]), shift_labels, loss,
-                           kwargs.get("num_items_in_batch"), self.config.vocab_size, _softcap_of(self))
+                           kwargs.get("num_items_in_batch"), self.config.get_text_config().vocab_size,
+                           _softcap_of(self))
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         out = CausalLMOutputWithPast(loss=value, logits=None, hidden_states=outputs.hidden_states,
@@ -174,6 +183,8 @@ def make_causal_lm_forward(loss: str | Callable = "cross_entropy") -> Callable:
         return out if return_dict else out.to_tuple()
 
     forward._fastllm_loss = loss
+    if like is not None:
+        forward.__signature__ = inspect.signature(like)
     return forward
 
 

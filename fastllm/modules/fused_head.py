@@ -108,7 +108,8 @@ def fused_head_forward(model: nn.Module, input_ids, attention_mask, position_ids
     h = hidden[mask]
     if cfg.cast_lm_head_to_fp32:
         h = h.float()
-    per = head_map(model.lm_head, h, labels[mask], _fields_fn(cfg.temperature, fields), model.config.vocab_size,
+    per = head_map(model.lm_head, h, labels[mask], _fields_fn(cfg.temperature, fields),
+                   model.config.get_text_config().vocab_size,
                    fp32=cfg.cast_lm_head_to_fp32).reshape(-1, len(fields))
     # masked_scatter keeps an all-ignored batch connected to the graph: a differentiable zero, not an error
     full = {f: per.new_zeros(mask.shape).masked_scatter(mask, per[:, i]) for i, f in enumerate(fields)}

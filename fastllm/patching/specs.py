@@ -87,14 +87,16 @@ def _nf4_eligible(module: nn.Module) -> str | None:
 
 
 @functools.cache
-def _causal_lm_forward(loss):
-    """One replacement function per loss, so two models patched alike share the same forward."""
+def _causal_lm_forward(loss, cls: type | None):
+    """One replacement function per loss and class, so two models patched alike share the same forward; it shows
+    the class's own signature (``generate`` checks its inputs, e.g. Gemma 3's ``pixel_values``, against it)."""
     make = _optional("..modules.causal_lm", "make_causal_lm_forward")
-    return make(loss) if make is not None else None
+    return make(loss, like=None if cls is None else cls.forward) if make is not None else None
 
 
-def _loss_forward(cfg: PatchConfig, _model: nn.Module | None = None):
-    return _causal_lm_forward("cross_entropy" if cfg.loss in (None, True) else cfg.loss)
+def _loss_forward(cfg: PatchConfig, model: nn.Module | None = None):
+    return _causal_lm_forward("cross_entropy" if cfg.loss in (None, True) else cfg.loss,
+                              None if model is None else type(model))
 
 
 def _loss_eligible(module: nn.Module) -> str | None:
