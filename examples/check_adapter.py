@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     model = PeftModel.from_pretrained(base, args.adapter)
     model.eval()
     checked, bad = installed_matches(model, saved)
-    vocab = base.config.vocab_size
+    vocab = base.config.get_text_config().vocab_size
     res = dict(adapter=args.adapter, tensors=len(saved), checked=checked, not_installed=bad,
                loss=batch_loss(model, vocab, args.seq_len, device))
     if args.reference:

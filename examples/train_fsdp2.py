@@ -255,7 +255,7 @@ def train(args) -> list[dict]:
               cpu_offload=args.cpu_offload)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
-    vocab = model.get_base_model().config.vocab_size
+    vocab = model.get_base_model().config.get_text_config().vocab_size
     local = args.batch_size // world
     micro = local // args.grad_accum
     if device.type == "cuda":

@@ -249,7 +249,7 @@ def fits(model, batch: int, seq_len: int) -> bool:
     """One real forward + backward at (batch, seq_len); False (memory freed) if it runs out of memory."""
     dev = next(model.parameters()).device
     try:
-        x = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=dev)
+        x = torch.randint(0, model.config.get_text_config().vocab_size, (batch, seq_len), device=dev)
         model(input_ids=x, labels=x, use_cache=False).loss.backward()
         return True
     except Exception as err:  # only out-of-memory is an answer; anything else is a real error

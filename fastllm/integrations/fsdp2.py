@@ -106,10 +106,14 @@ def _default_mesh():
 
 
 def _decoder_layers(base: nn.Module) -> list[nn.Module]:
-    layers = getattr(getattr(base, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(base).__name__} has no .model.layers: not a causal LM of fastllm's architecture table")
-    return list(layers)
+    """The decoder layers of the table's layer class (a vision tower's layers stay in the root's FSDP unit)."""
+    from ..arch import ARCHS
+
+    arch = ARCHS.get(getattr(getattr(base, "config", None), "model_type", None))
+    layers = [] if arch is None else [m for m in base.modules() if isinstance(m, arch.cls("layer"))]
+    if not layers:
+        raise ValueError(f"{type(base).__name__} has no decoder layers of fastllm's architecture table")
+    return layers
 
 
 def _linear4bit_modules(model: nn.Module) -> list[nn.Module]:

@@ -179,7 +179,7 @@ def test_auto_checkpointing_two_ranks_equal_one_process(runs, tiny_llama_dir, tm
         torch.testing.assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "gemma3_text", "gemma3"])
 def test_other_architectures_two_ranks_equal_one_process(tiny_arch_dir, tmp_path, model_type):
     """FSDP2 ``shard()`` of the table's other layouts (Qwen2's q/k/v biases beside the sharded 4-bit weights, Qwen3's
     q/k norms inside the fused layer, a sliding layer whose window is shorter than the sequence), patched with the
