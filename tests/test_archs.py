@@ -343,6 +343,7 @@ def test_gemma3_vision_checkpoint_trains_its_language_model_with_images(tiny_arc
     assert not any(isinstance(m, (bnb.nn.Linear4bit, peft.tuners.lora.LoraLayer)) for v in vision for m in v.modules())
     assert not any(p.requires_grad for v in vision for p in v.parameters())
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in base.model.language_model.modules()) == 14
+    assert patch_report(model).counts["gradient_checkpointing"] == 2  # the decoder's layers, not the encoder's
     model.train()
     ids, types, pixels = _image_batch(model)
     results = []

@@ -73,3 +73,10 @@ def arch_of(model_type: str | None) -> Arch:
     if model_type not in ARCHS:
         raise ValueError(f"fastllm supports model_type {SUPPORTED_MODEL_TYPES}, got {model_type!r}")
     return ARCHS[model_type]
+
+
+def modules_of(model, role: str) -> list:
+    """``model``'s submodules of its table entry's ``role`` class (its ``config.model_type``'s), in order: e.g. the
+    decoder layers, not a vision tower's; [] for a model outside the table."""
+    arch = ARCHS.get(getattr(getattr(model, "config", None), "model_type", None))
+    return [] if arch is None else [m for m in model.modules() if isinstance(m, arch.cls(role))]

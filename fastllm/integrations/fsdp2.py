@@ -107,10 +107,9 @@ def _default_mesh():
 
 def _decoder_layers(base: nn.Module) -> list[nn.Module]:
     """The decoder layers of the table's layer class (a vision tower's layers stay in the root's FSDP unit)."""
-    from ..arch import ARCHS
+    from ..arch import modules_of
 
-    arch = ARCHS.get(getattr(getattr(base, "config", None), "model_type", None))
-    layers = [] if arch is None else [m for m in base.modules() if isinstance(m, arch.cls("layer"))]
+    layers = modules_of(base, "layer")
     if not layers:
         raise ValueError(f"{type(base).__name__} has no decoder layers of fastllm's architecture table")
     return layers

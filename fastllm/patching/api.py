@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._compat import SUPPORTED_MODEL_TYPES
+from ..arch import modules_of
 from ..config import PatchConfig
 from ..modules.auto_checkpoint import AutoCheckpoint, static_storages
 from ..modules.checkpointing import nonreentrant_checkpoint, offload_checkpoint
@@ -64,7 +65,8 @@ def _apply_checkpointing(base: nn.Module, mode, state: ModelState, fused_layer: 
     self-recomputing op."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    # the table's decoder layers only: another tower's (Gemma 3's vision encoder) keeps transformers' own
+    layers = [m for m in modules_of(base, "layer") if isinstance(m, GradientCheckpointingLayer)]
     if mode is None:
         layers = [m for m in layers if m.gradient_checkpointing]
     if not layers:
