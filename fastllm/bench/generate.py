@@ -8,8 +8,8 @@ prompt for each batch size, bf16 autocast. Providers, the runs interleaved per b
 - ``hf+static``: the same with transformers' static cache (which compiles the forward where it can);
 - ``fastllm``: fastllm's defaults (decode graphs over a static cache; bitsandbytes' GEMV for one row, dequant +
   GEMM for batches, the LoRA terms grouped per input);
-- ``fastllm:gemv=on``: the same with fastllm's NF4 GEMV (the LoRA term fused, gate/up as one launch) for 1 to 64
-  rows (``ops.nf4_gemv.set_enabled(True)``, opt-in);
+- ``fastllm:gemv=on``: the same with fastllm's NF4 GEMV (the LoRA term fused, gate/up as one launch) for 1 to 8
+  rows (``ops.nf4_gemv.set_enabled(True)``, opt-in; more rows stay on dequant + GEMM);
 - ``fastllm:dense``: the same with ``ops.dense_decode`` (dense copies of the 4-bit weights for the length of each
   generate call: every step one cuBLAS GEMM over 2 bytes a weight; its peak shows their memory);
 - ``unsloth``: Unsloth's ``FastLanguageModel.for_inference`` on the same weights, in a child process.

@@ -25,7 +25,7 @@ import torch
 from .._compat import SUPPORTED_DTYPES, bnb, is_linear4bit
 from ..ops import dense_decode
 from ..ops.nf4 import NF4Args, nf4_args, nf4_linear, nf4_linear_args
-from ..ops.nf4_gemv import MAX_ROWS, gemv_enabled
+from ..ops.nf4_gemv import DECODE_ROWS, gemv_enabled
 
 __all__ = ["NF4Alias", "decode_rows", "nf4_linear4bit_compiled_forward", "nf4_linear4bit_forward",
            "nf4_linear_eligible", "prepare_nf4_call", "refresh_nf4_aliases"]
@@ -88,12 +88,12 @@ def goes_to_bnb_gemv(x: torch.Tensor, weight) -> bool:
 
 def decode_rows(x: torch.Tensor, weight) -> int:
     """The token rows of ``x`` when it is a decode step that a 4-bit GEMV serves (no grad, CUDA, a bnb
-    ``Params4bit`` weight; one row for bnb's GEMV, up to ``MAX_ROWS`` for fastllm's ``ops.nf4_gemv`` when it is
+    ``Params4bit`` weight; one row for bnb's GEMV, up to ``DECODE_ROWS`` for fastllm's ``ops.nf4_gemv`` when it is
     switched on), else 0."""
     if not x.is_cuda or (x.requires_grad and torch.is_grad_enabled()) or type(weight) is not bnb().nn.Params4bit:
         return 0
     rows = x.numel() // x.shape[-1]
-    if rows <= MAX_ROWS and gemv_enabled(x.device):
+    if rows <= DECODE_ROWS and gemv_enabled(x.device):
         return rows
     return rows if rows == 1 and not dense_decode.active() else 0  # dense copies: one GEMM, as for a batch
 

@@ -20,9 +20,13 @@ import torch.nn.functional as F
 from .._compat import Switch, pick_backend, triton_available
 from .nf4 import no_autocast, stacked_dequant
 
-__all__ = ["MAX_ROWS", "gemv_enabled", "gemv_ok", "nf4_glu_gemv", "nf4_gemv", "nf4_group_gemv", "set_enabled"]
+__all__ = ["DECODE_ROWS", "MAX_ROWS", "gemv_enabled", "gemv_ok", "nf4_glu_gemv", "nf4_gemv", "nf4_group_gemv",
+           "set_enabled"]
 
 MAX_ROWS = 64  # the kernels' largest M (``kernels.nf4_gemv.MAX_ROWS``; not imported: Triton may be absent)
+# the most token rows a decode step gives the GEMV when it is switched on: beyond, its tensor-core path measured 2-3x
+# slower than dequant + GEMM (docs/benchmarks.md, session 18), which then serves the step
+DECODE_ROWS = 8
 
 _SWITCH = Switch("FASTLLM_NF4_GEMV")
 
@@ -37,11 +41,11 @@ def gemv_enabled(device: torch.device) -> bool:
     return bool(_SWITCH) and device.type == "cuda" and triton_available()
 
 
-def gemv_ok(state: tuple, rows: int) -> bool:
+def gemv_ok(state: tuple, rows: int, max_rows: int = MAX_ROWS) -> bool:
     """The kernels take this weight (``state_args``) for ``rows`` token rows: K a multiple of the blocksize
-    and of 32, at most ``MAX_ROWS`` rows."""
+    and of 32, at most ``max_rows`` rows (decode steps: ``DECODE_ROWS``)."""
     k, bs = state[7][1], state[5]
-    return 1 <= rows <= MAX_ROWS and k % bs == 0 and k % 32 == 0
+    return 1 <= rows <= min(max_rows, MAX_ROWS) and k % bs == 0 and k % 32 == 0
 
 
 _KERNELS = None
