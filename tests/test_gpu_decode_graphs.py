@@ -32,12 +32,12 @@ def _generate(model, x, mask=None, **extra):
     return out.sequences, torch.stack(out.logits)
 
 
-def _reference(model, x, mask=None):
+def _reference(model, x, mask=None, **extra):
     """The same decode steps without graphs over the same kind of (static) cache, transformers' compile off."""
     graphs = decode_graphs_of(find_base(model))
     graphs.disabled, saved = "reference run", graphs.disabled
     try:
-        return _generate(model, x, mask)
+        return _generate(model, x, mask, **extra)
     finally:
         graphs.disabled = saved
 
@@ -204,3 +204,22 @@ def test_dense_decode_copies_match_and_free_their_memory(tiny_llama_i128_dir):
     assert torch.cuda.memory_allocated() <= before + (1 << 20)
     torch.testing.assert_close(dseq, seq, rtol=0, atol=0)
     torch.testing.assert_close(dlogits.float(), logits.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_gemma3_vision_prompt_is_graphed(tiny_arch_dir, image_batch):
+    """Gemma 3 4B+ (``gemma3``): an image prompt's prefill runs the vision tower; the decode steps replay graphs of the
+    language model (its embeddings and the per-layer-type mask mapping as graph inputs), with the same logits as the
+    same steps without graphs, and close to transformers eager."""
+    model = _model(tiny_arch_dir("gemma3"))
+    graphs = decode_graphs_of(find_base(model))
+    ids, types, pixels = image_batch(model, n=1)
+    extra = dict(token_type_ids=types, pixel_values=pixels.to(torch.bfloat16))
+    seq, logits = _generate(model, ids, **extra)
+    assert graphs.stats["captured"] == 1 and graphs.stats["replayed"] == NEW - 2, graphs.summary()
+    ref_seq, ref_logits = _reference(model, ids, **extra)
+    torch.testing.assert_close(seq, ref_seq, rtol=0, atol=0)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    with eager(model):
+        _, want = _generate(model, ids, **extra)
+    err = ((logits.float() - want.float()).norm() / want.float().norm()).item()
+    assert err < 2e-2, err
