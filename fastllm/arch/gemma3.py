@@ -6,8 +6,10 @@ sliding and global layers with their own RoPE tables (the model passes each laye
 The 4B, 12B and 27B checkpoints are ``gemma3``: Gemma3ForConditionalGeneration, the same text decoder
 (``model.language_model``) behind a SigLIP vision tower whose image features replace the image tokens' embeddings
 (with a bidirectional mask over each image's tokens). fastllm fine-tunes the language model: LoRA on its linears
-only, the vision tower and projector left in 16-bit and unpatched; images still pass through (``pixel_values``,
+only, the vision tower and projector left in 16-bit and frozen; images still pass through (``pixel_values``,
 ``token_type_ids``). Its forward applies no final-logit soft-cap."""
+
+import dataclasses
 
 from . import DECODER_LINEARS, Arch
 
@@ -26,17 +28,13 @@ GEMMA3 = Arch(
     logit_softcap=True,
 )
 
-GEMMA3_VISION = Arch(
+# the same decoder behind a vision tower: only what the causal LM, its LoRA targets and its loading change
+GEMMA3_VISION = dataclasses.replace(
+    GEMMA3,
     model_type="gemma3",
-    module="transformers.models.gemma3.modeling_gemma3",
     classes={**GEMMA3.classes, "causal_lm": "Gemma3ForConditionalGeneration"},
     # the language model's linears only (the vision tower's attention names its projections q/k/v_proj too)
     lora_targets=r".*\.language_model\..*\.(" + "|".join(DECODER_LINEARS) + ")",
-    qk_norm=True,
-    norm_offset=1.0,
-    activation="gelu_tanh",
-    sliding_window="module",
-    sandwich_norms=True,
-    embed_scale=True,
+    logit_softcap=False,
     keep_16bit=("model.vision_tower", "model.multi_modal_projector"),
 )
