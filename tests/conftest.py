@@ -115,6 +115,10 @@ TINY_ARCH_CONFIGS = {
     "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
     "qwen3": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
     # Gemma 3: layer 0 sliding (window 16), layer 1 global; its own scaling and RoPE base per layer type
+    # Gemma 2: Gemma 3's layer without q/k norms; attention logits soft-capped hard enough to matter on tiny weights
+    "gemma2": ("Gemma2Config", dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                                    query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh",
+                                    attn_logit_softcapping=0.5, final_logit_softcapping=3.0)),
     "gemma3_text": ("Gemma3TextConfig", dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"],
                                               query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh")),
 }

@@ -197,7 +197,7 @@ def test_hf_trainer_trains_each_architecture(tiny_arch_dir, tmp_path):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    for model_type in ("mistral", "qwen2", "qwen3", "gemma3_text", "gemma3"):
+    for model_type in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3"):
         model = _qlora(tiny_arch_dir(model_type))
         data = Dataset.from_dict({"input_ids": _ids(n=8, t=21).tolist()})
         data = data.map(lambda r: {"labels": r["input_ids"]})

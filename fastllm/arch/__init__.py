@@ -40,6 +40,7 @@ class Arch:
     sandwich_norms: bool = False      # norms after attention and around the MLP too (Gemma: four per layer)
     embed_scale: bool = False         # embeddings scaled by sqrt(hidden) (inside transformers' embedding module)
     logit_softcap: bool = False       # the config may soft-cap the final logits (the chunked loss applies it)
+    attn_softcap: bool = False        # the attention passes its ``attn_logit_softcapping`` on (Gemma 2)
     keep_16bit: tuple = ()            # submodule paths load_in_4bit leaves in 16-bit (a vision tower, its projector)
 
     def cls(self, role: str) -> type:
@@ -47,13 +48,14 @@ class Arch:
         return getattr(importlib.import_module(self.module), self.classes[role])
 
 
+from .gemma2 import GEMMA2  # noqa: E402
 from .gemma3 import GEMMA3, GEMMA3_VISION  # noqa: E402
 from .llama import LLAMA  # noqa: E402  (the entries import Arch from here)
 from .mistral import MISTRAL  # noqa: E402
 from .qwen2 import QWEN2  # noqa: E402
 from .qwen3 import QWEN3  # noqa: E402
 
-ARCHS: dict[str, Arch] = {a.model_type: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3, GEMMA3_VISION)}
+ARCHS: dict[str, Arch] = {a.model_type: a for a in (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3, GEMMA3_VISION)}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(ARCHS)
 
 

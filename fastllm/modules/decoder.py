@@ -132,18 +132,28 @@ def window_of(attn) -> int | None:
     return attn.sliding_window
 
 
-def attend_region(attn, q, k, v, mask, interface, dropout: float, window: int | None) -> torch.Tensor:
+def attend_kwargs(attn) -> dict:
+    """What the architecture's attention forward passes to the interface besides the scaling: its
+    ``sliding_window`` (``window_of``) and, where the table says so, its ``softcap`` (Gemma 2)."""
+    extra = {"sliding_window": window_of(attn)}
+    arch = arch_of_module(attn, "attention")
+    if arch is not None and arch.attn_softcap:
+        extra["softcap"] = attn.attn_logit_softcapping
+    return extra
+
+
+def attend_region(attn, q, k, v, mask, interface, dropout: float, extra: dict) -> torch.Tensor:
     """Attention through transformers' interface (SDPA or eager maths), then o_proj: -> (B, T, H).
-    ``window``: ``window_of(attn)``, passed on as the architecture's forward passes it."""
-    out, _ = interface(attn, q, k, v, mask, dropout=dropout, scaling=attn.scaling, sliding_window=window)
+    ``extra``: ``attend_kwargs(attn)``, passed on as the architecture's forward passes them."""
+    out, _ = interface(attn, q, k, v, mask, dropout=dropout, scaling=attn.scaling, **extra)
     out = out.reshape(*out.shape[:2], -1).contiguous()  # (B, T, nh * D)
     return attn.o_proj(out)
 
 
-def attention_region(attn, x, cos, sin, mask, interface, dropout: float, window: int | None) -> torch.Tensor:
+def attention_region(attn, x, cos, sin, mask, interface, dropout: float, extra: dict) -> torch.Tensor:
     """The whole attention block without a cache (training, no-cache inference): one graph."""
     q, k, v = qkv_region(attn, x, cos, sin)
-    return attend_region(attn, q, k, v, mask, interface, dropout, window)
+    return attend_region(attn, q, k, v, mask, interface, dropout, extra)
 
 
 # ---- compiling, once per model ------------------------------------------------------------------------
@@ -313,14 +323,14 @@ def make_attention_forward(regions: CompiledRegions):
             _seq_dynamic((hidden_states, 1), (cos, 1), (sin, 1), (mask, 2), (mask, 3))
             _refresh_nf4(self)
         if cache is None:
-            out = regions.attention(self, hidden_states, cos, sin, mask, interface, dropout, window_of(self))
+            out = regions.attention(self, hidden_states, cos, sin, mask, interface, dropout, attend_kwargs(self))
             return out, None
         q, k, v = regions.qkv(self, hidden_states, cos, sin)
         # The cache is a Python object that mutates: its update stays out of the compiled code.
         k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         if compiled:
             _seq_dynamic((k, 2), (v, 2))
-        return regions.attend(self, q, k, v, mask, interface, dropout, window_of(self)), None
+        return regions.attend(self, q, k, v, mask, interface, dropout, attend_kwargs(self)), None
 
     compiled_attention_forward._fastllm_compiled = "attention"
     return compiled_attention_forward
@@ -349,8 +359,8 @@ def attention_eligible(module) -> str | None:
         return f"{', '.join(has_norms)} on a {arch.model_type} attention, whose table entry has no q/k norm"
     if arch.sliding_window == "module" and not hasattr(module, "sliding_window"):
         return f"{arch.model_type} attention without its sliding_window attribute"
-    if getattr(module, "attn_logit_softcapping", None) is not None:
-        return "attention logit soft-capping, which fastllm's attention forward does not pass on"
+    if getattr(module, "attn_logit_softcapping", None) is not None and not arch.attn_softcap:
+        return "attention logit soft-capping, which the table entry does not list (it would not be passed on)"
     impl = getattr(module.config, "_attn_implementation", None)
     if impl not in COMPILED_ATTENTION:
         return f"attn_implementation {impl!r} is not one fastllm's attention forward runs (only {COMPILED_ATTENTION})"

@@ -24,7 +24,7 @@ from ..arch import arch_of_module
 from ..ops.lora import frozen_parts
 from ..ops.lora_layer import LayerParts, lora_decoder_layer
 from .checkpointing import OFFLOADER, nonreentrant_checkpoint
-from .decoder import attention_interface, needs_eager, qk_norms, window_of
+from .decoder import attend_kwargs, attention_interface, needs_eager, qk_norms
 from .lora import fused_parts, stacked_bias
 from .mlp import fast_mlp_forward
 from .rms_norm import fast_rms_norm_forward
@@ -46,9 +46,9 @@ def _norm_parts(norm) -> tuple:
     return (norm.weight, *norm.__dict__["_fastllm_rms"])
 
 
-def _attend(attn, interface, mask, window, q, k, v):
+def _attend(attn, interface, mask, extra, q, k, v):
     """transformers' attention call (as ``decoder.attend_region`` makes it), without dropout."""
-    return interface(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, sliding_window=window)[0]
+    return interface(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **extra)[0]
 
 
 def _module_hooks(module) -> bool:
@@ -141,7 +141,7 @@ def _plan(function, args, kwargs):
     frozen[2] = frozen[2]._replace(gelu=mlp.__dict__["_fastllm_mlp"][0])
     parts = LayerParts(_norm_parts(norm1), _norm_parts(norm2), *frozen,
                        (nq, nkv, d),
-                       functools.partial(_attend, attn, interface, kw.get("attention_mask"), window_of(attn)),
+                       functools.partial(_attend, attn, interface, kw.get("attention_mask"), attend_kwargs(attn)),
                        use_triton, tuple(map(_norm_parts, head_norms)) or None,
                        tuple(map(_norm_parts, sandwich)) or None)
     adapters = tuple(t for g in groups for (_, a, b, _) in g for t in (a, b))

@@ -169,13 +169,13 @@ def test_regions_explain_to_one_graph_each(tiny_dir):
     mask = torch.zeros(2, 1, 11, 11)
     calls = {"rms_norm": (decoder.rms_norm_region, (layer.input_layernorm.weight, x, 1e-5)),
              "mlp": (decoder.mlp_region, (mlp, x)),
-             "attention": (decoder.attention_region, (attn, x, cos, sin, mask, sdpa, 0.0, None)),
+             "attention": (decoder.attention_region, (attn, x, cos, sin, mask, sdpa, 0.0, {"sliding_window": None})),
              "qkv": (decoder.qkv_region, (attn, x, cos, sin))}
     for name, (fn, args) in calls.items():
         out = torch._dynamo.explain(fn)(*args)
         assert (out.graph_count, out.graph_break_count) == (1, 0), (name, out.break_reasons)
     q, k, v = decoder.qkv_region(attn, x, cos, sin)
-    out = torch._dynamo.explain(decoder.attend_region)(attn, q, k, v, mask, sdpa, 0.0, None)
+    out = torch._dynamo.explain(decoder.attend_region)(attn, q, k, v, mask, sdpa, 0.0, {"sliding_window": None})
     assert (out.graph_count, out.graph_break_count) == (1, 0), ("attend", out.break_reasons)
 
 
