@@ -47,12 +47,22 @@ SHAPES = {
     "gemma3-4b": dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, tie_word_embeddings=True,
                       vocab_size=262208, query_pre_attn_scalar=256, sliding_window=1024, rms_norm_eps=1e-6),
+    # Gemma 2 runs its eager attention (the soft-capped logits SDPA cannot compute), as transformers does
+    "gemma2-9b": dict(model_type="gemma2", hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=256, tie_word_embeddings=True,
+                      vocab_size=256000, query_pre_attn_scalar=256, sliding_window=4096, rms_norm_eps=1e-6,
+                      attn_logit_softcapping=50.0, final_logit_softcapping=30.0, attn_implementation="eager"),
     # CPU smoke shapes of the other architectures
     "tiny-qwen2": dict(model_type="qwen2", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, vocab_size=512),
     "tiny-qwen3": dict(model_type="qwen3", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
                        vocab_size=512),
+    "tiny-gemma2": dict(model_type="gemma2", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
+                        vocab_size=512, query_pre_attn_scalar=32, sliding_window=16, attn_logit_softcapping=5.0,
+                        final_logit_softcapping=3.0, attn_implementation="eager",
+                        layer_types=["sliding_attention", "full_attention"]),
     "tiny-gemma3": dict(model_type="gemma3_text", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
                         vocab_size=512, query_pre_attn_scalar=32, sliding_window=16,
@@ -71,8 +81,9 @@ def shape_config(shape: str):
     spec = dict(SHAPES[shape])
     model_type = spec.pop("model_type", "llama")
     defaults = _LLAMA3 if model_type == "llama" else {}
+    attn = spec.pop("attn_implementation", "sdpa")
     return AutoConfig.for_model(model_type, **{**defaults, **spec}, max_position_embeddings=8192,
-                                attn_implementation="sdpa")
+                                attn_implementation=attn)
 
 
 

@@ -59,7 +59,7 @@ def test_offload_provider_reaches_the_layers():
         assert all(a is autos[0] for a in autos) and autos[0].budget == budget
 
 
-@pytest.mark.parametrize("shape", ["tiny-qwen2", "tiny-qwen3", "tiny-gemma3"])
+@pytest.mark.parametrize("shape", ["tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3"])
 def test_other_architectures_build_and_agree(shape):
     """The Qwen shapes build as their own classes (Qwen2's q/k/v biases kept on the 4-bit linears) and the hf and
     fastllm providers agree on the loss."""
