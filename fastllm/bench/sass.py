@@ -4,9 +4,9 @@ Each configuration is compiled the way a launch compiles it (``kernels.nf4_gemv.
 ints a decode step passes as multiples of 16 marked divisible by 16, as Triton specialises them), disassembled
 with Triton's bundled ``nvdisasm``, and its K loop (the body of the backward branch) counted by instruction:
 per weight of the tile and per product (weight x token row). A decode GEMV at 1 to 8 rows is bound by issuing
-instructions, not by memory, when the loop needs more than a few instructions a weight (an H100 issues ~0.93 T
-warp instructions a second against ~3.35 TB/s: about 7 instructions a weight per thread cost as much time as
-reading its half byte), so this count predicts what a GPU run then measures; shared-memory traffic (``STS``,
+instructions, not by memory, when the loop needs more instructions a weight than the GPU can issue in the time
+it reads half a byte (its warp-instruction rate over its bandwidth; docs/benchmarks.md works it out for the H100),
+so this count predicts what a GPU run then measures; shared-memory traffic (``STS``,
 ``LDS``, ``BAR``) and shuffles (``SHFL``) inside the loop are layout conversions and reductions worth removing.
 Registers come from ``cuobjdump -res-usage``.
 

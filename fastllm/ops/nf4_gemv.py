@@ -8,7 +8,7 @@ under autocast. No autograd: these serve generation (grad mode off).
 
 Decode steps take it only when switched on (``set_enabled(True)``, or ``FASTLLM_NF4_GEMV=1`` in the environment,
 read at the first call). One row is level with bitsandbytes' GEMV with the LoRA term fused in, several rows are
-still slower than dequant + GEMM (docs/benchmarks.md, "Session 18"), so by default one-token steps take
+still slower than dequant + GEMM (docs/benchmarks.md), so by default one-token steps take
 bitsandbytes' own GEMV plus the rank-r terms and batched steps dequant + GEMM.
 """
 
@@ -24,8 +24,8 @@ __all__ = ["DECODE_ROWS", "MAX_ROWS", "gemv_enabled", "gemv_ok", "nf4_glu_gemv",
            "set_enabled"]
 
 MAX_ROWS = 64  # the kernels' largest M (``kernels.nf4_gemv.MAX_ROWS``; not imported: Triton may be absent)
-# the most token rows a decode step gives the GEMV when it is switched on: beyond, its tensor-core path measured 2-3x
-# slower than dequant + GEMM (docs/benchmarks.md, session 18), which then serves the step
+# the most token rows a decode step gives the GEMV when it is switched on: beyond, dequant + GEMM beats its
+# tensor-core path (docs/benchmarks.md) and serves the step
 DECODE_ROWS = 8
 
 _SWITCH = Switch("FASTLLM_NF4_GEMV")
