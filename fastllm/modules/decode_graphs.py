@@ -222,7 +222,7 @@ class _Graph:
         self.inputs = {p: _at(kwargs, p).clone() for p in self.paths}
         static = with_inputs(kwargs, self.inputs)
         self.graph = torch.cuda.CUDAGraph()
-        with _capture_autocast(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with _capture_autocast(), device_side_rolls(cache), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             out = run(**static)
         # Not the cache object itself: holding it would keep its KV tensors alive, so the next generate's new cache
         # could never get the same addresses back (and be replayed over without a new capture).
@@ -233,6 +233,47 @@ class _Graph:
             self.inputs[path].copy_(_at(kwargs, path))
         self.graph.replay()
         return _fresh(self.out, _CACHE, cache)
+
+
+def _static_window_update():
+    """transformers' ``StaticSlidingWindowLayer.update`` (None where that class is absent)."""
+    try:
+        from transformers.cache_utils import StaticSlidingWindowLayer
+    except ImportError:
+        return None
+    return StaticSlidingWindowLayer.update
+
+
+def rolled_update(layer, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    """``StaticSlidingWindowLayer.update`` for one token into a full window, as upstream computes it (roll the
+    window left by one, write the new key/value at the last slot, copy back into the static tensors), with the last
+    slot indexed by a slice: upstream indexes it with ``torch.tensor([-1], device=...)``, a host-to-device copy that a
+    CUDA graph capture refuses. Any other call is upstream's. Keys, values: (batch, kv_heads, window, head_dim)."""
+    if key_states.shape[-2] != 1 or layer.cumulative_length_int < layer.max_cache_len:
+        return type(layer).update(layer, key_states, value_states, *args, **kwargs)
+    layer.cumulative_length_int += 1
+    for cached, new in ((layer.keys, key_states), (layer.values, value_states)):
+        rolled = cached.roll(-1, dims=-2)
+        rolled[:, :, -1:] = new
+        cached.copy_(rolled)
+    return layer.keys, layer.values
+
+
+@contextlib.contextmanager
+def device_side_rolls(cache):
+    """For a capture: the cache's full sliding windows (transformers' own static layer class, whose update is
+    ``_static_window_update()``) update through ``rolled_update`` (an instance attribute, removed afterwards)."""
+    upstream = _static_window_update()
+    full = [layer for layer in host_counters(cache) if upstream is not None
+            and getattr(type(layer), "update", None) is upstream and "update" not in vars(layer)
+            and layer.cumulative_length_int >= layer.max_cache_len]
+    for layer in full:
+        layer.update = rolled_update.__get__(layer)
+    try:
+        yield
+    finally:
+        for layer in full:
+            del layer.update
 
 
 def _rng_snapshot():
@@ -362,6 +403,7 @@ class DecodeGraphs:
             self.disabled = f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
             self.graphs.clear()
             logger.warning("fastllm: decode_graphs off for this model, decode steps run eagerly: %s", self.disabled)
+            logger.debug("fastllm: the failed capture's traceback", exc_info=True)
             self.stats[f"eager: {self.disabled}"] += 1
             return None
         self.stats["captured"] += 1

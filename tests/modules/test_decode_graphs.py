@@ -780,3 +780,31 @@ def test_generate_wrapper_drops_its_graphs_with_the_dense_copies(model, bind, st
         decode_graphs._BY_MODEL.pop(inner, None)
     assert graphs.stats["captured"] == 2 and len(graphs.graphs) == 0 and dense_decode.buffers() == ()
     torch.testing.assert_close(out, kept, rtol=0, atol=0)
+
+
+def test_full_windows_roll_without_a_host_copy_during_a_capture():
+    """A full sliding window's one-token update inside a capture (``device_side_rolls``) leaves the same keys, values,
+    returns and host counter as transformers' own update, and the layer's own update is back afterwards."""
+    from types import SimpleNamespace
+
+    from transformers.cache_utils import StaticSlidingWindowLayer
+
+    torch.manual_seed(0)
+    ours, theirs = (StaticSlidingWindowLayer(max_cache_len=32, sliding_window=5) for _ in range(2))
+    prompt = torch.randn(2, 3, 7, 6), torch.randn(2, 3, 7, 6)  # a prefill longer than the window
+    for layer in (ours, theirs):
+        layer.update(*prompt)
+    cache = SimpleNamespace(layers=[ours])
+    for _ in range(4):
+        k, v = torch.randn(2, 3, 1, 6), torch.randn(2, 3, 1, 6)
+        with decode_graphs.device_side_rolls(cache):
+            assert "update" in vars(ours)
+            got = ours.update(k, v)
+        want = theirs.update(k, v)
+        assert "update" not in vars(ours) and ours.cumulative_length_int == theirs.cumulative_length_int
+        for a, b in zip(got + (ours.keys, ours.values), want + (theirs.keys, theirs.values)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    filling = StaticSlidingWindowLayer(max_cache_len=32, sliding_window=5)
+    filling.update(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
+    with decode_graphs.device_side_rolls(SimpleNamespace(layers=[filling])):
+        assert "update" not in vars(filling)  # not full: upstream's index_copy path captures as it is
