@@ -3,7 +3,7 @@
 #   device run: bash examples/decode_check.sh    (carry: [".whl"], with .whl/unsloth for the unsloth rows)
 # STEPS: tests (the GEMV kernels and ops, the adapter cast and LoRA-term kernels, decode-op, decode-graph and
 # auto-checkpointing GPU tests), sweep (the GEMV's tile
-# alternatives; the fastest are adopted for this run's fastllm:gemv=on rows), kernels (one 8B layer's GEMVs against bitsandbytes' and dequant + GEMM), generate (`fastllm bench
+# alternatives; the fastest are adopted for this run's fastllm rows), kernels (one 8B layer's GEMVs against bitsandbytes' and dequant + GEMM), generate (`fastllm bench
 # generate` at BATCHES), grpo (`fastllm bench grpo`: TRL GRPO steps, hf, fastllm and unsloth, GRPO_SHAPE, default 1b).
 # Output under $OUT.
 set -uo pipefail
@@ -24,7 +24,7 @@ batches=${BATCHES:-1,8,32}
 if [[ $steps != *generate* ]]; then batches=""; fi
 if [[ -n "$extra$batches" ]]; then
   timeout "${GENERATE_TIMEOUT:-300}" python -m fastllm.bench.generate --shapes "${SHAPES:-8b}" $extra \
-    --providers "${PROVIDERS:-fastllm,fastllm:gemv=on,fastllm:dense,hf,unsloth}" --batches "$batches" \
+    --providers "${PROVIDERS:-fastllm,fastllm:gemv=off,fastllm:dense,hf,unsloth}" --batches "$batches" \
     --new-tokens "${NEW_TOKENS:-256}" --runs "${RUNS:-3}" --out "$out/generate" 2>&1 | tail -60
 fi
 if [[ $steps == *grpo* ]]; then

@@ -19,18 +19,20 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @functools.cache
 class Switch:
-    """A process-wide opt-in: ``set(True)`` / ``set(False)``, or ``set(None)`` to follow the environment variable
-    ``env`` again (on unless unset, empty or ``0``), read once at the next use and kept (hot paths ask per call)."""
+    """A process-wide switch: ``set(True)`` / ``set(False)``, or ``set(None)`` to follow the environment variable
+    ``env`` again (``default`` while unset; off when empty or ``0``, else on), read once at the next use and kept
+    (hot paths ask per call)."""
 
-    def __init__(self, env: str):
-        self.env, self.value = env, None
+    def __init__(self, env: str, default: bool = False):
+        self.env, self.default, self.value = env, default, None
 
     def set(self, on: bool | None) -> None:
         self.value = on
 
     def __bool__(self) -> bool:
         if self.value is None:
-            self.value = os.environ.get(self.env, "0") not in ("", "0")
+            env = os.environ.get(self.env)
+            self.value = self.default if env is None else env not in ("", "0")
         return self.value
 
 

@@ -82,15 +82,21 @@ def test_batched_generation_equals_one_by_one(tiny_llama_i128_dir, gemv_on):
     _, logits2 = _generate(model, x)
     torch.testing.assert_close(logits2, logits, rtol=0, atol=0)
     for i in range(x.shape[0]):
-        # one row runs on the CUDA cores (W unrounded), a batch on the tensor cores (W rounded to bf16): greedy tokens
-        # agree until a step whose top two logits are closer than that rounding; logits agree up to there
+        # one row and a batch of four take different GEMV modes, whose sums round differently
         one, one_logits = _generate(model, x[i:i + 1])
-        new = one[0, x.shape[1]:] != seq[i, x.shape[1]:]
-        j = int(new.nonzero()[0]) if new.any() else new.numel()
-        if j < new.numel():
-            top2 = logits[i, j].float().topk(2).values
-            assert (top2[0] - top2[1]).item() < 4e-2, (j, top2)
-        torch.testing.assert_close(one_logits[0, :j + 1], logits[i, :j + 1], rtol=2e-2, atol=2e-2)
+        _agree_until_a_near_tie(one[0], one_logits[0], seq[i], logits[i], x.shape[1], 2e-2)
     set_enabled(False)  # the same steps with bnb's GEMV (one row) and dequant + GEMM (batched): close, not equal
-    _, ref = _generate(model, x)
-    torch.testing.assert_close(logits, ref, rtol=5e-2, atol=5e-2)
+    ref_seq, ref = _generate(model, x)
+    for i in range(x.shape[0]):
+        _agree_until_a_near_tie(ref_seq[i], ref[i], seq[i], logits[i], x.shape[1], 5e-2)
+
+
+def _agree_until_a_near_tie(seq, logits, want_seq, want, prompt, tol):
+    """Two greedy generations whose weights are rounded differently: their tokens agree until a step whose top two
+    logits are closer than that rounding, and their logits agree up to and including that step."""
+    new = seq[prompt:] != want_seq[prompt:]
+    j = int(new.nonzero()[0]) if new.any() else new.numel()
+    if j < new.numel():
+        top2 = want[j].float().topk(2).values
+        assert (top2[0] - top2[1]).item() < 2 * tol, (j, top2)
+    torch.testing.assert_close(logits[:j + 1], want[:j + 1], rtol=tol, atol=tol)

@@ -6,10 +6,10 @@ prompt for each batch size, bf16 autocast. Providers, the runs interleaved per b
 
 - ``hf``: transformers + PEFT + bitsandbytes as they come, dynamic cache;
 - ``hf+static``: the same with transformers' static cache (which compiles the forward where it can);
-- ``fastllm``: fastllm's defaults (decode graphs over a static cache; bitsandbytes' GEMV for one row, dequant +
-  GEMM for batches, the LoRA terms grouped per input);
-- ``fastllm:gemv=on``: the same with fastllm's NF4 GEMV (the LoRA term fused, gate/up as one launch) for 1 to 8
-  rows (``ops.nf4_gemv.set_enabled(True)``, opt-in; more rows stay on dequant + GEMM);
+- ``fastllm``: fastllm's defaults (decode graphs over a static cache; fastllm's NF4 GEMV for 1 to 8 rows, the LoRA
+  terms fused, q/k/v and gate/up one launch each; dequant + GEMM for more rows);
+- ``fastllm:gemv=off``: the same with the GEMV switched off (``ops.nf4_gemv.set_enabled(False)``): bitsandbytes'
+  GEMV for one row, dequant + GEMM for batches, the LoRA terms grouped per input;
 - ``fastllm:dense``: the same with ``ops.dense_decode`` (dense copies of the 4-bit weights for the length of each
   generate call: every step one cuBLAS GEMM over 2 bytes a weight; its peak shows their memory);
 - ``unsloth``: Unsloth's ``FastLanguageModel.for_inference`` on the same weights, in a child process.
@@ -32,7 +32,7 @@ from .common import copy_bandwidth_gbs, finish_figure, format_table, pick, stamp
 from .compile import build_qlora, infer_child, infer_once, infer_row, set_provider, sync_time
 from .models import SHAPES
 
-PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=on", "fastllm:dense", "unsloth")
+PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "fastllm:dense", "unsloth")
 
 
 def _select(model, provider: str) -> dict:
@@ -40,7 +40,7 @@ def _select(model, provider: str) -> dict:
     from ..ops import dense_decode
     from ..ops.nf4_gemv import set_enabled
 
-    set_enabled(True if provider == "fastllm:gemv=on" else None)
+    set_enabled(False if provider == "fastllm:gemv=off" else None)
     dense_decode.set_enabled(True if provider == "fastllm:dense" else None)
     set_provider(model, "fastllm" if provider.startswith("fastllm") else "eager")
     return {"cache_implementation": "static"} if provider == "hf+static" else {}
@@ -349,7 +349,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="fastllm bench generate", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench-out", help="directory for generate.jsonl and generate_<shape>.png")
     p.add_argument("--shapes", default="8b", help=f"comma-separated, from: {', '.join(sorted(SHAPES))}")
-    p.add_argument("--providers", default="hf,fastllm,fastllm:gemv=on,fastllm:dense,unsloth",
+    p.add_argument("--providers", default="hf,fastllm,fastllm:gemv=off,fastllm:dense,unsloth",
                    help=f"comma-separated, from: {', '.join(PROVIDERS)}")
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes ('' with --kernels / --sweep: none)")
     p.add_argument("--prompt", type=int, default=256)
@@ -384,7 +384,7 @@ def main(argv=None) -> int:
             cols = ["proj", "rows", "BLOCK_N", "BLOCK_K", "UNPACK", "STEPS", "num_warps", "num_stages", "us",
                     "limit_us", "of_limit"]
             print(format_table(list(best.values()), cols), flush=True)
-            tuned = adopt_best(srows)  # the generate rows below (fastllm:gemv=on) run with the winners
+            tuned = adopt_best(srows)  # the generate rows below (fastllm) run with the winners
             print(f"GEMV configs adopted for this run: {tuned}", flush=True)
             write_jsonl([{"bench": "generate-tuned", "shape": shape, **tuned}], jsonl)
         if args.kernels:

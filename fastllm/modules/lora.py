@@ -6,10 +6,10 @@ projection involved carries this patch and takes the fused path.
 Bound per instance by the patch registry. The fused path takes the common training case: one active
 plain-LoRA adapter (no DoRA or other variant, no LoRA bias, no dropout), not merged, adapters enabled,
 no per-call ``adapter_names``, eager (compiled regions trace PEFT's own forward, which inductor fuses),
-the LoRA branch in the base layer's compute dtype (autocast off or at that dtype). A no-grad CUDA call of one token
-row (a decode step) takes ``ops.lora.lora_decode`` instead: bnb's 4-bit GEMV plus the rank-r terms, one group of
-projections at a time; with fastllm's NF4 GEMV switched on (``ops.nf4_gemv``, opt-in), 1 to ``DECODE_ROWS`` (8)
-rows through it, the rank-r term fused, a gated MLP's gate/up and activation as one launch. Anything else runs
+the LoRA branch in the base layer's compute dtype (autocast off or at that dtype). A no-grad CUDA call of 1 to
+``DECODE_ROWS`` (8) token rows (a decode step) takes ``ops.lora.lora_decode`` instead, one group of projections at a
+time: fastllm's NF4 GEMV (``ops.nf4_gemv``) with the rank-r term fused, a gated MLP's gate/up and activation as one
+launch; with that GEMV switched off, one row through bnb's 4-bit GEMV plus the rank-r terms. Anything else runs
 PEFT's forward unchanged, so multiple adapters, ``disable_adapter()``, merging and mixed batches keep working.
 """
 

@@ -88,14 +88,14 @@ def goes_to_bnb_gemv(x: torch.Tensor, weight) -> bool:
 
 def decode_rows(x: torch.Tensor, weight) -> int:
     """The token rows of ``x`` when it is a decode step that a 4-bit GEMV serves (no grad, CUDA, a bnb
-    ``Params4bit`` weight; one row for bnb's GEMV, up to ``DECODE_ROWS`` for fastllm's ``ops.nf4_gemv`` when it is
-    switched on), else 0."""
+    ``Params4bit`` weight; up to ``DECODE_ROWS`` for fastllm's ``ops.nf4_gemv``, one row for bnb's GEMV where that is
+    switched off; neither while ``ops.dense_decode`` holds dense copies), else 0."""
     if not x.is_cuda or (x.requires_grad and torch.is_grad_enabled()) or type(weight) is not bnb().nn.Params4bit:
         return 0
     rows = x.numel() // x.shape[-1]
-    if rows <= DECODE_ROWS and gemv_enabled(x.device):
-        return rows
-    return rows if rows == 1 and not dense_decode.active() else 0  # dense copies: one GEMM, as for a batch
+    if dense_decode.active():  # dense copies: one GEMM, as for a batch
+        return 0
+    return rows if (rows <= DECODE_ROWS and gemv_enabled(x.device)) or rows == 1 else 0
 
 
 def nf4_linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,11 @@ dense copy, the LoRA term in the epilogue), elsewhere the torch fallback (dequan
 same roundings: the base output, the rank-r product, its scaling and the sum each rounded to x's dtype, as PEFT
 under autocast. No autograd: these serve generation (grad mode off).
 
-Decode steps take it only when switched on (``set_enabled(True)``, or ``FASTLLM_NF4_GEMV=1`` in the environment,
-read at the first call). One row is level with bitsandbytes' GEMV with the LoRA term fused in, several rows are
-still slower than dequant + GEMM (docs/benchmarks.md), so by default one-token steps take
-bitsandbytes' own GEMV plus the rank-r terms and batched steps dequant + GEMM.
+On CUDA, decode steps of up to ``DECODE_ROWS`` token rows take it unless switched off (``set_enabled(False)``, or
+``FASTLLM_NF4_GEMV=0`` in the environment, read at the first call): one row is level with bitsandbytes' GEMV with
+the LoRA terms fused in, a few rows read the weight once for all of them where bitsandbytes dequantizes it
+(docs/benchmarks.md). Switched off, one-token steps take bitsandbytes' own GEMV plus the rank-r terms and batched
+steps dequant + GEMM.
 """
 
 from __future__ import annotations
@@ -24,20 +25,20 @@ __all__ = ["DECODE_ROWS", "MAX_ROWS", "gemv_enabled", "gemv_ok", "nf4_glu_gemv",
            "set_enabled"]
 
 MAX_ROWS = 64  # the kernels' largest M (``kernels.nf4_gemv.MAX_ROWS``; not imported: Triton may be absent)
-# the most token rows a decode step gives the GEMV when it is switched on: beyond, dequant + GEMM beats its
+# the most token rows a decode step gives the GEMV: beyond, dequant + GEMM beats its
 # tensor-core path (docs/benchmarks.md) and serves the step
 DECODE_ROWS = 8
 
-_SWITCH = Switch("FASTLLM_NF4_GEMV")
+_SWITCH = Switch("FASTLLM_NF4_GEMV", default=True)
 
 
 def set_enabled(on: bool | None) -> None:
-    """Turn the Triton decode GEMV on or off for this process (None: read ``FASTLLM_NF4_GEMV`` again; default off)."""
+    """Turn the Triton decode GEMV on or off for this process (None: read ``FASTLLM_NF4_GEMV`` again; default on)."""
     _SWITCH.set(on)
 
 
 def gemv_enabled(device: torch.device) -> bool:
-    """The Triton GEMV serves decode steps on ``device``: CUDA, Triton importable, switched on."""
+    """The Triton GEMV serves decode steps on ``device``: CUDA, Triton importable, not switched off."""
     return bool(_SWITCH) and device.type == "cuda" and triton_available()
 
 

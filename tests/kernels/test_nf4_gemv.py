@@ -102,7 +102,7 @@ def test_gemv_limits():
         nf4_gemv(torch.randn(65, 96, device=DEVICE), packed, state, backend="triton")
 
 
-def test_decode_steps_take_it_only_when_switched_on(monkeypatch):
+def test_decode_steps_take_it_unless_switched_off(monkeypatch):
     from fastllm._compat import triton_available
     from fastllm.ops.nf4_gemv import gemv_enabled, set_enabled
 
@@ -110,11 +110,13 @@ def test_decode_steps_take_it_only_when_switched_on(monkeypatch):
     try:
         monkeypatch.delenv("FASTLLM_NF4_GEMV", raising=False)
         set_enabled(None)
-        assert not gemv_enabled(cuda)  # off by default
-        monkeypatch.setenv("FASTLLM_NF4_GEMV", "1")
-        set_enabled(None)  # the environment is read again
-        assert gemv_enabled(cuda) == triton_available()
+        assert gemv_enabled(cuda) == triton_available()  # on by default where Triton imports
         assert not gemv_enabled(torch.device("cpu"))  # never on the CPU: the torch fallback is no faster there
+        monkeypatch.setenv("FASTLLM_NF4_GEMV", "0")
+        set_enabled(None)  # the environment is read again
+        assert not gemv_enabled(cuda)
+        set_enabled(True)
+        assert gemv_enabled(cuda) == triton_available()
         set_enabled(False)
         assert not gemv_enabled(cuda)
     finally:
@@ -134,13 +136,14 @@ def test_pair_table_holds_both_values_of_each_byte():
     assert pair_table(code) is pairs  # made once per code tensor
 
 
-def test_gemv_config_picks_the_path_by_rows():
+@pytest.mark.parametrize("top", [1, 8])
+def test_gemv_config_picks_the_path_by_rows(top, monkeypatch):
     from fastllm.kernels.nf4_gemv import ROWS_CONFIG, gemv_config
 
-    top = ROWS_CONFIG["MAX_M"]
+    monkeypatch.setitem(ROWS_CONFIG, "MAX_M", top)  # 1: the CUDA cores' several-row mode off (the default)
     one, few, many = gemv_config(1, 4096, 64), gemv_config(top, 4096, 64), gemv_config(top + 1, 4096, 64)
     assert (one["DOT"], one["BLOCK_M"]) == (False, 1)
-    assert (few["DOT"], few["UNPACK"], few["BLOCK_M"]) == (False, 3, next_pow2(top))
+    assert (few["DOT"], few["UNPACK"], few["BLOCK_M"]) == (False, 3 if top > 1 else few["UNPACK"], next_pow2(top))
     assert many["DOT"] and many["BLOCK_M"] >= 16
     assert gemv_config(3, 4096, 64, {"DOT": True})["DOT"] and not gemv_config(40, 4096, 64, {"DOT": False})["DOT"]
     split = gemv_config(1, 14336, 64, {"BLOCK_K": 1024, "STEPS": 3})
