@@ -124,7 +124,7 @@ def test_replays_never_write_a_workspace_that_was_freed(tiny_llama_i128_dir, cha
     from fastllm.ops import nf4 as nf4_ops
     from fastllm.ops.nf4_gemv import set_enabled
 
-    set_enabled(False)  # (the default) batched steps dequantize; the NF4 GEMV, when on, reads no workspace
+    set_enabled(False)  # batched steps dequantize into the workspace with the GEMV off (the GEMV reads none)
     # A fresh buffer: the graphs of earlier tests' models (the workspace is shared by every model) hold theirs.
     gc.collect()
     nf4_ops.clear_workspaces()

@@ -222,7 +222,8 @@ class _Graph:
         self.inputs = {p: _at(kwargs, p).clone() for p in self.paths}
         static = with_inputs(kwargs, self.inputs)
         self.graph = torch.cuda.CUDAGraph()
-        with _capture_autocast(), device_side_rolls(cache), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        capture = torch.cuda.graph(self.graph, capture_error_mode="thread_local")
+        with _capture_autocast(), device_side_rolls(cache), capture:
             out = run(**static)
         # Not the cache object itself: holding it would keep its KV tensors alive, so the next generate's new cache
         # could never get the same addresses back (and be replayed over without a new capture).
