@@ -1,5 +1,5 @@
-"""Random-weight QLoRA models of real shapes (Llama 3, Qwen2.5, Qwen3, Mistral), built locally (no downloads), for
-benchmarks.
+"""Random-weight QLoRA models of real shapes (Llama 3, Qwen2.5, Qwen3, Mistral, Gemma 2 and 3), built locally (no
+downloads), for benchmarks.
 
 The decoder's seven linears become bitsandbytes ``Linear4bit`` (NF4, double quant, bf16 compute), exactly
 what ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` builds, without writing and
@@ -63,6 +63,19 @@ SHAPES = {
                         vocab_size=512, query_pre_attn_scalar=32, sliding_window=16, attn_logit_softcapping=5.0,
                         final_logit_softcapping=3.0, attn_implementation="eager",
                         layer_types=["sliding_attention", "full_attention"]),
+    # Gemma-3-4B as released (Gemma3ForConditionalGeneration): the text decoder above behind a SigLIP-so400m tower
+    # (left in bf16 and frozen, as fastllm's loader keeps it); the benchmarks train and generate on text
+    "gemma3-4b-vision": dict(model_type="gemma3", mm_tokens_per_image=256, text_config=dict(
+        hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=256, vocab_size=262208, query_pre_attn_scalar=256, sliding_window=1024, rms_norm_eps=1e-6),
+        vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                           image_size=896, patch_size=14)),
+    "tiny-gemma3-vision": dict(model_type="gemma3", mm_tokens_per_image=4, text_config=dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, vocab_size=512, query_pre_attn_scalar=32, sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8)),
     "tiny-gemma3": dict(model_type="gemma3_text", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=True,
                         vocab_size=512, query_pre_attn_scalar=32, sliding_window=16,
@@ -82,8 +95,27 @@ def shape_config(shape: str):
     model_type = spec.pop("model_type", "llama")
     defaults = _LLAMA3 if model_type == "llama" else {}
     attn = spec.pop("attn_implementation", "sdpa")
-    return AutoConfig.for_model(model_type, **{**defaults, **spec}, max_position_embeddings=8192,
-                                attn_implementation=attn)
+    if "text_config" in spec:  # a composite (vision + text) model: the positions belong to its text decoder
+        spec["text_config"] = {**spec["text_config"], "max_position_embeddings": 8192}
+    else:
+        spec["max_position_embeddings"] = 8192
+    return AutoConfig.for_model(model_type, **{**defaults, **spec}, attn_implementation=attn)
+
+
+def lora_targets(model):
+    """Every provider's LoRA targets: the table's defaults for the model (the 7 decoder linears; for a
+    vision-language model a regex on its language model's, as fastllm's ``get_peft_model`` picks)."""
+    from ..arch import arch_of
+
+    targets = arch_of(model.config.model_type).lora_targets
+    return targets if isinstance(targets, str) else list(targets)
+
+
+def decoder_layers(model) -> list:
+    """The decoder layers of a causal LM (a vision-language model's language model's, not its vision tower's)."""
+    from ..arch import modules_of
+
+    return modules_of(model, "layer") or list(model.model.layers)
 
 
 
@@ -105,7 +137,7 @@ def build_qlora_base(shape: str, device: str | torch.device, *, dtype=torch.bflo
         model = AutoModelForCausalLM.from_config(shape_config(shape), dtype=dtype)
     if not load_in_4bit:
         return model
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         _quantize_linears(layer, device, dtype)
     return _finish(model, device)
 
@@ -154,6 +186,8 @@ def _build_layerwise(shape: str, device: torch.device, dtype, seed: int):
     from ..arch import arch_of
 
     config = shape_config(shape)
+    if config.get_text_config() is not config:
+        raise ValueError(f"layerwise=True builds text-only shapes; {shape!r} has a vision tower: build it whole")
     std, offset = getattr(config, "initializer_range", 0.02), arch_of(config.model_type).norm_offset
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

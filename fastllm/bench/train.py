@@ -36,7 +36,7 @@ import time
 import torch
 
 from .common import bar_chart, format_table, stamp, write_jsonl
-from .models import LINEARS, build_qlora_base
+from .models import build_qlora_base, lora_targets
 
 PROVIDERS = ("hf", "liger", "unsloth", "fastllm")
 
@@ -101,7 +101,8 @@ def _prepare(provider: str, model, gc: bool):
 
         if gc:
             enable_hf_checkpointing(model)
-        cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(LINEARS), task_type="CAUSAL_LM")
+        cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=lora_targets(model),
+                         task_type="CAUSAL_LM")
         return get_peft_model(model, cfg), "bf16 residual stream, no prepare_model_for_kbit_training"
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -112,7 +113,7 @@ def _prepare(provider: str, model, gc: bool):
         getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}")(
             rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=model)
         note += " + liger"
-    cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(LINEARS), task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=lora_targets(model), task_type="CAUSAL_LM")
     return get_peft_model(model, cfg), note
 
 
@@ -216,7 +217,7 @@ def run_worker(provider: str, shape: str, *, steps: int, warmup: int, batch: int
     t0 = time.perf_counter()
     model, note = _build(provider, shape, dev, gc, seq)
     build_s = time.perf_counter() - t0
-    vocab = model.config.vocab_size
+    vocab = model.config.get_text_config().vocab_size
     x = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(dev)
     params = [p for p in model.parameters() if p.requires_grad]
     # HF Trainer's default optimizer (adamw_torch_fused); the same for every provider

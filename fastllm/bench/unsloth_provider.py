@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from .models import LINEARS, build_qlora_base
+from .models import build_qlora_base, lora_targets
 
 FINGERPRINT = "fastllm_fingerprint.json"
 
@@ -65,11 +65,15 @@ def save_checkpoint(shape: str, device: str, path: str) -> None:
     """Write build_qlora_base's model, pre-quantized, plus a tokenizer and its fingerprint, to ``path``."""
     from transformers import BitsAndBytesConfig
 
+    from ..arch import arch_of
+
     model = build_qlora_base(shape, torch.device(device))
-    # build_qlora_base swaps the linears by hand; this is what tells from_pretrained they are packed NF4
+    # build_qlora_base swaps the linears by hand; this is what tells from_pretrained they are packed NF4 (and which
+    # modules, a vision tower's, stay 16-bit)
     model.config.quantization_config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16)
+        bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=list(arch_of(model.config.model_type).keep_16bit)
+        or None)
     tmp = path + ".partial"  # renamed when complete, so a killed run never leaves a checkpoint to reuse
     model.save_pretrained(tmp)
     _tokenizer().save_pretrained(tmp)
@@ -120,7 +124,7 @@ def _build(shape: str, dev: torch.device, seq: int, gc: bool, stage: list):
     stage[0] = f"FastLanguageModel.get_peft_model ({same})"
     _say(stage[0])
     model = FastLanguageModel.get_peft_model(
-        model, r=16, lora_alpha=16, lora_dropout=0, bias="none", target_modules=list(LINEARS),
+        model, r=16, lora_alpha=16, lora_dropout=0, bias="none", target_modules=lora_targets(model),
         use_gradient_checkpointing="unsloth" if gc else False, random_state=0, max_seq_length=seq)
     import unsloth
 

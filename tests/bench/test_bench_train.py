@@ -101,3 +101,25 @@ def test_a_worker_past_its_timeout_is_an_error_row():
 
     row = spawn_command("timeit", ["-n", "1", "import time; time.sleep(30)"], "fastllm", timeout=1)
     assert row["error"].startswith("timed out after 1 s")
+
+
+def test_vision_language_shape_quantizes_and_adapts_its_language_model_only():
+    """``gemma3``'s shape (Gemma3ForConditionalGeneration): the language model's 7 linears a layer in NF4, the vision
+    tower and projector left in bf16; the hf provider's LoRA lands on the language model only (the table's regex,
+    the adapters fastllm puts there), and the hf and fastllm providers agree on the loss of a text batch."""
+    import bitsandbytes as bnb
+
+    from fastllm.bench.train import _prepare
+
+    model = build_qlora_base("tiny-gemma3-vision", "cpu")
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 7 and all(".language_model.layers." in n for n in quantized)
+    assert all(p.dtype == torch.bfloat16 for p in model.model.vision_tower.parameters())
+    peft_model, _ = _prepare("hf-bf16", model, False)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n}
+    assert len(adapted) == 2 * 7 and all(".language_model.layers." in n for n in adapted)
+    rows = [run_worker(p, "tiny-gemma3-vision", steps=2, warmup=1, batch=2, seq=32, device="cpu")
+            for p in ("hf", "fastllm")]
+    assert all(r["loss"] > 0 for r in rows)
+    torch.testing.assert_close(torch.tensor(rows[0]["loss"]), torch.tensor(rows[1]["loss"]), rtol=2e-2, atol=2e-2)
