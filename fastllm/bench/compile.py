@@ -76,7 +76,7 @@ def sync_time(fn) -> float:
 
 
 def measure_train(model, *, batch: int, seq: int, steps: int) -> dict:
-    vocab = model.config.vocab_size
+    vocab = model.config.get_text_config().vocab_size
     x = torch.randint(0, vocab, (batch, seq), device="cuda")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
@@ -100,7 +100,8 @@ def measure_train(model, *, batch: int, seq: int, steps: int) -> dict:
 
 def infer_inputs(model, prompt: int, new_tokens: int, batch: int = 1):
     # seeded on the host: the unsloth child process feeds the same prompts
-    x = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(2)).cuda()
+    vocab = model.config.get_text_config().vocab_size
+    x = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(2)).cuda()
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
     return x, gen
 

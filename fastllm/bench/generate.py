@@ -61,7 +61,7 @@ def step_bytes(model, batch: int, context: int) -> int:
         if p is emb or "base_layer" in name or isinstance(p, bnb.nn.Params4bit):
             continue
         total += p.numel() * p.element_size()
-    cfg = model.config
+    cfg = model.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2  # K and V, bf16, per token
     return total + batch * (emb.shape[1] * emb.element_size() + context * kv)

@@ -85,7 +85,7 @@ def measure(provider: str, shape: str, device: torch.device, *, prompts: int, ge
         from ..ops import dense_decode
 
         dense_decode.set_enabled(True)
-    tok = word_tokenizer(model.config.vocab_size)
+    tok = word_tokenizer(model.config.get_text_config().vocab_size)
     gen = torch.Generator().manual_seed(seed)
     rows = [{"prompt": " ".join(f"w{i}" for i in torch.randint(3, tok.vocab_size, (prompt,), generator=gen).tolist())}
             for _ in range(prompts * (warmup + steps))]

@@ -93,7 +93,7 @@ def teacher_forced(model, providers, *, prompt: int, steps: int, seed: int = 0,
 
     device = next(model.parameters()).device
     g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randint(0, model.config.vocab_size, (1, prompt), generator=g).to(device)
+    x = torch.randint(0, model.config.get_text_config().vocab_size, (1, prompt), generator=g).to(device)
     model.eval()
     unpatch(model)
     tokens, ref = _generate_logits(model, x, None, steps, False, autocast)
