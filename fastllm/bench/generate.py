@@ -10,6 +10,8 @@ prompt for each batch size, bf16 autocast. Providers, the runs interleaved per b
   terms fused, q/k/v and gate/up one launch each; dequant + GEMM for more rows);
 - ``fastllm:gemv=off``: the same with the GEMV switched off (``ops.nf4_gemv.set_enabled(False)``): bitsandbytes'
   GEMV for one row, dequant + GEMM for batches, the LoRA terms grouped per input;
+- ``fastllm:rows=N`` (16, 32, 64): the defaults with the GEMV taking decode steps of up to N rows
+  (``ops.nf4_gemv.set_decode_rows``), to time larger batches through it;
 - ``fastllm:dense``: the same with ``ops.dense_decode`` (dense copies of the 4-bit weights for the length of each
   generate call: every step one cuBLAS GEMM over 2 bytes a weight; its peak shows their memory);
 - ``unsloth``: Unsloth's ``FastLanguageModel.for_inference`` on the same weights, in a child process.
@@ -32,15 +34,17 @@ from .common import copy_bandwidth_gbs, finish_figure, format_table, pick, stamp
 from .compile import build_qlora, infer_child, infer_once, infer_row, set_provider, sync_time
 from .models import SHAPES
 
-PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "fastllm:dense", "unsloth")
+PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "fastllm:rows=16", "fastllm:rows=32", "fastllm:rows=64",
+             "fastllm:dense", "unsloth")
 
 
 def _select(model, provider: str) -> dict:
     """Patch or unpatch ``model`` for ``provider``; the generate kwargs it runs with."""
     from ..ops import dense_decode
-    from ..ops.nf4_gemv import set_enabled
+    from ..ops.nf4_gemv import set_decode_rows, set_enabled
 
     set_enabled(False if provider == "fastllm:gemv=off" else None)
+    set_decode_rows(int(provider.split("=")[1]) if provider.startswith("fastllm:rows=") else None)
     dense_decode.set_enabled(True if provider == "fastllm:dense" else None)
     set_provider(model, "fastllm" if provider.startswith("fastllm") else "eager")
     return {"cache_implementation": "static"} if provider == "hf+static" else {}

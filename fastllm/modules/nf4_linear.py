@@ -25,7 +25,8 @@ import torch
 from .._compat import SUPPORTED_DTYPES, bnb, is_linear4bit
 from ..ops import dense_decode
 from ..ops.nf4 import NF4Args, nf4_args, nf4_linear, nf4_linear_args
-from ..ops.nf4_gemv import DECODE_ROWS, gemv_enabled
+from ..ops.nf4_gemv import decode_rows as gemv_rows
+from ..ops.nf4_gemv import gemv_enabled
 
 __all__ = ["NF4Alias", "decode_rows", "nf4_linear4bit_compiled_forward", "nf4_linear4bit_forward",
            "nf4_linear_eligible", "prepare_nf4_call", "refresh_nf4_aliases"]
@@ -88,14 +89,14 @@ def goes_to_bnb_gemv(x: torch.Tensor, weight) -> bool:
 
 def decode_rows(x: torch.Tensor, weight) -> int:
     """The token rows of ``x`` when it is a decode step that a 4-bit GEMV serves (no grad, CUDA, a bnb
-    ``Params4bit`` weight; up to ``DECODE_ROWS`` for fastllm's ``ops.nf4_gemv``, one row for bnb's GEMV where that is
-    switched off; neither while ``ops.dense_decode`` holds dense copies), else 0."""
+    ``Params4bit`` weight; up to ``ops.nf4_gemv.decode_rows()`` for fastllm's ``ops.nf4_gemv``, one row for bnb's
+    GEMV where that is switched off; neither while ``ops.dense_decode`` holds dense copies), else 0."""
     if not x.is_cuda or (x.requires_grad and torch.is_grad_enabled()) or type(weight) is not bnb().nn.Params4bit:
         return 0
     rows = x.numel() // x.shape[-1]
     if dense_decode.active():  # dense copies: one GEMM, as for a batch
         return 0
-    return rows if (rows <= DECODE_ROWS and gemv_enabled(x.device)) or rows == 1 else 0
+    return rows if (rows <= gemv_rows() and gemv_enabled(x.device)) or rows == 1 else 0
 
 
 def nf4_linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:

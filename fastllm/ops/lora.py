@@ -28,7 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .._compat import pick_backend
 from .nf4 import bias_grad, bnb_gemv, bnb_gemv_ok, no_autocast, plain_tensor, stacked_dequant, state_args
-from .nf4_gemv import DECODE_ROWS, gemv_enabled, gemv_ok, nf4_gemv, nf4_glu_gemv, nf4_group_gemv
+from .nf4_gemv import decode_rows, gemv_enabled, gemv_ok, nf4_gemv, nf4_glu_gemv, nf4_group_gemv
 
 __all__ = ["LoRAFrozen", "LoRANF4Function", "adapter_views", "cast_adapters", "check_adapter", "decode_states",
            "frozen_parts", "lora_decode", "lora_decode_glu", "lora_group_backward", "lora_group_forward",
@@ -218,7 +218,7 @@ def decode_states(weights, rows: int = 1) -> tuple | None:
     states their ``(packed plain tensor, state_args)``: kind ``"gemv"`` when fastllm's Triton GEMV takes them all
     (``ops.nf4_gemv``), ``"bnb"`` for one row that bnb's 4-bit GEMV takes, else None."""
     states = tuple((plain_tensor(w), state_args(w.quant_state)) for w in weights)
-    if gemv_enabled(weights[0].device) and all(gemv_ok(st, rows, DECODE_ROWS) for _, st in states):
+    if gemv_enabled(weights[0].device) and all(gemv_ok(st, rows, decode_rows()) for _, st in states):
         return "gemv", states
     if rows == 1 and all(bnb_gemv_ok(packed, st[2], st[5], st[6], st[7]) for packed, st in states):
         return "bnb", states

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from .._compat import Switch, pick_backend, triton_available
 from .nf4 import no_autocast, stacked_dequant
 
-__all__ = ["DECODE_ROWS", "MAX_ROWS", "gemv_enabled", "gemv_ok", "nf4_glu_gemv", "nf4_gemv", "nf4_group_gemv",
-           "set_enabled"]
+__all__ = ["DECODE_ROWS", "MAX_ROWS", "decode_rows", "gemv_enabled", "gemv_ok", "nf4_glu_gemv", "nf4_gemv",
+           "nf4_group_gemv", "set_decode_rows", "set_enabled"]
 
 MAX_ROWS = 64  # the kernels' largest M (``kernels.nf4_gemv.MAX_ROWS``; not imported: Triton may be absent)
 # the most token rows a decode step gives the GEMV: beyond, dequant + GEMM beats its
@@ -30,11 +30,26 @@ MAX_ROWS = 64  # the kernels' largest M (``kernels.nf4_gemv.MAX_ROWS``; not impo
 DECODE_ROWS = 8
 
 _SWITCH = Switch("FASTLLM_NF4_GEMV", default=True)
+_ROWS = [DECODE_ROWS]
 
 
 def set_enabled(on: bool | None) -> None:
     """Turn the Triton decode GEMV on or off for this process (None: read ``FASTLLM_NF4_GEMV`` again; default on)."""
     _SWITCH.set(on)
+
+
+def set_decode_rows(rows: int | None) -> None:
+    """The most token rows a decode step gives the GEMV, for this process (None: ``DECODE_ROWS``); 1 to
+    ``MAX_ROWS``. Benchmarks move it to time larger batches through the GEMV."""
+    rows = DECODE_ROWS if rows is None else int(rows)
+    if not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"decode rows must be 1 to {MAX_ROWS} (the kernels' largest M), got {rows}")
+    _ROWS[0] = rows
+
+
+def decode_rows() -> int:
+    """The most token rows a decode step gives the GEMV (``set_decode_rows``)."""
+    return _ROWS[0]
 
 
 def gemv_enabled(device: torch.device) -> bool:
@@ -44,7 +59,7 @@ def gemv_enabled(device: torch.device) -> bool:
 
 def gemv_ok(state: tuple, rows: int, max_rows: int = MAX_ROWS) -> bool:
     """The kernels take this weight (``state_args``) for ``rows`` token rows: K a multiple of the blocksize
-    and of 32, at most ``max_rows`` rows (decode steps: ``DECODE_ROWS``)."""
+    and of 32, at most ``max_rows`` rows (decode steps: ``decode_rows()``)."""
     k, bs = state[7][1], state[5]
     return 1 <= rows <= min(max_rows, MAX_ROWS) and k % bs == 0 and k % 32 == 0
 

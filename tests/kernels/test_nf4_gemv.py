@@ -234,3 +234,18 @@ def test_group_gemv_declines_mixed_projections():
     (p3, s3, _) = quantized(16, 128, 64, True)
     assert nf4_group_gemv(x, [(p1, s1, torch.zeros(32, device=DEVICE), None), (p3, s3, None, None)],
                           backend="triton") is None
+
+
+def test_decode_rows_cap_moves_and_refuses_what_the_kernels_cannot_take():
+    from fastllm.ops.nf4_gemv import DECODE_ROWS, decode_rows, set_decode_rows
+
+    packed, state, _ = quantized(8, 96, 32, False)
+    try:
+        set_decode_rows(32)
+        assert decode_rows() == 32 and gemv_ok(state, 32, decode_rows()) and not gemv_ok(state, 33, decode_rows())
+        with pytest.raises(ValueError, match="1 to 64"):
+            set_decode_rows(65)
+        assert decode_rows() == 32  # a refused value changes nothing
+    finally:
+        set_decode_rows(None)
+    assert decode_rows() == DECODE_ROWS
