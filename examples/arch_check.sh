@@ -13,7 +13,7 @@ fi
 tag=$(python -c "import transformers; print(transformers.__version__.replace('.', ''))")
 python -c "import transformers, peft, torch, triton; print(transformers.__version__, peft.__version__, torch.__version__, triton.__version__)" | tee "$out/versions-$tag.txt"
 steps=${STEPS:-tests,train,infer}
-shapes=${SHAPES:-qwen2.5-7b,qwen3-8b,mistral-7b}
+shapes=${SHAPES:-gemma2-9b,gemma3-4b-vision}
 if [[ $steps == *tests* ]]; then
   # test_archs.py runs on the GPU as it is (the loader puts the models on CUDA: Triton kernels, decode graphs)
   timeout "${TEST_TIMEOUT:-240}" python -m pytest -q --tb=short tests/test_archs.py tests/test_gpu_decode_graphs.py \
