@@ -21,7 +21,7 @@ if [[ $steps == *tests* ]]; then
   tail -3 "$out/arch-tests-$tag.txt"
 fi
 if [[ $steps == *train* ]]; then
-  timeout "${TRAIN_TIMEOUT:-420}" python -m fastllm.bench.train --shapes "$shapes" --providers "${PROVIDERS:-hf,unsloth,fastllm}" \
+  timeout "${TRAIN_TIMEOUT:-420}" python -m fastllm.bench.train --shapes "$shapes" --providers "${PROVIDERS:-fastllm,hf,unsloth}" \
     --steps 5 --warmup 2 --timeout 300 --out "$out/train-$tag" 2>&1 | tail -14
 fi
 if [[ $steps == *infer* ]]; then
