@@ -42,16 +42,24 @@ def _reference(model, x, mask=None, **extra):
         graphs.disabled = saved
 
 
+def _graphed_as_reference(model, x, **extra):
+    """A fresh model's generate: one capture, the later steps replayed, tokens and logits equal to the same steps
+    without graphs (the same kernels on the same data). Returns its (sequences, logits)."""
+    graphs = decode_graphs_of(find_base(model))
+    seq, logits = _generate(model, x, **extra)
+    assert graphs.stats["captured"] == 1 and graphs.stats["replayed"] == NEW - 2, graphs.summary()
+    ref_seq, ref_logits = _reference(model, x, **extra)
+    torch.testing.assert_close(seq, ref_seq, rtol=0, atol=0)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    return seq, logits
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_replayed_steps_equal_eager_steps(tiny_llama_i128_dir, compile):
     model = _model(tiny_llama_i128_dir, compile=compile)
     graphs = decode_graphs_of(find_base(model))
     x = torch.randint(0, 320, (1, 13), device="cuda")
-    seq, logits = _generate(model, x)
-    assert graphs.stats["captured"] == 1 and graphs.stats["replayed"] == NEW - 2, graphs.summary()
-    ref_seq, ref_logits = _reference(model, x)
-    torch.testing.assert_close(seq, ref_seq, rtol=0, atol=0)
-    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)  # the same kernels on the same data
+    seq, logits = _graphed_as_reference(model, x)
     # A second generate call: a new cache object (maybe new tensors); the results stay the same.
     seq2, logits2 = _generate(model, x)
     torch.testing.assert_close(seq2, seq, rtol=0, atol=0)
@@ -211,14 +219,9 @@ def test_gemma3_vision_prompt_is_graphed(tiny_arch_dir, image_batch):
     language model (its embeddings and the per-layer-type mask mapping as graph inputs), with the same logits as the
     same steps without graphs, and close to transformers eager."""
     model = _model(tiny_arch_dir("gemma3"))
-    graphs = decode_graphs_of(find_base(model))
     ids, types, pixels = image_batch(model, n=1)
     extra = dict(token_type_ids=types, pixel_values=pixels.to(torch.bfloat16))
-    seq, logits = _generate(model, ids, **extra)
-    assert graphs.stats["captured"] == 1 and graphs.stats["replayed"] == NEW - 2, graphs.summary()
-    ref_seq, ref_logits = _reference(model, ids, **extra)
-    torch.testing.assert_close(seq, ref_seq, rtol=0, atol=0)
-    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    seq, logits = _graphed_as_reference(model, ids, **extra)
     with eager(model):
         want_seq, want = _generate(model, ids, **extra)
     # bf16 over a tiny random model: a step's logits differ from eager's by 1-5% (as much with every patch off), so
@@ -233,11 +236,4 @@ def test_gemma3_vision_prompt_is_graphed(tiny_arch_dir, image_batch):
 def test_prompts_past_the_sliding_window_are_graphed(tiny_arch_dir, model_type):
     """A prompt longer than the window (16 in the tiny configs): every decode step updates a full sliding-window
     layer (a roll), which captures once and replays; the logits equal the same steps without graphs."""
-    model = _model(tiny_arch_dir(model_type))
-    graphs = decode_graphs_of(find_base(model))
-    x = torch.randint(0, 320, (2, 21), device="cuda")
-    seq, logits = _generate(model, x)
-    assert graphs.stats["captured"] == 1 and graphs.stats["replayed"] == NEW - 2, graphs.summary()
-    ref_seq, ref_logits = _reference(model, x)
-    torch.testing.assert_close(seq, ref_seq, rtol=0, atol=0)
-    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=0)
+    _graphed_as_reference(_model(tiny_arch_dir(model_type)), torch.randint(0, 320, (2, 21), device="cuda"))
