@@ -50,23 +50,32 @@ def test_decode_states_refuse_what_the_gemv_cannot_take():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_gemv_kind_matches_dense_maths_for_several_rows(dtype, tol):
+@pytest.mark.parametrize("outs,with_bias,gelu", [((96, 96), False, False), ((96, 96), False, True),
+                                                 ((160, 32, 32), True, False)])
+def test_gemv_kind_matches_dense_maths_for_several_rows(dtype, tol, outs, with_bias, gelu):
     """States of kind "gemv" (fastllm's NF4 GEMV: here its torch fallback; tests/kernels/test_nf4_gemv.py runs the
-    kernel) for a batch of token rows; the gate/up pair as one call equal to SiLU(gate) * up of the group."""
-    k, outs, ranks = 128, (96, 96), (4, 6)
+    kernel) for a batch of token rows: a q/k/v-like group with biases (Qwen2), a gate/up pair as one call equal to
+    act(gate) * up of the group (SiLU, or Gemma's GELU-tanh)."""
+    k, ranks = 128, (4, 6, 2)
     weights = [_params4bit(n, k, i) for i, n in enumerate(outs)]
     adapters = [_adapter(n, k, r, 7 + i) for i, (n, r) in enumerate(zip(outs, ranks))]
-    parts = [(w, a, b, s) for w, (a, b), s in zip(weights, adapters, (0.5, 2.0))]
+    parts = [(w, a, b, s) for w, (a, b), s in zip(weights, adapters, (0.5, 2.0, 1.0))]
     _, states = decode_states(weights)  # (kind "bnb" on the CPU: one row); the same states serve the GEMV
-    x = torch.randn(5, 1, k, generator=torch.Generator().manual_seed(4)).to(dtype)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 1, k, generator=g).to(dtype)
+    biases = [torch.randn(n, generator=g).to(dtype) for n in outs] if with_bias else None
     with torch.no_grad():
-        ys = lora_decode(x, parts, ("gemv", states))
-        h = lora_decode_glu(x, parts, ("gemv", states))
-    for y, w, (a, b), (*_, s) in zip(ys, weights, adapters, parts):
+        ys = lora_decode(x, parts, ("gemv", states), biases)
+        h = lora_decode_glu(x, parts[:2], ("gemv", states[:2]), gelu) if len(outs) == 2 else None
+    for i, (y, w, (a, b), (*_, s)) in enumerate(zip(ys, weights, adapters, parts)):
         dense = dequantize_nf4(w.data, w.quant_state, backend="torch").float()
-        ref = x.float() @ dense.t() + s * (x.float() @ a.t()) @ b.t()
-        assert y.shape == (5, 1, 96) and y.dtype == dtype
+        ref = x.float() @ dense.t() + s * (x.float() @ a.t()) @ b.t() + (biases[i].float() if with_bias else 0)
+        assert y.shape == (5, 1, outs[i]) and y.dtype == dtype
         torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
-    torch.testing.assert_close(h, torch.nn.functional.silu(ys[0]) * ys[1], rtol=0, atol=0)
-    assert lora_decode_glu(x, parts, ("bnb", states)) is None  # bnb's GEMV has no fused pair
+    if h is not None:
+        act = (lambda t: torch.nn.functional.gelu(t, approximate="tanh")) if gelu else torch.nn.functional.silu
+        torch.testing.assert_close(h.float(), (act(ys[0].float()) * ys[1].float()), rtol=tol, atol=tol)
+        if not gelu:
+            torch.testing.assert_close(h, torch.nn.functional.silu(ys[0]) * ys[1], rtol=0, atol=0)
+    assert lora_decode_glu(x, parts[:2], ("bnb", states[:2])) is None  # bnb's GEMV has no fused pair
     assert decode_states(weights, 2) is None  # on the CPU: bnb's GEMV takes one row only
