@@ -3,11 +3,11 @@
 Each configuration is compiled the way a launch compiles it (``kernels.nf4_gemv.gemv_config``; pointers and the
 ints a decode step passes as multiples of 16 marked divisible by 16, as Triton specialises them), disassembled
 with Triton's bundled ``nvdisasm``, and its K loop (the body of the backward branch) counted by instruction:
-per weight of the tile and per product (weight x token row). A decode GEMV at 1 to 8 rows is bound by issuing
-instructions, not by memory, when the loop needs more instructions a weight than the GPU can issue in the time
-it reads half a byte (its warp-instruction rate over its bandwidth; docs/benchmarks.md works it out for the H100),
-so this count predicts what a GPU run then measures; shared-memory traffic (``STS``,
-``LDS``, ``BAR``) and shuffles (``SHFL``) inside the loop are layout conversions and reductions worth removing.
+per weight of the tile and per product (weight x token row). A loop that needs more instructions a weight than
+the GPU can issue in the time it reads half a byte is bound by issuing them; fewer instructions do not make it
+memory-bound by themselves (latency, occupancy and the load pattern decide that; docs/benchmarks.md has a mode
+with fewer instructions that measured slower), so the counts guide, a GPU run decides. Shared-memory traffic
+(``STS``, ``LDS``, ``BAR``) and shuffles (``SHFL``) inside the loop are layout conversions and reductions.
 Registers come from ``cuobjdump -res-usage``.
 
 Runs the compiler without the interpreter: with ``TRITON_INTERPRET=1`` set, it re-runs itself in a child
