@@ -18,10 +18,10 @@ quarter of the dense bf16 weight that dequant + GEMM writes and reads again). Th
 NF4 table and the per-block absmax (double quant decoded as ``code2[q] * absmax2 + offset``, two fp32 ops rounded as
 bitsandbytes does). Two ways to multiply:
 
-- 1 to ``ROWS_CONFIG["MAX_M"]`` rows (a decode step of a small batch): on the CUDA cores in fp32, W never rounded
-  to a 16-bit dtype (closer to the exact product than the dense path, within its rounding); the default mode reads
-  the packed weight as 32-bit words and keeps one accumulator per product, summed once after the K loop
-  (``_nf4_row_words``), each decoded weight serving every row;
+- one row, and up to ``ROWS_CONFIG["MAX_M"]`` rows: on the CUDA cores in fp32, W never rounded to a 16-bit dtype
+  (closer to the exact product than the dense path, within its rounding); one row reads the packed bytes by default,
+  the word mode (32-bit words, one accumulator per product summed once after the K loop, ``_nf4_row_words``, each
+  decoded weight serving every row) is the several-row mode and a one-row option;
 - more rows: on the tensor cores (``tl.dot``, tiles of at least 16 rows, the spare rows masked), each weight
   rounded once to x's dtype (equal to ``dequantize_4bit``'s, as the dense path uses it), fp32 accumulation.
 
