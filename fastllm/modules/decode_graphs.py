@@ -56,40 +56,12 @@ from torch import nn
 
 from ..ops import dense_decode
 from ..ops.nf4 import workspace_buffers, workspace_epoch
+from .static_cache import CACHE_KWARGS, cache_addresses, device_side_rolls, host_counters, static_cache_of
 
 logger = logging.getLogger("fastllm")
 
 MAX_GRAPHS = 4  # per model, least recently used dropped first (one per batch size / cache in use)
-_CACHE_KWARGS = ("cache", "past_key_values")  # transformers >= 5.2x / earlier 5.x
 _EAGER_FLAGS = ("output_attentions", "output_hidden_states")  # outputs a graph does not keep
-
-
-def static_cache_of(kwargs: dict):
-    """The cache passed (under either name) when it is a static one (compileable, not dynamic), else None."""
-    for name in _CACHE_KWARGS:
-        cache = kwargs.get(name)
-        if cache is not None:
-            return cache if getattr(cache, "is_compileable", False) and hasattr(cache, "layers") else None
-    return None
-
-
-def cache_addresses(cache) -> tuple | None:
-    """The data pointer, shape and dtype of every tensor the cache's layers hold, or None while a layer is not
-    allocated yet (static layers allocate at their first update, which must not happen inside a capture)."""
-    out = []
-    for layer in cache.layers:
-        if not getattr(layer, "is_initialized", True):
-            return None
-        out.extend((t.data_ptr(), t.shape, t.dtype) for t in vars(layer).values() if isinstance(t, torch.Tensor))
-    return tuple(out)
-
-
-def host_counters(cache) -> list:
-    """The cache layers whose update branches on a host-side length (transformers' sliding-window static layers keep
-    ``cumulative_length_int``: index_copy while the window fills, a roll once it is full; ``get_seq_length`` and the
-    masks read it too). A replay runs no Python, so ``DecodeGraphs`` advances these itself, and the keys carry
-    whether each window is full (which branch a graph captured)."""
-    return [layer for layer in cache.layers if isinstance(getattr(layer, "cumulative_length_int", None), int)]
 
 
 def why_not_graphable(model: nn.Module) -> str | None:
@@ -157,7 +129,7 @@ def why_eager(args: tuple, kwargs: dict) -> str | None:
     if any(kwargs.get(f) for f in _EAGER_FLAGS):
         return "attentions or hidden states asked for"
     for name, v in kwargs.items():
-        if not (v is None or isinstance(v, (torch.Tensor, bool, int, float, str)) or name in _CACHE_KWARGS
+        if not (v is None or isinstance(v, (torch.Tensor, bool, int, float, str)) or name in CACHE_KWARGS
                 or _is_mapping(v)):
             # a container's tensors would not be copied into the graph's inputs, and its id is no key
             return f"argument {name!r} of type {type(v).__name__}"
@@ -234,47 +206,6 @@ class _Graph:
             self.inputs[path].copy_(_at(kwargs, path))
         self.graph.replay()
         return _fresh(self.out, _CACHE, cache)
-
-
-def _static_window_update():
-    """transformers' ``StaticSlidingWindowLayer.update`` (None where that class is absent)."""
-    try:
-        from transformers.cache_utils import StaticSlidingWindowLayer
-    except ImportError:
-        return None
-    return StaticSlidingWindowLayer.update
-
-
-def rolled_update(layer, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-    """``StaticSlidingWindowLayer.update`` for one token into a full window, as upstream computes it (roll the
-    window left by one, write the new key/value at the last slot, copy back into the static tensors), with the last
-    slot indexed by a slice: upstream indexes it with ``torch.tensor([-1], device=...)``, a host-to-device copy that a
-    CUDA graph capture refuses. Any other call is upstream's. Keys, values: (batch, kv_heads, window, head_dim)."""
-    if key_states.shape[-2] != 1 or layer.cumulative_length_int < layer.max_cache_len:
-        return type(layer).update(layer, key_states, value_states, *args, **kwargs)
-    layer.cumulative_length_int += 1
-    for cached, new in ((layer.keys, key_states), (layer.values, value_states)):
-        rolled = cached.roll(-1, dims=-2)
-        rolled[:, :, -1:] = new
-        cached.copy_(rolled)
-    return layer.keys, layer.values
-
-
-@contextlib.contextmanager
-def device_side_rolls(cache):
-    """For a capture: the cache's full sliding windows (transformers' own static layer class, whose update is
-    ``_static_window_update()``) update through ``rolled_update`` (an instance attribute, removed afterwards)."""
-    upstream = _static_window_update()
-    full = [layer for layer in host_counters(cache) if upstream is not None
-            and getattr(type(layer), "update", None) is upstream and "update" not in vars(layer)
-            and layer.cumulative_length_int >= layer.max_cache_len]
-    for layer in full:
-        layer.update = rolled_update.__get__(layer)
-    try:
-        yield
-    finally:
-        for layer in full:
-            del layer.update
 
 
 def _rng_snapshot():

@@ -28,6 +28,7 @@ pytest.importorskip("peft")
 import fastllm  # noqa: E402
 from fastllm import FastLlama, PatchConfig, patch_report  # noqa: E402
 from fastllm.modules import decode_graphs  # noqa: E402
+from fastllm.modules import static_cache as caches  # noqa: E402
 from fastllm.modules.decode_graphs import (  # noqa: E402
     DecodeGraphs,
     make_graphed_forward,
@@ -80,7 +81,7 @@ class _Rerun:
     def replay(self, kwargs, cache):
         for path in self.paths:
             self.inputs[path].copy_(decode_graphs._at(kwargs, path))
-        counters = [(layer, layer.cumulative_length_int) for layer in decode_graphs.host_counters(self.cache)]
+        counters = [(layer, layer.cumulative_length_int) for layer in caches.host_counters(self.cache)]
         out = self.run(**self.static)
         for layer, value in counters:
             layer.cumulative_length_int = value
@@ -797,7 +798,7 @@ def test_full_windows_roll_without_a_host_copy_during_a_capture():
     cache = SimpleNamespace(layers=[ours])
     for _ in range(4):
         k, v = torch.randn(2, 3, 1, 6), torch.randn(2, 3, 1, 6)
-        with decode_graphs.device_side_rolls(cache):
+        with caches.device_side_rolls(cache):
             assert "update" in vars(ours)
             got = ours.update(k, v)
         want = theirs.update(k, v)
@@ -806,5 +807,5 @@ def test_full_windows_roll_without_a_host_copy_during_a_capture():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     filling = StaticSlidingWindowLayer(max_cache_len=32, sliding_window=5)
     filling.update(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
-    with decode_graphs.device_side_rolls(SimpleNamespace(layers=[filling])):
+    with caches.device_side_rolls(SimpleNamespace(layers=[filling])):
         assert "update" not in vars(filling)  # not full: upstream's index_copy path captures as it is
