@@ -79,3 +79,27 @@ def test_adopt_best_takes_the_fastest_config_that_ran_everywhere(monkeypatch):
     assert {k: chosen["dot"][k] for k in d} == d and kernels.DOT_CONFIG["BLOCK_N"] == 64
     assert {k: chosen["rows"][k] for k in e if k != "DOT"} == {k: v for k, v in e.items() if k != "DOT"}
     assert kernels.ROWS_CONFIG["MAX_M"] == chosen["rows"]["MAX_M"] == 8
+
+
+def test_providers_set_the_decode_switches_and_the_next_one_resets_them():
+    """Each provider's row runs under its own switches (the GEMV off, its row cap, dense copies), and the next
+    provider starts from the defaults again."""
+    from fastllm import FastLlama
+    from fastllm._compat import triton_available
+    from fastllm.bench.models import build_qlora_base
+    from fastllm.ops import dense_decode
+    from fastllm.ops.nf4_gemv import DECODE_ROWS, decode_rows, gemv_enabled
+
+    def gemv_on():
+        return gemv_enabled(torch.device("cuda"))
+
+    model = FastLlama.get_peft_model(build_qlora_base("tiny", "cpu"), r=4, lora_alpha=8)
+    try:
+        generate._select(model, "fastllm:rows=32")
+        assert decode_rows() == 32 and gemv_on() == triton_available()
+        generate._select(model, "fastllm:gemv=off")
+        assert decode_rows() == DECODE_ROWS and not gemv_on()
+        assert generate._select(model, "hf+static") == {"cache_implementation": "static"}
+        assert decode_rows() == DECODE_ROWS and gemv_on() == triton_available() and not dense_decode.enabled()
+    finally:
+        generate._select(model, "fastllm")
