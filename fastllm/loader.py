@@ -24,7 +24,7 @@ from ._compat import (
     enable_hf_checkpointing,
     hub_kernels_switch,
 )
-from .arch import arch_of
+from .arch import arch_of, peft_targets
 from .arch.llama import LLAMA
 from .checksums import sha256_file
 from .config import PatchConfig
@@ -320,8 +320,7 @@ class FastModel:
         lora_kwargs.setdefault("task_type", "CAUSAL_LM")
         lora_kwargs.setdefault("bias", "none")
         config = peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                 target_modules=list(target_modules) if not isinstance(target_modules, str)
-                                 else target_modules, **lora_kwargs)
+                                 target_modules=peft_targets(target_modules), **lora_kwargs)
         current = patch_config(base)
         if use_gradient_checkpointing == "offload" and current is None:
             raise ValueError("use_gradient_checkpointing='offload' needs a fastllm-patched model: load it with "

@@ -77,6 +77,11 @@ def arch_of(model_type: str | None) -> Arch:
     return ARCHS[model_type]
 
 
+def peft_targets(targets) -> list | str:
+    """LoRA target modules in the form peft's ``LoraConfig`` takes: a regex string as it is, names as a list."""
+    return targets if isinstance(targets, str) else list(targets)
+
+
 def modules_of(model, role: str) -> list:
     """``model``'s submodules of its table entry's ``role`` class (its ``config.model_type``'s), in order: e.g. the
     decoder layers, not a vision tower's; [] for a model outside the table."""

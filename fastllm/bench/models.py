@@ -105,17 +105,9 @@ def shape_config(shape: str):
 def lora_targets(model):
     """Every provider's LoRA targets: the table's defaults for the model (the 7 decoder linears; for a
     vision-language model a regex on its language model's, as fastllm's ``get_peft_model`` picks)."""
-    from ..arch import arch_of
+    from ..arch import arch_of, peft_targets
 
-    targets = arch_of(model.config.model_type).lora_targets
-    return targets if isinstance(targets, str) else list(targets)
-
-
-def decoder_layers(model) -> list:
-    """The decoder layers of a causal LM (a vision-language model's language model's, not its vision tower's)."""
-    from ..arch import modules_of
-
-    return modules_of(model, "layer") or list(model.model.layers)
+    return peft_targets(arch_of(model.config.model_type).lora_targets)
 
 
 
@@ -137,7 +129,9 @@ def build_qlora_base(shape: str, device: str | torch.device, *, dtype=torch.bflo
         model = AutoModelForCausalLM.from_config(shape_config(shape), dtype=dtype)
     if not load_in_4bit:
         return model
-    for layer in decoder_layers(model):
+    from ..arch import modules_of
+
+    for layer in modules_of(model, "layer"):  # a vision-language model's language model's, not its vision tower's
         _quantize_linears(layer, device, dtype)
     return _finish(model, device)
 

@@ -10,8 +10,8 @@ the LoRA branch in the base layer's compute dtype (autocast off or at that dtype
 ``ops.nf4_gemv.decode_rows()`` (8 by default) token rows (a decode step) takes ``ops.lora.lora_decode`` instead, one
 group of projections at a time: fastllm's NF4 GEMV (``ops.nf4_gemv``) with the rank-r term fused, a gated MLP's
 gate/up and activation as one launch; with that GEMV switched off, one row through bnb's 4-bit GEMV plus the rank-r
-terms. Anything else runs
-PEFT's forward unchanged, so multiple adapters, ``disable_adapter()``, merging and mixed batches keep working.
+terms. Anything else runs PEFT's forward unchanged, so multiple adapters, ``disable_adapter()``, merging and mixed
+batches keep working.
 """
 
 from __future__ import annotations
