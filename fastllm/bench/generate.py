@@ -6,11 +6,11 @@ prompt for each batch size, bf16 autocast. Providers, the runs interleaved per b
 
 - ``hf``: transformers + PEFT + bitsandbytes as they come, dynamic cache;
 - ``hf+static``: the same with transformers' static cache (which compiles the forward where it can);
-- ``fastllm``: fastllm's defaults (decode graphs over a static cache; fastllm's NF4 GEMV for 1 to 8 rows, the LoRA
+- ``fastllm``: fastllm's defaults (decode graphs over a static cache; fastllm's NF4 GEMV for 1 to 32 rows, the LoRA
   terms fused, q/k/v and gate/up one launch each; dequant + GEMM for more rows);
 - ``fastllm:gemv=off``: the same with the GEMV switched off (``ops.nf4_gemv.set_enabled(False)``): bitsandbytes'
   GEMV for one row, dequant + GEMM for batches, the LoRA terms grouped per input;
-- ``fastllm:rows=N`` (16, 32, 64): the defaults with the GEMV taking decode steps of up to N rows
+- ``fastllm:rows=N`` (8, 16, 64): the defaults with the GEMV taking decode steps of up to N rows
   (``ops.nf4_gemv.set_decode_rows``), to time larger batches through it;
 - ``fastllm:dense``: the same with ``ops.dense_decode`` (dense copies of the 4-bit weights for the length of each
   generate call: every step one cuBLAS GEMM over 2 bytes a weight; its peak shows their memory);
@@ -34,7 +34,7 @@ from .common import copy_bandwidth_gbs, finish_figure, format_table, pick, stamp
 from .compile import build_qlora, infer_child, infer_once, infer_row, set_provider, sync_time
 from .models import SHAPES
 
-PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "fastllm:rows=16", "fastllm:rows=32", "fastllm:rows=64",
+PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "fastllm:rows=8", "fastllm:rows=16", "fastllm:rows=64",
              "fastllm:dense", "unsloth")
 
 

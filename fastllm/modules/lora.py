@@ -7,7 +7,7 @@ Bound per instance by the patch registry. The fused path takes the common traini
 plain-LoRA adapter (no DoRA or other variant, no LoRA bias, no dropout), not merged, adapters enabled,
 no per-call ``adapter_names``, eager (compiled regions trace PEFT's own forward, which inductor fuses),
 the LoRA branch in the base layer's compute dtype (autocast off or at that dtype). A no-grad CUDA call of 1 to
-``ops.nf4_gemv.decode_rows()`` (8 by default) token rows (a decode step) takes ``ops.lora.lora_decode`` instead, one
+``ops.nf4_gemv.decode_rows()`` (32 by default) token rows (a decode step) takes ``ops.lora.lora_decode`` instead, one
 group of projections at a time: fastllm's NF4 GEMV (``ops.nf4_gemv``) with the rank-r term fused, a gated MLP's
 gate/up and activation as one launch; with that GEMV switched off, one row through bnb's 4-bit GEMV plus the rank-r
 terms. Anything else runs PEFT's forward unchanged, so multiple adapters, ``disable_adapter()``, merging and mixed

@@ -25,9 +25,9 @@ __all__ = ["DECODE_ROWS", "MAX_ROWS", "decode_rows", "gemv_enabled", "gemv_ok", 
            "nf4_group_gemv", "set_decode_rows", "set_enabled"]
 
 MAX_ROWS = 64  # the kernels' largest M (``kernels.nf4_gemv.MAX_ROWS``; not imported: Triton may be absent)
-# the most token rows a decode step gives the GEMV: beyond, dequant + GEMM beats its
-# tensor-core path (docs/benchmarks.md) and serves the step
-DECODE_ROWS = 8
+# the most token rows a decode step gives the GEMV: up to 32 its tensor-core path beats dequant + GEMM end to end
+# (docs/benchmarks.md); beyond, dequant + GEMM serves the step
+DECODE_ROWS = 32
 
 _SWITCH = Switch("FASTLLM_NF4_GEMV", default=True)
 _ROWS = [DECODE_ROWS]

@@ -95,8 +95,8 @@ def test_providers_set_the_decode_switches_and_the_next_one_resets_them():
 
     model = FastLlama.get_peft_model(build_qlora_base("tiny", "cpu"), r=4, lora_alpha=8)
     try:
-        generate._select(model, "fastllm:rows=32")
-        assert decode_rows() == 32 and gemv_on() == triton_available()
+        generate._select(model, "fastllm:rows=8")
+        assert decode_rows() == 8 and gemv_on() == triton_available()
         generate._select(model, "fastllm:gemv=off")
         assert decode_rows() == DECODE_ROWS and not gemv_on()
         assert generate._select(model, "hf+static") == {"cache_implementation": "static"}

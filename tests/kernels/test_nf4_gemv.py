@@ -241,11 +241,11 @@ def test_decode_rows_cap_moves_and_refuses_what_the_kernels_cannot_take():
 
     packed, state, _ = quantized(8, 96, 32, False)
     try:
-        set_decode_rows(32)
-        assert decode_rows() == 32 and gemv_ok(state, 32, decode_rows()) and not gemv_ok(state, 33, decode_rows())
+        set_decode_rows(16)
+        assert decode_rows() == 16 and gemv_ok(state, 16, decode_rows()) and not gemv_ok(state, 17, decode_rows())
         with pytest.raises(ValueError, match="1 to 64"):
             set_decode_rows(65)
-        assert decode_rows() == 32  # a refused value changes nothing
+        assert decode_rows() == 16  # a refused value changes nothing
     finally:
         set_decode_rows(None)
     assert decode_rows() == DECODE_ROWS
