@@ -11,7 +11,8 @@ after ``--warmup``. Providers, each in its own fresh process (some patch process
 - ``liger``: the same plus Liger-Kernel's patch for the architecture (rope, RMSNorm, SwiGLU, fused linear CE), if
   installed.
 - ``unsloth``: Unsloth's ``FastLanguageModel`` and its ``"unsloth"`` checkpointing on the same weights (see
-  ``unsloth_provider``), when ``$UNSLOTH_SITE`` holds it (``examples/unsloth_env.sh``).
+  ``unsloth_provider``), when ``$UNSLOTH_SITE`` holds it (``examples/unsloth_env.sh``); ``unsloth:compile=0``
+  with its torch.compile off (``UNSLOTH_COMPILE_DISABLE=1``).
 - ``fastllm``: ``fastllm.patch`` + ``FastLlama.get_peft_model`` as a user gets them (no fp32 upcasts, checkpointing
   ``"auto"`` under the device's budget); ``fastllm:opt=0,...`` runs an ablation with those PatchConfig options
   (``0``/``1``/``none``/a number): ``fastllm:gradient_checkpointing=1`` recomputes every layer,
@@ -76,10 +77,10 @@ def _number(text: str):
 
 def _build(provider: str, shape: str, dev: torch.device, gc: bool, seq: int):
     """The provider's trainable model and a note on its setup: build_qlora_base, then its recipe."""
-    if provider == "unsloth":  # loads the same weights through Unsloth's own loader
+    if provider in ("unsloth", "unsloth:compile=0"):  # the same weights through Unsloth's own loader
         from .unsloth_provider import build
 
-        return build(shape, dev, seq, gc)
+        return build(shape, dev, seq, gc, compile=provider == "unsloth")
     return _prepare(provider, build_qlora_base(shape, dev), gc)
 
 
@@ -273,7 +274,7 @@ def unavailable(provider: str) -> str | None:
 
     if provider == "liger" and importlib.util.find_spec("liger_kernel") is None:
         return "liger_kernel not installed"
-    if provider == "unsloth":
+    if provider.startswith("unsloth"):
         site = os.environ.get("UNSLOTH_SITE")
         if not site:
             return "UNSLOTH_SITE not set (source examples/unsloth_env.sh)"
@@ -287,7 +288,7 @@ def spawn_command(module: str, args: list[str], provider: str, *, timeout: float
     when it runs past ``timeout`` seconds).
     The unsloth provider gets its own site first on the path: Unsloth pins trl<=1.15, older than the one here."""
     env = dict(os.environ)
-    if provider == "unsloth":
+    if provider.startswith("unsloth"):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
     try:
         proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
@@ -352,9 +353,9 @@ def main(argv=None) -> int:
                                                       "error")}), flush=True)
     for shape in args.shapes.split(","):
         base = next((r for r in rows if r["shape"] == shape and r["provider"] == "hf" and "error" not in r), None)
-        # liger and unsloth numbers as further baselines
-        peers = {name: next((r for r in rows if r["shape"] == shape and r["provider"] == name and "error" not in r),
-                            None) for name in ("liger", "unsloth")}
+        # liger and unsloth numbers (the first of unsloth's rows that ran) as further baselines
+        peers = {name: next((r for r in rows if r["shape"] == shape and r["provider"].partition(":")[0] == name
+                             and "error" not in r), None) for name in ("liger", "unsloth")}
         for r in rows:
             if r["shape"] == shape and base and "error" not in r:
                 r["speedup_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]

@@ -35,18 +35,23 @@ def checkpoint_dir(shape: str) -> str:
 
 
 def fingerprint(model) -> dict:
-    """Exact integer sums of the packed NF4 bytes, their absmax and the input embedding's bf16 bits."""
+    """Exact integer sums of the packed NF4 bytes, their absmax and the input embedding's bf16 bits; 4-bit linears
+    holding a plain (unquantized) weight are counted apart, so a loader that leaves some unpacked shows as a
+    difference rather than a crash."""
     import bitsandbytes as bnb
 
-    packed = absmax = n = 0
+    packed = absmax = n = unpacked = 0
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
-            qs = m.weight.quant_state
+            qs = getattr(m.weight, "quant_state", None)
+            if qs is None:
+                unpacked += 1
+                continue
             packed += int(m.weight.data.view(torch.uint8).to(torch.int64).sum())
             absmax += int(qs.absmax.view(torch.uint8).to(torch.int64).sum())  # uint8 under double quant
             n += 1
     emb = model.get_input_embeddings().weight.data
-    return {"nf4_linears": n, "packed": packed, "absmax": absmax,
+    return {"nf4_linears": n, "unpacked_4bit_linears": unpacked, "packed": packed, "absmax": absmax,
             "embed": int(emb.view(torch.int16).to(torch.int64).sum()), "vocab": emb.shape[0]}
 
 
@@ -96,9 +101,13 @@ def _ensure_checkpoint(shape: str, dev: torch.device) -> str:
     return path
 
 
-def build(shape: str, dev: torch.device, seq: int, gc: bool = True):
-    """Unsloth's FastLanguageModel + LoRA (r=16 on the 7 linears), as ``train._prepare`` returns: (model, note)."""
+def build(shape: str, dev: torch.device, seq: int, gc: bool = True, compile: bool = True):
+    """Unsloth's FastLanguageModel + LoRA (r=16 on the 7 linears), as ``train._prepare`` returns: (model, note).
+    ``compile=False`` (provider ``unsloth:compile=0``) sets ``UNSLOTH_COMPILE_DISABLE=1`` before Unsloth is
+    imported: its eager path, for shapes where its torch.compile'd one fails."""
     stage = ["saving the checkpoint"]
+    if not compile:
+        os.environ["UNSLOTH_COMPILE_DISABLE"] = "1"
     try:
         return _build(shape, dev, seq, gc, stage)
     except Exception as e:  # the row's error keeps the last stderr lines: name the stage there
@@ -119,6 +128,7 @@ def _build(shape: str, dev: torch.device, seq: int, gc: bool, stage: list):
         offload_embedding=False)  # keep the embedding on the GPU, as every other provider does
     with open(os.path.join(path, FINGERPRINT)) as f:
         saved = json.load(f)
+    stage[0] = "fingerprinting the loaded weights"
     loaded = fingerprint(model)
     same = "same weights as the fastllm build" if loaded == saved else f"WEIGHTS DIFFER: {saved} vs {loaded}"
     stage[0] = f"FastLanguageModel.get_peft_model ({same})"
@@ -129,7 +139,8 @@ def _build(shape: str, dev: torch.device, seq: int, gc: bool, stage: list):
     import unsloth
 
     _say("timing")
-    return model, f"unsloth {unsloth.__version__} FastLanguageModel, checkpointing 'unsloth'; {same}"
+    compiled = "" if os.environ.get("UNSLOTH_COMPILE_DISABLE") != "1" else ", UNSLOTH_COMPILE_DISABLE=1"
+    return model, f"unsloth {unsloth.__version__} FastLanguageModel, checkpointing 'unsloth'{compiled}; {same}"
 
 
 if __name__ == "__main__":  # python -m fastllm.bench.unsloth_provider SHAPE DEVICE PATH

@@ -123,3 +123,25 @@ def test_vision_language_shape_quantizes_and_adapts_its_language_model_only():
             for p in ("hf", "fastllm")]
     assert all(r["loss"] > 0 for r in rows)
     torch.testing.assert_close(torch.tensor(rows[0]["loss"]), torch.tensor(rows[1]["loss"]), rtol=2e-2, atol=2e-2)
+
+
+def test_unsloth_fingerprint_counts_unpacked_4bit_linears_apart():
+    """A loader that leaves a 4-bit linear unquantized (a plain weight, no quant_state) shows as a difference in
+    the fingerprint, not as a crash of the provider."""
+    from fastllm.bench.unsloth_provider import fingerprint
+
+    model = build_qlora_base("tiny", "cpu")
+    before = fingerprint(model)
+    assert before["nf4_linears"] == 14 and before["unpacked_4bit_linears"] == 0
+    proj = model.model.layers[0].self_attn.q_proj
+    proj.weight = torch.nn.Parameter(torch.zeros(proj.out_features, proj.in_features), requires_grad=False)
+    after = fingerprint(model)
+    assert after["nf4_linears"] == 13 and after["unpacked_4bit_linears"] == 1 and after != before
+
+
+def test_unsloth_variants_need_its_site(monkeypatch):
+    from fastllm.bench.train import unavailable
+
+    monkeypatch.delenv("UNSLOTH_SITE", raising=False)
+    for provider in ("unsloth", "unsloth:compile=0"):
+        assert "UNSLOTH_SITE not set" in unavailable(provider)
