@@ -71,16 +71,31 @@ def step_bytes(model, batch: int, context: int) -> int:
     return total + batch * (emb.shape[1] * emb.element_size() + context * kv)
 
 
-def _profile(model, x, kw, path: str) -> None:
-    """One generate under torch.profiler: the kernels by device time (graph replays' kernels included) to ``path``."""
+def _profiled(model, x, kw):
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             model.generate(input_ids=x, **kw)
         torch.cuda.synchronize()
+    return prof
+
+
+def _profile(model, x, kw, path: str) -> list[dict]:
+    """Two generates under torch.profiler, of ``kw``'s new tokens and of one: to ``path`` the long one's kernels by
+    device time (graph replays' kernels included) and, from the difference, one decode step's device time by kernel
+    group (``kernel_groups.step_groups``: the prefill taken out); returns those rows."""
+    from .kernel_groups import group_times, profiled_kernels, step_groups
+
+    n = kw["max_new_tokens"]
+    prof = _profiled(model, x, kw)
+    short = _profiled(model, x, {**kw, "max_new_tokens": 1, "min_new_tokens": 1})
+    rows = step_groups(group_times(profiled_kernels(prof)), group_times(profiled_kernels(short)), n)
     with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=50))
+        f.write(f"one decode step's kernels by group ({n} new tokens less 1, over {n - 1} steps):\n")
+        f.write(format_table(rows, ["group", "us_per_step", "calls_per_step", "share"]) + "\n\n")
+        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60))
+    return rows
 
 
 def measure(model, providers, *, batch: int, prompt: int, new_tokens: int, runs: int, bandwidth: float,
@@ -105,8 +120,10 @@ def measure(model, providers, *, batch: int, prompt: int, new_tokens: int, runs:
             torch.cuda.reset_peak_memory_stats()
             samples[p].append(infer_once(model, x, kw))
             peaks[p] = max(peaks.get(p, 0.0), torch.cuda.max_memory_allocated() / (1 << 30))
-    for p in providers if profile else ():
-        _profile(model, x, {**gen, **_select(model, p)}, f"{profile}_{p.replace(':', '-')}_b{batch}.txt")
+    for p in providers if profile and new_tokens > 1 else ():
+        groups = _profile(model, x, {**gen, **_select(model, p)}, f"{profile}_{p.replace(':', '-')}_b{batch}.txt")
+        print(f"{p}, batch {batch}: one decode step's kernels by group", flush=True)
+        print(format_table(groups, ["group", "us_per_step", "calls_per_step", "share"]), flush=True)
     _select(model, "hf")
     limit_ms = step_bytes(model, batch, prompt + new_tokens // 2) / (bandwidth * 1e9) * 1e3
     rows = []
@@ -363,7 +380,8 @@ def main(argv=None) -> int:
     p.add_argument("--sweep", action="store_true", help="also time the GEMV's tile alternatives (q and down)")
     p.add_argument("--sweep-rows", default="1,8,32", help="the row counts --sweep times")
     p.add_argument("--profile", action="store_true",
-                   help="also write each local provider's kernels (torch.profiler, one generate) to --out")
+                   help="also profile each local provider: one decode step's kernel time by group, and the kernels "
+                        "of one generate, to --out")
     args = p.parse_args(argv)
     providers = pick(p, args.providers, PROVIDERS, "provider")
     shapes = pick(p, args.shapes, sorted(SHAPES), "shape")
