@@ -3,7 +3,8 @@
 #   device run: bash examples/decode_check.sh    (carry: [".whl"], with .whl/unsloth for the unsloth rows)
 # STEPS: tests (the GEMV kernels and ops, the adapter cast and LoRA-term kernels, decode-op, decode-graph and
 # auto-checkpointing GPU tests), sweep (the GEMV's tile
-# alternatives; the fastest are adopted for this run's fastllm rows), kernels (one 8B layer's GEMVs against bitsandbytes' and dequant + GEMM), generate (`fastllm bench
+# alternatives; the fastest are adopted for this run's fastllm rows), profile (with generate: one decode step's device
+# time by kernel group, per provider and batch), kernels (one 8B layer's GEMVs against bitsandbytes' and dequant + GEMM), generate (`fastllm bench
 # generate` at BATCHES), grpo (`fastllm bench grpo`: TRL GRPO steps, hf, fastllm and unsloth, GRPO_SHAPE, default 1b).
 # Output under $OUT.
 set -uo pipefail
@@ -20,6 +21,7 @@ fi
 extra=""
 if [[ $steps == *sweep* ]]; then extra="$extra --sweep"; fi
 if [[ $steps == *kernels* ]]; then extra="$extra --kernels"; fi
+if [[ $steps == *profile* ]]; then extra="$extra --profile"; fi
 batches=${BATCHES:-1,8,32}
 if [[ $steps != *generate* ]]; then batches=""; fi
 if [[ -n "$extra$batches" ]]; then
