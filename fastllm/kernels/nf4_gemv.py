@@ -79,10 +79,13 @@ def _nf4_row(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, M, N
     (BLOCK_N, NB, CHUNK), each element shifting its own nibble out of its byte (each byte loaded twice, from the
     same cache line) against contiguous x; 2: each byte once, both its values from one 64-bit load of the pair
     table (``CODE`` is then ``pair_table(code)``), x read contiguously and split into even and odd elements;
-    3: ``_nf4_row_words``."""
+    3: ``_nf4_row_words``; 4: ``_nf4_row_lanes``."""
     if UNPACK == 3:  # one return (see _absmax)
         acc = _nf4_row_words(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, M, N, K, k_lo, k_hi,
                              BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
+    elif UNPACK == 4:
+        acc = _nf4_row_lanes(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi, BLOCKSIZE,
+                             BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K, CHUNK)[None, :]
     else:
         acc = _nf4_row_bytes(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi, BLOCKSIZE,
                              BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K, CHUNK, UNPACK)[None, :]
@@ -134,6 +137,34 @@ def _nf4_row_words(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn
 
 
 @triton.jit
+def _nf4_row_lanes(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi,
+                   BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+    """``_nf4_row`` over bytes as ``UNPACK`` 0 reads them, with no reduction inside the K loop: each byte's pair
+    ``code[hi] x[2b] + code[lo] x[2b + 1]``, times its block's absmax, goes into its own fp32 lane of a
+    (BLOCK_N, NB, HB) accumulator, summed across the tile once after the last step (``UNPACK`` 0 sums the tile
+    every step: cross-thread shuffles per step and row). One FMUL more a byte; the summation order differs from
+    ``UNPACK`` 0's, within fp32 rounding."""
+    HB: tl.constexpr = CHUNK // 2        # bytes of one block chunk
+    NB: tl.constexpr = BLOCK_K // CHUNK  # block chunks per row per step
+    n_ok = rn < N
+    row_bytes = (rn.to(tl.int64) * (K // 2))[:, None, None]  # (BLOCK_N, 1, 1)
+    row_blocks = (rn * (K // BLOCKSIZE))[:, None]             # (BLOCK_N, 1)
+    chunk = tl.arange(0, NB)
+    byte = chunk[:, None] * HB + tl.arange(0, HB)[None, :]   # (NB, HB) byte offsets within a step
+    acc = tl.zeros((BLOCK_N, NB, HB), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        bb = k0 // 2 + byte
+        q = tl.load(PACKED + row_bytes + bb[None, :, :], mask=n_ok[:, None, None], other=0).to(tl.int32)
+        x_hi = tl.load(X + 2 * bb).to(tl.float32)[None, :, :]  # element 2b pairs with byte b's high nibble
+        x_lo = tl.load(X + 2 * bb + 1).to(tl.float32)[None, :, :]
+        blk = row_blocks + ((k0 + chunk * CHUNK) // BLOCKSIZE)[None, :]
+        scale = _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED)[:, :, None]
+        acc = tl.fma(tl.load(CODE + (q >> 4)) * x_hi + tl.load(CODE + (q & 15)) * x_lo, scale, acc)
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
 def _nf4_row_bytes(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi,
                    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, UNPACK: tl.constexpr):
@@ -181,7 +212,8 @@ def nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, 
     ``DOT``: tensor cores (``tl.dot``, at least 16 rows of x, the spare ones masked), W rounded to x's dtype as the
     dense dequant writes it; else one row (BLOCK_M = 1) on the CUDA cores (``_nf4_row``). ``UNPACK`` picks how the
     nibbles come out of the bytes (see ``_nf4_row``): 0 both nibbles of a byte, joined into k order; 1 each element
-    shifted out of its own byte, no join; 2 as 0, both values of a byte from the pair table."""
+    shifted out of its own byte, no join; 2 as 0, both values of a byte from the pair table; 3 and 4 (one row's
+    words and lanes) as 0."""
     if not DOT:  # one return (see _absmax)
         acc = _nf4_row(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, M, N, K, k_lo, k_hi,
                        BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, UNPACK)
@@ -438,8 +470,8 @@ def gemv_config(m: int, k: int, blocksize: int, override: dict | None = None) ->
     steps = k // block_k
     per = min(cfg.get("STEPS", 0) or steps, steps)
     split = cdiv(steps, per)
-    # words are the CUDA cores' only several-row mode, and one row's at most on the tensor cores' bytes
-    unpack = 3 if not dot and m > 1 else 0 if dot and cfg["UNPACK"] == 3 else cfg["UNPACK"]
+    # words are the CUDA cores' only several-row mode; the one-row modes (words, lanes) are bytes on the tensor cores
+    unpack = 3 if not dot and m > 1 else 0 if dot and cfg["UNPACK"] in (3, 4) else cfg["UNPACK"]
     return {"BLOCK_M": max(16, next_power_of_2(m)) if dot else next_power_of_2(m), "BLOCK_N": cfg["BLOCK_N"],
             "BLOCK_K": block_k, "CHUNK": min(blocksize, block_k), "DOT": dot, "UNPACK": unpack, "SPLIT": split,
             "KS": k if split == 1 else per * block_k, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}

@@ -17,6 +17,8 @@ import pytest
 CASES = [("gemv", u, dot, nested, 1) for u, dot, nested in itertools.product((0, 1, 2), (False, True), (True, False))]
 CASES += [("glu", u, dot, True, 1) for u, dot in itertools.product((0, 2), (False, True))]
 CASES += [("gemv", 3, False, nested, split) for nested, split in ((True, 1), (False, 1), (True, 4))]
+CASES += [(kind, 4, False, nested, split) for kind in ("gemv", "glu") for nested, split in ((True, 1), (False, 4))]
+CASES += [("group", 4, False, True, 4)]
 CASES += [("glu", 3, False, True, split) for split in (1, 4)]
 CASES += [(kind, 3, "rows", True, split) for kind in ("gemv", "glu") for split in (1, 4)]  # 8 rows, CUDA cores
 CASES += [(kind, 2, dot, True, 4) for kind, dot in itertools.product(("gemv", "glu", "gemv-end", "glu-end"),

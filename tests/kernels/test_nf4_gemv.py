@@ -175,6 +175,10 @@ def next_pow2(n):
     (1, {"BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 3}),        # ... half a block a step
     (1, {"BLOCK_N": 2, "BLOCK_K": 128, "UNPACK": 3, "STEPS": 3}),  # ... split K, the last range short
     (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "UNPACK": 3}),  # tensor cores: words are one-row only (bytes there)
+    (1, {"BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 4}),       # bytes summed once after the K loop: 4 blocks a step
+    (1, {"BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 4}),        # ... half a block a step
+    (1, {"BLOCK_N": 2, "BLOCK_K": 128, "UNPACK": 4, "STEPS": 3}),  # ... split K, the last range short
+    (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "UNPACK": 4}),  # tensor cores: lanes are one-row only
     (5, {"DOT": False, "BLOCK_N": 4, "BLOCK_K": 128}),      # several rows on the CUDA cores (words), 2 blocks a step
     (3, {"DOT": False, "BLOCK_N": 8, "BLOCK_K": 32, "STEPS": 3}),  # ... half a block a step, split K
     (8, {"DOT": False, "BLOCK_N": 2, "BLOCK_K": 512, "UNPACK": 0}),  # ... words whatever UNPACK says
