@@ -124,7 +124,7 @@ def test_decode_steps_take_it_unless_switched_off(monkeypatch):
 
 
 def test_pair_table_holds_both_values_of_each_byte():
-    from fastllm.kernels.nf4_gemv import pair_table
+    from fastllm.kernels.nf4_tile import pair_table
 
     code = state_args(bnb.functional.quantize_4bit(torch.randn(64, 64), blocksize=64, quant_type="nf4")[1])[1]
     pairs = pair_table(code)
