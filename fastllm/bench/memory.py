@@ -18,7 +18,7 @@ import sys
 from types import SimpleNamespace
 
 from .common import finish_figure, format_table, write_jsonl
-from .train import spawn_worker, split_providers, unavailable
+from .train import provider_error, spawn_worker, split_providers, unavailable
 
 
 def _point(provider: str, args, seq: int, cap: float | None = None) -> dict:
@@ -104,6 +104,8 @@ def main(argv=None) -> int:
     caps = [float(c) for c in args.caps.split(",") if c]
     if caps and args.device != "cuda":
         p.error("--caps needs --device cuda (the cap is a CUDA allocator fraction)")
+    if provider_error(args.providers):
+        p.error(provider_error(args.providers))
     rows, longest = [], []
     for provider in split_providers(args.providers):
         why = unavailable(provider)

@@ -54,6 +54,18 @@ def split_providers(text: str) -> list[str]:
     return out
 
 
+def provider_error(text: str) -> str | None:
+    """Why ``--providers`` names something no worker runs (an unknown name, or options on a provider that takes
+    none), or None: a misspelt provider would otherwise run as ``hf`` under its own label."""
+    for provider in split_providers(text):
+        name, _, opts = provider.partition(":")
+        if name == "fastllm" or provider == "unsloth:compile=0" or (name in PROVIDERS + ("hf-bf16",) and not opts):
+            continue
+        return (f"unknown provider {provider!r}: take {', '.join(PROVIDERS + ('hf-bf16',))}, fastllm:OPTION=VALUE,... "
+                f"or unsloth:compile=0")
+    return None
+
+
 def _patch_config(provider: str):
     """``fastllm`` or ``fastllm:compile=0,nf4_linear=0`` (ablations: 0/1/none per PatchConfig option)."""
     from .. import PatchConfig
@@ -341,6 +353,8 @@ def main(argv=None) -> int:
                          seq=args.seq, device=args.device, profile_path=args.profile)
         print("ROW " + json.dumps(row), flush=True)
         return 0
+    if provider_error(args.providers):
+        p.error(provider_error(args.providers))
     rows = []
     os.makedirs(args.out, exist_ok=True)
     for shape in args.shapes.split(","):

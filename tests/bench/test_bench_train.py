@@ -145,3 +145,16 @@ def test_unsloth_variants_need_its_site(monkeypatch):
     monkeypatch.delenv("UNSLOTH_SITE", raising=False)
     for provider in ("unsloth", "unsloth:compile=0"):
         assert "UNSLOTH_SITE not set" in unavailable(provider)
+
+
+def test_unknown_providers_are_refused_before_any_worker_runs(tmp_path, capsys):
+    from fastllm.bench import memory, train
+
+    assert train.provider_error("hf,liger,unsloth,unsloth:compile=0,fastllm:memory_budget=7.0,lora=0,hf-bf16") is None
+    for bad in ("unsloth:compile=1", "hf:x=1", "huggingface", "liger:rope=0"):
+        assert bad in train.provider_error(f"hf,{bad}")
+    for main in (train.main, memory.main):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--providers", "hf,unslot", "--device", "cpu", "--out", str(tmp_path)])
+        assert exit_info.value.code == 2 and "unknown provider 'unslot'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
