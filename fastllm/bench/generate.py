@@ -120,16 +120,19 @@ def measure(model, providers, *, batch: int, prompt: int, new_tokens: int, runs:
             torch.cuda.reset_peak_memory_stats()
             samples[p].append(infer_once(model, x, kw))
             peaks[p] = max(peaks.get(p, 0.0), torch.cuda.max_memory_allocated() / (1 << 30))
+    groups = {}
     for p in providers if profile and new_tokens > 1 else ():
-        groups = _profile(model, x, {**gen, **_select(model, p)}, f"{profile}_{p.replace(':', '-')}_b{batch}.txt")
+        groups[p] = _profile(model, x, {**gen, **_select(model, p)}, f"{profile}_{p.replace(':', '-')}_b{batch}.txt")
         print(f"{p}, batch {batch}: one decode step's kernels by group", flush=True)
-        print(format_table(groups, ["group", "us_per_step", "calls_per_step", "share"]), flush=True)
+        print(format_table(groups[p], ["group", "us_per_step", "calls_per_step", "share"]), flush=True)
     _select(model, "hf")
     limit_ms = step_bytes(model, batch, prompt + new_tokens // 2) / (bandwidth * 1e9) * 1e3
     rows = []
     for p in providers:
         row = infer_row(first[p], [a for a, _ in samples[p]], [b for _, b in samples[p]], new_tokens)
         rows.append({"provider": p, "batch": batch, **row, "peak_gib": peaks[p]})
+        if p in groups:  # the JSON row keeps them, with the run's GPU and versions
+            rows[-1]["step_kernel_us"] = {g["group"]: g["us_per_step"] for g in groups[p]}
     return [_finish(r, limit_ms, new_tokens) for r in rows]
 
 
