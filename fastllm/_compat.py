@@ -110,6 +110,21 @@ def bf16_supported(device: torch.device | str | None = None) -> bool:
     return True
 
 
+def allocatable_bytes(free: int, total: int, fraction: float, reserved: int, allocated: int) -> int:
+    """Bytes a new CUDA allocation can still get: the blocks the caching allocator holds unused (``reserved -
+    allocated``) plus what it may still reserve, the device's free memory within the process's cap
+    (``torch.cuda.set_per_process_memory_fraction``: no reserving past ``fraction * total``)."""
+    return max(0, reserved - allocated) + max(0, min(free, int(fraction * total) - reserved))
+
+
+def cuda_allocatable(device: torch.device) -> int:
+    """``allocatable_bytes`` on a CUDA device now. ``mem_get_info`` alone ignores the process's cap (a shared or
+    capped GPU would be planned as if whole) and the allocator's cached blocks."""
+    free, total = torch.cuda.mem_get_info(device)
+    return allocatable_bytes(free, total, torch.cuda.get_per_process_memory_fraction(device),
+                             torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device))
+
+
 @functools.cache
 def bnb():
     """The bitsandbytes module, or None when it is not installed."""

@@ -7,8 +7,8 @@ this switched on, the first no-grad dequant of each weight group inside a ``gene
 compute-dtype copy that the rest of the call reuses: every later step, one row or many, is one cuBLAS GEMM over
 2 bytes a weight, no dequant. The copies are dropped when the call returns (with the decode graphs that captured
 them), so training never sees the memory: the trade is the dense weights' size (8B: ~15 GB) during generation, for
-speed. A weight group whose copy would not fit (free device memory less ``MARGIN``) keeps the 4-bit path; that is
-counted in ``stats`` and logged once.
+speed. A weight group whose copy would not fit (what an allocation can get, within the process's memory cap, less
+``MARGIN``) keeps the 4-bit path; that is counted in ``stats`` and logged once.
 
 Keys are the packed weights' addresses, which cannot be reused by another tensor while the call runs: the weights
 are alive for the whole call.
@@ -22,7 +22,7 @@ from collections import Counter
 
 import torch
 
-from .._compat import Switch
+from .._compat import Switch, cuda_allocatable
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ def scope():
 def _room(nbytes: int, device: torch.device) -> bool:
     if device.type != "cuda":
         return True
-    free, _ = torch.cuda.mem_get_info(device)
-    return free - nbytes >= MARGIN
+    return cuda_allocatable(device) - nbytes >= MARGIN
 
 
 def lookup(weights, shape: tuple, device: torch.device, dtype: torch.dtype, fill):

@@ -29,7 +29,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .._compat import pick_backend
+from .._compat import cuda_allocatable, pick_backend
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +39,12 @@ _REDUCTIONS = ("mean", "sum", "none")
 def auto_chunk_size(n_tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
     """Rows per chunk: a logits chunk about as large as the hidden input (``n * H`` elements), at
     least 64 rows (narrower matmuls re-read ``W`` for too little work), a power of two, and within
-    1/8 of the free device memory."""
+    1/8 of the memory a new allocation can get (``cuda_allocatable``: within the process's cap)."""
     rows = max(64, (n_tokens * hidden) // max(vocab, 1))
     rows = 1 << (rows.bit_length() - 1)  # round down to a power of two
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
         per_row = vocab * torch.finfo(dtype).bits // 8
-        rows = min(rows, max(16, free // 8 // per_row))
+        rows = min(rows, max(16, cuda_allocatable(device) // 8 // per_row))
     return int(max(1, min(rows, max(n_tokens, 1))))
 
 

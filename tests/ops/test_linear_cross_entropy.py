@@ -95,6 +95,21 @@ def test_auto_chunk_size():
     torch.testing.assert_close(linear_cross_entropy(h, W, y), _reference(h, W, None, y))
 
 
+def test_allocatable_bytes_counts_cached_blocks_and_keeps_the_process_cap():
+    """What the loss chunks and the dense decode copies are sized against (``_compat.cuda_allocatable``)."""
+    from fastllm._compat import allocatable_bytes
+
+    gib = 1 << 30
+    # a whole 80 GiB card, 10 GiB allocated of 12 reserved, 60 free: the 2 cached GiB count too
+    assert allocatable_bytes(60 * gib, 80 * gib, 1.0, 12 * gib, 10 * gib) == 62 * gib
+    # the same card capped at 0.3 (24 GiB): 14 GiB more, whatever the device has free
+    assert allocatable_bytes(60 * gib, 80 * gib, 0.3, 12 * gib, 10 * gib) == int(0.3 * 80 * gib) - 10 * gib
+    # another process holds most of the card: its free memory bounds us under the cap too
+    assert allocatable_bytes(1 * gib, 80 * gib, 0.3, 12 * gib, 10 * gib) == 3 * gib
+    # reserved past a cap set afterwards: only the cached blocks, never a negative count
+    assert allocatable_bytes(50 * gib, 80 * gib, 0.1, 12 * gib, 10 * gib) == 2 * gib
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_focal_through_chunked_linear_loss(reduction):
     h, W, b, y = _inputs(bias=True)
