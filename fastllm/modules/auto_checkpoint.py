@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._compat import cuda_allocatable
 from ..ops.lora_layer import mlp_tile_rows
 from .checkpointing import Offloader
 
@@ -119,9 +120,8 @@ class AutoCheckpoint:
             return self.budget
         if device.type != "cuda":
             return None
-        total = torch.cuda.get_device_properties(device).total_memory
-        cap = total * torch.cuda.get_per_process_memory_fraction(device)
-        return min(cap, torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)) * 0.95 - 0.5 * GiB
+        # what this process holds plus what it can still get, within its memory cap
+        return (torch.cuda.memory_allocated(device) + cuda_allocatable(device)) * 0.95 - 0.5 * GiB
 
     def _begin(self, x: torch.Tensor) -> None:
         """Plan this pass (its first layer's input ``x``): calibrate at a new largest token count."""
