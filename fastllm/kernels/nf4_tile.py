@@ -52,13 +52,10 @@ def _nf4_row(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, M, N
     (BLOCK_N, NB, CHUNK), each element shifting its own nibble out of its byte (each byte loaded twice, from the
     same cache line) against contiguous x; 2: each byte once, both its values from one 64-bit load of the pair
     table (``CODE`` is then ``pair_table(code)``), x read contiguously and split into even and odd elements;
-    3: ``_nf4_row_words``; 4: ``_nf4_row_lanes``."""
+    3: ``_nf4_row_words``; 4 (lanes): as 0, with no reduction inside the K loop (``_nf4_row_bytes``)."""
     if UNPACK == 3:  # one return (see _absmax)
         acc = _nf4_row_words(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, M, N, K, k_lo, k_hi,
                              BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK)
-    elif UNPACK == 4:
-        acc = _nf4_row_lanes(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi, BLOCKSIZE,
-                             BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K, CHUNK)[None, :]
     else:
         acc = _nf4_row_bytes(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi, BLOCKSIZE,
                              BLOCKSIZE2, NESTED, BLOCK_N, BLOCK_K, CHUNK, UNPACK)[None, :]
@@ -110,54 +107,41 @@ def _nf4_row_words(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn
 
 
 @triton.jit
-def _nf4_row_lanes(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi,
-                   BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
-    """``_nf4_row`` over bytes as ``UNPACK`` 0 reads them, with no reduction inside the K loop: each byte's pair
-    ``code[hi] x[2b] + code[lo] x[2b + 1]``, times its block's absmax, goes into its own fp32 lane of a
-    (BLOCK_N, NB, HB) accumulator, summed across the tile once after the last step (``UNPACK`` 0 sums the tile
-    every step: cross-thread shuffles per step and row). One FMUL more a byte; the summation order differs from
-    ``UNPACK`` 0's, within fp32 rounding."""
-    HB: tl.constexpr = CHUNK // 2        # bytes of one block chunk
-    NB: tl.constexpr = BLOCK_K // CHUNK  # block chunks per row per step
-    n_ok = rn < N
-    row_bytes = (rn.to(tl.int64) * (K // 2))[:, None, None]  # (BLOCK_N, 1, 1)
-    row_blocks = (rn * (K // BLOCKSIZE))[:, None]             # (BLOCK_N, 1)
-    chunk = tl.arange(0, NB)
-    byte = chunk[:, None] * HB + tl.arange(0, HB)[None, :]   # (NB, HB) byte offsets within a step
-    acc = tl.zeros((BLOCK_N, NB, HB), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        bb = k0 // 2 + byte
-        q = tl.load(PACKED + row_bytes + bb[None, :, :], mask=n_ok[:, None, None], other=0).to(tl.int32)
-        x_hi = tl.load(X + 2 * bb).to(tl.float32)[None, :, :]  # element 2b pairs with byte b's high nibble
-        x_lo = tl.load(X + 2 * bb + 1).to(tl.float32)[None, :, :]
-        blk = row_blocks + ((k0 + chunk * CHUNK) // BLOCKSIZE)[None, :]
-        scale = _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED)[:, :, None]
-        acc = tl.fma(tl.load(CODE + (q >> 4)) * x_hi + tl.load(CODE + (q & 15)) * x_lo, scale, acc)
-    return tl.sum(tl.sum(acc, axis=2), axis=1)
-
-
-@triton.jit
 def _nf4_row_bytes(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_lo, k_hi,
                    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, UNPACK: tl.constexpr):
-    """``_nf4_row`` over bytes (``UNPACK`` 0 to 2)."""
+    """``_nf4_row`` over bytes (``UNPACK`` 0 to 2, and 4).
+
+    ``UNPACK`` 4 (lanes) reads as 0 but sums nothing inside the K loop: each byte's pair ``code[hi] x[2b] +
+    code[lo] x[2b + 1]``, times its block's absmax, goes into its own fp32 lane of a (BLOCK_N, NB, HB) accumulator,
+    summed across the tile once after the last step (the others sum the tile every step: cross-thread shuffles per
+    step and row). One FMUL more a byte; the summation order differs, within fp32 rounding."""
     HB: tl.constexpr = CHUNK // 2        # bytes of one block chunk
     NB: tl.constexpr = BLOCK_K // CHUNK  # block chunks per row per step
+    LANES: tl.constexpr = UNPACK == 4
     n_ok = rn < N
     row_bytes = (rn.to(tl.int64) * (K // 2))[:, None, None]  # (BLOCK_N, 1, 1)
     row_blocks = (rn * (K // BLOCKSIZE))[:, None]             # (BLOCK_N, 1)
     chunk = tl.arange(0, NB)
     byte = chunk[:, None] * HB + tl.arange(0, HB)[None, :]   # (NB, HB) byte offsets within a step
     elem = chunk[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]  # (NB, CHUNK) element offsets within a step
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if LANES:
+        acc = tl.zeros((BLOCK_N, NB, HB), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if UNPACK == 0:
+        blk = row_blocks + ((k0 + chunk * CHUNK) // BLOCKSIZE)[None, :]
+        if UNPACK == 0 or LANES:
             bb = k0 // 2 + byte
             q = tl.load(PACKED + row_bytes + bb[None, :, :], mask=n_ok[:, None, None], other=0).to(tl.int32)
             x_hi = tl.load(X + 2 * bb).to(tl.float32)[None, :, :]  # element 2b pairs with byte b's high nibble
             x_lo = tl.load(X + 2 * bb + 1).to(tl.float32)[None, :, :]
-            part = tl.sum(tl.load(CODE + (q >> 4)) * x_hi + tl.load(CODE + (q & 15)) * x_lo, axis=2)  # (BLOCK_N, NB)
+            pairs = tl.load(CODE + (q >> 4)) * x_hi + tl.load(CODE + (q & 15)) * x_lo  # (BLOCK_N, NB, HB)
+            if LANES:
+                scale = _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED)
+                acc = tl.fma(pairs, scale[:, :, None], acc)
+            else:
+                part = tl.sum(pairs, axis=2)  # (BLOCK_N, NB)
         elif UNPACK == 1:
             kk = k0 + elem
             q = tl.load(PACKED + row_bytes + (kk // 2)[None, :, :], mask=n_ok[:, None, None], other=0).to(tl.int32)
@@ -169,9 +153,14 @@ def _nf4_row_bytes(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_
             hi, lo = _pair(CODE, q)
             x_hi, x_lo = tl.split(tl.reshape(tl.load(X + k0 + elem).to(tl.float32), (NB, HB, 2)))
             part = tl.sum(hi * x_hi[None, :, :] + lo * x_lo[None, :, :], axis=2)
-        blk = row_blocks + ((k0 + chunk * CHUNK) // BLOCKSIZE)[None, :]
-        acc += tl.sum(part * _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED), axis=1)
-    return acc
+        if not LANES:
+            acc += tl.sum(part * _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED),
+                          axis=1)
+    if LANES:
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    else:
+        total = acc
+    return total
 
 
 @triton.jit
