@@ -34,6 +34,7 @@ from .common import copy_bandwidth_gbs, finish_figure, format_table, pick, stamp
 from .compile import build_qlora, infer_child, infer_once, infer_row, set_provider, sync_time
 from .models import SHAPES
 
+GROUP_COLUMNS = ["group", "us_per_step", "calls_per_step", "share"]  # one decode step's kernel groups (--profile)
 PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "fastllm:rows=8", "fastllm:rows=16", "fastllm:rows=64",
              "fastllm:dense", "unsloth")
 
@@ -93,7 +94,7 @@ def _profile(model, x, kw, path: str) -> list[dict]:
     rows = step_groups(group_times(profiled_kernels(prof)), group_times(profiled_kernels(short)), n)
     with open(path, "w") as f:
         f.write(f"one decode step's kernels by group ({n} new tokens less 1, over {n - 1} steps):\n")
-        f.write(format_table(rows, ["group", "us_per_step", "calls_per_step", "share"]) + "\n\n")
+        f.write(format_table(rows, GROUP_COLUMNS) + "\n\n")
         f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60))
     return rows
 
@@ -124,7 +125,7 @@ def measure(model, providers, *, batch: int, prompt: int, new_tokens: int, runs:
     for p in providers if profile and new_tokens > 1 else ():
         groups[p] = _profile(model, x, {**gen, **_select(model, p)}, f"{profile}_{p.replace(':', '-')}_b{batch}.txt")
         print(f"{p}, batch {batch}: one decode step's kernels by group", flush=True)
-        print(format_table(groups[p], ["group", "us_per_step", "calls_per_step", "share"]), flush=True)
+        print(format_table(groups[p], GROUP_COLUMNS), flush=True)
     _select(model, "hf")
     limit_ms = step_bytes(model, batch, prompt + new_tokens // 2) / (bandwidth * 1e9) * 1e3
     rows = []

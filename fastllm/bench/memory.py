@@ -104,8 +104,9 @@ def main(argv=None) -> int:
     caps = [float(c) for c in args.caps.split(",") if c]
     if caps and args.device != "cuda":
         p.error("--caps needs --device cuda (the cap is a CUDA allocator fraction)")
-    if provider_error(args.providers):
-        p.error(provider_error(args.providers))
+    why = provider_error(args.providers)
+    if why:
+        p.error(why)
     rows, longest = [], []
     for provider in split_providers(args.providers):
         why = unavailable(provider)

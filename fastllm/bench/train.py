@@ -40,6 +40,7 @@ from .common import bar_chart, format_table, stamp, write_jsonl
 from .models import build_qlora_base, lora_targets
 
 PROVIDERS = ("hf", "liger", "unsloth", "fastllm")
+UNSLOTH = ("unsloth", "unsloth:compile=0")  # Unsloth's loader, in its own site; the second without its compile
 
 
 def split_providers(text: str) -> list[str]:
@@ -59,10 +60,10 @@ def provider_error(text: str) -> str | None:
     none), or None: a misspelt provider would otherwise run as ``hf`` under its own label."""
     for provider in split_providers(text):
         name, _, opts = provider.partition(":")
-        if name == "fastllm" or provider == "unsloth:compile=0" or (name in PROVIDERS + ("hf-bf16",) and not opts):
+        if name == "fastllm" or provider in UNSLOTH or (name in PROVIDERS + ("hf-bf16",) and not opts):
             continue
         return (f"unknown provider {provider!r}: take {', '.join(PROVIDERS + ('hf-bf16',))}, fastllm:OPTION=VALUE,... "
-                f"or unsloth:compile=0")
+                f"or {UNSLOTH[1]}")
     return None
 
 
@@ -89,7 +90,7 @@ def _number(text: str):
 
 def _build(provider: str, shape: str, dev: torch.device, gc: bool, seq: int):
     """The provider's trainable model and a note on its setup: build_qlora_base, then its recipe."""
-    if provider in ("unsloth", "unsloth:compile=0"):  # the same weights through Unsloth's own loader
+    if provider in UNSLOTH:  # the same weights through Unsloth's own loader
         from .unsloth_provider import build
 
         return build(shape, dev, seq, gc, compile=provider == "unsloth")
@@ -286,7 +287,7 @@ def unavailable(provider: str) -> str | None:
 
     if provider == "liger" and importlib.util.find_spec("liger_kernel") is None:
         return "liger_kernel not installed"
-    if provider.startswith("unsloth"):
+    if provider in UNSLOTH:
         site = os.environ.get("UNSLOTH_SITE")
         if not site:
             return "UNSLOTH_SITE not set (source examples/unsloth_env.sh)"
@@ -300,7 +301,7 @@ def spawn_command(module: str, args: list[str], provider: str, *, timeout: float
     when it runs past ``timeout`` seconds).
     The unsloth provider gets its own site first on the path: Unsloth pins trl<=1.15, older than the one here."""
     env = dict(os.environ)
-    if provider.startswith("unsloth"):
+    if provider in UNSLOTH:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ["UNSLOTH_SITE"], env.get("PYTHONPATH")]))
     try:
         proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
@@ -353,8 +354,9 @@ def main(argv=None) -> int:
                          seq=args.seq, device=args.device, profile_path=args.profile)
         print("ROW " + json.dumps(row), flush=True)
         return 0
-    if provider_error(args.providers):
-        p.error(provider_error(args.providers))
+    why = provider_error(args.providers)
+    if why:
+        p.error(why)
     rows = []
     os.makedirs(args.out, exist_ok=True)
     for shape in args.shapes.split(","):
