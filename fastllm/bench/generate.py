@@ -95,8 +95,25 @@ def _profile(model, x, kw, path: str) -> list[dict]:
     with open(path, "w") as f:
         f.write(f"one decode step's kernels by group ({n} new tokens less 1, over {n - 1} steps):\n")
         f.write(format_table(rows, GROUP_COLUMNS) + "\n\n")
+        f.write(step_idle(prof, short, n) + "\n")
         f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60))
     return rows
+
+
+def step_idle(prof, short, n: int, top: int = 15) -> str:
+    """One decode step's device idle time: the difference of an ``n``-token and a 1-token generate's gaps, all of
+    them (launch gaps inside a graph replay included) and those of 5 us or more (the device waiting on the host),
+    the latter by the op around the late launch."""
+    from .idle import idle_gaps
+
+    lines = []
+    for floor in (0.0, 5.0):
+        a, b = idle_gaps(prof, floor, attribute=floor > 0), idle_gaps(short, floor, attribute=floor > 0)
+        per, gaps = (a["total"] - b["total"]) / (n - 1), (a["gaps"] - b["gaps"]) / (n - 1)
+        lines.append(f"device idle per decode step in gaps >= {floor:g} us: {per:.1f} us in {gaps:.1f} gaps")
+    ops = {k: (v - b["by_op"].get(k, 0.0)) / (n - 1) for k, v in a["by_op"].items()}
+    lines += [f"  {v:9.1f} us  {phase:<8} {op}" for (phase, op), v in sorted(ops.items(), key=lambda kv: -kv[1])[:top]]
+    return "\n".join(lines) + "\n"
 
 
 def measure(model, providers, *, batch: int, prompt: int, new_tokens: int, runs: int, bandwidth: float,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 
-__all__ = ["idle_report"]
+__all__ = ["idle_gaps", "idle_report"]
 
 _RUNTIME = ("cuda", "cu")  # runtime / driver API events (cudaLaunchKernel, cuLaunchKernelEx, ...)
 
@@ -26,8 +26,10 @@ def _annotation(e) -> bool:
     return bool(flag()) if callable(flag) else e.name().startswith("phase:")
 
 
-def idle_report(prof, steps: int, min_gap_us: float = 2.0, top: int = 25) -> str:
-    """A text table of device idle time per step: total, per phase, and per op around the late launch."""
+def idle_gaps(prof, min_gap_us: float = 2.0, attribute: bool = True) -> dict:
+    """Device idle time of a profile: ``total`` us in ``gaps`` gaps of at least ``min_gap_us``, ``by_phase`` and
+    ``by_op`` ((phase, op around the late launch) -> us; with ``attribute``), and ``span`` (first to last device
+    activity, us)."""
     from torch.autograd import DeviceType
 
     events = prof.profiler.kineto_results.events()
@@ -36,7 +38,7 @@ def idle_report(prof, steps: int, min_gap_us: float = 2.0, top: int = 25) -> str
     device = sorted((e for e in events if e.device_type() == DeviceType.CUDA and not _annotation(e)),
                     key=lambda e: e.start_ns())
     if not device:
-        return "no device events\n"
+        return {"total": 0.0, "gaps": 0, "by_phase": {}, "by_op": {}, "span": 0.0}
     host = [e for e in events if e.device_type() == DeviceType.CPU]
     launches = {e.correlation_id(): e for e in host if _is_runtime(e.name())}
     ops = sorted((e for e in host if not _is_runtime(e.name())), key=lambda e: e.start_ns())
@@ -64,14 +66,25 @@ def idle_report(prof, steps: int, min_gap_us: float = 2.0, top: int = 25) -> str
         busy_end = max(busy_end, e.end_ns())
         if gap < min_gap_us:
             continue
+        total += gap
+        n += 1
+        if not attribute:
+            continue
         launch = launches.get(e.correlation_id())
         t = launch.start_ns() if launch is not None else e.start_ns()
         op, phase = around(t)
         by_op[(phase, op)] += gap
         by_phase[phase] += gap
-        total += gap
-        n += 1
     span = (busy_end - device[0].start_ns()) / 1e3
+    return {"total": total, "gaps": n, "by_phase": dict(by_phase), "by_op": dict(by_op), "span": span}
+
+
+def idle_report(prof, steps: int, min_gap_us: float = 2.0, top: int = 25) -> str:
+    """A text table of device idle time per step: total, per phase, and per op around the late launch."""
+    gaps = idle_gaps(prof, min_gap_us)
+    if not gaps["span"]:
+        return "no device events\n"
+    total, n, span, by_phase, by_op = gaps["total"], gaps["gaps"], gaps["span"], gaps["by_phase"], gaps["by_op"]
     lines = [f"device idle {total / steps / 1e3:.1f} ms per step in {n // max(steps, 1)} gaps >= {min_gap_us} us "
              f"(first to last device activity: {span / steps / 1e3:.1f} ms per step)"]
     lines += [f"  {p:<10} {v / steps / 1e3:8.2f} ms" for p, v in sorted(by_phase.items(), key=lambda kv: -kv[1])]

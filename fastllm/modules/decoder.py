@@ -45,6 +45,7 @@ from collections import Counter
 import torch
 
 from ..arch import arch_of_module
+from ..ops.decode_attention import grouped_decode_fits, grouped_decode_sdpa
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import rope
 from .checkpointing import in_checkpoint
@@ -142,10 +143,21 @@ def attend_kwargs(attn) -> dict:
     return extra
 
 
+def _is_sdpa(attn, interface) -> bool:
+    """``interface`` is transformers' own SDPA attention (not a user's function registered under another name)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return interface is sdpa_attention_forward and attn.config._attn_implementation == "sdpa"
+
+
 def attend_region(attn, q, k, v, mask, interface, dropout: float, extra: dict) -> torch.Tensor:
     """Attention through transformers' interface (SDPA or eager maths), then o_proj: -> (B, T, H).
-    ``extra``: ``attend_kwargs(attn)``, passed on as the architecture's forward passes them."""
-    out, _ = interface(attn, q, k, v, mask, dropout=dropout, scaling=attn.scaling, **extra)
+    ``extra``: ``attend_kwargs(attn)``, passed on as the architecture's forward passes them. A one-token step
+    with grouped K/V heads through SDPA runs ``grouped_decode_sdpa`` (the same sums, no repeated cache copy)."""
+    if dropout == 0.0 and "softcap" not in extra and _is_sdpa(attn, interface) and grouped_decode_fits(q, k, mask):
+        out = grouped_decode_sdpa(q, k, v, mask, attn.scaling)
+    else:
+        out, _ = interface(attn, q, k, v, mask, dropout=dropout, scaling=attn.scaling, **extra)
     out = out.reshape(*out.shape[:2], -1).contiguous()  # (B, T, nh * D)
     return attn.o_proj(out)
 

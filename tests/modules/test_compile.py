@@ -179,6 +179,31 @@ def test_regions_explain_to_one_graph_each(tiny_dir):
     assert (out.graph_count, out.graph_break_count) == (1, 0), ("attend", out.break_reasons)
 
 
+def test_one_token_attend_runs_grouped_and_equals_transformers_sdpa(tiny_dir, monkeypatch):
+    """A decode step's attention (one query token, 4 query heads on 2 KV heads, a padding mask) takes the grouped
+    path, no repeated K/V, and equals transformers' SDPA function followed by o_proj; a prefill does not take it."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model = _qlora(tiny_dir, compile=False, gc=False)
+    attn = fastllm.patching.find_base(model).model.layers[0].self_attn
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    calls = []
+    real = decoder.grouped_decode_sdpa
+    monkeypatch.setattr(decoder, "grouped_decode_sdpa", lambda *a: calls.append(1) or real(*a))
+    for t in (1, 5):
+        g = torch.Generator().manual_seed(t)
+        q = torch.randn(3, 4, t, 16, generator=g)
+        k, v = (torch.randn(3, 2, 13, 16, generator=g) for _ in range(2))
+        mask = torch.ones(3, 1, t, 13, dtype=torch.bool)
+        mask[1, ..., :4] = False  # a left-padded row
+        with torch.no_grad():
+            got = decoder.attend_region(attn, q, k, v, mask, sdpa, 0.0, {"sliding_window": None})
+            out, _ = sdpa(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, sliding_window=None)
+            want = attn.o_proj(out.reshape(3, t, -1))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1, t  # the one-token call only
+
+
 def _snapshot(model):
     return {name: dict(vars(m)) for name, m in model.named_modules()}
 
