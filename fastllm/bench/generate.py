@@ -86,16 +86,19 @@ def _profile(model, x, kw, path: str) -> list[dict]:
     """Two generates under torch.profiler, of ``kw``'s new tokens and of one: to ``path`` the long one's kernels by
     device time (graph replays' kernels included) and, from the difference, one decode step's device time by kernel
     group (``kernel_groups.step_groups``: the prefill taken out); returns those rows."""
-    from .kernel_groups import group_times, profiled_kernels, step_groups
+    from .kernel_groups import group_times, profiled_kernels, step_groups, step_kernels
 
     n = kw["max_new_tokens"]
     prof = _profiled(model, x, kw)
     short = _profiled(model, x, {**kw, "max_new_tokens": 1, "min_new_tokens": 1})
-    rows = step_groups(group_times(profiled_kernels(prof)), group_times(profiled_kernels(short)), n)
+    long_k, short_k = profiled_kernels(prof), profiled_kernels(short)
+    rows = step_groups(group_times(long_k), group_times(short_k), n)
     with open(path, "w") as f:
         f.write(f"one decode step's kernels by group ({n} new tokens less 1, over {n - 1} steps):\n")
         f.write(format_table(rows, GROUP_COLUMNS) + "\n\n")
         f.write(step_idle(prof, short, n) + "\n")
+        kernels = [{**r, "kernel": r["kernel"][:110]} for r in step_kernels(long_k, short_k, n)]
+        f.write(format_table(kernels, ["us_per_step", "calls_per_step", "group", "kernel"]) + "\n\n")
         f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60))
     return rows
 

@@ -8,7 +8,7 @@ divides their difference by ``n - 1``: the groups of one decode step, the prompt
 
 from __future__ import annotations
 
-__all__ = ["GROUPS", "group_of", "group_times", "profiled_kernels", "step_groups"]
+__all__ = ["GROUPS", "group_of", "group_times", "profiled_kernels", "step_groups", "step_kernels"]
 
 # first match wins: attention before GEMM (its kernels are CUTLASS ones), copies before the generic elementwise
 # kernels that run them, attention before "max"
@@ -60,6 +60,24 @@ def step_groups(long: dict, short: dict, n: int) -> list[dict]:
     rows.append({"group": "all kernels", "us_per_step": total, "calls_per_step": sum(r["calls_per_step"] for r in rows),
                  "share": 1.0})
     return sorted(rows, key=lambda r: -r["us_per_step"])
+
+
+def step_kernels(long, short, n: int, top: int = 40) -> list[dict]:
+    """Rows ``{kernel, group, us_per_step, calls_per_step}`` of one decode step per kernel name, the ``top`` largest:
+    ``long`` less ``short`` ``(name, device_us, calls)`` triples (as ``step_groups``), over ``n - 1`` steps."""
+    if n < 2:
+        raise ValueError(f"step_kernels needs n >= 2 new tokens, got {n}")
+    base = {}
+    for name, us, calls in short:
+        b = base.setdefault(name, [0.0, 0])
+        b[0], b[1] = b[0] + us, b[1] + calls
+    per: dict = {}
+    for name, us, calls in long:
+        p = per.setdefault(name, [0.0, 0])
+        p[0], p[1] = p[0] + us, p[1] + calls
+    rows = [{"kernel": name, "group": group_of(name), "us_per_step": (us - base.get(name, [0.0, 0])[0]) / (n - 1),
+             "calls_per_step": (calls - base.get(name, [0.0, 0])[1]) / (n - 1)} for name, (us, calls) in per.items()]
+    return sorted(rows, key=lambda r: -r["us_per_step"])[:top]
 
 
 def profiled_kernels(prof) -> list[tuple]:

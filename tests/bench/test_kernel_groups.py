@@ -2,7 +2,7 @@
 
 import pytest
 
-from fastllm.bench.kernel_groups import group_of, group_times, step_groups
+from fastllm.bench.kernel_groups import group_of, group_times, step_groups, step_kernels
 
 # names as torch.profiler reports them on an H100 (Triton kernels by function name, ATen and library kernels mangled)
 NAMES = {
@@ -62,3 +62,16 @@ def test_a_decode_step_is_the_difference_over_the_extra_steps():
     assert rows["NF4 GEMV (fastllm)"]["share"] == pytest.approx(40.0 / 42.0)
     with pytest.raises(ValueError, match="n >= 2"):
         step_groups(long, short, 1)
+
+
+def test_step_kernels_per_name_largest_first():
+    long = [("_nf4_gemv_kernel", 8 * 40.0, 32), ("_rms_norm_fwd_kernel", 8 * 2.0 + 5.0, 9),
+            ("sm90_xmma_gemm_bf16", 900.0, 3), ("_rms_norm_fwd_kernel", 4.0, 1)]  # a name twice: summed
+    short = [("_rms_norm_fwd_kernel", 5.0, 1), ("sm90_xmma_gemm_bf16", 900.0, 3)]
+    rows = step_kernels(long, short, 9, top=2)
+    assert [r["kernel"] for r in rows] == ["_nf4_gemv_kernel", "_rms_norm_fwd_kernel"]
+    assert rows[0]["us_per_step"] == pytest.approx(40.0) and rows[0]["calls_per_step"] == pytest.approx(4.0)
+    assert rows[1]["us_per_step"] == pytest.approx(2.5) and rows[1]["calls_per_step"] == pytest.approx(9 / 8)
+    assert rows[1]["group"] == "RMSNorm"
+    with pytest.raises(ValueError, match="n >= 2"):
+        step_kernels(long, short, 1)
