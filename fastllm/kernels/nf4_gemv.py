@@ -45,18 +45,25 @@ from .nf4_tile import nf4_tile, pair_table
 
 
 @triton.jit
-def lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
-               FP32: tl.constexpr):
+def lora_term(acc, OUT, XA, stride_xa, stride_xs, xa_splits, Bw, s, rm, rn, M, N, R, BLOCK_R: tl.constexpr,
+              DOT: tl.constexpr, FP32: tl.constexpr):
     """acc + s * xa[rm] @ B[rn].T, rounded as PEFT's forward under autocast rounds it: the base output, the
-    product, the scaled product and the sum each to x's dtype (a decode step then gives eager's logits)."""
-    dt = XA.dtype.element_ty
+    product, the scaled product and the sum each to the output's dtype (a decode step then gives eager's logits).
+    xa is the sum of ``xa_splits`` slices ``stride_xs`` apart (``kernels.lora_xa``'s fp32 K-split partials, added in
+    split order; one slice: xa itself), rounded to the output's dtype; B (any float dtype, e.g. the fp32 masters) is
+    rounded to it as it is read."""
+    dt = OUT.dtype.element_ty
     lora = tl.zeros(acc.shape, dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
-        xa = tl.load(XA + rm[:, None] * stride_xa + rr[None, :], mask=(rm < M)[:, None] & (rr < R)[None, :],
-                     other=0.0)  # (BLOCK_M, BLOCK_R)
+        offs = rm[:, None] * stride_xa + rr[None, :]
+        ok = (rm < M)[:, None] & (rr < R)[None, :]
+        xa = tl.load(XA + offs, mask=ok, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_R)
+        for p in range(1, xa_splits):
+            xa += tl.load(XA + p * stride_xs + offs, mask=ok, other=0.0)
+        xa = xa.to(dt)
         b = tl.load(Bw + rn[:, None] * R + rr[None, :], mask=(rn < N)[:, None] & (rr < R)[None, :],
-                    other=0.0)  # (BLOCK_N, BLOCK_R)
+                    other=0.0).to(dt)  # (BLOCK_N, BLOCK_R)
         if not DOT:  # on the CUDA cores: (BLOCK_M, 1, BLOCK_R) against (1, BLOCK_N, BLOCK_R)
             lora += tl.sum(xa.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
         elif FP32:
@@ -68,26 +75,28 @@ def lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R: tl.constexpr,
 
 
 @triton.jit
-def finish_tile(acc, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, rm, rn, M, N, R, HAS_BIAS: tl.constexpr,
+def finish_tile(acc, OUT, stride_o, BIAS, XA, stride_xa, stride_xs, xa_splits, Bw, s, rm, rn, M, N, R,
+                HAS_BIAS: tl.constexpr,
             HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr):
     """Store ``out[rm, rn] = acc + bias + s * xa @ B.T`` (acc: the base product, fp32)."""
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
-        acc = lora_term(acc, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R, DOT, FP32)
+        acc = lora_term(acc, OUT, XA, stride_xa, stride_xs, xa_splits, Bw, s, rm, rn, M, N, R, BLOCK_R, DOT, FP32)
     tl.store(OUT + rm[:, None] * stride_o + rn[None, :], acc.to(OUT.dtype.element_ty),
              mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
 @triton.jit
-def _glu_finish(g, u, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, rm, rn, M, N, R_G, R_U,
+def _glu_finish(g, u, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, stride_xs, xa_splits, rm, rn, M, N,
+                R_G, R_U,
                 HAS_LORA: tl.constexpr, GELU: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
                 FP32: tl.constexpr):
     """Store ``out[rm, rn] = act(g + s_g * xa_g @ B_g.T) * (u + s_u * xa_u @ B_u.T)`` (g, u: the base products,
     fp32); act SiLU or, with GELU, GELU-tanh, computed in fp32."""
     if HAS_LORA:
-        g = lora_term(g, XA_G, stride_xa, B_G, s_g, rm, rn, M, N, R_G, BLOCK_R, DOT, FP32)
-        u = lora_term(u, XA_U, stride_xa, B_U, s_u, rm, rn, M, N, R_U, BLOCK_R, DOT, FP32)
+        g = lora_term(g, OUT, XA_G, stride_xa, stride_xs, xa_splits, B_G, s_g, rm, rn, M, N, R_G, BLOCK_R, DOT, FP32)
+        u = lora_term(u, OUT, XA_U, stride_xa, stride_xs, xa_splits, B_U, s_u, rm, rn, M, N, R_U, BLOCK_R, DOT, FP32)
     # g, u and act(g) rounded to the output dtype as the unfused MLP holds them (eager's decode logits, not drift)
     g = g.to(OUT.dtype.element_ty).to(tl.float32)
     u = u.to(OUT.dtype.element_ty).to(tl.float32)
@@ -122,11 +131,10 @@ def _sum_parts(PART, rm, rn, M, N, N_ALL, col, SPLIT: tl.constexpr):
 
 @triton.jit
 def gemv_tile(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, XA, stride_xa,
-              Bw, s, tile, col, M, N, N_ALL, K, KS, R,
-              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr,
-              UNPACK: tl.constexpr, SPLIT: tl.constexpr):
+              stride_xs, xa_splits, Bw, s, tile, col, M, N, N_ALL, K, KS, R, BLOCKSIZE: tl.constexpr,
+              BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+              BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr):
     """out[m, n] = x[m] . W[n] + bias[n] + s * xa[m] . B[n] for the BLOCK_N columns n of output tile ``tile``;
     with SPLIT > 1, program column j sums K range [j KS, (j + 1) KS) only and stores it to columns ``col + n`` of
     PART[j], (SPLIT, M, N_ALL) fp32 (``gemv_end`` finishes; ``col``, ``N_ALL``: where this projection sits among
@@ -138,50 +146,50 @@ def gemv_tile(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABS
                    tl.minimum(k_lo + KS, K), BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT,
                    FP32, UNPACK)
     if SPLIT == 1:
-        finish_tile(acc, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, rm, rn, M, N, R, HAS_BIAS, HAS_LORA, BLOCK_R,
-                    DOT, FP32)
+        finish_tile(acc, OUT, stride_o, BIAS, XA, stride_xa, stride_xs, xa_splits, Bw, s, rm, rn, M, N, R, HAS_BIAS,
+                    HAS_LORA, BLOCK_R, DOT, FP32)
     else:
         _store_part(PART + tl.program_id(1) * M * N_ALL, acc, rm, rn, M, N, N_ALL, col)
 
 
 @triton.jit
-def gemv_end(PART, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, R, tile, col, M, N, N_ALL,
+def gemv_end(PART, OUT, stride_o, BIAS, XA, stride_xa, stride_xs, xa_splits, Bw, s, R, tile, col, M, N, N_ALL,
              SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr):
     """A split-K GEMV's end for output tile ``tile``: the partials summed, bias and LoRA term added, stored."""
     rm = tl.arange(0, BLOCK_M)
     rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    finish_tile(_sum_parts(PART, rm, rn, M, N, N_ALL, col, SPLIT), OUT, stride_o, BIAS, XA, stride_xa, Bw, s, rm,
-                rn, M, N, R, HAS_BIAS, HAS_LORA, BLOCK_R, DOT, FP32)
+    finish_tile(_sum_parts(PART, rm, rn, M, N, N_ALL, col, SPLIT), OUT, stride_o, BIAS, XA, stride_xa, stride_xs,
+                xa_splits, Bw, s, rm, rn, M, N, R, HAS_BIAS, HAS_LORA, BLOCK_R, DOT, FP32)
 
 
 @triton.jit
 def _nf4_gemv_kernel(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS,
-                     XA, stride_xa, Bw, s, M, N, K, KS, R,
+                     XA, stride_xa, stride_xs, xa_splits, Bw, s, M, N, K, KS, R,
                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
                      FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr):
     """Program (i, j): output tile i, K range j (``gemv_tile``; ``_gemv_epilogue_kernel`` finishes a split)."""
     gemv_tile(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, XA, stride_xa,
-              Bw, s, tl.program_id(0), 0, M, N, N, K, KS, R, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
-              BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
+              stride_xs, xa_splits, Bw, s, tl.program_id(0), 0, M, N, N, K, KS, R, BLOCKSIZE, BLOCKSIZE2, NESTED,
+              HAS_BIAS, HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
 
 
 @triton.jit
-def _gemv_epilogue_kernel(PART, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, M, N, R, SPLIT: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr,
+def _gemv_epilogue_kernel(PART, OUT, stride_o, BIAS, XA, stride_xa, stride_xs, xa_splits, Bw, s, M, N, R,
+                          SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr):
     """A split-K GEMV's end (``gemv_end``), program i: output tile i."""
-    gemv_end(PART, OUT, stride_o, BIAS, XA, stride_xa, Bw, s, R, tl.program_id(0), 0, M, N, N, SPLIT, HAS_BIAS,
-             HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
+    gemv_end(PART, OUT, stride_o, BIAS, XA, stride_xa, stride_xs, xa_splits, Bw, s, R, tl.program_id(0), 0, M, N, N,
+             SPLIT, HAS_BIAS, HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
 
 
 @triton.jit
 def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, PART, CODE,
                          P_G, A_G, C2_G, A2_G, O_G, XA_G, B_G, s_g,
                          P_U, A_U, C2_U, A2_U, O_U, XA_U, B_U, s_u,
-                         stride_xa, M, N, K, KS, R_G, R_U,
+                         stride_xa, stride_xs, xa_splits, M, N, K, KS, R_G, R_U,
                          BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                          HAS_LORA: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -197,24 +205,25 @@ def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, PART, CODE,
     u = nf4_tile(X, stride_x, P_U, A_U, CODE, C2_U, A2_U, O_U, rm, rn, M, N, K, k_lo, k_hi,
                   BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK)
     if SPLIT == 1:
-        _glu_finish(g, u, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, rm, rn, M, N, R_G, R_U,
-                    HAS_LORA, GELU, BLOCK_R, DOT, FP32)
+        _glu_finish(g, u, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, stride_xs, xa_splits, rm, rn, M, N,
+                    R_G, R_U, HAS_LORA, GELU, BLOCK_R, DOT, FP32)
     else:
         _store_part(PART + tl.program_id(1) * M * N, g, rm, rn, M, N, N, 0)
         _store_part(PART + (SPLIT + tl.program_id(1)) * M * N, u, rm, rn, M, N, N, 0)
 
 
 @triton.jit
-def _glu_epilogue_kernel(PART, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, M, N, R_G, R_U,
-                         SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr):
+def _glu_epilogue_kernel(PART, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, stride_xs, xa_splits, M, N,
+                         R_G, R_U, SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, GELU: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
+                         FP32: tl.constexpr):
     """A split-K gate/up GEMV's end: each projection's partials summed, LoRA terms, activation, product."""
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    _glu_finish(_sum_parts(PART, rm, rn, M, N, N, 0, SPLIT), _sum_parts(PART + SPLIT * M * N, rm, rn, M, N, N, 0,
-                                                                         SPLIT),
-                OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, rm, rn, M, N, R_G, R_U, HAS_LORA, GELU,
-                BLOCK_R, DOT, FP32)
+    g = _sum_parts(PART, rm, rn, M, N, N, 0, SPLIT)
+    u = _sum_parts(PART + SPLIT * M * N, rm, rn, M, N, N, 0, SPLIT)
+    _glu_finish(g, u, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, stride_xs, xa_splits, rm, rn, M, N,
+                R_G, R_U, HAS_LORA, GELU, BLOCK_R, DOT, FP32)
 
 
 # Tile sizes: the fastest of ``fastllm bench generate --sweep`` (CUDA-graph timings over L2-busting weight copies;
@@ -277,6 +286,16 @@ def gemv_operands(unpack: int, code, *packed) -> tuple:
     return code, packed[0] if len(packed) == 1 else packed
 
 
+def xa_strides(xa) -> tuple:
+    """(row stride, split stride, splits) of a LoRA ``xa`` operand: (M, R) in x's dtype, or the (SPLIT, M, R) fp32
+    partials of ``kernels.lora_xa`` (a column slice for one adapter of a group), which the LoRA term adds up."""
+    if xa.dim() == 2:
+        return xa.stride(0), 0, 1
+    if xa.dim() != 3 or xa.stride(2) != 1:
+        raise ValueError(f"xa must be (M, R) or (SPLIT, M, R) with unit stride along R, got {tuple(xa.shape)}")
+    return xa.stride(1), xa.stride(0), xa.shape[0]
+
+
 def state_operands(st):
     """(absmax, code, code2, absmax2, offset) as kernel pointers (the absmax standing in where not nested)."""
     absmax, code, code2, absmax2, offset = st
@@ -291,7 +310,8 @@ def nf4_gemv_fwd(x, packed, state, n: int, blocksize: int, blocksize2: int, out,
 
     x: (M, K) with M <= MAX_ROWS; packed: the (N * K / 2) bytes as uint8; state: ``(absmax, code, code2,
     absmax2, offset)`` (code2 None unless nested); out: (M, N) of x's dtype, unit stride along N;
-    bias: (N,) or None; lora: ``(xa (M, R), B (N, R) contiguous, s)`` or None (xa, B in x's dtype);
+    bias: (N,) or None; lora: ``(xa, B (N, R) contiguous, s)`` or None, xa (M, R) in x's dtype or the (SPLIT, M, R)
+    fp32 partials of ``kernels.lora_xa`` (``xa_strides``), B in any float dtype (rounded to x's as it is read);
     config: tile overrides (``gemv_config``).
     """
     m, k = x.shape
@@ -308,12 +328,12 @@ def nf4_gemv_fwd(x, packed, state, n: int, blocksize: int, blocksize2: int, out,
                 "BLOCK_R": min(64, max(16, next_power_of_2(r)))}
     launch(_nf4_gemv_kernel, (cdiv(n, cfg["BLOCK_N"]), split),
            x, x.stride(0), out, out.stride(0), part, packed, absmax, code, code2, absmax2, offset,
-           bias, xa, xa.stride(0), b, float(s), m, n, k, ks, r,
+           bias, xa, *xa_strides(xa), b, float(s), m, n, k, ks, r,
            BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, enable_fp_fusion=False,
            **epilogue, **cfg)
     if split > 1:
-        launch(_gemv_epilogue_kernel, (cdiv(n, EPILOGUE_N),), part, out, out.stride(0), bias, xa, xa.stride(0), b,
-               float(s), m, n, r, SPLIT=split, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=EPILOGUE_N, DOT=cfg["DOT"],
+        launch(_gemv_epilogue_kernel, (cdiv(n, EPILOGUE_N),), part, out, out.stride(0), bias, xa, *xa_strides(xa),
+               b, float(s), m, n, r, SPLIT=split, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=EPILOGUE_N, DOT=cfg["DOT"],
                enable_fp_fusion=False, **epilogue)
     return out
 
@@ -335,19 +355,20 @@ def nf4_glu_gemv_fwd(x, gate, up, n: int, blocksize: int, blocksize2: int, out, 
     code, (pg, pu) = gemv_operands(cfg["UNPACK"], code, pg, pu)
     xag, bg, s_g = lg if lg is not None else (x, x, 0.0)
     xau, bu, s_u = lu if lu is not None else (x, x, 0.0)
-    if xag.stride(0) != xau.stride(0):
-        raise ValueError("gate's and up's xa must share a row stride (views of one (M, R_g + R_u) buffer)")
+    if xa_strides(xag) != xa_strides(xau):
+        raise ValueError("gate's and up's xa must share their strides (views of one (M, R_g + R_u) buffer or of one "
+                         "buffer of partials)")
     rg, ru = (bg.shape[1], bu.shape[1]) if lg is not None else (0, 0)
     ks, split = cfg.pop("KS"), cfg["SPLIT"]
     part = x.new_empty((2 * split, m, n), dtype=torch.float32) if split > 1 else out
     epilogue = {"HAS_LORA": lg is not None, "GELU": gelu, "FP32": x.dtype.itemsize == 4,
                 "BLOCK_R": min(64, max(16, next_power_of_2(max(rg, ru))))}
-    lora_args = (xag, bg, float(s_g), xau, bu, float(s_u), xag.stride(0))
+    lora_args = (xag, bg, float(s_g), xau, bu, float(s_u), *xa_strides(xag))
     launch(_nf4_glu_gemv_kernel, (cdiv(n, cfg["BLOCK_N"]), split),
            x, x.stride(0), out, out.stride(0), part, code,
            pg, ag, c2g, a2g, og, xag, bg, float(s_g),
            pu, au, c2u, a2u, ou, xau, bu, float(s_u),
-           xag.stride(0), m, n, k, ks, rg, ru,
+           *xa_strides(xag), m, n, k, ks, rg, ru,
            BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, enable_fp_fusion=False,
            **epilogue, **cfg)
     if split > 1:

@@ -16,11 +16,20 @@ import triton
 import triton.language as tl
 
 from .launch import cdiv, launch, next_power_of_2
-from .nf4_gemv import EPILOGUE_N, check_gemv, gemv_config, gemv_end, gemv_operands, gemv_tile, state_operands
+from .nf4_gemv import (
+    EPILOGUE_N,
+    check_gemv,
+    gemv_config,
+    gemv_end,
+    gemv_operands,
+    gemv_tile,
+    state_operands,
+    xa_strides,
+)
 
 
 @triton.jit
-def _nf4_group_gemv_kernel(X, stride_x, PART, CODE, stride_xa, M, K, KS, N_ALL, T1, T2,
+def _nf4_group_gemv_kernel(X, stride_x, PART, CODE, stride_xa, stride_xs, xa_splits, M, K, KS, N_ALL, T1, T2,
                            P0, A0, C20, A20, O0, BIAS0, XA0, B0, s0, OUT0, N0, R0,
                            P1, A1, C21, A21, O1, BIAS1, XA1, B1, s1, OUT1, N1, R1,
                            P2, A2, C22, A22, O2, BIAS2, XA2, B2, s2, OUT2, N2, R2,
@@ -32,21 +41,21 @@ def _nf4_group_gemv_kernel(X, stride_x, PART, CODE, stride_xa, M, K, KS, N_ALL, 
     """Program (i, j): output tile i of the concatenated projections (0 below T1, 1 below T2, else 2), K range j."""
     pid = tl.program_id(0)
     if pid < T1:
-        gemv_tile(X, stride_x, OUT0, N0, PART, P0, A0, CODE, C20, A20, O0, BIAS0, XA0, stride_xa, B0, s0,
-                  pid, 0, M, N0, N_ALL, K, KS, R0, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
-                  BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
+        gemv_tile(X, stride_x, OUT0, N0, PART, P0, A0, CODE, C20, A20, O0, BIAS0, XA0, stride_xa, stride_xs, xa_splits,
+                  B0, s0, pid, 0, M, N0, N_ALL, K, KS, R0, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA, BLOCK_M,
+                  BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
     elif pid < T2:  # with two projections T2 is the tile count: no program gets past it
-        gemv_tile(X, stride_x, OUT1, N1, PART, P1, A1, CODE, C21, A21, O1, BIAS1, XA1, stride_xa, B1, s1,
-                  pid - T1, N0, M, N1, N_ALL, K, KS, R1, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
+        gemv_tile(X, stride_x, OUT1, N1, PART, P1, A1, CODE, C21, A21, O1, BIAS1, XA1, stride_xa, stride_xs, xa_splits,
+                  B1, s1, pid - T1, N0, M, N1, N_ALL, K, KS, R1, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
                   BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
     else:
-        gemv_tile(X, stride_x, OUT2, N2, PART, P2, A2, CODE, C22, A22, O2, BIAS2, XA2, stride_xa, B2, s2,
-                  pid - T2, N0 + N1, M, N2, N_ALL, K, KS, R2, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
+        gemv_tile(X, stride_x, OUT2, N2, PART, P2, A2, CODE, C22, A22, O2, BIAS2, XA2, stride_xa, stride_xs, xa_splits,
+                  B2, s2, pid - T2, N0 + N1, M, N2, N_ALL, K, KS, R2, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
                   BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
 
 
 @triton.jit
-def _group_epilogue_kernel(PART, stride_xa, M, N_ALL, T1, T2,
+def _group_epilogue_kernel(PART, stride_xa, stride_xs, xa_splits, M, N_ALL, T1, T2,
                            BIAS0, XA0, B0, s0, OUT0, N0, R0, BIAS1, XA1, B1, s1, OUT1, N1, R1,
                            BIAS2, XA2, B2, s2, OUT2, N2, R2,
                            SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
@@ -55,14 +64,14 @@ def _group_epilogue_kernel(PART, stride_xa, M, N_ALL, T1, T2,
     """A split-K group's end: each projection's partials summed, bias and LoRA term added, stored."""
     pid = tl.program_id(0)
     if pid < T1:
-        gemv_end(PART, OUT0, N0, BIAS0, XA0, stride_xa, B0, s0, R0, pid, 0, M, N0, N_ALL, SPLIT, HAS_BIAS,
-                 HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
-    elif pid < T2:  # with two projections T2 is the tile count: no program gets past it
-        gemv_end(PART, OUT1, N1, BIAS1, XA1, stride_xa, B1, s1, R1, pid - T1, N0, M, N1, N_ALL, SPLIT, HAS_BIAS,
-                 HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
-    else:
-        gemv_end(PART, OUT2, N2, BIAS2, XA2, stride_xa, B2, s2, R2, pid - T2, N0 + N1, M, N2, N_ALL, SPLIT,
+        gemv_end(PART, OUT0, N0, BIAS0, XA0, stride_xa, stride_xs, xa_splits, B0, s0, R0, pid, 0, M, N0, N_ALL, SPLIT,
                  HAS_BIAS, HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
+    elif pid < T2:  # with two projections T2 is the tile count: no program gets past it
+        gemv_end(PART, OUT1, N1, BIAS1, XA1, stride_xa, stride_xs, xa_splits, B1, s1, R1, pid - T1, N0, M, N1, N_ALL,
+                 SPLIT, HAS_BIAS, HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
+    else:
+        gemv_end(PART, OUT2, N2, BIAS2, XA2, stride_xa, stride_xs, xa_splits, B2, s2, R2, pid - T2, N0 + N1, M, N2,
+                 N_ALL, SPLIT, HAS_BIAS, HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
 
 
 def nf4_group_gemv_fwd(x, items, blocksize: int, blocksize2: int, outs, config: dict | None = None):
@@ -85,8 +94,9 @@ def nf4_group_gemv_fwd(x, items, blocksize: int, blocksize2: int, outs, config: 
     if any(st[5] != nested for st in states) or any((it[3] is not None) != has_bias for it in items) \
             or any((it[4] is not None) != has_lora for it in items):
         raise ValueError("the grouped GEMV needs one nesting, and a bias and a LoRA term on all projections or none")
-    if has_lora and len({it[4][0].stride(0) for it in items}) != 1:
-        raise ValueError("the grouped GEMV's xa must share a row stride (views of one (M, sum R) buffer)")
+    if has_lora and len({xa_strides(it[4][0]) for it in items}) != 1:
+        raise ValueError("the grouped GEMV's xa must share their strides (views of one (M, sum R) buffer or of one "
+                         "buffer of partials)")
     cfg = gemv_config(m, k, blocksize, config)
     code, packed = gemv_operands(cfg["UNPACK"], states[0][1], *[it[0] for it in items])
     ns = [it[2] for it in items]
@@ -102,18 +112,18 @@ def nf4_group_gemv_fwd(x, items, blocksize: int, blocksize2: int, outs, config: 
                       ranks[-1]))
     if g == 2:
         slots.append(slots[1])
-    xa_stride = items[0][4][0].stride(0) if has_lora else 0
+    xa_stride = xa_strides(items[0][4][0]) if has_lora else (0, 0, 1)
     flags = {"HAS_BIAS": has_bias, "HAS_LORA": has_lora, "FP32": x.dtype.itemsize == 4,
              "BLOCK_R": min(64, max(16, next_power_of_2(max(ranks)))), "DOT": cfg["DOT"]}
     tiles = [cdiv(n, cfg["BLOCK_N"]) for n in ns]
     t1, t2 = tiles[0], tiles[0] + tiles[1]
-    launch(_nf4_group_gemv_kernel, (sum(tiles), split), x, x.stride(0), part, code, xa_stride, m, k, ks, sum(ns),
+    launch(_nf4_group_gemv_kernel, (sum(tiles), split), x, x.stride(0), part, code, *xa_stride, m, k, ks, sum(ns),
            t1, t2, *[a for slot in slots for a in slot], BLOCKSIZE=blocksize,
            BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, enable_fp_fusion=False, **flags,
            **{n: v for n, v in cfg.items() if n != "DOT"})
     if split > 1:
         ends = [cdiv(n, EPILOGUE_N) for n in ns]
-        launch(_group_epilogue_kernel, (sum(ends),), part, xa_stride, m, sum(ns), ends[0], ends[0] + ends[1],
+        launch(_group_epilogue_kernel, (sum(ends),), part, *xa_stride, m, sum(ns), ends[0], ends[0] + ends[1],
                *[a for slot in slots for a in slot[5:]], SPLIT=split, BLOCK_M=cfg["BLOCK_M"],
                BLOCK_N=EPILOGUE_N, enable_fp_fusion=False, **flags)
     return outs

@@ -77,9 +77,12 @@ def _kernels():
 
 
 def _lora_torch(y: torch.Tensor, lora) -> torch.Tensor:
-    """``y + s * xa @ B.T`` with PEFT's roundings (product, scaled product, sum)."""
+    """``y + s * xa @ B.T`` with PEFT's roundings (product, scaled product, sum); xa may be ``kernels.lora_xa``'s
+    (SPLIT, M, R) fp32 partials (summed, then rounded to y's dtype, as the kernels take them), B any float dtype."""
     xa, b, s = lora
-    t = xa @ b.t()
+    if xa.dim() == 3:
+        xa = xa.sum(0)
+    t = xa.to(y.dtype) @ b.to(y.dtype).t()
     if s != 1.0:
         t = t * s
     return y + t
@@ -97,8 +100,9 @@ def nf4_gemv(x: torch.Tensor, packed: torch.Tensor, state: tuple, bias: torch.Te
     """``x @ W.T + bias + s * xa @ B.T`` for W the NF4 weight (``packed`` plain bytes, ``state_args``).
 
     x: (M, K) in the compute dtype, M <= MAX_ROWS for Triton; bias: (N,) or None; lora: ``(xa (M, r), B (N, r), s)``
-    in x's dtype (xa may be a column slice of a wider buffer) or None; config: the kernel's tile overrides
-    (``kernels.nf4_gemv.gemv_config``, for sweeps). Returns (M, N) in x's dtype.
+    in x's dtype (xa may be a column slice of a wider buffer; or the (SPLIT, M, r) fp32 partials of
+    ``kernels.lora_xa``, with B in any float dtype: ``kernels.nf4_gemv.lora_term``) or None; config: the kernel's
+    tile overrides (``kernels.nf4_gemv.gemv_config``, for sweeps). Returns (M, N) in x's dtype.
     """
     n = state[7][0]
     if pick_backend(backend, x.device) != "triton":
