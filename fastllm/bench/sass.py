@@ -30,9 +30,10 @@ _DIV16 = {"stride_x", "stride_o", "stride_xa", "N", "K", "KS", "R", "R_G", "R_U"
 
 
 def signature(kernel, cfg: dict, nested: bool = True, lora: bool = True, bias: bool = False,
-              dtype: str = "bf16") -> tuple[dict, dict]:
+              dtype: str = "bf16", partials: bool = False) -> tuple[dict, dict]:
     """(signature, constexprs) for compiling ``kernel`` (one of ``kernels.nf4_gemv``'s four) as ``cfg``
-    (``gemv_config``'s result, or a dict with at least its keys) launches it."""
+    (``gemv_config``'s result, or a dict with at least its keys) launches it; ``partials``: xa as
+    ``kernels.lora_xa``'s fp32 partials and B as fp32 masters (a decode step's LoRA operands)."""
     unpack = cfg["UNPACK"]
     types = {"X": f"*{dtype}", "OUT": f"*{dtype}", "PART": "*fp32", "CODE": "*i64" if unpack == 2 else "*fp32",
              "s": "fp32", "s_g": "fp32", "s_u": "fp32", "BIAS": f"*{dtype}"}
@@ -41,12 +42,14 @@ def signature(kernel, cfg: dict, nested: bool = True, lora: bool = True, bias: b
         for name, t in zip(names, ("*i32" if unpack == 3 else "*u8", "*u8" if nested else "*fp32", "*fp32", "*fp32",
                                    "*fp32")):
             types[name + suffix] = t
+    lora_t = "*fp32" if partials else f"*{dtype}"
     for name in ("XA", "Bw", "XA_G", "B_G", "XA_U", "B_U"):
-        types[name] = f"*{dtype}"
+        types[name] = lora_t
     for i in range(3):  # the grouped kernel's projections (``kernels.nf4_group_gemv``)
         types.update({f"P{i}": types["PACKED"], f"A{i}": types["ABSMAX"], f"C2{i}": "*fp32", f"A2{i}": "*fp32",
                       f"O{i}": "*fp32", f"s{i}": "fp32"})
-        types.update({f"{n}{i}": f"*{dtype}" for n in ("BIAS", "XA", "B", "OUT")})
+        types.update({f"{n}{i}": f"*{dtype}" for n in ("BIAS", "OUT")})
+        types.update({f"{n}{i}": lora_t for n in ("XA", "B")})
     consts = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": nested, "HAS_LORA": lora, "HAS_BIAS": bias,
               "GELU": False, "FP32": dtype == "fp32", "BLOCK_R": 16, **cfg}
     sig = {n: types.get(n, "i32") if n not in consts else "constexpr" for n in kernel.arg_names}

@@ -26,7 +26,7 @@ def _lora_add_kernel(Y, stride_y, XA, stride_xa, Bw, s, M, N, R, BLOCK_M: tl.con
     ok = (rm < M)[:, None] & (rn < N)[None, :]
     ptrs = Y + rm[:, None].to(tl.int64) * stride_y + rn[None, :]
     y = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-    y = lora_term(y, XA, stride_xa, Bw, s, rm, rn, M, N, R, BLOCK_R, DOT, FP32)
+    y = lora_term(y, Y, XA, stride_xa, 0, 1, Bw, s, rm, rn, M, N, R, BLOCK_R, DOT, FP32)
     tl.store(ptrs, y.to(Y.dtype.element_ty), mask=ok)
 
 

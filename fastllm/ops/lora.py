@@ -21,6 +21,7 @@ adapter copies (``cast_adapters``).
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -86,6 +87,7 @@ def cast_adapters(params, dtype: torch.dtype, cache: str | None = None,
 _CAST_CAT = None
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # the cast kernel reads data pointers: no tensor subclass (DTensor)
 _LORA_ADD = None
+_LORA_XA = None
 
 
 def _lora_add():
@@ -95,6 +97,15 @@ def _lora_add():
 
         _LORA_ADD = lora_add
     return _LORA_ADD
+
+
+def _lora_xa():
+    global _LORA_XA
+    if _LORA_XA is None:
+        from ..kernels.lora_xa import lora_xa
+
+        _LORA_XA = lora_xa
+    return _LORA_XA
 
 
 def _cast_cat():
@@ -225,11 +236,20 @@ def decode_states(weights, rows: int = 1) -> tuple | None:
     return None
 
 
-def _decode_xa(x2: torch.Tensor, parts) -> tuple:
-    """``xa = x @ [A_1; A_2; ..].T`` (one GEMM for every adapter of the group) split per adapter, and the ``B_i``
-    in x's dtype (``cast_adapters``: one launch)."""
+def _decode_xa(x2: torch.Tensor, parts, fused: bool = False) -> tuple:
+    """``xa = x @ [A_1; A_2; ..].T`` split per adapter, and the ``B_i`` as the GEMVs take them.
+
+    ``fused`` (fastllm's Triton GEMV serves the group): ``kernels.lora_xa``'s K-split fp32 partials in one launch,
+    straight from the adapters (rounded to x's dtype as read), and the B_i as they are; the GEMVs' LoRA term sums the
+    partials and rounds both. Else one GEMM for every adapter of the group after casting A and B to x's dtype
+    (``cast_adapters``: one launch)."""
     n, k = len(parts), x2.shape[-1]
-    flat, views = cast_adapters([p[1] for p in parts] + [p[2] for p in parts], x2.dtype)  # one launch
+    adapters, bs = [p[1] for p in parts], [p[2] for p in parts]
+    if fused and n <= 3 and x2.stride(-1) == 1 and all(type(t) in _PLAIN and t.is_contiguous() for t in adapters + bs):
+        part = _lora_xa()(x2, adapters)
+        ends = list(itertools.accumulate(a.shape[0] for a in adapters))
+        return tuple(part[:, :, e - a.shape[0]:e] for a, e in zip(adapters, ends)), tuple(bs)
+    flat, views = cast_adapters(adapters + bs, x2.dtype)  # one launch
     ranks = [a.shape[0] for a in views[:n]]
     # No autocast guard (a context costs ~10 us of host time a call): every operand is already in x's dtype, the
     # one autocast may be set to (the callers' condition), and in-place addmm_ and the GEMVs are never autocast.
@@ -237,14 +257,15 @@ def _decode_xa(x2: torch.Tensor, parts) -> tuple:
     return ((xa,) if n == 1 else xa.split_with_sizes(ranks, 1)), views[n:]
 
 
-def lora_decode(x: torch.Tensor, parts, states, biases=None) -> list:
+def lora_decode(x: torch.Tensor, parts, states, biases=None, backend: str = "auto") -> list:
     """A decode step of projections sharing one input: 1 to 64 token rows, no autograd. For each projection i::
 
-        xa  = x @ [A_1; A_2; ..].T              (M, R)     one GEMM for every adapter
+        xa  = x @ [A_1; A_2; ..].T              (M, R)     one launch for every adapter
         y_i = gemv4bit(x, W_i) + b_i + s_i * xa_i @ B_i.T   (M, N_i)
 
     With ``states`` of kind ``"gemv"`` the group's y_i are one launch of fastllm's NF4 GEMV (``ops.nf4_gemv``: the
-    weight dequantized in registers, the rank-r term in its epilogue; ``nf4_group_gemv`` for q/k/v); with
+    weight dequantized in registers, the rank-r term in its epilogue; ``nf4_group_gemv`` for q/k/v), xa its K-split
+    partials straight from the adapters (``_decode_xa``): a group is three launches, nothing cast; with
     ``"bnb"`` (one row) bnb's fused 4-bit GEMV, the rank-r term added in place. Either reads only the packed
     weight (dequant + GEMM would write and re-read a dense one), and the whole step is a few ops where PEFT runs
     about seven per projection plus its Python.
@@ -253,22 +274,24 @@ def lora_decode(x: torch.Tensor, parts, states, biases=None) -> list:
 
     x: (..., K) in the compute dtype (autocast off or at that dtype); parts: ``(weight, A, B, scale)`` per
     projection (bnb ``Params4bit`` weights); states: ``decode_states`` of the weights; biases: None or one per
-    projection. Returns the outputs (..., N_i) in x's dtype.
+    projection; backend: the GEMV's (``"triton"`` runs it anywhere Triton runs, the interpreter for tests). Returns
+    the outputs (..., N_i) in x's dtype.
     """
     kind, states = states
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    xas, bs = _decode_xa(x2, parts)
+    xas, bs = _decode_xa(x2, parts, kind == "gemv" and pick_backend(backend, x.device) == "triton")
     if kind == "gemv" and len(parts) > 1:  # q/k/v in one launch where they can share it
         ys = nf4_group_gemv(x2, [(packed, st, None if biases is None else biases[i], (xa_i, b, float(p[3])))
-                                 for i, (p, (packed, st), b, xa_i) in enumerate(zip(parts, states, bs, xas))])
+                                 for i, (p, (packed, st), b, xa_i) in enumerate(zip(parts, states, bs, xas))],
+                            backend)
         if ys is not None:
             return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
     outs = []
     for i, ((_, _, _, s), (packed, st), b, xa_i) in enumerate(zip(parts, states, bs, xas)):
         bias = None if biases is None else biases[i]
         if kind == "gemv":
-            y = nf4_gemv(x2, packed, st, bias, (xa_i, b, float(s)))
+            y = nf4_gemv(x2, packed, st, bias, (xa_i, b, float(s)), backend)
         else:
             absmax, code, code2, absmax2, offset, blocksize, _, shape = st
             y = bnb_gemv(x2, packed, absmax, code, code2, absmax2, offset, bias, blocksize, shape)
@@ -277,17 +300,18 @@ def lora_decode(x: torch.Tensor, parts, states, biases=None) -> list:
     return outs
 
 
-def lora_decode_glu(x: torch.Tensor, parts, states, gelu: bool = False) -> torch.Tensor | None:
+def lora_decode_glu(x: torch.Tensor, parts, states, gelu: bool = False, backend: str = "auto") -> torch.Tensor | None:
     """A gated MLP's ``act(gate(x)) * up(x)`` for a decode step as one GEMV launch (plus the adapters' shared
-    ``xa`` GEMM), or None where the pair cannot take it (then ``lora_decode`` runs gate and up). parts, states:
+    ``xa``), or None where the pair cannot take it (then ``lora_decode`` runs gate and up). parts, states, backend:
     as ``lora_decode``'s for (gate, up). Returns (..., N) in x's dtype."""
     kind, states = states
     (pg, sg), (pu, su) = states
     if kind != "gemv" or tuple(sg[7]) != tuple(su[7]) or sg[5] != su[5] or (sg[2] is None) != (su[2] is None):
         return None
     x2 = x.reshape(-1, x.shape[-1])
-    (xg, xu), (bg, bu) = _decode_xa(x2, parts)
-    h = nf4_glu_gemv(x2, (pg, sg, (xg, bg, float(parts[0][3]))), (pu, su, (xu, bu, float(parts[1][3]))), gelu)
+    (xg, xu), (bg, bu) = _decode_xa(x2, parts, pick_backend(backend, x.device) == "triton")
+    h = nf4_glu_gemv(x2, (pg, sg, (xg, bg, float(parts[0][3]))), (pu, su, (xu, bu, float(parts[1][3]))), gelu,
+                     backend)
     return h.view(*x.shape[:-1], h.shape[-1])
 
 

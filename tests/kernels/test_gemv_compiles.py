@@ -25,6 +25,9 @@ CASES += [(kind, 2, dot, True, 4) for kind, dot in itertools.product(("gemv", "g
                                                                        (False, True))]
 CASES += [("group", 3, False, True, split) for split in (1, 4)] + [("group", 3, "rows", True, 4)]
 CASES += [("group", 2, True, False, 4), ("group-end", 3, False, True, 4), ("group-end", 2, True, True, 4)]
+# the LoRA term over ``kernels.lora_xa``'s fp32 partials and fp32 B (a decode step's operands)
+PARTIALS = [("gemv", 0, False, True, 1), ("gemv-end", 0, False, True, 4), ("gemv-end", 2, True, True, 4),
+            ("glu-end", 0, False, True, 4), ("glu", 2, True, True, 1), ("group-end", 3, False, True, 4)]
 
 
 def _compile_all() -> int:
@@ -33,7 +36,7 @@ def _compile_all() -> int:
     from fastllm.kernels import nf4_group_gemv as group
 
     failed = 0
-    for kind, unpack, dot, nested, split in CASES:
+    for i, (kind, unpack, dot, nested, split) in enumerate(CASES + PARTIALS):
         rows, dot = dot == "rows", dot is True
         cfg = {"BLOCK_M": 16 if dot else 8 if rows else 1, "BLOCK_N": 32 if dot else 4, "BLOCK_K": 128 if dot else 1024,
                "CHUNK": 64, "DOT": dot, "UNPACK": unpack, "SPLIT": split}
@@ -41,7 +44,7 @@ def _compile_all() -> int:
                   "glu": kernels._nf4_glu_gemv_kernel, "glu-end": kernels._glu_epilogue_kernel,
                   "group": group._nf4_group_gemv_kernel, "group-end": group._group_epilogue_kernel}[kind]
         try:
-            compiled = compile_sm90(kernel, *signature(kernel, cfg, nested, bias=True))
+            compiled = compile_sm90(kernel, *signature(kernel, cfg, nested, bias=True, partials=i >= len(CASES)))
             ok = bool(compiled.asm["cubin"])
         except Exception as err:  # reported per case, all cases tried
             ok, why = False, str(err).strip().splitlines()[-1][:300]
@@ -56,6 +59,9 @@ OTHERS = [("cast_cat", "_cast_cat_kernel", {"OUT": "*bf16", "S0": "*fp32", "S2":
 OTHERS += [("lora_add", "_lora_add_kernel", {"Y": "*bf16", "XA": "*bf16", "Bw": "*bf16", "s": "fp32"},
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": 16, "DOT": dot, "FP32": False})
            for bm, bn, dot in ((1, 128, False), (16, 16, False), (64, 64, True))]
+OTHERS += [("lora_xa", "_lora_xa_kernel", {"X": "*bf16", "PART": "*fp32", "A0": "*fp32", "A1": "*fp32", "A2": "*fp32"},
+            {"BLOCK_M": bm, "BLOCK_R": br, "BLOCK_K": 128, "DOT": dot, "FP32": False})
+           for bm, br, dot in ((1, 16, False), (4, 16, False), (32, 16, True), (16, 64, True))]
 
 
 def _compile_others() -> int:
@@ -82,7 +88,8 @@ def test_gemv_kernels_compile_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith(("gemv", "glu", "group", "other"))]
-    assert run.returncode == 0 and len(lines) == len(CASES) + len(OTHERS), run.stdout[-3000:] + run.stderr[-3000:]
+    expected = len(CASES) + len(PARTIALS) + len(OTHERS)
+    assert run.returncode == 0 and len(lines) == expected, run.stdout[-3000:] + run.stderr[-3000:]
     assert all(ln.endswith(" ok") for ln in lines), "\n".join(lines)
 
 
