@@ -12,6 +12,8 @@ prompt for each batch size, bf16 autocast. Providers, the runs interleaved per b
   GEMV for one row, dequant + GEMM for batches, the LoRA terms grouped per input;
 - ``fastllm:rows=N`` (8, 16, 64): the defaults with the GEMV taking decode steps of up to N rows
   (``ops.nf4_gemv.set_decode_rows``), to time larger batches through it;
+- ``fastllm:xa=gemm``: the defaults with the adapters' ``xa`` as a cast and a cuBLAS GEMM instead of
+  ``kernels.lora_xa`` (``ops.lora.set_fused_xa(False)``);
 - ``fastllm:dense``: the same with ``ops.dense_decode`` (dense copies of the 4-bit weights for the length of each
   generate call: every step one cuBLAS GEMM over 2 bytes a weight; its peak shows their memory);
 - ``unsloth``: Unsloth's ``FastLanguageModel.for_inference`` on the same weights, in a child process.
@@ -36,17 +38,19 @@ from .models import SHAPES
 
 GROUP_COLUMNS = ["group", "us_per_step", "calls_per_step", "share"]  # one decode step's kernel groups (--profile)
 PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "fastllm:rows=8", "fastllm:rows=16", "fastllm:rows=64",
-             "fastllm:dense", "unsloth")
+             "fastllm:xa=gemm", "fastllm:dense", "unsloth")
 
 
 def _select(model, provider: str) -> dict:
     """Patch or unpatch ``model`` for ``provider``; the generate kwargs it runs with."""
     from ..ops import dense_decode
+    from ..ops.lora import set_fused_xa
     from ..ops.nf4_gemv import set_decode_rows, set_enabled
 
     set_enabled(False if provider == "fastllm:gemv=off" else None)
     set_decode_rows(int(provider.split("=")[1]) if provider.startswith("fastllm:rows=") else None)
     dense_decode.set_enabled(True if provider == "fastllm:dense" else None)
+    set_fused_xa(False if provider == "fastllm:xa=gemm" else None)
     set_provider(model, "fastllm" if provider.startswith("fastllm") else "eager")
     return {"cache_implementation": "static"} if provider == "hf+static" else {}
 

@@ -88,6 +88,7 @@ _CAST_CAT = None
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # the cast kernel reads data pointers: no tensor subclass (DTensor)
 _LORA_ADD = None
 _LORA_XA = None
+_FUSED_XA = [True]  # decode steps on fastllm's GEMV take xa from kernels.lora_xa (``set_fused_xa``)
 
 
 def _lora_add():
@@ -97,6 +98,12 @@ def _lora_add():
 
         _LORA_ADD = lora_add
     return _LORA_ADD
+
+
+def set_fused_xa(on: bool | None) -> None:
+    """Decode steps on fastllm's GEMV compute xa with ``kernels.lora_xa`` (True, None: the default) or cast the
+    adapters and run a GEMM (False: the unfused path, for benchmarks)."""
+    _FUSED_XA[0] = True if on is None else bool(on)
 
 
 def _lora_xa():
@@ -245,7 +252,8 @@ def _decode_xa(x2: torch.Tensor, parts, fused: bool = False) -> tuple:
     (``cast_adapters``: one launch)."""
     n, k = len(parts), x2.shape[-1]
     adapters, bs = [p[1] for p in parts], [p[2] for p in parts]
-    if fused and n <= 3 and x2.stride(-1) == 1 and all(type(t) in _PLAIN and t.is_contiguous() for t in adapters + bs):
+    plain = all(type(t) in _PLAIN and t.is_contiguous() for t in adapters + bs)
+    if fused and _FUSED_XA[0] and n <= 3 and x2.stride(-1) == 1 and plain:
         part = _lora_xa()(x2, adapters)
         ends = list(itertools.accumulate(a.shape[0] for a in adapters))
         return tuple(part[:, :, e - a.shape[0]:e] for a, e in zip(adapters, ends)), tuple(bs)

@@ -85,3 +85,32 @@ def test_gemv_kind_matches_dense_maths_for_several_rows(dtype, tol, outs, with_b
             torch.testing.assert_close(h, torch.nn.functional.silu(ys[0]) * ys[1], rtol=0, atol=0)
     assert lora_decode_glu(x, parts[:2], ("bnb", states[:2])) is None  # bnb's GEMV has no fused pair
     assert decode_states(weights, 2) is None  # on the CPU: bnb's GEMV takes one row only
+
+
+def test_fused_xa_switch_picks_the_path(monkeypatch):
+    """``set_fused_xa(False)`` (the bench's ``fastllm:xa=gemm``) casts the adapters and runs a GEMM; the default
+    runs ``kernels.lora_xa``: both give the same outputs (fp32: to rounding)."""
+    if not triton_usable():
+        pytest.skip("needs Triton (a GPU or TRITON_INTERPRET=1)")
+    import fastllm.ops.lora as lora_ops
+
+    k, outs, ranks = 128, (64, 32), (4, 6)
+    weights = [_params4bit(n, k, i) for i, n in enumerate(outs)]
+    adapters = [_adapter(n, k, r, 3 + i) for i, (n, r) in enumerate(zip(outs, ranks))]
+    parts = [(w, a, b, 0.5) for w, (a, b) in zip(weights, adapters)]
+    _, states = decode_states(weights)
+    x = torch.randn(3, 1, k, generator=torch.Generator().manual_seed(5))
+    calls = []
+    real = lora_ops._lora_xa()
+    monkeypatch.setattr(lora_ops, "_LORA_XA", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fused = lora_ops.lora_decode(x, parts, ("gemv", states), backend="triton")
+        assert len(calls) == 1
+        lora_ops.set_fused_xa(False)
+        try:
+            gemm = lora_ops.lora_decode(x, parts, ("gemv", states), backend="triton")
+        finally:
+            lora_ops.set_fused_xa(None)
+    assert len(calls) == 1
+    for a, b in zip(fused, gemm):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
