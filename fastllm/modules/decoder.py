@@ -143,6 +143,15 @@ def attend_kwargs(attn) -> dict:
     return extra
 
 
+_GROUPED_DECODE = [True]  # one-token steps with grouped K/V take ``grouped_decode_sdpa`` (``set_grouped_decode``)
+
+
+def set_grouped_decode(on: bool | None) -> None:
+    """One-token attention steps with grouped K/V heads run ``ops.decode_attention.grouped_decode_sdpa`` (True, None:
+    the default) or transformers' SDPA function as given (False: for benchmarks)."""
+    _GROUPED_DECODE[0] = True if on is None else bool(on)
+
+
 def _is_sdpa(attn, interface) -> bool:
     """``interface`` is transformers' own SDPA attention (not a user's function registered under another name)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -154,7 +163,8 @@ def attend_region(attn, q, k, v, mask, interface, dropout: float, extra: dict) -
     """Attention through transformers' interface (SDPA or eager maths), then o_proj: -> (B, T, H).
     ``extra``: ``attend_kwargs(attn)``, passed on as the architecture's forward passes them. A one-token step
     with grouped K/V heads through SDPA runs ``grouped_decode_sdpa`` (the same sums, no repeated cache copy)."""
-    if dropout == 0.0 and "softcap" not in extra and _is_sdpa(attn, interface) and grouped_decode_fits(q, k, mask):
+    if _GROUPED_DECODE[0] and dropout == 0.0 and "softcap" not in extra and _is_sdpa(attn, interface) \
+            and grouped_decode_fits(q, k, mask):
         out = grouped_decode_sdpa(q, k, v, mask, attn.scaling)
     else:
         out, _ = interface(attn, q, k, v, mask, dropout=dropout, scaling=attn.scaling, **extra)

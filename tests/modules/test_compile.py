@@ -202,6 +202,13 @@ def test_one_token_attend_runs_grouped_and_equals_transformers_sdpa(tiny_dir, mo
             want = attn.o_proj(out.reshape(3, t, -1))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert len(calls) == 1, t  # the one-token call only
+    decoder.set_grouped_decode(False)  # the bench's "fastllm:base": transformers' function as given
+    try:
+        with torch.no_grad():
+            decoder.attend_region(attn, q[:, :, :1], k, v, mask[:, :, :1], sdpa, 0.0, {"sliding_window": None})
+    finally:
+        decoder.set_grouped_decode(None)
+    assert len(calls) == 1
 
 
 def _snapshot(model):
