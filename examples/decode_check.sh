@@ -4,7 +4,7 @@
 # STEPS: tests (the GEMV kernels and ops, the adapter cast and LoRA-term kernels, decode-op, decode-graph and
 # auto-checkpointing GPU tests), sweep (the GEMV's tile
 # alternatives; the fastest are adopted for this run's fastllm rows), profile (with generate: one decode step's device
-# time by kernel group, per provider and batch), kernels (one 8B layer's GEMVs against bitsandbytes' and dequant + GEMM), generate (`fastllm bench
+# time by kernel group, per provider (PROFILED: all local ones, or a list) and batch), kernels (one 8B layer's GEMVs against bitsandbytes' and dequant + GEMM), generate (`fastllm bench
 # generate` at BATCHES), grpo (`fastllm bench grpo`: TRL GRPO steps, hf, fastllm and unsloth, GRPO_SHAPE, default 1b).
 # Output under $OUT.
 set -uo pipefail
@@ -22,7 +22,7 @@ fi
 extra=""
 if [[ $steps == *sweep* ]]; then extra="$extra --sweep"; fi
 if [[ $steps == *kernels* ]]; then extra="$extra --kernels"; fi
-if [[ $steps == *profile* ]]; then extra="$extra --profile"; fi
+if [[ $steps == *profile* ]]; then extra="$extra --profile ${PROFILED:-all}"; fi
 batches=${BATCHES:-1,8,32}
 if [[ $steps != *generate* ]]; then batches=""; fi
 if [[ -n "$extra$batches" ]]; then

@@ -127,9 +127,9 @@ def step_idle(prof, short, n: int, top: int = 15) -> str:
 
 
 def measure(model, providers, *, batch: int, prompt: int, new_tokens: int, runs: int, bandwidth: float,
-            profile: str | None = None) -> list:
+            profile: str | None = None, profiled=None) -> list:
     """Rows of each provider's generate at ``batch``; with ``profile`` (a path prefix) one more generate each
-    under torch.profiler (``_profile``)."""
+    (of those in ``profiled``, default all) under torch.profiler (``_profile``)."""
     from .compile import infer_inputs
     from .numerics import init_lora_b
 
@@ -150,6 +150,8 @@ def measure(model, providers, *, batch: int, prompt: int, new_tokens: int, runs:
             peaks[p] = max(peaks.get(p, 0.0), torch.cuda.max_memory_allocated() / (1 << 30))
     groups = {}
     for p in providers if profile and new_tokens > 1 else ():
+        if profiled is not None and p not in profiled:
+            continue
         groups[p] = _profile(model, x, {**gen, **_select(model, p)}, f"{profile}_{p.replace(':', '-')}_b{batch}.txt")
         print(f"{p}, batch {batch}: one decode step's kernels by group", flush=True)
         print(format_table(groups[p], GROUP_COLUMNS), flush=True)
@@ -173,7 +175,7 @@ def _finish(row: dict, limit_ms: float, new_tokens: int) -> dict:
 
 
 def run(shape: str, providers, *, batches, prompt: int, new_tokens: int, runs: int, jsonl: str | None,
-        profile: str | None = None) -> list:
+        profile: str | None = None, profiled=None) -> list:
     base = {"bench": "generate", "shape": shape, "prompt": prompt, "new_tokens": new_tokens, **stamp()}
     bandwidth = copy_bandwidth_gbs()
     local = [p for p in providers if p != "unsloth"]
@@ -181,7 +183,7 @@ def run(shape: str, providers, *, batches, prompt: int, new_tokens: int, runs: i
     rows = []
     for batch in batches:
         found = measure(model, local, batch=batch, prompt=prompt, new_tokens=new_tokens, runs=runs,
-                        bandwidth=bandwidth, profile=profile)
+                        bandwidth=bandwidth, profile=profile, profiled=profiled)
         if "unsloth" in providers:
             limit = found[0]["limit_ms"] if found else float("nan")
             row = {"provider": "unsloth", "batch": batch, **infer_child("unsloth", shape, prompt=prompt,
@@ -410,11 +412,15 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", action="store_true", help="also time one layer's GEMVs (fastllm, bnb, dequant+GEMM)")
     p.add_argument("--sweep", action="store_true", help="also time the GEMV's tile alternatives (q and down)")
     p.add_argument("--sweep-rows", default="1,8,32", help="the row counts --sweep times")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile each local provider: one decode step's kernel time by group, and the kernels "
-                        "of one generate, to --out")
+    p.add_argument("--profile", nargs="?", const="all", default=None, metavar="PROVIDERS",
+                   help="also profile each local provider (or those listed, comma-separated): one decode step's kernel "
+                        "time by group and by kernel, its device idle time, and the kernels of one generate, to --out")
     args = p.parse_args(argv)
     providers = pick(p, args.providers, PROVIDERS, "provider")
+    profiled = None
+    if args.profile is not None:
+        profiled = [q for q in providers if q != "unsloth"] if args.profile == "all" else \
+            pick(p, args.profile, providers, "profiled provider")
     shapes = pick(p, args.shapes, sorted(SHAPES), "shape")
     try:
         batches = [int(b) for b in args.batches.split(",") if b]
@@ -447,7 +453,8 @@ def main(argv=None) -> int:
         if not batches:
             continue
         rows = run(shape, providers, batches=batches, prompt=args.prompt, new_tokens=args.new_tokens, runs=args.runs,
-                   jsonl=jsonl, profile=os.path.join(args.out, f"profile_{shape}") if args.profile else None)
+                   jsonl=jsonl, profile=os.path.join(args.out, f"profile_{shape}") if profiled else None,
+                   profiled=profiled)
         print(format_table(rows, ["shape", "batch", "provider", "decode_ms_per_token", "limit_ms", "of_limit",
                                   "tokens_per_s", "generate_ms", "peak_gib", "error"]))
         _plot(rows, os.path.join(args.out, f"generate_{shape}.png"))
