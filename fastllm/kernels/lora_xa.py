@@ -24,7 +24,9 @@ from .launch import cdiv, launch, next_power_of_2
 
 MAX_ADAPTERS = 3
 _BLOCK_K = 128
-_TARGET_SPLIT = 32  # K ranges: with the adapters' row tiles, enough programs to keep memory busy at decode sizes
+# K ranges: with the adapters' row tiles, enough programs to keep memory busy at decode sizes; fewer with more rows,
+# where every consumer program adds up SPLIT x M x R partials
+_TARGET_SPLIT = {1: 32, 4: 32, 16: 16}  # most rows -> splits (beyond: 8)
 
 
 @triton.jit
@@ -80,24 +82,25 @@ def _lora_xa_kernel(X, stride_x, PART, A0, A1, A2, R0, R1, R2, M, K, KS, R_ALL, 
     tl.store(out, acc, mask=(rm < M)[:, None] & (rr < r)[None, :])
 
 
-def xa_split(k: int) -> int:
-    """The number of K ranges (partials) ``lora_xa`` writes for in_features ``k``."""
+def xa_split(k: int, m: int = 1) -> int:
+    """The number of K ranges (partials) ``lora_xa`` writes for in_features ``k`` and ``m`` token rows."""
     steps = cdiv(k, _BLOCK_K)
-    return cdiv(steps, cdiv(steps, _TARGET_SPLIT))
+    target = next((t for rows, t in _TARGET_SPLIT.items() if m <= rows), 8)
+    return cdiv(steps, cdiv(steps, target))
 
 
 def lora_xa(x: torch.Tensor, adapters) -> torch.Tensor:
     """The K-split partials of ``x @ [A_0; A_1; ..].T`` (see the module docstring): (SPLIT, M, sum R_i) fp32.
 
     x: (M, K) fp32, fp16 or bf16 with unit stride along K; adapters: 1 to 3 contiguous (R_i, K) tensors on x's
-    device, any float dtype (rounded to x's dtype as they are read). SPLIT is ``xa_split(K)``."""
+    device, any float dtype (rounded to x's dtype as they are read). SPLIT is ``xa_split(K, M)``."""
     m, k = x.shape
     if not 1 <= len(adapters) <= MAX_ADAPTERS:
         raise ValueError(f"lora_xa takes 1 to {MAX_ADAPTERS} adapters, got {len(adapters)}")
     if x.stride(1) != 1 or any(a.dim() != 2 or a.shape[1] != k or not a.is_contiguous() for a in adapters):
         raise ValueError(f"lora_xa needs x (M, {k}) with unit stride along K and contiguous (R_i, {k}) adapters")
     ranks = [a.shape[0] for a in adapters]
-    split = xa_split(k)
+    split = xa_split(k, m)
     steps = cdiv(k, _BLOCK_K)
     part = torch.empty((split, m, sum(ranks)), dtype=torch.float32, device=x.device)
     dot = m > 4

@@ -36,8 +36,13 @@ def test_partials_sum_to_x_times_cast_adapters(m, k, ranks, dtype):
     x = torch.randn(m, k, device=DEVICE).to(dtype)
     adapters = _adapters(ranks, k)
     part = lora_xa(x, adapters)
-    assert part.shape == (xa_split(k), m, sum(ranks)) and part.dtype == torch.float32
+    assert part.shape == (xa_split(k, m), m, sum(ranks)) and part.dtype == torch.float32
     torch.testing.assert_close(part.sum(0), _xa_ref(x, adapters), rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+def test_split_follows_k_and_rows():
+    assert [xa_split(4096, m) for m in (1, 4, 8, 32)] == [32, 32, 16, 8]
+    assert xa_split(14336, 1) == 28 and xa_split(64, 1) == 1  # 112 steps of 128, 4 a range; one step
 
 
 def test_lora_xa_refuses_what_it_cannot_take():
