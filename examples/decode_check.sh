@@ -20,7 +20,7 @@ if [[ $steps == *tests* ]]; then
   tail -15 "$out/gpu-tests.txt"
 fi
 extra=""
-if [[ $steps == *sweep* ]]; then extra="$extra --sweep"; fi
+if [[ $steps == *sweep* ]]; then extra="$extra --sweep --sweep-rows ${SWEEP_ROWS:-1,8,32}"; fi
 if [[ $steps == *kernels* ]]; then extra="$extra --kernels"; fi
 if [[ $steps == *profile* ]]; then extra="$extra --profile ${PROFILED:-all}"; fi
 batches=${BATCHES:-1,8,32}
