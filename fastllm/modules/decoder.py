@@ -37,6 +37,7 @@ the 4-bit linears inside the graphs call bitsandbytes' own GEMV op directly (``o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import time
 import weakref
@@ -152,11 +153,16 @@ def set_grouped_decode(on: bool | None) -> None:
     _GROUPED_DECODE[0] = True if on is None else bool(on)
 
 
-def _is_sdpa(attn, interface) -> bool:
-    """``interface`` is transformers' own SDPA attention (not a user's function registered under another name)."""
+@functools.cache
+def _sdpa_function():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return interface is sdpa_attention_forward and attn.config._attn_implementation == "sdpa"
+    return sdpa_attention_forward
+
+
+def _is_sdpa(attn, interface) -> bool:
+    """``interface`` is transformers' own SDPA attention (not a user's function registered under another name)."""
+    return interface is _sdpa_function() and attn.config._attn_implementation == "sdpa"
 
 
 def attend_region(attn, q, k, v, mask, interface, dropout: float, extra: dict) -> torch.Tensor:
