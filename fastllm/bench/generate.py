@@ -12,9 +12,9 @@ prompt for each batch size, bf16 autocast. Providers, the runs interleaved per b
   GEMV for one row, dequant + GEMM for batches, the LoRA terms grouped per input;
 - ``fastllm:rows=N`` (8, 16, 64): the defaults with the GEMV taking decode steps of up to N rows
   (``ops.nf4_gemv.set_decode_rows``), to time larger batches through it;
-- ``fastllm:xa=gemm``: the defaults with the adapters' ``xa`` as a cast and a cuBLAS GEMM instead of
-  ``kernels.lora_xa`` (``ops.lora.set_fused_xa(False)``); ``fastllm:base``: that and one-token attention through
-  transformers' SDPA function as given (``modules.decoder.set_grouped_decode(False)``), the decode step before both;
+- ``fastllm:xa=fused``: the defaults with the adapters' ``xa`` from ``kernels.lora_xa`` (one launch a group, from the
+  fp32 masters) instead of a cast and a cuBLAS GEMM (``ops.lora.set_fused_xa(True)``); ``fastllm:base``: the defaults
+  with one-token attention through transformers' SDPA function as given (``modules.decoder.set_grouped_decode``);
 - ``fastllm:dense``: the same with ``ops.dense_decode`` (dense copies of the 4-bit weights for the length of each
   generate call: every step one cuBLAS GEMM over 2 bytes a weight; its peak shows their memory);
 - ``unsloth``: Unsloth's ``FastLanguageModel.for_inference`` on the same weights, in a child process.
@@ -40,7 +40,7 @@ from .models import SHAPES
 
 GROUP_COLUMNS = ["group", "us_per_step", "calls_per_step", "share"]  # one decode step's kernel groups (--profile)
 PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "fastllm:rows=8", "fastllm:rows=16", "fastllm:rows=64",
-             "fastllm:xa=gemm", "fastllm:base", "fastllm:dense", "unsloth")
+             "fastllm:xa=fused", "fastllm:base", "fastllm:dense", "unsloth")
 
 
 def _select(model, provider: str) -> dict:
@@ -53,7 +53,7 @@ def _select(model, provider: str) -> dict:
     set_enabled(False if provider == "fastllm:gemv=off" else None)
     set_decode_rows(int(provider.split("=")[1]) if provider.startswith("fastllm:rows=") else None)
     dense_decode.set_enabled(True if provider == "fastllm:dense" else None)
-    set_fused_xa(False if provider in ("fastllm:xa=gemm", "fastllm:base") else None)
+    set_fused_xa(provider == "fastllm:xa=fused")
     set_grouped_decode(False if provider == "fastllm:base" else None)
     set_provider(model, "fastllm" if provider.startswith("fastllm") else "eager")
     return {"cache_implementation": "static"} if provider == "hf+static" else {}

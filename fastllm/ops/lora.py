@@ -88,7 +88,7 @@ _CAST_CAT = None
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # the cast kernel reads data pointers: no tensor subclass (DTensor)
 _LORA_ADD = None
 _LORA_XA = None
-_FUSED_XA = [True]  # decode steps on fastllm's GEMV take xa from kernels.lora_xa (``set_fused_xa``)
+_FUSED_XA = [False]  # decode steps on fastllm's GEMV take xa from kernels.lora_xa (``set_fused_xa``)
 
 
 def _lora_add():
@@ -101,9 +101,9 @@ def _lora_add():
 
 
 def set_fused_xa(on: bool | None) -> None:
-    """Decode steps on fastllm's GEMV compute xa with ``kernels.lora_xa`` (True, None: the default) or cast the
-    adapters and run a GEMM (False: the unfused path, for benchmarks)."""
-    _FUSED_XA[0] = True if on is None else bool(on)
+    """Decode steps on fastllm's GEMV compute xa with ``kernels.lora_xa`` (True: opt-in until it is measured on a
+    GPU) or cast the adapters and run a GEMM (False, None: the default)."""
+    _FUSED_XA[0] = bool(on)
 
 
 def _lora_xa():
@@ -246,7 +246,8 @@ def decode_states(weights, rows: int = 1) -> tuple | None:
 def _decode_xa(x2: torch.Tensor, parts, fused: bool = False) -> tuple:
     """``xa = x @ [A_1; A_2; ..].T`` split per adapter, and the ``B_i`` as the GEMVs take them.
 
-    ``fused`` (fastllm's Triton GEMV serves the group): ``kernels.lora_xa``'s K-split fp32 partials in one launch,
+    ``fused`` (fastllm's Triton GEMV serves the group) with ``set_fused_xa(True)``: ``kernels.lora_xa``'s K-split
+    fp32 partials in one launch,
     straight from the adapters (rounded to x's dtype as read), and the B_i as they are; the GEMVs' LoRA term sums the
     partials and rounds both. Else one GEMM for every adapter of the group after casting A and B to x's dtype
     (``cast_adapters``: one launch)."""
@@ -268,12 +269,13 @@ def _decode_xa(x2: torch.Tensor, parts, fused: bool = False) -> tuple:
 def lora_decode(x: torch.Tensor, parts, states, biases=None, backend: str = "auto") -> list:
     """A decode step of projections sharing one input: 1 to 64 token rows, no autograd. For each projection i::
 
-        xa  = x @ [A_1; A_2; ..].T              (M, R)     one launch for every adapter
+        xa  = x @ [A_1; A_2; ..].T              (M, R)     one GEMM (or launch) for every adapter
         y_i = gemv4bit(x, W_i) + b_i + s_i * xa_i @ B_i.T   (M, N_i)
 
     With ``states`` of kind ``"gemv"`` the group's y_i are one launch of fastllm's NF4 GEMV (``ops.nf4_gemv``: the
-    weight dequantized in registers, the rank-r term in its epilogue; ``nf4_group_gemv`` for q/k/v), xa its K-split
-    partials straight from the adapters (``_decode_xa``): a group is three launches, nothing cast; with
+    weight dequantized in registers, the rank-r term in its epilogue; ``nf4_group_gemv`` for q/k/v; with
+    ``set_fused_xa(True)`` xa its K-split partials straight from the adapters, ``_decode_xa``: three launches a
+    group, nothing cast); with
     ``"bnb"`` (one row) bnb's fused 4-bit GEMV, the rank-r term added in place. Either reads only the packed
     weight (dequant + GEMM would write and re-read a dense one), and the whole step is a few ops where PEFT runs
     about seven per projection plus its Python.

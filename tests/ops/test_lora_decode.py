@@ -6,7 +6,7 @@ import torch
 
 from fastllm._compat import triton_usable
 from fastllm.ops import dequantize_nf4
-from fastllm.ops.lora import decode_states, lora_decode, lora_decode_glu
+from fastllm.ops.lora import decode_states, lora_decode, lora_decode_glu, set_fused_xa
 
 from .test_lora_mlp import _adapter, _params4bit
 
@@ -70,9 +70,13 @@ def test_gemv_kind_matches_dense_maths_for_several_rows(dtype, tol, outs, with_b
     g = torch.Generator().manual_seed(4)
     x = torch.randn(5, 1, k, generator=g).to(dtype)
     biases = [torch.randn(n, generator=g).to(dtype) for n in outs] if with_bias else None
-    with torch.no_grad():
-        ys = lora_decode(x, parts, ("gemv", states), biases, backend)
-        h = lora_decode_glu(x, parts[:2], ("gemv", states[:2]), gelu, backend) if len(outs) == 2 else None
+    set_fused_xa(backend == "triton")  # the kernels with kernels.lora_xa's partials (opt-in), else cast + GEMM
+    try:
+        with torch.no_grad():
+            ys = lora_decode(x, parts, ("gemv", states), biases, backend)
+            h = lora_decode_glu(x, parts[:2], ("gemv", states[:2]), gelu, backend) if len(outs) == 2 else None
+    finally:
+        set_fused_xa(None)
     for i, (y, w, (a, b), (*_, s)) in enumerate(zip(ys, weights, adapters, parts)):
         dense = dequantize_nf4(w.data, w.quant_state, backend="torch").float()
         ref = x.float() @ dense.t() + s * (x.float() @ a.t()) @ b.t() + (biases[i].float() if with_bias else 0)
@@ -88,8 +92,8 @@ def test_gemv_kind_matches_dense_maths_for_several_rows(dtype, tol, outs, with_b
 
 
 def test_fused_xa_switch_picks_the_path(monkeypatch):
-    """``set_fused_xa(False)`` (the bench's ``fastllm:xa=gemm``) casts the adapters and runs a GEMM; the default
-    runs ``kernels.lora_xa``: both give the same outputs (fp32: to rounding)."""
+    """``set_fused_xa(True)`` (the bench's ``fastllm:xa=fused``) runs ``kernels.lora_xa``; the default casts the
+    adapters and runs a GEMM: both give the same outputs (fp32: to rounding)."""
     if not triton_usable("cpu"):  # CPU weights: the interpreter (GPUs: test_gpu_gemv.py)
         pytest.skip("needs TRITON_INTERPRET=1")
     import fastllm.ops.lora as lora_ops
@@ -104,13 +108,13 @@ def test_fused_xa_switch_picks_the_path(monkeypatch):
     real = lora_ops._lora_xa()
     monkeypatch.setattr(lora_ops, "_LORA_XA", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
-        fused = lora_ops.lora_decode(x, parts, ("gemv", states), backend="triton")
-        assert len(calls) == 1
-        lora_ops.set_fused_xa(False)
+        gemm = lora_ops.lora_decode(x, parts, ("gemv", states), backend="triton")
+        assert not calls
+        set_fused_xa(True)
         try:
-            gemm = lora_ops.lora_decode(x, parts, ("gemv", states), backend="triton")
+            fused = lora_ops.lora_decode(x, parts, ("gemv", states), backend="triton")
         finally:
-            lora_ops.set_fused_xa(None)
+            set_fused_xa(None)
     assert len(calls) == 1
     for a, b in zip(fused, gemm):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
