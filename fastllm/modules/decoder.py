@@ -46,7 +46,7 @@ from collections import Counter
 import torch
 
 from ..arch import arch_of_module
-from ..ops.decode_attention import grouped_decode_fits, grouped_decode_sdpa
+from ..ops.decode_attention import grouped_decode_eager, grouped_decode_fits, grouped_decode_sdpa
 from ..ops.rms_norm import rms_norm
 from ..ops.rope import rope
 from .checkpointing import in_checkpoint
@@ -160,18 +160,32 @@ def _sdpa_function():
     return sdpa_attention_forward
 
 
-def _is_sdpa(attn, interface) -> bool:
-    """``interface`` is transformers' own SDPA attention (not a user's function registered under another name)."""
-    return interface is _sdpa_function() and attn.config._attn_implementation == "sdpa"
+@functools.cache
+def _eager_function(module: str):
+    return importlib.import_module(module).eager_attention_forward
+
+
+def _grouped_kind(attn, interface) -> str | None:
+    """"sdpa" when ``interface`` is transformers' own SDPA attention, "eager" when it is the architecture's own eager
+    maths (``attention_interface``; the table's architectures share its two forms, with and without a soft-cap),
+    else None (a user's function registered under another name)."""
+    impl = attn.config._attn_implementation
+    if impl == "sdpa":
+        return "sdpa" if interface is _sdpa_function() else None
+    arch = arch_of_module(attn, "attention") if impl == "eager" else None
+    return "eager" if arch is not None and interface is _eager_function(arch.module) else None
 
 
 def attend_region(attn, q, k, v, mask, interface, dropout: float, extra: dict) -> torch.Tensor:
     """Attention through transformers' interface (SDPA or eager maths), then o_proj: -> (B, T, H).
     ``extra``: ``attend_kwargs(attn)``, passed on as the architecture's forward passes them. A one-token step
-    with grouped K/V heads through SDPA runs ``grouped_decode_sdpa`` (the same sums, no repeated cache copy)."""
-    if _GROUPED_DECODE[0] and dropout == 0.0 and "softcap" not in extra and _is_sdpa(attn, interface) \
-            and grouped_decode_fits(q, k, mask):
+    with grouped K/V heads runs ``grouped_decode_sdpa`` (through SDPA) or ``grouped_decode_eager`` (the eager maths,
+    soft-cap included): the same sums, no repeated cache copy."""
+    kind = _grouped_kind(attn, interface) if _GROUPED_DECODE[0] and dropout == 0.0 else None
+    if kind == "sdpa" and "softcap" not in extra and grouped_decode_fits(q, k, mask):
         out = grouped_decode_sdpa(q, k, v, mask, attn.scaling)
+    elif kind == "eager" and grouped_decode_fits(q, k, mask) and (mask is None or mask.is_floating_point()):
+        out = grouped_decode_eager(q, k, v, mask, attn.scaling, extra.get("softcap"))
     else:
         out, _ = interface(attn, q, k, v, mask, dropout=dropout, scaling=attn.scaling, **extra)
     out = out.reshape(*out.shape[:2], -1).contiguous()  # (B, T, nh * D)

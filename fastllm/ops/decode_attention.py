@@ -8,7 +8,9 @@ heads of a group can instead stand in the query-length slot of their key/value h
     q (B, nq, 1, D) -> (B, kv, g, D);   out = softmax(q k^T * scale + mask) v   -> (B, kv, g, D) -> (B, 1, nq, D)
 
 A mask shared by the heads, (B, 1, 1, S), broadcasts over the ``g`` rows as it did over the heads, so the sums are
-the same ones SDPA takes with repeated K/V; no copy, and K/V are read once.
+the same ones SDPA takes with repeated K/V; no copy, and K/V are read once. ``grouped_decode_eager`` does the same
+for transformers' eager attention maths (the architectures' ``eager_attention_forward``, with Gemma's optional logit
+soft-cap ``tanh(w / cap) * cap``): scaled scores, soft-cap, additive mask, softmax in fp32 rounded back, times V.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grouped_decode_sdpa", "grouped_decode_fits"]
+__all__ = ["grouped_decode_eager", "grouped_decode_fits", "grouped_decode_sdpa"]
 
 
 def grouped_decode_fits(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -35,3 +37,18 @@ def grouped_decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     kv = k.shape[1]
     out = F.scaled_dot_product_attention(q.reshape(b, kv, nq // kv, d), k, v, attn_mask=mask, scale=scale)
     return out.reshape(b, 1, nq, v.shape[-1])
+
+
+def grouped_decode_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                         softcap: float | None = None) -> torch.Tensor:
+    """transformers' eager attention maths for one query token without repeating K/V: q (B, nq, 1, D), k/v
+    (B, kv, S, D), mask (B or 1, 1, 1, S) additive or None -> (B, 1, nq, D)."""
+    b, nq, _, d = q.shape
+    kv = k.shape[1]
+    w = torch.matmul(q.reshape(b, kv, nq // kv, d), k.transpose(2, 3)) * scale  # (B, kv, g, S)
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
+    if mask is not None:
+        w = w + mask
+    w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(w, v).reshape(b, 1, nq, v.shape[-1])

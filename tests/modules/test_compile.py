@@ -181,7 +181,8 @@ def test_regions_explain_to_one_graph_each(tiny_dir):
 
 def test_one_token_attend_runs_grouped_and_equals_transformers_sdpa(tiny_dir, monkeypatch):
     """A decode step's attention (one query token, 4 query heads on 2 KV heads, a padding mask) takes the grouped
-    path, no repeated K/V, and equals transformers' SDPA function followed by o_proj; a prefill does not take it."""
+    path, no repeated K/V, and equals transformers' SDPA function followed by o_proj; a prefill does not take it;
+    under the eager implementation the grouped eager maths equals transformers' eager function."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     model = _qlora(tiny_dir, compile=False, gc=False)
@@ -202,6 +203,20 @@ def test_one_token_attend_runs_grouped_and_equals_transformers_sdpa(tiny_dir, mo
             want = attn.o_proj(out.reshape(3, t, -1))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert len(calls) == 1, t  # the one-token call only
+    # the architecture's eager maths (additive masks) takes the grouped eager form
+    eager_calls = []
+    real_eager = decoder.grouped_decode_eager
+    monkeypatch.setattr(decoder, "grouped_decode_eager", lambda *a: eager_calls.append(1) or real_eager(*a))
+    monkeypatch.setattr(attn.config, "_attn_implementation", "eager")
+    interface = decoder.attention_interface(attn)
+    additive = torch.zeros(3, 1, 1, 13).masked_fill(~mask[:, :, :1], torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        got = decoder.attend_region(attn, q[:, :, :1], k, v, additive, interface, 0.0, {"sliding_window": None})
+        out, _ = interface(attn, q[:, :, :1], k, v, additive, dropout=0.0, scaling=attn.scaling)
+        want = attn.o_proj(out.reshape(3, 1, -1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(eager_calls) == 1 and len(calls) == 1
+    monkeypatch.setattr(attn.config, "_attn_implementation", "sdpa")
     decoder.set_grouped_decode(False)  # the bench's "fastllm:base": transformers' function as given
     try:
         with torch.no_grad():

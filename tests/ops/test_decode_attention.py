@@ -4,15 +4,17 @@ the eager maths) on odd shapes, with padding masks (bool and additive) and witho
 import pytest
 import torch
 from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from fastllm.ops.decode_attention import grouped_decode_fits, grouped_decode_sdpa
+from fastllm.ops.decode_attention import grouped_decode_eager, grouped_decode_fits, grouped_decode_sdpa
 
 
 class _Attn(torch.nn.Module):  # what transformers' attention functions read off the module
-    def __init__(self, groups):
+    def __init__(self, groups, head_dim=None):
         super().__init__()
         self.num_key_value_groups = groups
+        self.head_dim = head_dim
         self.training = False
 
 
@@ -45,6 +47,23 @@ def test_grouped_decode_matches_repeated_kv_sdpa_and_eager(b, nq, kv, s, d, mask
     if mask_kind != "bool":  # transformers' eager maths takes additive masks
         eager, _ = eager_attention_forward(_Attn(nq // kv), q, k, v, mask, scaling=scale)
         torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("b,nq,kv,s,d", [(3, 12, 4, 37, 24), (2, 16, 8, 64, 32)])
+@pytest.mark.parametrize("softcap", [None, 50.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_eager_matches_transformers_eager(b, nq, kv, s, d, softcap, dtype):
+    """transformers' two eager forms: Llama's (no soft-cap) and Gemma's (soft-cap or None)."""
+    q, k, v, mask = _inputs(b, nq, kv, s, d, dtype, "additive")
+    scale = d ** -0.5
+    got = grouped_decode_eager(q, k, v, mask, scale, softcap)
+    want, _ = gemma2_eager(_Attn(nq // kv, d), q, k, v, mask, scaling=scale, softcap=softcap)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+    assert got.shape == want.shape == (b, 1, nq, d) and got.dtype == dtype
+    torch.testing.assert_close(got, want, **tol)
+    if softcap is None:
+        llama, _ = eager_attention_forward(_Attn(nq // kv), q, k, v, mask, scaling=scale)
+        torch.testing.assert_close(got, llama, **tol)
 
 
 def test_grouped_decode_bf16_within_rounding_of_fp32():
