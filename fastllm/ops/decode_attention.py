@@ -1,9 +1,9 @@
 """Attention of one query token against a grouped-query KV cache, without repeating K and V.
 
-With grouped-query attention each of ``kv`` key/value heads serves ``g = nq / kv`` query heads. transformers
-(before 5.2x) repeats K and V ``g`` times when a mask is given (``repeat_kv``): at decode that copies the whole
-cache twice per layer, and attention then reads the ``g``-times larger copy. For one query token the ``g`` query
-heads of a group can instead stand in the query-length slot of their key/value head::
+With grouped-query attention each of ``kv`` key/value heads serves ``g = nq / kv`` query heads. transformers' eager
+attention, and its SDPA attention when a mask is given (up to 5.2x), repeat K and V ``g`` times (``repeat_kv``): at
+decode that copies the whole cache twice per layer, and attention then reads the ``g``-times larger copy. For one
+query token the ``g`` query heads of a group can instead stand in the query-length slot of their key/value head::
 
     q (B, nq, 1, D) -> (B, kv, g, D);   out = softmax(q k^T * scale + mask) v   -> (B, kv, g, D) -> (B, 1, nq, D)
 
