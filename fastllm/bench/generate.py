@@ -143,12 +143,13 @@ def step_idle(prof, short, n: int, top: int = 15) -> str:
     the latter by the op around the late launch."""
     from .idle import idle_gaps
 
-    lines = []
+    lines, late = [], None
     for floor in (0.0, 5.0):
         a, b = idle_gaps(prof, floor, attribute=floor > 0), idle_gaps(short, floor, attribute=floor > 0)
         per, gaps = (a["total"] - b["total"]) / (n - 1), (a["gaps"] - b["gaps"]) / (n - 1)
         lines.append(f"device idle per decode step in gaps >= {floor:g} us: {per:.1f} us in {gaps:.1f} gaps")
-    ops = {k: (v - b["by_op"].get(k, 0.0)) / (n - 1) for k, v in a["by_op"].items()}
+        late = (a["by_op"], b["by_op"])  # the last floor's, attributed to the op around each late launch
+    ops = {k: (v - late[1].get(k, 0.0)) / (n - 1) for k, v in late[0].items()}
     lines += [f"  {v:9.1f} us  {phase:<8} {op}" for (phase, op), v in sorted(ops.items(), key=lambda kv: -kv[1])[:top]]
     return "\n".join(lines) + "\n"
 

@@ -253,8 +253,8 @@ def _decode_xa(x2: torch.Tensor, parts, fused: bool = False) -> tuple:
     (``cast_adapters``: one launch)."""
     n, k = len(parts), x2.shape[-1]
     adapters, bs = [p[1] for p in parts], [p[2] for p in parts]
-    plain = all(type(t) in _PLAIN and t.is_contiguous() for t in adapters + bs)
-    if fused and _FUSED_XA[0] and n <= 3 and x2.stride(-1) == 1 and plain:
+    if fused and _FUSED_XA[0] and n <= 3 and x2.stride(-1) == 1 \
+            and all(type(t) in _PLAIN and t.is_contiguous() for t in adapters + bs):
         part = _lora_xa()(x2, adapters)
         ends = list(itertools.accumulate(a.shape[0] for a in adapters))
         return tuple(part[:, :, e - a.shape[0]:e] for a, e in zip(adapters, ends)), tuple(bs)
