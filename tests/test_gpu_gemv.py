@@ -100,3 +100,27 @@ def _agree_until_a_near_tie(seq, logits, want_seq, want, prompt, tol):
         top2 = want[j].float().topk(2).values
         assert (top2[0] - top2[1]).item() < 2 * tol, (j, top2)
     torch.testing.assert_close(logits[:j + 1], want[:j + 1], rtol=tol, atol=tol)
+
+
+def test_pdl_launches_give_the_same_generation(tiny_llama_i128_dir, gemv_on):
+    """The decode kernels launched with programmatic dependent launch (``kernels.pdl``), captured in decode graphs
+    and replayed: the same logits bit for bit (PDL moves when a kernel is scheduled, never what it computes), and
+    one row through the fused adapters' xa too."""
+    from fastllm.kernels.pdl import set_pdl
+    from fastllm.ops.lora import set_fused_xa
+
+    model = _model(tiny_llama_i128_dir)
+    x = torch.randint(0, 320, (4, 9), device="cuda")
+    for rows in (x, x[:1]):
+        for fused in (False, True):
+            set_fused_xa(fused)
+            try:
+                _, want = _generate(model, rows)
+                set_pdl(True)
+                _, got = _generate(model, rows)
+            finally:
+                set_pdl(None)
+                set_fused_xa(None)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    graphs = decode_graphs_of(find_base(model))
+    assert graphs.stats["replayed"] > 0 and not graphs.stats.get("capture failed"), dict(graphs.stats)

@@ -15,6 +15,8 @@ prompt for each batch size, bf16 autocast. Providers, the runs interleaved per b
 - ``fastllm:xa=fused``: the defaults with the adapters' ``xa`` from ``kernels.lora_xa`` (one launch a group, from the
   fp32 masters) instead of a cast and a cuBLAS GEMM (``ops.lora.set_fused_xa(True)``); ``fastllm:base``: the defaults
   with one-token attention through transformers' SDPA function as given (``modules.decoder.set_grouped_decode``);
+  ``fastllm:pdl``: the decode kernels launched with programmatic dependent launch (``kernels.pdl.set_pdl``), and
+  ``fastllm:xa=fused+pdl`` both;
 - ``fastllm:dense``: the same with ``ops.dense_decode`` (dense copies of the 4-bit weights for the length of each
   generate call: every step one cuBLAS GEMM over 2 bytes a weight; its peak shows their memory);
 - ``unsloth``: Unsloth's ``FastLanguageModel.for_inference`` on the same weights, in a child process.
@@ -40,21 +42,25 @@ from .models import SHAPES
 
 GROUP_COLUMNS = ["group", "us_per_step", "calls_per_step", "share"]  # one decode step's kernel groups (--profile)
 PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "fastllm:rows=8", "fastllm:rows=16", "fastllm:rows=64",
-             "fastllm:xa=fused", "fastllm:base", "fastllm:dense", "unsloth")
+             "fastllm:xa=fused", "fastllm:pdl", "fastllm:xa=fused+pdl", "fastllm:base", "fastllm:dense", "unsloth")
 
 
 def _select(model, provider: str) -> dict:
-    """Patch or unpatch ``model`` for ``provider``; the generate kwargs it runs with."""
+    """Patch or unpatch ``model`` for ``provider``; the generate kwargs it runs with. A fastllm provider's options
+    follow the colon, joined by ``+`` (``fastllm:xa=fused+pdl``)."""
+    from ..kernels.pdl import set_pdl
     from ..modules.decoder import set_grouped_decode
     from ..ops import dense_decode
     from ..ops.lora import set_fused_xa
     from ..ops.nf4_gemv import set_decode_rows, set_enabled
 
-    set_enabled(False if provider == "fastllm:gemv=off" else None)
-    set_decode_rows(int(provider.split("=")[1]) if provider.startswith("fastllm:rows=") else None)
-    dense_decode.set_enabled(True if provider == "fastllm:dense" else None)
-    set_fused_xa(provider == "fastllm:xa=fused")
-    set_grouped_decode(False if provider == "fastllm:base" else None)
+    opts = set(provider.split(":", 1)[1].split("+")) if provider.startswith("fastllm:") else set()
+    set_enabled(False if "gemv=off" in opts else None)
+    set_decode_rows(next((int(o.split("=")[1]) for o in opts if o.startswith("rows=")), None))
+    dense_decode.set_enabled(True if "dense" in opts else None)
+    set_fused_xa("xa=fused" in opts)
+    set_pdl("pdl" in opts)
+    set_grouped_decode(False if "base" in opts else None)
     set_provider(model, "fastllm" if provider.startswith("fastllm") else "eager")
     return {"cache_implementation": "static"} if provider == "hf+static" else {}
 

@@ -51,7 +51,7 @@ def signature(kernel, cfg: dict, nested: bool = True, lora: bool = True, bias: b
         types.update({f"{n}{i}": f"*{dtype}" for n in ("BIAS", "OUT")})
         types.update({f"{n}{i}": lora_t for n in ("XA", "B")})
     consts = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": nested, "HAS_LORA": lora, "HAS_BIAS": bias,
-              "GELU": False, "FP32": dtype == "fp32", "BLOCK_R": 16, **cfg}
+              "GELU": False, "FP32": dtype == "fp32", "BLOCK_R": 16, "PDL": False, **cfg}
     sig = {n: types.get(n, "i32") if n not in consts else "constexpr" for n in kernel.arg_names}
     return sig, {n: v for n, v in consts.items() if n in kernel.arg_names}
 

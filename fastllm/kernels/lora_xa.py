@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .launch import cdiv, launch, next_power_of_2
+from .pdl import pdl_enter, pdl_options
 
 MAX_ADAPTERS = 3
 _BLOCK_K = 128
@@ -61,8 +62,9 @@ def _xa_tile(X, stride_x, A, R, rm, rr, M, K, k_lo, k_hi, BLOCK_M: tl.constexpr,
 @triton.jit
 def _lora_xa_kernel(X, stride_x, PART, A0, A1, A2, R0, R1, R2, M, K, KS, R_ALL, TILES,
                     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
-                    FP32: tl.constexpr):
+                    FP32: tl.constexpr, PDL: tl.constexpr):
     """Program (i, j): adapter i // TILES (its rows from (i % TILES) * BLOCK_R), K range j, into PART[j]."""
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     which = pid // TILES
     rr = (pid % TILES) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -111,5 +113,5 @@ def lora_xa(x: torch.Tensor, adapters) -> torch.Tensor:
     launch(_lora_xa_kernel, (tiles * len(adapters), split), x, x.stride(0), part, *a, *r, m, k,
            cdiv(steps, split) * _BLOCK_K, sum(ranks), tiles,
            BLOCK_M=max(16, next_power_of_2(m)) if dot else next_power_of_2(m), BLOCK_R=block_r, BLOCK_K=_BLOCK_K,
-           DOT=dot, FP32=x.dtype.itemsize == 4)
+           DOT=dot, FP32=x.dtype.itemsize == 4, **pdl_options(x))
     return part

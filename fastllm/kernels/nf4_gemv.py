@@ -42,6 +42,7 @@ import triton.language as tl
 
 from .launch import cdiv, launch, next_power_of_2
 from .nf4_tile import nf4_tile, pair_table
+from .pdl import pdl_enter, pdl_options
 
 
 @triton.jit
@@ -169,8 +170,9 @@ def _nf4_gemv_kernel(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, COD
                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
-                     FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr):
+                     FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
     """Program (i, j): output tile i, K range j (``gemv_tile``; ``_gemv_epilogue_kernel`` finishes a split)."""
+    pdl_enter(PDL)
     gemv_tile(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, XA, stride_xa,
               stride_xs, xa_splits, Bw, s, tl.program_id(0), 0, M, N, N, K, KS, R, BLOCKSIZE, BLOCKSIZE2, NESTED,
               HAS_BIAS, HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
@@ -179,8 +181,10 @@ def _nf4_gemv_kernel(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, COD
 @triton.jit
 def _gemv_epilogue_kernel(PART, OUT, stride_o, BIAS, XA, stride_xa, stride_xs, xa_splits, Bw, s, M, N, R,
                           SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr,
+                          PDL: tl.constexpr):
     """A split-K GEMV's end (``gemv_end``), program i: output tile i."""
+    pdl_enter(PDL)
     gemv_end(PART, OUT, stride_o, BIAS, XA, stride_xa, stride_xs, xa_splits, Bw, s, R, tl.program_id(0), 0, M, N, N,
              SPLIT, HAS_BIAS, HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_R, DOT, FP32)
 
@@ -193,9 +197,11 @@ def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, PART, CODE,
                          BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                          HAS_LORA: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
-                         DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr):
+                         DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr,
+                         PDL: tl.constexpr):
     """out[m, n] = act(g[m, n]) * u[m, n], g and u each ``x . W[n] + s * xa . B[n]`` (``_glu_finish``); with
     SPLIT > 1 the K-range partials of g go to PART[j] and of u to PART[SPLIT + j] (``_glu_epilogue_kernel``)."""
+    pdl_enter(PDL)
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = tl.program_id(1) * KS
@@ -216,8 +222,9 @@ def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, PART, CODE,
 def _glu_epilogue_kernel(PART, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, stride_xs, xa_splits, M, N,
                          R_G, R_U, SPLIT: tl.constexpr, HAS_LORA: tl.constexpr, GELU: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
-                         FP32: tl.constexpr):
+                         FP32: tl.constexpr, PDL: tl.constexpr):
     """A split-K gate/up GEMV's end: each projection's partials summed, LoRA terms, activation, product."""
+    pdl_enter(PDL)
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = _sum_parts(PART, rm, rn, M, N, N, 0, SPLIT)
@@ -323,6 +330,7 @@ def nf4_gemv_fwd(x, packed, state, n: int, blocksize: int, blocksize2: int, out,
     r = b.shape[1] if lora is not None else 0
     bias = bias if bias is not None else x
     ks, split = cfg.pop("KS"), cfg["SPLIT"]
+    pdl = pdl_options(x)
     part = x.new_empty((split, m, n), dtype=torch.float32) if split > 1 else out
     epilogue = {"HAS_BIAS": bias is not x, "HAS_LORA": lora is not None, "FP32": x.dtype.itemsize == 4,
                 "BLOCK_R": min(64, max(16, next_power_of_2(r)))}
@@ -330,11 +338,11 @@ def nf4_gemv_fwd(x, packed, state, n: int, blocksize: int, blocksize2: int, out,
            x, x.stride(0), out, out.stride(0), part, packed, absmax, code, code2, absmax2, offset,
            bias, xa, *xa_strides(xa), b, float(s), m, n, k, ks, r,
            BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, enable_fp_fusion=False,
-           **epilogue, **cfg)
+           **epilogue, **cfg, **pdl)
     if split > 1:
         launch(_gemv_epilogue_kernel, (cdiv(n, EPILOGUE_N),), part, out, out.stride(0), bias, xa, *xa_strides(xa),
                b, float(s), m, n, r, SPLIT=split, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=EPILOGUE_N, DOT=cfg["DOT"],
-               enable_fp_fusion=False, **epilogue)
+               enable_fp_fusion=False, **epilogue, **pdl)
     return out
 
 
@@ -360,6 +368,7 @@ def nf4_glu_gemv_fwd(x, gate, up, n: int, blocksize: int, blocksize2: int, out, 
                          "buffer of partials)")
     rg, ru = (bg.shape[1], bu.shape[1]) if lg is not None else (0, 0)
     ks, split = cfg.pop("KS"), cfg["SPLIT"]
+    pdl = pdl_options(x)
     part = x.new_empty((2 * split, m, n), dtype=torch.float32) if split > 1 else out
     epilogue = {"HAS_LORA": lg is not None, "GELU": gelu, "FP32": x.dtype.itemsize == 4,
                 "BLOCK_R": min(64, max(16, next_power_of_2(max(rg, ru))))}
@@ -370,9 +379,9 @@ def nf4_glu_gemv_fwd(x, gate, up, n: int, blocksize: int, blocksize2: int, out, 
            pu, au, c2u, a2u, ou, xau, bu, float(s_u),
            *xa_strides(xag), m, n, k, ks, rg, ru,
            BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, enable_fp_fusion=False,
-           **epilogue, **cfg)
+           **epilogue, **cfg, **pdl)
     if split > 1:
         launch(_glu_epilogue_kernel, (cdiv(n, EPILOGUE_N),), part, out, out.stride(0), *lora_args, m, n, rg, ru,
                SPLIT=split, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=EPILOGUE_N, DOT=cfg["DOT"], enable_fp_fusion=False,
-               **epilogue)
+               **epilogue, **pdl)
     return out

@@ -26,6 +26,7 @@ from .nf4_gemv import (
     state_operands,
     xa_strides,
 )
+from .pdl import pdl_enter, pdl_options
 
 
 @triton.jit
@@ -37,8 +38,9 @@ def _nf4_group_gemv_kernel(X, stride_x, PART, CODE, stride_xa, stride_xs, xa_spl
                            NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                            BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr,
-                           SPLIT: tl.constexpr):
+                           SPLIT: tl.constexpr, PDL: tl.constexpr):
     """Program (i, j): output tile i of the concatenated projections (0 below T1, 1 below T2, else 2), K range j."""
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     if pid < T1:
         gemv_tile(X, stride_x, OUT0, N0, PART, P0, A0, CODE, C20, A20, O0, BIAS0, XA0, stride_xa, stride_xs, xa_splits,
@@ -60,8 +62,9 @@ def _group_epilogue_kernel(PART, stride_xa, stride_xs, xa_splits, M, N_ALL, T1, 
                            BIAS2, XA2, B2, s2, OUT2, N2, R2,
                            SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
-                           FP32: tl.constexpr):
+                           FP32: tl.constexpr, PDL: tl.constexpr):
     """A split-K group's end: each projection's partials summed, bias and LoRA term added, stored."""
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     if pid < T1:
         gemv_end(PART, OUT0, N0, BIAS0, XA0, stride_xa, stride_xs, xa_splits, B0, s0, R0, pid, 0, M, N0, N_ALL, SPLIT,
@@ -120,10 +123,10 @@ def nf4_group_gemv_fwd(x, items, blocksize: int, blocksize2: int, outs, config: 
     launch(_nf4_group_gemv_kernel, (sum(tiles), split), x, x.stride(0), part, code, *xa_stride, m, k, ks, sum(ns),
            t1, t2, *[a for slot in slots for a in slot], BLOCKSIZE=blocksize,
            BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, enable_fp_fusion=False, **flags,
-           **{n: v for n, v in cfg.items() if n != "DOT"})
+           **{n: v for n, v in cfg.items() if n != "DOT"}, **pdl_options(x))
     if split > 1:
         ends = [cdiv(n, EPILOGUE_N) for n in ns]
         launch(_group_epilogue_kernel, (sum(ends),), part, *xa_stride, m, sum(ns), ends[0], ends[0] + ends[1],
                *[a for slot in slots for a in slot[5:]], SPLIT=split, BLOCK_M=cfg["BLOCK_M"],
-               BLOCK_N=EPILOGUE_N, enable_fp_fusion=False, **flags)
+               BLOCK_N=EPILOGUE_N, enable_fp_fusion=False, **flags, **pdl_options(x))
     return outs

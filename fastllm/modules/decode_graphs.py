@@ -173,6 +173,18 @@ def with_inputs(kwargs: dict, inputs: dict) -> dict:
     return out
 
 
+def decode_switches() -> tuple:
+    """The process-wide switches that pick a decode step's kernels (the GEMV and its row cap, the fused adapters'
+    xa, PDL launches, the grouped attention, dense copies): part of the key, so a switch flipped between two
+    ``generate`` calls gets its own capture instead of a replay of the old kernels."""
+    from ..kernels.pdl import pdl_enabled
+    from ..ops.lora import fused_xa
+    from ..ops.nf4_gemv import _SWITCH, decode_rows
+    from .decoder import grouped_decode
+
+    return bool(_SWITCH), decode_rows(), fused_xa(), pdl_enabled(), grouped_decode(), dense_decode.enabled()
+
+
 def _autocast_state() -> tuple:
     return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
@@ -319,7 +331,7 @@ class DecodeGraphs:
                 parts.append((name, v))
         windows = tuple(layer.cumulative_length_int >= layer.max_cache_len for layer in host_counters(cache))
         # the workspace epoch last: ``_new_graph`` reads it back from the key
-        return (tuple(parts), addresses, windows, self._fingerprint, _autocast_state(),
+        return (tuple(parts), addresses, windows, self._fingerprint, _autocast_state(), decode_switches(),
                 torch.is_inference_mode_enabled(), workspace_epoch())
 
     def _new_graph(self, run, kwargs: dict, cache, key):

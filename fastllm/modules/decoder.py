@@ -153,6 +153,11 @@ def set_grouped_decode(on: bool | None) -> None:
     _GROUPED_DECODE[0] = True if on is None else bool(on)
 
 
+def grouped_decode() -> bool:
+    """One-token attention steps with grouped K/V heads take the grouped form (``set_grouped_decode``)."""
+    return _GROUPED_DECODE[0]
+
+
 @functools.cache
 def _sdpa_function():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -106,6 +106,11 @@ def set_fused_xa(on: bool | None) -> None:
     _FUSED_XA[0] = bool(on)
 
 
+def fused_xa() -> bool:
+    """Decode steps on fastllm's GEMV take their adapters' xa from ``kernels.lora_xa`` (``set_fused_xa``)."""
+    return _FUSED_XA[0]
+
+
 def _lora_xa():
     global _LORA_XA
     if _LORA_XA is None:

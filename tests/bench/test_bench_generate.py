@@ -87,7 +87,9 @@ def test_providers_set_the_decode_switches_and_the_next_one_resets_them():
     from fastllm import FastLlama
     from fastllm._compat import triton_available
     from fastllm.bench.models import build_qlora_base
+    from fastllm.kernels.pdl import pdl_enabled as pdl_on
     from fastllm.ops import dense_decode
+    from fastllm.ops.lora import fused_xa
     from fastllm.ops.nf4_gemv import DECODE_ROWS, decode_rows, gemv_enabled
 
     def gemv_on():
@@ -101,5 +103,9 @@ def test_providers_set_the_decode_switches_and_the_next_one_resets_them():
         assert decode_rows() == DECODE_ROWS and not gemv_on()
         assert generate._select(model, "hf+static") == {"cache_implementation": "static"}
         assert decode_rows() == DECODE_ROWS and gemv_on() == triton_available() and not dense_decode.enabled()
+        generate._select(model, "fastllm:xa=fused+pdl")  # options joined by "+"
+        assert fused_xa() and pdl_on()
+        generate._select(model, "fastllm:rows=16")
+        assert decode_rows() == 16 and not fused_xa() and not pdl_on()
     finally:
         generate._select(model, "fastllm")

@@ -690,6 +690,36 @@ def test_state_changes_between_calls_make_a_new_graph(model, bind, change, refre
     torch.testing.assert_close(after, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("flip", ["fused_xa", "pdl", "grouped_decode", "decode_rows"])
+def test_a_decode_switch_flipped_between_calls_makes_a_new_graph(model, bind, flip):
+    """The process-wide decode switches pick a step's kernels (``decode_switches``): flipped between two calls over
+    the same cache, the next step is captured again instead of replaying the kernels of the old setting."""
+    from transformers import StaticCache
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    from fastllm.kernels.pdl import set_pdl
+    from fastllm.modules.decoder import set_grouped_decode
+    from fastllm.ops.lora import set_fused_xa
+    from fastllm.ops.nf4_gemv import set_decode_rows
+
+    setter, value = {"fused_xa": (set_fused_xa, True), "pdl": (set_pdl, True),
+                     "grouped_decode": (set_grouped_decode, False), "decode_rows": (set_decode_rows, 8)}[flip]
+    name = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+    cache = StaticCache(config=find_base(model).config, max_cache_len=32)
+    graphs = bind()
+    before = _reused_cache_steps(model, graphs, cache, name, _ids(length=2))
+    captured = graphs.stats["captured"]
+    key = decode_graphs.decode_switches()
+    setter(value)
+    try:
+        assert decode_graphs.decode_switches() != key
+        after = _reused_cache_steps(model, graphs, cache, name, _ids(length=2))
+    finally:
+        setter(None)
+    assert graphs.stats["captured"] == captured + 1, graphs.summary()
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # CPU: the same torch maths either way
+
+
 def test_container_arguments_run_eagerly(cpu_as_cuda, static_cache):
     x = torch.zeros(1, 1, dtype=torch.long)
     with torch.no_grad():
