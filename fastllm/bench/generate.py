@@ -16,7 +16,8 @@ prompt for each batch size, bf16 autocast. Providers, the runs interleaved per b
   fp32 masters) instead of a cast and a cuBLAS GEMM (``ops.lora.set_fused_xa(True)``); ``fastllm:base``: the defaults
   with one-token attention through transformers' SDPA function as given (``modules.decoder.set_grouped_decode``);
   ``fastllm:pdl``: the decode kernels launched with programmatic dependent launch (``kernels.pdl.set_pdl``), and
-  ``fastllm:xa=fused+pdl`` both;
+  ``fastllm:xa=fused+pdl`` both; ``fastllm:sync``: the stop check read after every token as transformers reads it
+  (``modules.deferred_stop.set_deferred_stop(False)``; by default fastllm reads it one step late on CUDA);
 - ``fastllm:dense``: the same with ``ops.dense_decode`` (dense copies of the 4-bit weights for the length of each
   generate call: every step one cuBLAS GEMM over 2 bytes a weight; its peak shows their memory);
 - ``unsloth``: Unsloth's ``FastLanguageModel.for_inference`` on the same weights, in a child process.
@@ -42,7 +43,8 @@ from .models import SHAPES
 
 GROUP_COLUMNS = ["group", "us_per_step", "calls_per_step", "share"]  # one decode step's kernel groups (--profile)
 PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "fastllm:rows=8", "fastllm:rows=16", "fastllm:rows=64",
-             "fastllm:xa=fused", "fastllm:pdl", "fastllm:xa=fused+pdl", "fastllm:base", "fastllm:dense", "unsloth")
+             "fastllm:xa=fused", "fastllm:pdl", "fastllm:xa=fused+pdl", "fastllm:sync", "fastllm:base", "fastllm:dense",
+             "unsloth")
 
 
 def _select(model, provider: str) -> dict:
@@ -50,6 +52,7 @@ def _select(model, provider: str) -> dict:
     follow the colon, joined by ``+`` (``fastllm:xa=fused+pdl``)."""
     from ..kernels.pdl import set_pdl
     from ..modules.decoder import set_grouped_decode
+    from ..modules.deferred_stop import set_deferred_stop
     from ..ops import dense_decode
     from ..ops.lora import set_fused_xa
     from ..ops.nf4_gemv import set_decode_rows, set_enabled
@@ -60,6 +63,7 @@ def _select(model, provider: str) -> dict:
     dense_decode.set_enabled(True if "dense" in opts else None)
     set_fused_xa("xa=fused" in opts)
     set_pdl("pdl" in opts)
+    set_deferred_stop(False if "sync" in opts else None)
     set_grouped_decode(False if "base" in opts else None)
     set_provider(model, "fastllm" if provider.startswith("fastllm") else "eager")
     return {"cache_implementation": "static"} if provider == "hf+static" else {}

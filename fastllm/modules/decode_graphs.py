@@ -56,6 +56,7 @@ from torch import nn
 
 from ..ops import dense_decode
 from ..ops.nf4 import workspace_buffers, workspace_epoch
+from .deferred_stop import deferred_stop_checks
 from .static_cache import CACHE_KWARGS, cache_addresses, device_side_rolls, host_counters, static_cache_of
 
 logger = logging.getLogger("fastllm")
@@ -435,10 +436,11 @@ def static_generate_kwargs(model: nn.Module, kwargs: dict) -> dict:
 def static_generate(self, *args, **kwargs):
     """``generate`` over a static KV cache where the call leaves the cache to transformers (``static_generate_kwargs``);
     bound per instance on the patched model. With ``ops.dense_decode`` on, the call runs in its scope: dense weight
-    copies for its steps, dropped at the end together with the graphs that captured them (so their memory goes)."""
+    copies for its steps, dropped at the end together with the graphs that captured them (so their memory goes). The
+    stop check is read one step late on CUDA (``deferred_stop``): the host queues a step while the GPU runs the last."""
     # sharded weights are gathered into buffers freed after each layer: no address of theirs may key a copy
     scope = dense_decode.scope() if why_not_graphable(self) is None else contextlib.nullcontext(False)
-    with scope as dense:
+    with scope as dense, deferred_stop_checks():
         try:
             return type(self).generate(self, *args, **static_generate_kwargs(self, kwargs))
         finally:
