@@ -124,3 +124,29 @@ def test_pdl_launches_give_the_same_generation(tiny_llama_i128_dir, gemv_on):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     graphs = decode_graphs_of(find_base(model))
     assert graphs.stats["replayed"] > 0 and not graphs.stats.get("capture failed"), dict(graphs.stats)
+
+
+def test_deferred_stop_check_gives_the_same_tokens(tiny_llama_i128_dir, gemv_on):
+    """On CUDA the patched generate reads the stop check one step late (``modules.deferred_stop``): the same tokens
+    as the per-step check, with every row stopping early by EOS (the extra step undone) and without EOS."""
+    from fastllm.modules import deferred_stop
+
+    model = _model(tiny_llama_i128_dir)
+    x = torch.randint(0, 320, (2, 9), device="cuda")
+
+    def gen(**kw):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                                  pad_token_id=0, **kw)
+
+    free = gen()
+    for kw in ({}, {"eos_token_id": [int(free[0, 12]), int(free[1, 12])]}):
+        before = deferred_stop.stats()["deferred"]
+        got = gen(**kw)
+        assert deferred_stop.stats()["deferred"] == before + 1
+        deferred_stop.set_deferred_stop(False)
+        try:
+            want = gen(**kw)
+        finally:
+            deferred_stop.set_deferred_stop(None)
+        assert torch.equal(got, want), (got, want)
