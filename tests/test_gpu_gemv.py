@@ -38,6 +38,24 @@ def test_kernel_matches_fallback_at_8b_shapes(m, n, k):
                                rtol=1.6e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("m", [1, 8, 32])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 4096), (4096, 14336)])
+def test_byte_permute_lookup_matches_the_gathered_codes(m, n, k, monkeypatch):
+    """``UNPACK`` 5 (``kernels.nf4_lut``): the compiled byte permutes give the same bits as the same kernel reading
+    the codes from memory, and both the fallback's values to bf16 tolerance (one row and batches, q/k/v and down
+    shapes, nested and not)."""
+    import fastllm.kernels.nf4_gemv as kernels
+
+    config = {"DOT": True, "UNPACK": 5, "BLOCK_N": 64, "STEPS": 8}
+    packed, state = _weight(n, k, nested=n != 1024)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    lora = _lora(m, n)
+    got = nf4_gemv(x, packed, state, None, lora, config=config)
+    torch.testing.assert_close(got, nf4_gemv(x, packed, state, None, lora, backend="torch"), rtol=1.6e-2, atol=2e-2)
+    monkeypatch.setattr(kernels, "lut_for", lambda code, dtype: "")
+    torch.testing.assert_close(got, nf4_gemv(x, packed, state, None, lora, config=config), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("m", [1, 32])
 def test_glu_kernel_matches_fallback(m):
     (pg, sg), (pu, su) = _weight(14336, 4096), _weight(14336, 4096)

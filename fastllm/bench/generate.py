@@ -338,9 +338,14 @@ def kernel_rows(shape: str, rows_list=(1, 8, 32)) -> list:
 # per program and warps a program (num_stages leaves this loop's machine code unchanged: the same cubin for 1 and 3)
 ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": 1, "UNPACK": 0, "STEPS": st}
              for bn, bk in ((16, 512), (16, 1024), (8, 1024), (32, 256)) for st in (1, 2, 4) for nw in (4, 8)]
+# the codes by byte permutes (UNPACK 5: tensor cores, one quantization block a step), one row padded to 16
+ROW_SWEEP += [{"DOT": True, "BLOCK_N": bn, "BLOCK_K": 64, "num_warps": nw, "num_stages": ns, "UNPACK": 5, "STEPS": st}
+              for bn, nw in ((64, 4), (128, 4), (128, 8)) for ns, st in ((1, 8), (3, 8), (3, 16))]
 # the 16-entry table (UNPACK 0) next to the pair table: a pair-table gather can touch 16 cache lines a warp
 DOT_SWEEP = [{"DOT": True, "BLOCK_N": bn, "BLOCK_K": 128, "num_stages": ns, "num_warps": 4, "UNPACK": u, "STEPS": st}
              for u, ns, bn, st in ((2, 3, 64, 8), (0, 3, 64, 8), (0, 1, 64, 8), (2, 3, 64, 2), (0, 1, 32, 2))]
+DOT_SWEEP += [{"DOT": True, "BLOCK_N": bn, "BLOCK_K": 64, "num_stages": ns, "num_warps": nw, "UNPACK": 5, "STEPS": st}
+              for bn, nw, ns, st in ((64, 4, 3, 8), (128, 4, 3, 8), (128, 8, 3, 16), (64, 4, 1, 16))]
 ROWS_SWEEP = [{"DOT": False, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": st}
               for bn, bk in ((8, 128), (4, 256), (8, 256)) for st in (2, 4)]
 
@@ -389,7 +394,7 @@ def adopt_best(sweep: list[dict]) -> dict:
     Returns ``{"row": config, "rows": config, "dot": config}``."""
     from ..kernels import nf4_gemv as kernels
 
-    keys = ("BLOCK_N", "BLOCK_K", "UNPACK", "STEPS", "num_warps", "num_stages")
+    keys = ("DOT", "BLOCK_N", "BLOCK_K", "UNPACK", "STEPS", "num_warps", "num_stages")
     groups = {"row": (kernels.ROW_CONFIG, lambda r: r["rows"] == 1),
               "rows": (kernels.ROWS_CONFIG, lambda r: r["rows"] > 1 and not r.get("DOT", True)),
               "dot": (kernels.DOT_CONFIG, lambda r: r["rows"] > 1 and r.get("DOT", True))}
@@ -405,6 +410,8 @@ def adopt_best(sweep: list[dict]) -> dict:
         if ok:
             picked[name] = min(ok, key=ok.get)
             target.update(dict(picked[name]))
+            if name == "row":  # one row takes the tensor cores only where the picked config says so
+                target["DOT"] = dict(picked[name]).get("DOT", False)
         chosen[name] = dict(target)
 
     def time_at(name: str, m: int) -> float:  # the picked config's summed time at m rows

@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 
+import torch
+
 # ints that a decode step passes as multiples of 16 (row strides, N, K, the split length, the LoRA rank)
 _DIV16 = {"stride_x", "stride_o", "stride_xa", "N", "K", "KS", "R", "R_G", "R_U"}
 
@@ -51,9 +53,22 @@ def signature(kernel, cfg: dict, nested: bool = True, lora: bool = True, bias: b
         types.update({f"{n}{i}": f"*{dtype}" for n in ("BIAS", "OUT")})
         types.update({f"{n}{i}": lora_t for n in ("XA", "B")})
     consts = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": nested, "HAS_LORA": lora, "HAS_BIAS": bias,
-              "GELU": False, "FP32": dtype == "fp32", "BLOCK_R": 16, "PDL": False, **cfg}
+              "GELU": False, "FP32": dtype == "fp32", "BLOCK_R": 16, "PDL": False, "LUT": _lut(unpack, dtype), **cfg}
     sig = {n: types.get(n, "i32") if n not in consts else "constexpr" for n in kernel.arg_names}
     return sig, {n: v for n, v in consts.items() if n in kernel.arg_names}
+
+
+def _lut(unpack: int, dtype: str) -> str:
+    """The byte permutes' assembly for bitsandbytes' NF4 table in ``dtype`` (``UNPACK`` 5), else ""."""
+    if unpack != 5 or dtype not in ("bf16", "fp16"):
+        return ""
+    import bitsandbytes as bnb
+
+    from ..kernels.nf4_lut import lut_asm
+
+    code = bnb.functional.get_4bit_type("nf4", device="cpu")
+    t = torch.bfloat16 if dtype == "bf16" else torch.float16
+    return lut_asm((code.to(t).view(torch.int16).to(torch.int32) & 0xFFFF).tolist())
 
 
 def compile_sm90(kernel, sig: dict, consts: dict, num_warps: int = 4, num_stages: int = 1):

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .launch import cdiv, launch, next_power_of_2
+from .nf4_lut import lut_for
 from .nf4_tile import nf4_tile, pair_table
 from .pdl import pdl_enter, pdl_options
 
@@ -135,7 +136,8 @@ def gemv_tile(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABS
               stride_xs, xa_splits, Bw, s, tile, col, M, N, N_ALL, K, KS, R, BLOCKSIZE: tl.constexpr,
               BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-              BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr):
+              BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr,
+              LUT: tl.constexpr):
     """out[m, n] = x[m] . W[n] + bias[n] + s * xa[m] . B[n] for the BLOCK_N columns n of output tile ``tile``;
     with SPLIT > 1, program column j sums K range [j KS, (j + 1) KS) only and stores it to columns ``col + n`` of
     PART[j], (SPLIT, M, N_ALL) fp32 (``gemv_end`` finishes; ``col``, ``N_ALL``: where this projection sits among
@@ -145,7 +147,7 @@ def gemv_tile(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABS
     k_lo = tl.program_id(1) * KS
     acc = nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, k_lo,
                    tl.minimum(k_lo + KS, K), BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT,
-                   FP32, UNPACK)
+                   FP32, UNPACK, LUT)
     if SPLIT == 1:
         finish_tile(acc, OUT, stride_o, BIAS, XA, stride_xa, stride_xs, xa_splits, Bw, s, rm, rn, M, N, R, HAS_BIAS,
                     HAS_LORA, BLOCK_R, DOT, FP32)
@@ -170,12 +172,13 @@ def _nf4_gemv_kernel(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, COD
                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
-                     FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+                     FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+                     LUT: tl.constexpr):
     """Program (i, j): output tile i, K range j (``gemv_tile``; ``_gemv_epilogue_kernel`` finishes a split)."""
     pdl_enter(PDL)
     gemv_tile(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, XA, stride_xa,
               stride_xs, xa_splits, Bw, s, tl.program_id(0), 0, M, N, N, K, KS, R, BLOCKSIZE, BLOCKSIZE2, NESTED,
-              HAS_BIAS, HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
+              HAS_BIAS, HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT, LUT)
 
 
 @triton.jit
@@ -198,7 +201,7 @@ def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, PART, CODE,
                          HAS_LORA: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
                          DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr,
-                         PDL: tl.constexpr):
+                         PDL: tl.constexpr, LUT: tl.constexpr):
     """out[m, n] = act(g[m, n]) * u[m, n], g and u each ``x . W[n] + s * xa . B[n]`` (``_glu_finish``); with
     SPLIT > 1 the K-range partials of g go to PART[j] and of u to PART[SPLIT + j] (``_glu_epilogue_kernel``)."""
     pdl_enter(PDL)
@@ -207,9 +210,9 @@ def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, PART, CODE,
     k_lo = tl.program_id(1) * KS
     k_hi = tl.minimum(k_lo + KS, K)
     g = nf4_tile(X, stride_x, P_G, A_G, CODE, C2_G, A2_G, O_G, rm, rn, M, N, K, k_lo, k_hi,
-                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK)
+                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK, LUT)
     u = nf4_tile(X, stride_x, P_U, A_U, CODE, C2_U, A2_U, O_U, rm, rn, M, N, K, k_lo, k_hi,
-                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK)
+                  BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, DOT, FP32, UNPACK, LUT)
     if SPLIT == 1:
         _glu_finish(g, u, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, stride_xa, stride_xs, xa_splits, rm, rn, M, N,
                     R_G, R_U, HAS_LORA, GELU, BLOCK_R, DOT, FP32)
@@ -257,16 +260,19 @@ def gemv_config(m: int, k: int, blocksize: int, override: dict | None = None) ->
     a decode step)."""
     override = override or {}
     base = ROW_CONFIG if m == 1 else ROWS_CONFIG if m <= ROWS_CONFIG["MAX_M"] else DOT_CONFIG
-    dot = override.get("DOT", base is DOT_CONFIG) and m > 1
-    if "DOT" in override and dot != (base is DOT_CONFIG):
+    dot = override.get("DOT", base.get("DOT", base is DOT_CONFIG))
+    if m > 1 and "DOT" in override and dot != (base is DOT_CONFIG):
         base = DOT_CONFIG if dot else ROWS_CONFIG
     cfg = {**base, **override}
-    block_k = min(cfg["BLOCK_K"], k & -k)
+    unpack = cfg["UNPACK"]
+    # UNPACK 5 runs on the tensor cores, one quantization block a step (its absmax scales the block's dot)
+    block_k = min(cfg["BLOCK_K"], k & -k, blocksize if unpack == 5 and dot else k)
     steps = k // block_k
     per = min(cfg.get("STEPS", 0) or steps, steps)
     split = cdiv(steps, per)
-    # words are the CUDA cores' only several-row mode; the one-row modes (words, lanes) are bytes on the tensor cores
-    unpack = 3 if not dot and m > 1 else 0 if dot and cfg["UNPACK"] in (3, 4) else cfg["UNPACK"]
+    # words are the CUDA cores' only several-row mode; the one-row modes (words, lanes) are bytes on the tensor cores;
+    # the permutes (5) are a tensor-core mode (bytes on the CUDA cores)
+    unpack = 3 if not dot and m > 1 else 0 if dot and unpack in (3, 4) or not dot and unpack == 5 else unpack
     return {"BLOCK_M": max(16, next_power_of_2(m)) if dot else next_power_of_2(m), "BLOCK_N": cfg["BLOCK_N"],
             "BLOCK_K": block_k, "CHUNK": min(blocksize, block_k), "DOT": dot, "UNPACK": unpack, "SPLIT": split,
             "KS": k if split == 1 else per * block_k, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
@@ -282,7 +288,8 @@ def check_gemv(x, n: int, k: int, blocksize: int) -> None:
 
 
 def gemv_operands(unpack: int, code, *packed) -> tuple:
-    """The code table and packed weights as the ``UNPACK`` mode reads them: the pair table (2), int32 words (3)."""
+    """The code table and packed weights as the ``UNPACK`` mode reads them: the pair table (2), int32 words (3)
+    (for 5 the table stays as it is; ``lut_for`` turns it into the permutes' immediates)."""
     if unpack == 2:
         code = pair_table(code)
     if unpack == 3:
@@ -325,6 +332,7 @@ def nf4_gemv_fwd(x, packed, state, n: int, blocksize: int, blocksize2: int, out,
     check_gemv(x, n, k, blocksize)
     absmax, code, code2, absmax2, offset, nested = state_operands(state)
     cfg = gemv_config(m, k, blocksize, config)
+    lut = lut_for(code, x.dtype) if cfg["UNPACK"] == 5 else ""
     code, packed = gemv_operands(cfg["UNPACK"], code, packed)
     xa, b, s = lora if lora is not None else (x, x, 0.0)
     r = b.shape[1] if lora is not None else 0
@@ -338,7 +346,7 @@ def nf4_gemv_fwd(x, packed, state, n: int, blocksize: int, blocksize2: int, out,
            x, x.stride(0), out, out.stride(0), part, packed, absmax, code, code2, absmax2, offset,
            bias, xa, *xa_strides(xa), b, float(s), m, n, k, ks, r,
            BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, enable_fp_fusion=False,
-           **epilogue, **cfg, **pdl)
+           **epilogue, **cfg, **pdl, LUT=lut)
     if split > 1:
         launch(_gemv_epilogue_kernel, (cdiv(n, EPILOGUE_N),), part, out, out.stride(0), bias, xa, *xa_strides(xa),
                b, float(s), m, n, r, SPLIT=split, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=EPILOGUE_N, DOT=cfg["DOT"],
@@ -360,6 +368,7 @@ def nf4_glu_gemv_fwd(x, gate, up, n: int, blocksize: int, blocksize2: int, out, 
     if nested != nested_u:
         raise ValueError("the fused gate/up GEMV needs both weights nested or neither")
     cfg = gemv_config(m, k, blocksize, config)
+    lut = lut_for(code, x.dtype) if cfg["UNPACK"] == 5 else ""
     code, (pg, pu) = gemv_operands(cfg["UNPACK"], code, pg, pu)
     xag, bg, s_g = lg if lg is not None else (x, x, 0.0)
     xau, bu, s_u = lu if lu is not None else (x, x, 0.0)
@@ -379,7 +388,7 @@ def nf4_glu_gemv_fwd(x, gate, up, n: int, blocksize: int, blocksize2: int, out, 
            pu, au, c2u, a2u, ou, xau, bu, float(s_u),
            *xa_strides(xag), m, n, k, ks, rg, ru,
            BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, enable_fp_fusion=False,
-           **epilogue, **cfg, **pdl)
+           **epilogue, **cfg, **pdl, LUT=lut)
     if split > 1:
         launch(_glu_epilogue_kernel, (cdiv(n, EPILOGUE_N),), part, out, out.stride(0), *lora_args, m, n, rg, ru,
                SPLIT=split, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=EPILOGUE_N, DOT=cfg["DOT"], enable_fp_fusion=False,

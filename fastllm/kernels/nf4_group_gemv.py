@@ -26,6 +26,7 @@ from .nf4_gemv import (
     state_operands,
     xa_strides,
 )
+from .nf4_lut import lut_for
 from .pdl import pdl_enter, pdl_options
 
 
@@ -38,22 +39,22 @@ def _nf4_group_gemv_kernel(X, stride_x, PART, CODE, stride_xa, stride_xs, xa_spl
                            NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                            BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr,
-                           SPLIT: tl.constexpr, PDL: tl.constexpr):
+                           SPLIT: tl.constexpr, PDL: tl.constexpr, LUT: tl.constexpr):
     """Program (i, j): output tile i of the concatenated projections (0 below T1, 1 below T2, else 2), K range j."""
     pdl_enter(PDL)
     pid = tl.program_id(0)
     if pid < T1:
         gemv_tile(X, stride_x, OUT0, N0, PART, P0, A0, CODE, C20, A20, O0, BIAS0, XA0, stride_xa, stride_xs, xa_splits,
                   B0, s0, pid, 0, M, N0, N_ALL, K, KS, R0, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA, BLOCK_M,
-                  BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
+                  BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT, LUT)
     elif pid < T2:  # with two projections T2 is the tile count: no program gets past it
         gemv_tile(X, stride_x, OUT1, N1, PART, P1, A1, CODE, C21, A21, O1, BIAS1, XA1, stride_xa, stride_xs, xa_splits,
                   B1, s1, pid - T1, N0, M, N1, N_ALL, K, KS, R1, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
-                  BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
+                  BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT, LUT)
     else:
         gemv_tile(X, stride_x, OUT2, N2, PART, P2, A2, CODE, C22, A22, O2, BIAS2, XA2, stride_xa, stride_xs, xa_splits,
                   B2, s2, pid - T2, N0 + N1, M, N2, N_ALL, K, KS, R2, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
-                  BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT)
+                  BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT, LUT)
 
 
 @triton.jit
@@ -101,6 +102,7 @@ def nf4_group_gemv_fwd(x, items, blocksize: int, blocksize2: int, outs, config: 
         raise ValueError("the grouped GEMV's xa must share their strides (views of one (M, sum R) buffer or of one "
                          "buffer of partials)")
     cfg = gemv_config(m, k, blocksize, config)
+    lut = lut_for(states[0][1], x.dtype) if cfg["UNPACK"] == 5 else ""
     code, packed = gemv_operands(cfg["UNPACK"], states[0][1], *[it[0] for it in items])
     ns = [it[2] for it in items]
     ks, split = cfg.pop("KS"), cfg["SPLIT"]
@@ -123,7 +125,7 @@ def nf4_group_gemv_fwd(x, items, blocksize: int, blocksize2: int, outs, config: 
     launch(_nf4_group_gemv_kernel, (sum(tiles), split), x, x.stride(0), part, code, *xa_stride, m, k, ks, sum(ns),
            t1, t2, *[a for slot in slots for a in slot], BLOCKSIZE=blocksize,
            BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, enable_fp_fusion=False, **flags,
-           **{n: v for n, v in cfg.items() if n != "DOT"}, **pdl_options(x))
+           **{n: v for n, v in cfg.items() if n != "DOT"}, **pdl_options(x), LUT=lut)
     if split > 1:
         ends = [cdiv(n, EPILOGUE_N) for n in ns]
         launch(_group_epilogue_kernel, (sum(ends),), part, *xa_stride, m, sum(ns), ends[0], ends[0] + ends[1],

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .nf4_lut import nf4_codes16
+
 
 @triton.jit
 def _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, ok, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
@@ -167,7 +169,7 @@ def _nf4_row_bytes(X, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, N, K, k_
 def nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, k_lo, k_hi,
               BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-              DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr):
+              DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr, LUT: tl.constexpr):
     """acc[m, j] = sum_{k_lo <= k < k_hi} x[rm_m, k] * W[rn_j, k] in fp32: (BLOCK_M, BLOCK_N). BLOCK_K divides K
     and k_lo.
 
@@ -175,14 +177,16 @@ def nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, 
     dense dequant writes it; else one row (BLOCK_M = 1) on the CUDA cores (``_nf4_row``). ``UNPACK`` picks how the
     nibbles come out of the bytes (see ``_nf4_row``): 0 both nibbles of a byte, joined into k order; 1 each element
     shifted out of its own byte, no join; 2 as 0, both values of a byte from the pair table; 3 and 4 (one row's
-    words and lanes) as 0."""
+    words and lanes) as 0; 5 (tensor cores only, one quantization block a step) the codes rounded to x's dtype by
+    byte permutes (``kernels.nf4_lut``, the inline assembly ``LUT``; empty: gathered), each block's partial product
+    scaled by its absmax after the dot."""
     if not DOT:  # one return (see _absmax)
         acc = _nf4_row(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rn, M, N, K, k_lo, k_hi,
                        BLOCKSIZE, BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, UNPACK)
     else:
         acc = _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, k_lo, k_hi,
                        BLOCKSIZE,
-                       BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, FP32, UNPACK)
+                       BLOCKSIZE2, NESTED, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, FP32, UNPACK, LUT)
     return acc
 
 
@@ -190,7 +194,7 @@ def nf4_tile(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, 
 def _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, M, N, K, k_lo, k_hi,
              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-             FP32: tl.constexpr, UNPACK: tl.constexpr):
+             FP32: tl.constexpr, UNPACK: tl.constexpr, LUT: tl.constexpr):
     """``nf4_tile`` on the tensor cores."""
     NCH: tl.constexpr = BLOCK_K // CHUNK  # absmax entries per row per step (CHUNK = min(BLOCKSIZE, BLOCK_K))
     m_ok = rm < M
@@ -209,21 +213,32 @@ def _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, 
         elif UNPACK == 1:
             q = tl.load(PACKED + row_bytes + (kk // 2)[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
             w = tl.load(CODE + ((q >> (4 - 4 * (kk & 1))[None, :]) & 15))
+        elif UNPACK == 5:  # the bytes as loaded (uint8: four to a register for the permutes)
+            bb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            q = tl.load(PACKED + row_bytes + bb[None, :], mask=n_ok[:, None], other=0)
+            w = tl.reshape(tl.join(*nf4_codes16(q, CODE, LUT, x)), (BLOCK_N, BLOCK_K))
         else:
             bb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             q = tl.load(PACKED + row_bytes + bb[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
             w = tl.reshape(tl.join(*_pair(CODE, q)), (BLOCK_N, BLOCK_K))
         blk = row_blocks + ((k0 + tl.arange(0, NCH) * CHUNK) // BLOCKSIZE)[None, :]  # (BLOCK_N, NCH)
         scale = _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED)
-        if NCH == 1:  # the step lies inside one block per row: a broadcast, no reshape
-            w = w * scale
+        if UNPACK == 5:  # one block a step (BLOCK_K == CHUNK): the block's partial product times its absmax
+            if FP32:
+                part = tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                part = tl.dot(x, tl.trans(w))
+            acc += part * tl.reshape(scale, (1, BLOCK_N))
         else:
-            w = tl.reshape(tl.reshape(w, (BLOCK_N, NCH, CHUNK)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
-        w = w.to(X.dtype.element_ty)  # W rounded to x's dtype once, as the dense dequant writes it
-        if FP32:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+            if NCH == 1:  # the step lies inside one block per row: a broadcast, no reshape
+                w = w * scale
+            else:
+                w = tl.reshape(tl.reshape(w, (BLOCK_N, NCH, CHUNK)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
+            w = w.to(X.dtype.element_ty)  # W rounded to x's dtype once, as the dense dequant writes it
+            if FP32:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
     return acc
 
 

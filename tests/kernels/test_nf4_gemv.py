@@ -146,6 +146,9 @@ def test_gemv_config_picks_the_path_by_rows(top, monkeypatch):
     assert (few["DOT"], few["UNPACK"], few["BLOCK_M"]) == (False, 3 if top > 1 else few["UNPACK"], next_pow2(top))
     assert many["DOT"] and many["BLOCK_M"] >= 16
     assert gemv_config(3, 4096, 64, {"DOT": True})["DOT"] and not gemv_config(40, 4096, 64, {"DOT": False})["DOT"]
+    lut = gemv_config(1, 4096, 64, {"DOT": True, "UNPACK": 5, "BLOCK_K": 256})  # one row on the tensor cores
+    assert (lut["DOT"], lut["BLOCK_M"], lut["BLOCK_K"], lut["CHUNK"], lut["UNPACK"]) == (True, 16, 64, 64, 5)
+    assert gemv_config(1, 4096, 64, {"UNPACK": 5})["UNPACK"] == 0
     split = gemv_config(1, 14336, 64, {"BLOCK_K": 1024, "STEPS": 3})
     assert (split["SPLIT"], split["KS"]) == (5, 3072)  # 14 steps in ranges of 3: the last range 2 steps
     assert gemv_config(1, 14336, 64, {"BLOCK_K": 1024, "STEPS": 0})["SPLIT"] == 1
@@ -182,6 +185,9 @@ def next_pow2(n):
     (5, {"DOT": False, "BLOCK_N": 4, "BLOCK_K": 128}),      # several rows on the CUDA cores (words), 2 blocks a step
     (3, {"DOT": False, "BLOCK_N": 8, "BLOCK_K": 32, "STEPS": 3}),  # ... half a block a step, split K
     (8, {"DOT": False, "BLOCK_N": 2, "BLOCK_K": 512, "UNPACK": 0}),  # ... words whatever UNPACK says
+    (1, {"DOT": True, "BLOCK_N": 32, "BLOCK_K": 256, "UNPACK": 5}),  # codes rounded to x's dtype, block-scaled dot
+    (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "UNPACK": 5, "STEPS": 3}),  # ... several rows, split K
+    (1, {"DOT": False, "BLOCK_N": 8, "BLOCK_K": 128, "UNPACK": 5}),  # ... a tensor-core mode: bytes on the CUDA cores
 ])
 def test_tile_overrides_keep_the_maths(m, config):
     """The sweep's tile alternatives (``gemv_config`` overrides, the path included) compute the same as the
@@ -202,6 +208,7 @@ def test_tile_overrides_keep_the_maths(m, config):
     (1, (40, 24, 24), 192, 64, {"STEPS": 0}),                          # whole K: no epilogue
     (3, (33, 17), 128, 32, None),                                      # two projections, several rows
     (5, (48, 16, 16), 128, 64, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64}),  # tensor cores
+    (1, (48, 16, 16), 128, 64, {"DOT": True, "BLOCK_N": 16, "UNPACK": 5}),  # one row, block-scaled tensor cores
 ])
 @pytest.mark.parametrize("bias", [False, True])
 def test_group_gemv_equals_one_launch_a_projection(m, ns, k, blocksize, config, bias):
