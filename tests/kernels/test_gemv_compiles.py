@@ -28,6 +28,9 @@ CASES += [("group", 2, True, False, 4), ("group-end", 3, False, True, 4), ("grou
 # the LoRA term over ``kernels.lora_xa``'s fp32 partials and fp32 B (a decode step's operands)
 PARTIALS = [("gemv", 0, False, True, 1), ("gemv-end", 0, False, True, 4), ("gemv-end", 2, True, True, 4),
             ("glu-end", 0, False, True, 4), ("glu", 2, True, True, 1), ("group-end", 3, False, True, 4)]
+# the codes by byte permutes (``kernels.nf4_lut``: inline assembly), tensor cores, one block a step
+LUT = [(kind, 5, True, nested, split) for kind, nested, split in (("gemv", True, 4), ("gemv", False, 1), ("glu", True, 1),
+                                                                    ("group", True, 4))]
 # launched with programmatic dependent launch (``kernels.pdl``): each kernel's grid-dependency prologue
 PDL = [(kind, 0, False, True, 4) for kind in ("gemv", "gemv-end", "glu", "glu-end", "group", "group-end")]
 
@@ -38,16 +41,20 @@ def _compile_all() -> int:
     from fastllm.kernels import nf4_group_gemv as group
 
     failed = 0
-    for i, (kind, unpack, dot, nested, split) in enumerate(CASES + PARTIALS + PDL):
+    for i, (kind, unpack, dot, nested, split) in enumerate(CASES + PARTIALS + PDL + LUT):
         rows, dot = dot == "rows", dot is True
         cfg = {"BLOCK_M": 16 if dot else 8 if rows else 1, "BLOCK_N": 32 if dot else 4, "BLOCK_K": 128 if dot else 1024,
-               "CHUNK": 64, "DOT": dot, "UNPACK": unpack, "SPLIT": split, "PDL": i >= len(CASES) + len(PARTIALS)}
+               "CHUNK": 64, "DOT": dot, "UNPACK": unpack, "SPLIT": split,
+               "PDL": len(CASES) + len(PARTIALS) <= i < len(CASES) + len(PARTIALS) + len(PDL)}
+        if unpack == 5:
+            cfg["BLOCK_K"] = 64  # one quantization block a step
         kernel = {"gemv": kernels._nf4_gemv_kernel, "gemv-end": kernels._gemv_epilogue_kernel,
                   "glu": kernels._nf4_glu_gemv_kernel, "glu-end": kernels._glu_epilogue_kernel,
                   "group": group._nf4_group_gemv_kernel, "group-end": group._group_epilogue_kernel}[kind]
         try:
             compiled = compile_sm90(kernel, *signature(kernel, cfg, nested, bias=True, partials=i >= len(CASES)))
-            ok = bool(compiled.asm["cubin"]) and (not cfg["PDL"] or "griddepcontrol" in compiled.asm["ptx"])
+            ok = bool(compiled.asm["cubin"]) and (not cfg["PDL"] or "griddepcontrol" in compiled.asm["ptx"]) \
+                and (unpack != 5 or "prmt.b32" in compiled.asm["ptx"])
         except Exception as err:  # reported per case, all cases tried
             ok, why = False, str(err).strip().splitlines()[-1][:300]
         print(kind, unpack, "rows" if rows else dot, nested, split, "ok" if ok else f"FAILED {why}", flush=True)
@@ -91,7 +98,7 @@ def test_gemv_kernels_compile_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith(("gemv", "glu", "group", "other"))]
-    expected = len(CASES) + len(PARTIALS) + len(PDL) + len(OTHERS)
+    expected = len(CASES) + len(PARTIALS) + len(PDL) + len(LUT) + len(OTHERS)
     assert run.returncode == 0 and len(lines) == expected, run.stdout[-3000:] + run.stderr[-3000:]
     assert all(ln.endswith(" ok") for ln in lines), "\n".join(lines)
 
