@@ -29,8 +29,8 @@ CASES += [("group", 2, True, False, 4), ("group-end", 3, False, True, 4), ("grou
 PARTIALS = [("gemv", 0, False, True, 1), ("gemv-end", 0, False, True, 4), ("gemv-end", 2, True, True, 4),
             ("glu-end", 0, False, True, 4), ("glu", 2, True, True, 1), ("group-end", 3, False, True, 4)]
 # the codes by byte permutes (``kernels.nf4_lut``: inline assembly), tensor cores, one block a step
-LUT = [(kind, 5, True, nested, split) for kind, nested, split in (("gemv", True, 4), ("gemv", False, 1), ("glu", True, 1),
-                                                                    ("group", True, 4))]
+LUT = [(kind, 5, True, nested, split)
+       for kind, nested, split in (("gemv", True, 4), ("gemv", False, 1), ("glu", True, 1), ("group", True, 4))]
 # launched with programmatic dependent launch (``kernels.pdl``): each kernel's grid-dependency prologue
 PDL = [(kind, 0, False, True, 4) for kind in ("gemv", "gemv-end", "glu", "glu-end", "group", "group-end")]
 
