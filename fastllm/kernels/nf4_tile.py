@@ -216,7 +216,7 @@ def _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, 
         elif UNPACK == 5:  # the bytes as loaded (uint8: four to a register for the permutes)
             bb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             q = tl.load(PACKED + row_bytes + bb[None, :], mask=n_ok[:, None], other=0)
-            w = tl.reshape(tl.join(*nf4_codes16(q, CODE, LUT, x)), (BLOCK_N, BLOCK_K))
+            w = nf4_codes16(q, CODE, LUT, x, BLOCK_N, BLOCK_K // 2)
         else:
             bb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
             q = tl.load(PACKED + row_bytes + bb[None, :], mask=n_ok[:, None], other=0).to(tl.int32)
