@@ -340,12 +340,12 @@ ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": 1, "U
              for bn, bk in ((16, 512), (16, 1024), (8, 1024), (32, 256)) for st in (1, 2, 4) for nw in (4, 8)]
 # the codes by byte permutes (UNPACK 5: tensor cores, one quantization block a step), one row padded to 16
 ROW_SWEEP += [{"DOT": True, "BLOCK_N": bn, "BLOCK_K": 64, "num_warps": nw, "num_stages": ns, "UNPACK": 5, "STEPS": st}
-              for bn, nw in ((64, 4), (128, 4), (128, 8)) for ns, st in ((1, 8), (3, 8), (3, 16))]
+              for bn, nw in ((128, 4), (256, 8), (256, 4)) for ns, st in ((1, 4), (1, 8), (3, 8))]
 # the 16-entry table (UNPACK 0) next to the pair table: a pair-table gather can touch 16 cache lines a warp
 DOT_SWEEP = [{"DOT": True, "BLOCK_N": bn, "BLOCK_K": 128, "num_stages": ns, "num_warps": 4, "UNPACK": u, "STEPS": st}
              for u, ns, bn, st in ((2, 3, 64, 8), (0, 3, 64, 8), (0, 1, 64, 8), (2, 3, 64, 2), (0, 1, 32, 2))]
 DOT_SWEEP += [{"DOT": True, "BLOCK_N": bn, "BLOCK_K": 64, "num_stages": ns, "num_warps": nw, "UNPACK": 5, "STEPS": st}
-              for bn, nw, ns, st in ((64, 4, 3, 8), (128, 4, 3, 8), (128, 8, 3, 16), (64, 4, 1, 16))]
+              for bn, nw, ns, st in ((128, 4, 1, 8), (256, 8, 1, 8), (128, 4, 3, 4), (256, 4, 1, 4))]
 ROWS_SWEEP = [{"DOT": False, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": st}
               for bn, bk in ((8, 128), (4, 256), (8, 256)) for st in (2, 4)]
 
