@@ -180,10 +180,10 @@ def decode_switches() -> tuple:
     ``generate`` calls gets its own capture instead of a replay of the old kernels."""
     from ..kernels.pdl import pdl_enabled
     from ..ops.lora import fused_xa
-    from ..ops.nf4_gemv import _SWITCH, decode_rows
+    from ..ops.nf4_gemv import decode_rows, gemv_switched_on
     from .decoder import grouped_decode
 
-    return bool(_SWITCH), decode_rows(), fused_xa(), pdl_enabled(), grouped_decode(), dense_decode.enabled()
+    return gemv_switched_on(), decode_rows(), fused_xa(), pdl_enabled(), grouped_decode(), dense_decode.enabled()
 
 
 def _autocast_state() -> tuple:

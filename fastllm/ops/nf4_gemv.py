@@ -52,6 +52,11 @@ def decode_rows() -> int:
     return _ROWS[0]
 
 
+def gemv_switched_on() -> bool:
+    """The GEMV's process-wide switch (``set_enabled``), whatever the device."""
+    return bool(_SWITCH)
+
+
 def gemv_enabled(device: torch.device) -> bool:
     """The Triton GEMV serves decode steps on ``device``: CUDA, Triton importable, not switched off."""
     return bool(_SWITCH) and device.type == "cuda" and triton_available()
