@@ -228,7 +228,7 @@ def _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, 
                 part = tl.dot(x, tl.trans(w), input_precision="ieee")
             else:
                 part = tl.dot(x, tl.trans(w))
-            acc += part * tl.reshape(scale, (1, BLOCK_N))
+            acc = tl.fma(part, tl.reshape(scale, (1, BLOCK_N)), acc)  # one instruction (fp fusion is off)
         else:
             if NCH == 1:  # the step lies inside one block per row: a broadcast, no reshape
                 w = w * scale
