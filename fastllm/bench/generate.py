@@ -16,7 +16,8 @@ prompt for each batch size, bf16 autocast. Providers, the runs interleaved per b
   fp32 masters) instead of a cast and a cuBLAS GEMM (``ops.lora.set_fused_xa(True)``); ``fastllm:base``: the defaults
   with one-token attention through transformers' SDPA function as given (``modules.decoder.set_grouped_decode``);
   ``fastllm:pdl``: the decode kernels launched with programmatic dependent launch (``kernels.pdl.set_pdl``), and
-  ``fastllm:xa=fused+pdl`` both; ``fastllm:sync``: the stop check read after every token as transformers reads it
+  ``fastllm:xa=fused+pdl`` both; ``fastllm:lut``: every GEMV on the byte-permute codes (``LUT_CONFIG``);
+  ``fastllm:sync``: the stop check read after every token as transformers reads it
   (``modules.deferred_stop.set_deferred_stop(False)``; by default fastllm reads it one step late on CUDA);
 - ``fastllm:dense``: the same with ``ops.dense_decode`` (dense copies of the 4-bit weights for the length of each
   generate call: every step one cuBLAS GEMM over 2 bytes a weight; its peak shows their memory);
@@ -43,8 +44,28 @@ from .models import SHAPES
 
 GROUP_COLUMNS = ["group", "us_per_step", "calls_per_step", "share"]  # one decode step's kernel groups (--profile)
 PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "fastllm:rows=8", "fastllm:rows=16", "fastllm:rows=64",
-             "fastllm:xa=fused", "fastllm:pdl", "fastllm:xa=fused+pdl", "fastllm:sync", "fastllm:base", "fastllm:dense",
+             "fastllm:xa=fused", "fastllm:pdl", "fastllm:xa=fused+pdl", "fastllm:lut", "fastllm:xa=fused+pdl+lut",
+             "fastllm:sync", "fastllm:base", "fastllm:dense",
              "unsloth")
+
+
+# ``fastllm:...+lut``: every GEMV row count on the byte-permute codes (UNPACK 5; fewest instructions a weight in
+# ``bench sass``), tensor cores, 128 weight rows x one quantization block a step
+LUT_CONFIG = {"DOT": True, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1, "UNPACK": 5, "STEPS": 8}
+_TILES: dict = {}
+
+
+def _tiles(lut: bool) -> None:
+    """The GEMV's tile configs as they were at the first provider switch (the defaults, or a sweep's picks), or
+    those with ``LUT_CONFIG`` over them."""
+    from ..kernels import nf4_gemv as kernels
+
+    if not _TILES:
+        _TILES.update({name: dict(getattr(kernels, name)) for name in ("ROW_CONFIG", "DOT_CONFIG")})
+    for name, saved in _TILES.items():
+        target = getattr(kernels, name)
+        target.clear()
+        target.update({**saved, **LUT_CONFIG} if lut else saved)
 
 
 def _select(model, provider: str) -> dict:
@@ -63,6 +84,7 @@ def _select(model, provider: str) -> dict:
     dense_decode.set_enabled(True if "dense" in opts else None)
     set_fused_xa("xa=fused" in opts)
     set_pdl("pdl" in opts)
+    _tiles("lut" in opts)
     set_deferred_stop(False if "sync" in opts else None)
     set_grouped_decode(False if "base" in opts else None)
     set_provider(model, "fastllm" if provider.startswith("fastllm") else "eager")

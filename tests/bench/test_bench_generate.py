@@ -87,6 +87,7 @@ def test_providers_set_the_decode_switches_and_the_next_one_resets_them():
     from fastllm import FastLlama
     from fastllm._compat import triton_available
     from fastllm.bench.models import build_qlora_base
+    from fastllm.kernels import nf4_gemv as kernels
     from fastllm.kernels.pdl import pdl_enabled as pdl_on
     from fastllm.ops import dense_decode
     from fastllm.ops.lora import fused_xa
@@ -107,5 +108,10 @@ def test_providers_set_the_decode_switches_and_the_next_one_resets_them():
         assert fused_xa() and pdl_on()
         generate._select(model, "fastllm:rows=16")
         assert decode_rows() == 16 and not fused_xa() and not pdl_on()
+        row, dot = dict(kernels.ROW_CONFIG), dict(kernels.DOT_CONFIG)
+        generate._select(model, "fastllm:lut")
+        assert kernels.ROW_CONFIG["UNPACK"] == kernels.DOT_CONFIG["UNPACK"] == 5 and kernels.ROW_CONFIG["DOT"]
+        generate._select(model, "fastllm")
+        assert (kernels.ROW_CONFIG, kernels.DOT_CONFIG) == (row, dot)
     finally:
         generate._select(model, "fastllm")
