@@ -358,7 +358,7 @@ def kernel_rows(shape: str, rows_list=(1, 8, 32)) -> list:
 
 # one row: the bytes mode (UNPACK 0; the words and lanes modes lost or tied at every tile) over tile shapes, K ranges
 # per program and warps a program (num_stages leaves this loop's machine code unchanged: the same cubin for 1 and 3)
-ROW_SWEEP = [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": 1, "UNPACK": 0, "STEPS": st}
+ROW_SWEEP = [{"DOT": False, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": 1, "UNPACK": 0, "STEPS": st}
              for bn, bk in ((16, 512), (16, 1024), (8, 1024), (32, 256)) for st in (1, 2, 4) for nw in (4, 8)]
 # the codes by byte permutes (UNPACK 5: tensor cores, one quantization block a step), one row padded to 16
 ROW_SWEEP += [{"DOT": True, "BLOCK_N": bn, "BLOCK_K": 64, "num_warps": nw, "num_stages": ns, "UNPACK": 5, "STEPS": st}
@@ -432,8 +432,6 @@ def adopt_best(sweep: list[dict]) -> dict:
         if ok:
             picked[name] = min(ok, key=ok.get)
             target.update(dict(picked[name]))
-            if name == "row":  # one row takes the tensor cores only where the picked config says so
-                target["DOT"] = dict(picked[name]).get("DOT", False)
         chosen[name] = dict(target)
 
     def time_at(name: str, m: int) -> float:  # the picked config's summed time at m rows

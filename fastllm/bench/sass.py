@@ -64,11 +64,10 @@ def _lut(unpack: int, dtype: str) -> str:
         return ""
     import bitsandbytes as bnb
 
-    from ..kernels.nf4_lut import lut_asm
+    from ..kernels.nf4_lut import code_bits, lut_asm
 
     code = bnb.functional.get_4bit_type("nf4", device="cpu")
-    t = torch.bfloat16 if dtype == "bf16" else torch.float16
-    return lut_asm((code.to(t).view(torch.int16).to(torch.int32) & 0xFFFF).tolist())
+    return lut_asm(code_bits(code, torch.bfloat16 if dtype == "bf16" else torch.float16))
 
 
 def compile_sm90(kernel, sig: dict, consts: dict, num_warps: int = 4, num_stages: int = 1):

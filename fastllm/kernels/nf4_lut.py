@@ -69,6 +69,11 @@ def lut_asm(values: list[int]) -> str:
     return "\n".join(body + ["}"])
 
 
+def code_bits(code: torch.Tensor, dtype: torch.dtype) -> list[int]:
+    """The 16-bit patterns of the code table ``code`` rounded to ``dtype`` (bf16 or fp16), as ints."""
+    return (code.float().to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
+
+
 def lut_for(code: torch.Tensor, dtype: torch.dtype) -> str:
     """``lut_asm`` for the code table ``code`` (16 fp32 values) rounded to ``dtype`` (bf16 or fp16; "" for any other
     dtype and off CUDA (the interpreter), where ``nf4_codes16`` gathers). Made once per code tensor and dtype
@@ -78,8 +83,7 @@ def lut_for(code: torch.Tensor, dtype: torch.dtype) -> str:
         return ""
     key = (code.device, code.data_ptr(), dtype)
     if key not in _LUTS:
-        values = (code.float().to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
-        _LUTS[key] = lut_asm(values)
+        _LUTS[key] = lut_asm(code_bits(code, dtype))
     return _LUTS[key]
 
 

@@ -223,22 +223,20 @@ def _nf4_dot(X, stride_x, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, rm, rn, 
             w = tl.reshape(tl.join(*_pair(CODE, q)), (BLOCK_N, BLOCK_K))
         blk = row_blocks + ((k0 + tl.arange(0, NCH) * CHUNK) // BLOCKSIZE)[None, :]  # (BLOCK_N, NCH)
         scale = _absmax(ABSMAX, CODE2, ABSMAX2, OFFSET, blk, n_ok[:, None], BLOCKSIZE2, NESTED)
-        if UNPACK == 5:  # one block a step (BLOCK_K == CHUNK): the block's partial product times its absmax
-            if FP32:
-                part = tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                part = tl.dot(x, tl.trans(w))
-            acc = tl.fma(part, tl.reshape(scale, (1, BLOCK_N)), acc)  # one instruction (fp fusion is off)
-        else:
+        if UNPACK != 5:  # 5 scales the block's partial product instead (one block a step: BLOCK_K == CHUNK)
             if NCH == 1:  # the step lies inside one block per row: a broadcast, no reshape
                 w = w * scale
             else:
                 w = tl.reshape(tl.reshape(w, (BLOCK_N, NCH, CHUNK)) * scale[:, :, None], (BLOCK_N, BLOCK_K))
             w = w.to(X.dtype.element_ty)  # W rounded to x's dtype once, as the dense dequant writes it
-            if FP32:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
+        if FP32:
+            part = tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            part = tl.dot(x, tl.trans(w))
+        if UNPACK == 5:
+            acc = tl.fma(part, tl.reshape(scale, (1, BLOCK_N)), acc)  # one instruction (fp fusion is off)
+        else:
+            acc += part
     return acc
 
 

@@ -39,10 +39,6 @@ def set_deferred_stop(on: bool | None) -> None:
     _ON[0] = True if on is None else bool(on)
 
 
-def deferred_stop() -> bool:
-    return _ON[0]
-
-
 def stats() -> dict:
     """Counts since import: stop checks deferred on CUDA, kept per step, and calls where transformers has none."""
     return dict(_STATS)
