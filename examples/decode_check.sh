@@ -27,7 +27,7 @@ batches=${BATCHES:-1,8,32}
 if [[ $steps != *generate* ]]; then batches=""; fi
 if [[ -n "$extra$batches" ]]; then
   timeout "${GENERATE_TIMEOUT:-300}" python -m fastllm.bench.generate --shapes "${SHAPES:-8b}" $extra \
-    --providers "${PROVIDERS:-fastllm,fastllm:sync,fastllm:lut,fastllm:xa=fused+pdl,fastllm:xa=fused+pdl+lut,unsloth}" --batches "$batches" \
+    --providers "${PROVIDERS:-fastllm,fastllm:sync,fastllm:lut,fastllm:finish,fastllm:xa=fused+pdl,fastllm:xa=fused+pdl+lut+finish,unsloth}" --batches "$batches" \
     --new-tokens "${NEW_TOKENS:-256}" --runs "${RUNS:-3}" --out "$out/generate" 2>&1 | tail -60
 fi
 if [[ $steps == *grpo* ]]; then

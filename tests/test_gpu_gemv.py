@@ -66,6 +66,45 @@ def test_glu_kernel_matches_fallback(m):
                                nf4_glu_gemv(x, (pg, sg, lg), (pu, su, lu), backend="torch"), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("m,config", [(1, {"BLOCK_N": 16, "BLOCK_K": 512, "STEPS": 2}),
+                                      (1, {"DOT": True, "UNPACK": 5, "BLOCK_N": 128, "BLOCK_K": 64, "STEPS": 8}),
+                                      (8, {"DOT": True, "BLOCK_N": 64, "BLOCK_K": 128, "STEPS": 8})])
+def test_last_range_finish_equals_the_epilogue_on_the_gpu(m, config):
+    """``FINISH`` (the last K range of each tile sums the partials; arrival counters, release/acquire atomics):
+    the epilogue launch's bits, on q/k/v in one launch, down and gate/up, launched 20 times eagerly and replayed
+    20 times from a CUDA graph (the counters reset themselves between launches)."""
+    from fastllm.kernels import nf4_gemv as kernels
+    from fastllm.ops.nf4_gemv import nf4_group_gemv
+
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    xa = torch.randn(m, 48, device="cuda", dtype=torch.bfloat16)
+    qkv = [(*_weight(n, 4096), None, (xa[:, 16 * i:16 * (i + 1)], _lora(m, n)[1], 2.0))
+           for i, n in enumerate((4096, 1024, 1024))]
+    (pg, sg), (pu, su) = _weight(14336, 4096), _weight(14336, 4096)
+    glu = ((pg, sg, (xa[:, :16], _lora(m, 14336)[1], 2.0)), (pu, su, (xa[:, 16:32], _lora(m, 14336)[1], 2.0)))
+    down_x = torch.randn(m, 14336, device="cuda", dtype=torch.bfloat16)
+    down = (*_weight(4096, 14336), None, _lora(m, 4096))
+
+    def run(cfg):
+        return (*nf4_group_gemv(x, qkv, config=cfg), nf4_glu_gemv(x, *glu, config=cfg),
+                nf4_gemv(down_x, *down, config=cfg))
+
+    finish = {**config, "FINISH": True}
+    want = run(config)
+    for _ in range(20):
+        for got, w in zip(run(finish), want):
+            torch.testing.assert_close(got, w, rtol=0, atol=0)
+    run(finish)  # warm-up: compiled, counters allocated before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = run(finish)
+    for _ in range(20):
+        graph.replay()
+        for got, w in zip(outs, want):
+            torch.testing.assert_close(got, w, rtol=0, atol=0)
+    assert int(kernels._COUNTERS[x.device].abs().sum()) == 0
+
+
 def _model(path):
     model, _ = FastLlama.from_pretrained(path, dtype=torch.bfloat16, max_seq_length=256, patch=PatchConfig())
     torch.manual_seed(0)

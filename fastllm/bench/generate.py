@@ -17,6 +17,7 @@ prompt for each batch size, bf16 autocast. Providers, the runs interleaved per b
   with one-token attention through transformers' SDPA function as given (``modules.decoder.set_grouped_decode``);
   ``fastllm:pdl``: the decode kernels launched with programmatic dependent launch (``kernels.pdl.set_pdl``), and
   ``fastllm:xa=fused+pdl`` both; ``fastllm:lut``: every GEMV on the byte-permute codes (``LUT_CONFIG``);
+  ``fastllm:finish``: split-K GEMVs finished by each tile's last K range, no epilogue launch (``FINISH``);
   ``fastllm:sync``: the stop check read after every token as transformers reads it
   (``modules.deferred_stop.set_deferred_stop(False)``; by default fastllm reads it one step late on CUDA);
 - ``fastllm:dense``: the same with ``ops.dense_decode`` (dense copies of the 4-bit weights for the length of each
@@ -45,6 +46,7 @@ from .models import SHAPES
 GROUP_COLUMNS = ["group", "us_per_step", "calls_per_step", "share"]  # one decode step's kernel groups (--profile)
 PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "fastllm:rows=8", "fastllm:rows=16", "fastllm:rows=64",
              "fastllm:xa=fused", "fastllm:pdl", "fastllm:xa=fused+pdl", "fastllm:lut", "fastllm:xa=fused+pdl+lut",
+             "fastllm:finish", "fastllm:xa=fused+pdl+finish", "fastllm:xa=fused+pdl+lut+finish",
              "fastllm:sync", "fastllm:base", "fastllm:dense",
              "unsloth")
 
@@ -55,17 +57,18 @@ LUT_CONFIG = {"DOT": True, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_s
 _TILES: dict = {}
 
 
-def _tiles(lut: bool) -> None:
+def _tiles(lut: bool, finish: bool) -> None:
     """The GEMV's tile configs as they were at the first provider switch (the defaults, or a sweep's picks), or
-    those with ``LUT_CONFIG`` over them."""
+    those with ``LUT_CONFIG`` over them (``lut``), split K finished by the last K range (``finish``)."""
     from ..kernels import nf4_gemv as kernels
 
     if not _TILES:
-        _TILES.update({name: dict(getattr(kernels, name)) for name in ("ROW_CONFIG", "DOT_CONFIG")})
+        _TILES.update({name: dict(getattr(kernels, name)) for name in ("ROW_CONFIG", "ROWS_CONFIG", "DOT_CONFIG")})
     for name, saved in _TILES.items():
         target = getattr(kernels, name)
         target.clear()
-        target.update({**saved, **LUT_CONFIG} if lut else saved)
+        target.update({**saved, **(LUT_CONFIG if lut and name != "ROWS_CONFIG" else {}),
+                       **({"FINISH": True} if finish else {})})
 
 
 def _select(model, provider: str) -> dict:
@@ -84,7 +87,7 @@ def _select(model, provider: str) -> dict:
     dense_decode.set_enabled(True if "dense" in opts else None)
     set_fused_xa("xa=fused" in opts)
     set_pdl("pdl" in opts)
-    _tiles("lut" in opts)
+    _tiles("lut" in opts, "finish" in opts)
     set_deferred_stop(False if "sync" in opts else None)
     set_grouped_decode(False if "base" in opts else None)
     set_provider(model, "fastllm" if provider.startswith("fastllm") else "eager")
@@ -370,6 +373,11 @@ DOT_SWEEP += [{"DOT": True, "BLOCK_N": bn, "BLOCK_K": 64, "num_stages": ns, "num
               for bn, nw, ns, st in ((128, 4, 1, 8), (256, 8, 1, 8), (128, 4, 3, 4), (256, 4, 1, 4))]
 ROWS_SWEEP = [{"DOT": False, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": st}
               for bn, bk in ((8, 128), (4, 256), (8, 256)) for st in (2, 4)]
+# split K finished by each tile's last K range instead of an epilogue launch: today's tiles and the permutes'
+ROW_SWEEP += [{"DOT": False, "BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1, "UNPACK": 0, "STEPS": 2,
+               "FINISH": True}, {**LUT_CONFIG, "FINISH": True}]
+DOT_SWEEP += [{"DOT": True, "BLOCK_N": 64, "BLOCK_K": 128, "num_stages": 1, "num_warps": 4, "UNPACK": 0, "STEPS": 8,
+               "FINISH": True}, {**LUT_CONFIG, "FINISH": True}]
 
 
 def sweep_rows(shape: str, rows_list=(1, 8, 32)) -> list:
@@ -416,7 +424,7 @@ def adopt_best(sweep: list[dict]) -> dict:
     Returns ``{"row": config, "rows": config, "dot": config}``."""
     from ..kernels import nf4_gemv as kernels
 
-    keys = ("DOT", "BLOCK_N", "BLOCK_K", "UNPACK", "STEPS", "num_warps", "num_stages")
+    keys = ("DOT", "BLOCK_N", "BLOCK_K", "UNPACK", "STEPS", "num_warps", "num_stages", "FINISH")
     groups = {"row": (kernels.ROW_CONFIG, lambda r: r["rows"] == 1),
               "rows": (kernels.ROWS_CONFIG, lambda r: r["rows"] > 1 and not r.get("DOT", True)),
               "dot": (kernels.DOT_CONFIG, lambda r: r["rows"] > 1 and r.get("DOT", True))}

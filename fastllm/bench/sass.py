@@ -37,8 +37,8 @@ def signature(kernel, cfg: dict, nested: bool = True, lora: bool = True, bias: b
     (``gemv_config``'s result, or a dict with at least its keys) launches it; ``partials``: xa as
     ``kernels.lora_xa``'s fp32 partials and B as fp32 masters (a decode step's LoRA operands)."""
     unpack = cfg["UNPACK"]
-    types = {"X": f"*{dtype}", "OUT": f"*{dtype}", "PART": "*fp32", "CODE": "*i64" if unpack == 2 else "*fp32",
-             "s": "fp32", "s_g": "fp32", "s_u": "fp32", "BIAS": f"*{dtype}"}
+    types = {"X": f"*{dtype}", "OUT": f"*{dtype}", "PART": "*fp32", "COUNT": "*i32",
+             "CODE": "*i64" if unpack == 2 else "*fp32", "s": "fp32", "s_g": "fp32", "s_u": "fp32", "BIAS": f"*{dtype}"}
     for suffix, names in (("", ("PACKED", "ABSMAX", "CODE2", "ABSMAX2", "OFFSET")),
                           ("_G", ("P", "A", "C2", "A2", "O")), ("_U", ("P", "A", "C2", "A2", "O"))):
         for name, t in zip(names, ("*i32" if unpack == 3 else "*u8", "*u8" if nested else "*fp32", "*fp32", "*fp32",
@@ -53,7 +53,8 @@ def signature(kernel, cfg: dict, nested: bool = True, lora: bool = True, bias: b
         types.update({f"{n}{i}": f"*{dtype}" for n in ("BIAS", "OUT")})
         types.update({f"{n}{i}": lora_t for n in ("XA", "B")})
     consts = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": nested, "HAS_LORA": lora, "HAS_BIAS": bias,
-              "GELU": False, "FP32": dtype == "fp32", "BLOCK_R": 16, "PDL": False, "LUT": _lut(unpack, dtype), **cfg}
+              "GELU": False, "FP32": dtype == "fp32", "BLOCK_R": 16, "PDL": False, "FINISH": False,
+              "LUT": _lut(unpack, dtype), **cfg}
     sig = {n: types.get(n, "i32") if n not in consts else "constexpr" for n in kernel.arg_names}
     return sig, {n: v for n, v in consts.items() if n in kernel.arg_names}
 

@@ -125,23 +125,40 @@ def _sum_parts(PART, rm, rn, M, N, N_ALL, col, SPLIT: tl.constexpr):
     split order (deterministic)."""
     offs = rm[:, None] * N_ALL + col + rn[None, :]
     ok = (rm < M)[:, None] & (rn < N)[None, :]
-    acc = tl.load(PART + offs, mask=ok, other=0.0)
+    # ".cg": through L2 only; another program on this SM may hold a line of these columns in L1 from before the
+    # other splits wrote them (the finishing program of a neighbouring tile, ``_last_split``)
+    acc = tl.load(PART + offs, mask=ok, other=0.0, cache_modifier=".cg")
     for p in range(1, SPLIT):
-        acc += tl.load(PART + p * M * N_ALL + offs, mask=ok, other=0.0)
+        acc += tl.load(PART + p * M * N_ALL + offs, mask=ok, other=0.0, cache_modifier=".cg")
     return acc
 
 
 @triton.jit
-def gemv_tile(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, XA, stride_xa,
-              stride_xs, xa_splits, Bw, s, tile, col, M, N, N_ALL, K, KS, R, BLOCKSIZE: tl.constexpr,
+def _last_split(COUNTER, SPLIT: tl.constexpr):
+    """Whether this program is the last of its output tile's SPLIT K ranges to store its partial; that program then
+    finishes the tile (no epilogue launch) and sets the tile's counter back to 0 for the next launch. The barrier
+    has every thread's partial stores issued before the release; the acquire orders the finisher's loads after every
+    other range's release (the usual split-K semaphore: CUTLASS's, stream-K's)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(COUNTER, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT - 1
+    if last:
+        tl.store(COUNTER, 0)
+    return last
+
+
+@triton.jit
+def gemv_tile(X, stride_x, OUT, stride_o, PART, COUNT, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, XA,
+              stride_xa, stride_xs, xa_splits, Bw, s, tile, col, M, N, N_ALL, K, KS, R, BLOCKSIZE: tl.constexpr,
               BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
               BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr,
-              LUT: tl.constexpr):
+              LUT: tl.constexpr, FINISH: tl.constexpr):
     """out[m, n] = x[m] . W[n] + bias[n] + s * xa[m] . B[n] for the BLOCK_N columns n of output tile ``tile``;
     with SPLIT > 1, program column j sums K range [j KS, (j + 1) KS) only and stores it to columns ``col + n`` of
-    PART[j], (SPLIT, M, N_ALL) fp32 (``gemv_end`` finishes; ``col``, ``N_ALL``: where this projection sits among
-    a group's)."""
+    PART[j], (SPLIT, M, N_ALL) fp32 (``col``, ``N_ALL``: where this projection sits among a group's); then
+    ``gemv_end`` finishes, in an epilogue launch or, with FINISH, in the last range's program (``_last_split`` on
+    ``COUNT``, this launch's tile counter)."""
     rm = tl.arange(0, BLOCK_M)
     rn = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo = tl.program_id(1) * KS
@@ -153,6 +170,10 @@ def gemv_tile(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABS
                     HAS_LORA, BLOCK_R, DOT, FP32)
     else:
         _store_part(PART + tl.program_id(1) * M * N_ALL, acc, rm, rn, M, N, N_ALL, col)
+        if FINISH:
+            if _last_split(COUNT, SPLIT):
+                finish_tile(_sum_parts(PART, rm, rn, M, N, N_ALL, col, SPLIT), OUT, stride_o, BIAS, XA, stride_xa,
+                            stride_xs, xa_splits, Bw, s, rm, rn, M, N, R, HAS_BIAS, HAS_LORA, BLOCK_R, DOT, FP32)
 
 
 @triton.jit
@@ -167,18 +188,20 @@ def gemv_end(PART, OUT, stride_o, BIAS, XA, stride_xa, stride_xs, xa_splits, Bw,
 
 
 @triton.jit
-def _nf4_gemv_kernel(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS,
+def _nf4_gemv_kernel(X, stride_x, OUT, stride_o, PART, COUNT, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS,
                      XA, stride_xa, stride_xs, xa_splits, Bw, s, M, N, K, KS, R,
                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, DOT: tl.constexpr,
                      FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
-                     LUT: tl.constexpr):
-    """Program (i, j): output tile i, K range j (``gemv_tile``; ``_gemv_epilogue_kernel`` finishes a split)."""
+                     LUT: tl.constexpr, FINISH: tl.constexpr):
+    """Program (i, j): output tile i, K range j (``gemv_tile``; the last range or ``_gemv_epilogue_kernel``
+    finishes a split)."""
     pdl_enter(PDL)
-    gemv_tile(X, stride_x, OUT, stride_o, PART, PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET, BIAS, XA, stride_xa,
-              stride_xs, xa_splits, Bw, s, tl.program_id(0), 0, M, N, N, K, KS, R, BLOCKSIZE, BLOCKSIZE2, NESTED,
-              HAS_BIAS, HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT, LUT)
+    gemv_tile(X, stride_x, OUT, stride_o, PART, COUNT + tl.program_id(0), PACKED, ABSMAX, CODE, CODE2, ABSMAX2, OFFSET,
+              BIAS, XA, stride_xa, stride_xs, xa_splits, Bw, s, tl.program_id(0), 0, M, N, N, K, KS, R, BLOCKSIZE,
+              BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK,
+              SPLIT, LUT, FINISH)
 
 
 @triton.jit
@@ -193,7 +216,7 @@ def _gemv_epilogue_kernel(PART, OUT, stride_o, BIAS, XA, stride_xa, stride_xs, x
 
 
 @triton.jit
-def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, PART, CODE,
+def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, PART, COUNT, CODE,
                          P_G, A_G, C2_G, A2_G, O_G, XA_G, B_G, s_g,
                          P_U, A_U, C2_U, A2_U, O_U, XA_U, B_U, s_u,
                          stride_xa, stride_xs, xa_splits, M, N, K, KS, R_G, R_U,
@@ -201,9 +224,10 @@ def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, PART, CODE,
                          HAS_LORA: tl.constexpr, GELU: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
                          DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr, SPLIT: tl.constexpr,
-                         PDL: tl.constexpr, LUT: tl.constexpr):
+                         PDL: tl.constexpr, LUT: tl.constexpr, FINISH: tl.constexpr):
     """out[m, n] = act(g[m, n]) * u[m, n], g and u each ``x . W[n] + s * xa . B[n]`` (``_glu_finish``); with
-    SPLIT > 1 the K-range partials of g go to PART[j] and of u to PART[SPLIT + j] (``_glu_epilogue_kernel``)."""
+    SPLIT > 1 the K-range partials of g go to PART[j] and of u to PART[SPLIT + j], finished by the last range's
+    program (FINISH, ``_last_split``) or ``_glu_epilogue_kernel``."""
     pdl_enter(PDL)
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -219,6 +243,12 @@ def _nf4_glu_gemv_kernel(X, stride_x, OUT, stride_o, PART, CODE,
     else:
         _store_part(PART + tl.program_id(1) * M * N, g, rm, rn, M, N, N, 0)
         _store_part(PART + (SPLIT + tl.program_id(1)) * M * N, u, rm, rn, M, N, N, 0)
+        if FINISH:
+            if _last_split(COUNT + tl.program_id(0), SPLIT):
+                _glu_finish(_sum_parts(PART, rm, rn, M, N, N, 0, SPLIT),
+                            _sum_parts(PART + SPLIT * M * N, rm, rn, M, N, N, 0, SPLIT), OUT, stride_o, XA_G, B_G, s_g,
+                            XA_U, B_U, s_u, stride_xa, stride_xs, xa_splits, rm, rn, M, N, R_G, R_U, HAS_LORA, GELU,
+                            BLOCK_R, DOT, FP32)
 
 
 @triton.jit
@@ -247,6 +277,32 @@ ROWS_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1, "U
 DOT_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1, "UNPACK": 0, "STEPS": 8}
 MAX_ROWS = 64  # largest M these kernels take (decode batches); more rows go to dequant + GEMM
 EPILOGUE_N = 64  # output columns per program of a split-K GEMV's epilogue
+COUNTERS = 1 << 14  # per device: one int32 arrival counter per output tile of a FINISH launch
+_COUNTERS: dict = {}
+
+
+def tile_counters(x, tiles: int):
+    """The device's arrival counters for a FINISH launch of ``tiles`` output tiles (int32, zero between launches:
+    each tile's finishing program resets its own), or None where the launch must take the epilogue instead: more
+    tiles than counters, or no counters yet while a CUDA graph is being captured (a capture does not run the zero
+    fill, and the buffer must outlive the graph). Launches on one device share them: kernels run one after another
+    on a stream (with PDL too: a kernel waits for its predecessor's grid before touching memory), so two GEMVs on
+    two streams at once would need their own."""
+    if tiles > COUNTERS:
+        return None
+    count = _COUNTERS.get(x.device)
+    if count is None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        count = _COUNTERS[x.device] = torch.zeros(COUNTERS, dtype=torch.int32, device=x.device)
+    return count
+
+
+def finish_operands(cfg: dict, x, part, tiles: int) -> tuple:
+    """(FINISH, counters) for a launch of ``tiles`` output tiles: ``cfg``'s FINISH taken out of it, turned off
+    where ``tile_counters`` has none (the counters' stand-in is then ``part``, never read)."""
+    count = tile_counters(x, tiles) if cfg.pop("FINISH") else None
+    return count is not None, part if count is None else count
 
 
 def gemv_config(m: int, k: int, blocksize: int, override: dict | None = None) -> dict:
@@ -257,7 +313,8 @@ def gemv_config(m: int, k: int, blocksize: int, override: dict | None = None) ->
     dividing K (no tail to mask; K is a multiple of the blocksize and of 32); ``STEPS`` BLOCK_K steps per program
     along K (0: all of K, one launch; else K splits into ``SPLIT`` ranges of ``KS`` elements, each a program
     column, and an epilogue launch sums them: more programs, more bytes in flight, for the few output columns of
-    a decode step)."""
+    a decode step); ``FINISH``: the last K range of each output tile sums them instead of an epilogue launch
+    (``tile_counters``)."""
     override = override or {}
     base = ROW_CONFIG if m == 1 else ROWS_CONFIG if m <= ROWS_CONFIG["MAX_M"] else DOT_CONFIG
     dot = override.get("DOT", base.get("DOT", base is DOT_CONFIG))
@@ -275,7 +332,8 @@ def gemv_config(m: int, k: int, blocksize: int, override: dict | None = None) ->
     unpack = 3 if not dot and m > 1 else 0 if dot and unpack in (3, 4) or not dot and unpack == 5 else unpack
     return {"BLOCK_M": max(16, next_power_of_2(m)) if dot else next_power_of_2(m), "BLOCK_N": cfg["BLOCK_N"],
             "BLOCK_K": block_k, "CHUNK": min(blocksize, block_k), "DOT": dot, "UNPACK": unpack, "SPLIT": split,
-            "KS": k if split == 1 else per * block_k, "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+            "KS": k if split == 1 else per * block_k, "FINISH": bool(cfg.get("FINISH")) and split > 1,
+            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
 def check_gemv(x, n: int, k: int, blocksize: int) -> None:
@@ -340,14 +398,16 @@ def nf4_gemv_fwd(x, packed, state, n: int, blocksize: int, blocksize2: int, out,
     ks, split = cfg.pop("KS"), cfg["SPLIT"]
     pdl = pdl_options(x)
     part = x.new_empty((split, m, n), dtype=torch.float32) if split > 1 else out
+    tiles = cdiv(n, cfg["BLOCK_N"])
+    finish, count = finish_operands(cfg, x, part, tiles)
     epilogue = {"HAS_BIAS": bias is not x, "HAS_LORA": lora is not None, "FP32": x.dtype.itemsize == 4,
                 "BLOCK_R": min(64, max(16, next_power_of_2(r)))}
-    launch(_nf4_gemv_kernel, (cdiv(n, cfg["BLOCK_N"]), split),
-           x, x.stride(0), out, out.stride(0), part, packed, absmax, code, code2, absmax2, offset,
+    launch(_nf4_gemv_kernel, (tiles, split),
+           x, x.stride(0), out, out.stride(0), part, count, packed, absmax, code, code2, absmax2, offset,
            bias, xa, *xa_strides(xa), b, float(s), m, n, k, ks, r,
            BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, enable_fp_fusion=False,
-           **epilogue, **cfg, **pdl, LUT=lut)
-    if split > 1:
+           **epilogue, **cfg, **pdl, LUT=lut, FINISH=finish)
+    if split > 1 and not finish:
         launch(_gemv_epilogue_kernel, (cdiv(n, EPILOGUE_N),), part, out, out.stride(0), bias, xa, *xa_strides(xa),
                b, float(s), m, n, r, SPLIT=split, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=EPILOGUE_N, DOT=cfg["DOT"],
                enable_fp_fusion=False, **epilogue, **pdl)
@@ -379,17 +439,19 @@ def nf4_glu_gemv_fwd(x, gate, up, n: int, blocksize: int, blocksize2: int, out, 
     ks, split = cfg.pop("KS"), cfg["SPLIT"]
     pdl = pdl_options(x)
     part = x.new_empty((2 * split, m, n), dtype=torch.float32) if split > 1 else out
+    tiles = cdiv(n, cfg["BLOCK_N"])
+    finish, count = finish_operands(cfg, x, part, tiles)
     epilogue = {"HAS_LORA": lg is not None, "GELU": gelu, "FP32": x.dtype.itemsize == 4,
                 "BLOCK_R": min(64, max(16, next_power_of_2(max(rg, ru))))}
     lora_args = (xag, bg, float(s_g), xau, bu, float(s_u), *xa_strides(xag))
-    launch(_nf4_glu_gemv_kernel, (cdiv(n, cfg["BLOCK_N"]), split),
-           x, x.stride(0), out, out.stride(0), part, code,
+    launch(_nf4_glu_gemv_kernel, (tiles, split),
+           x, x.stride(0), out, out.stride(0), part, count, code,
            pg, ag, c2g, a2g, og, xag, bg, float(s_g),
            pu, au, c2u, a2u, ou, xau, bu, float(s_u),
            *xa_strides(xag), m, n, k, ks, rg, ru,
            BLOCKSIZE=blocksize, BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, enable_fp_fusion=False,
-           **epilogue, **cfg, **pdl, LUT=lut)
-    if split > 1:
+           **epilogue, **cfg, **pdl, LUT=lut, FINISH=finish)
+    if split > 1 and not finish:
         launch(_glu_epilogue_kernel, (cdiv(n, EPILOGUE_N),), part, out, out.stride(0), *lora_args, m, n, rg, ru,
                SPLIT=split, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=EPILOGUE_N, DOT=cfg["DOT"], enable_fp_fusion=False,
                **epilogue, **pdl)

@@ -5,8 +5,8 @@
 The maths, tiles and roundings are ``nf4_gemv``'s (its ``gemv_tile`` and ``gemv_end``); the program grid runs
 over the projections' output tiles one after another (``T1``, ``T2``: where projections 1 and 2 start) and each
 program takes its projection's operands, so q, k and v cost one launch (two with K split: one epilogue for all)
-instead of three (six). Also more programs in one launch: k and v alone are 1,024 columns, too few tiles to fill
-the GPU.
+instead of three (six, or three with the last K range finishing: ``FINISH``). Also more programs in one launch: k
+and v alone are 1,024 columns, too few tiles to fill the GPU.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from .launch import cdiv, launch, next_power_of_2
 from .nf4_gemv import (
     EPILOGUE_N,
     check_gemv,
+    finish_operands,
     gemv_config,
     gemv_end,
     gemv_operands,
@@ -31,7 +32,7 @@ from .pdl import pdl_enter, pdl_options
 
 
 @triton.jit
-def _nf4_group_gemv_kernel(X, stride_x, PART, CODE, stride_xa, stride_xs, xa_splits, M, K, KS, N_ALL, T1, T2,
+def _nf4_group_gemv_kernel(X, stride_x, PART, COUNT, CODE, stride_xa, stride_xs, xa_splits, M, K, KS, N_ALL, T1, T2,
                            P0, A0, C20, A20, O0, BIAS0, XA0, B0, s0, OUT0, N0, R0,
                            P1, A1, C21, A21, O1, BIAS1, XA1, B1, s1, OUT1, N1, R1,
                            P2, A2, C22, A22, O2, BIAS2, XA2, B2, s2, OUT2, N2, R2,
@@ -39,22 +40,24 @@ def _nf4_group_gemv_kernel(X, stride_x, PART, CODE, stride_xa, stride_xs, xa_spl
                            NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                            BLOCK_R: tl.constexpr, DOT: tl.constexpr, FP32: tl.constexpr, UNPACK: tl.constexpr,
-                           SPLIT: tl.constexpr, PDL: tl.constexpr, LUT: tl.constexpr):
-    """Program (i, j): output tile i of the concatenated projections (0 below T1, 1 below T2, else 2), K range j."""
+                           SPLIT: tl.constexpr, PDL: tl.constexpr, LUT: tl.constexpr, FINISH: tl.constexpr):
+    """Program (i, j): output tile i of the concatenated projections (0 below T1, 1 below T2, else 2), K range j
+    (tile i's arrival counter ``COUNT + i`` with FINISH)."""
     pdl_enter(PDL)
     pid = tl.program_id(0)
+    COUNT += pid
     if pid < T1:
-        gemv_tile(X, stride_x, OUT0, N0, PART, P0, A0, CODE, C20, A20, O0, BIAS0, XA0, stride_xa, stride_xs, xa_splits,
-                  B0, s0, pid, 0, M, N0, N_ALL, K, KS, R0, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA, BLOCK_M,
-                  BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT, LUT)
+        gemv_tile(X, stride_x, OUT0, N0, PART, COUNT, P0, A0, CODE, C20, A20, O0, BIAS0, XA0, stride_xa, stride_xs,
+                  xa_splits, B0, s0, pid, 0, M, N0, N_ALL, K, KS, R0, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS,
+                  HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT, LUT, FINISH)
     elif pid < T2:  # with two projections T2 is the tile count: no program gets past it
-        gemv_tile(X, stride_x, OUT1, N1, PART, P1, A1, CODE, C21, A21, O1, BIAS1, XA1, stride_xa, stride_xs, xa_splits,
-                  B1, s1, pid - T1, N0, M, N1, N_ALL, K, KS, R1, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
-                  BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT, LUT)
+        gemv_tile(X, stride_x, OUT1, N1, PART, COUNT, P1, A1, CODE, C21, A21, O1, BIAS1, XA1, stride_xa, stride_xs,
+                  xa_splits, B1, s1, pid - T1, N0, M, N1, N_ALL, K, KS, R1, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS,
+                  HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT, LUT, FINISH)
     else:
-        gemv_tile(X, stride_x, OUT2, N2, PART, P2, A2, CODE, C22, A22, O2, BIAS2, XA2, stride_xa, stride_xs, xa_splits,
-                  B2, s2, pid - T2, N0 + N1, M, N2, N_ALL, K, KS, R2, BLOCKSIZE, BLOCKSIZE2, NESTED, HAS_BIAS, HAS_LORA,
-                  BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT, LUT)
+        gemv_tile(X, stride_x, OUT2, N2, PART, COUNT, P2, A2, CODE, C22, A22, O2, BIAS2, XA2, stride_xa, stride_xs,
+                  xa_splits, B2, s2, pid - T2, N0 + N1, M, N2, N_ALL, K, KS, R2, BLOCKSIZE, BLOCKSIZE2, NESTED,
+                  HAS_BIAS, HAS_LORA, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK, BLOCK_R, DOT, FP32, UNPACK, SPLIT, LUT, FINISH)
 
 
 @triton.jit
@@ -122,11 +125,12 @@ def nf4_group_gemv_fwd(x, items, blocksize: int, blocksize2: int, outs, config: 
              "BLOCK_R": min(64, max(16, next_power_of_2(max(ranks)))), "DOT": cfg["DOT"]}
     tiles = [cdiv(n, cfg["BLOCK_N"]) for n in ns]
     t1, t2 = tiles[0], tiles[0] + tiles[1]
-    launch(_nf4_group_gemv_kernel, (sum(tiles), split), x, x.stride(0), part, code, *xa_stride, m, k, ks, sum(ns),
-           t1, t2, *[a for slot in slots for a in slot], BLOCKSIZE=blocksize,
+    finish, count = finish_operands(cfg, x, part, sum(tiles))
+    launch(_nf4_group_gemv_kernel, (sum(tiles), split), x, x.stride(0), part, count, code, *xa_stride, m, k, ks,
+           sum(ns), t1, t2, *[a for slot in slots for a in slot], BLOCKSIZE=blocksize,
            BLOCKSIZE2=blocksize2 if nested else 1, NESTED=nested, enable_fp_fusion=False, **flags,
-           **{n: v for n, v in cfg.items() if n != "DOT"}, **pdl_options(x), LUT=lut)
-    if split > 1:
+           **{n: v for n, v in cfg.items() if n != "DOT"}, **pdl_options(x), LUT=lut, FINISH=finish)
+    if split > 1 and not finish:
         ends = [cdiv(n, EPILOGUE_N) for n in ns]
         launch(_group_epilogue_kernel, (sum(ends),), part, *xa_stride, m, sum(ns), ends[0], ends[0] + ends[1],
                *[a for slot in slots for a in slot[5:]], SPLIT=split, BLOCK_M=cfg["BLOCK_M"],

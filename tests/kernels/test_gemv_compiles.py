@@ -33,6 +33,8 @@ LUT = [(kind, 5, True, nested, split)
        for kind, nested, split in (("gemv", True, 4), ("gemv", False, 1), ("glu", True, 1), ("group", True, 4))]
 # launched with programmatic dependent launch (``kernels.pdl``): each kernel's grid-dependency prologue
 PDL = [(kind, 0, False, True, 4) for kind in ("gemv", "gemv-end", "glu", "glu-end", "group", "group-end")]
+# split K finished by each tile's last K range (an arrival counter, no epilogue launch)
+FINISH = [(kind, unpack, dot, True, 4) for kind in ("gemv", "glu", "group") for unpack, dot in ((0, False), (2, True))]
 
 
 def _compile_all() -> int:
@@ -41,11 +43,12 @@ def _compile_all() -> int:
     from fastllm.kernels import nf4_group_gemv as group
 
     failed = 0
-    for i, (kind, unpack, dot, nested, split) in enumerate(CASES + PARTIALS + PDL + LUT):
+    for i, (kind, unpack, dot, nested, split) in enumerate(CASES + PARTIALS + PDL + LUT + FINISH):
         rows, dot = dot == "rows", dot is True
         cfg = {"BLOCK_M": 16 if dot else 8 if rows else 1, "BLOCK_N": 32 if dot else 4, "BLOCK_K": 128 if dot else 1024,
                "CHUNK": 64, "DOT": dot, "UNPACK": unpack, "SPLIT": split,
-               "PDL": len(CASES) + len(PARTIALS) <= i < len(CASES) + len(PARTIALS) + len(PDL)}
+               "PDL": len(CASES) + len(PARTIALS) <= i < len(CASES) + len(PARTIALS) + len(PDL),
+               "FINISH": i >= len(CASES) + len(PARTIALS) + len(PDL) + len(LUT)}
         if unpack == 5:
             cfg["BLOCK_K"] = 64  # one quantization block a step
         kernel = {"gemv": kernels._nf4_gemv_kernel, "gemv-end": kernels._gemv_epilogue_kernel,
@@ -54,7 +57,8 @@ def _compile_all() -> int:
         try:
             compiled = compile_sm90(kernel, *signature(kernel, cfg, nested, bias=True, partials=i >= len(CASES)))
             ok = bool(compiled.asm["cubin"]) and (not cfg["PDL"] or "griddepcontrol" in compiled.asm["ptx"]) \
-                and (unpack != 5 or "prmt.b32" in compiled.asm["ptx"])
+                and (unpack != 5 or "prmt.b32" in compiled.asm["ptx"]) \
+                and (not cfg["FINISH"] or "atom.global.gpu.acq_rel" in compiled.asm["ptx"])
         except Exception as err:  # reported per case, all cases tried
             ok, why = False, str(err).strip().splitlines()[-1][:300]
         print(kind, unpack, "rows" if rows else dot, nested, split, "ok" if ok else f"FAILED {why}", flush=True)
@@ -98,7 +102,7 @@ def test_gemv_kernels_compile_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     lines = [ln for ln in run.stdout.splitlines() if ln.startswith(("gemv", "glu", "group", "other"))]
-    expected = len(CASES) + len(PARTIALS) + len(PDL) + len(LUT) + len(OTHERS)
+    expected = len(CASES) + len(PARTIALS) + len(PDL) + len(LUT) + len(FINISH) + len(OTHERS)
     assert run.returncode == 0 and len(lines) == expected, run.stdout[-3000:] + run.stderr[-3000:]
     assert all(ln.endswith(" ok") for ln in lines), "\n".join(lines)
 

@@ -235,6 +235,59 @@ def test_group_gemv_equals_one_launch_a_projection(m, ns, k, blocksize, config, 
         torch.testing.assert_close(g, f, **tol(dtype, k))
 
 
+@pytest.mark.parametrize("m,config", [
+    (1, {"BLOCK_N": 8, "BLOCK_K": 64, "STEPS": 1}),                      # 8 K ranges of one step
+    (1, {"BLOCK_N": 4, "BLOCK_K": 128, "STEPS": 3}),                     # ... of 3 steps, the last one short
+    (3, {"DOT": False, "BLOCK_N": 8, "BLOCK_K": 32, "STEPS": 3}),        # several rows on the CUDA cores
+    (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "STEPS": 3}),        # tensor cores
+    (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "UNPACK": 5, "STEPS": 3}),  # block-scaled tensor cores
+])
+def test_last_range_finishes_as_the_epilogue_does(m, config):
+    """With ``FINISH`` each output tile's last K range to arrive sums the partials (no epilogue launch): the same
+    sums in the same split order as the epilogue's, so the same bits, for one projection (bias and LoRA term), the
+    gate/up pair and a q/k/v group; the arrival counters are back at zero after every launch, so a second launch
+    (a graph replay) finishes again."""
+    from fastllm.kernels import nf4_gemv as kernels
+    from fastllm.ops.nf4_gemv import nf4_group_gemv
+
+    n, k, bs = 37, 512, 64
+    assert kernels.gemv_config(m, k, bs, {**config, "FINISH": True})["FINISH"]
+    assert not kernels.gemv_config(m, k, bs, {**config, "FINISH": True, "STEPS": 0})["FINISH"]  # one range: no split
+    packed, state, _ = quantized(n, k, bs, True)
+    x = torch.randn(m, k, device=DEVICE).to(torch.float16)
+    lora = lora_args(m, n, 8, torch.float16)
+    bias = torch.randn(n, device=DEVICE).to(torch.float16)
+    finish = {**config, "FINISH": True}
+    for _ in range(2):
+        torch.testing.assert_close(nf4_gemv(x, packed, state, bias, lora, backend="triton", config=finish),
+                                   nf4_gemv(x, packed, state, bias, lora, backend="triton", config=config),
+                                   rtol=0, atol=0)
+        pair = [nf4_glu_gemv(x, (packed, state, lora), (packed, state, lora), backend="triton", config=c)
+                for c in (finish, config)]
+        torch.testing.assert_close(pair[0], pair[1], rtol=0, atol=0)
+        assert int(kernels._COUNTERS[x.device].abs().sum()) == 0
+    xa_all = torch.randn(m, 24, device=DEVICE).to(torch.float16)
+    items = [(p, st, None, (xa_all[:, 8 * i:8 * (i + 1)], (torch.randn(nn, 8, device=DEVICE) * 0.1).half(), 0.5))
+             for i, (nn, (p, st, _)) in enumerate((nn, quantized(nn, k, bs, True)) for nn in (40, 17, 17))]
+    for got, want in zip(nf4_group_gemv(x, items, backend="triton", config=finish),
+                         nf4_group_gemv(x, items, backend="triton", config=config)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert int(kernels._COUNTERS[x.device].abs().sum()) == 0
+
+
+def test_finish_takes_the_epilogue_without_counters(monkeypatch):
+    """More output tiles than counters: the launch takes the epilogue (same result), and the counters stay zero."""
+    from fastllm.kernels import nf4_gemv as kernels
+
+    packed, state, dense = quantized(40, 256, 64, True)
+    x = torch.randn(1, 256, device=DEVICE)
+    config = {"BLOCK_N": 4, "BLOCK_K": 64, "STEPS": 1, "FINISH": True}
+    monkeypatch.setattr(kernels, "COUNTERS", 4)  # 10 tiles
+    assert kernels.tile_counters(x, 10) is None
+    torch.testing.assert_close(nf4_gemv(x, packed, state, None, None, backend="triton", config=config),
+                               reference(x, dense), **tol(torch.float32, 256))
+
+
 def test_group_gemv_declines_mixed_projections():
     """A bias or nesting on some projections only: None, so the caller runs them one by one."""
     from fastllm.ops.nf4_gemv import nf4_group_gemv
