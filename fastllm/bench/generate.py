@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import time
 
 import torch
 
@@ -128,7 +127,8 @@ def _profiled(model, x, kw):
 def _profile(model, x, kw, path: str) -> tuple[list[dict], float | None]:
     """Two generates under torch.profiler, of ``kw``'s new tokens and of one: to ``path`` the long one's kernels by
     device time (graph replays' kernels included) and, from the difference, one decode step's device time by kernel
-    group (``kernel_groups.step_groups``: the prefill taken out); returns those rows and ``graph_replay_ms``."""
+    group (``kernel_groups.step_groups``: the prefill taken out), the device's idle gaps and the host's profile
+    (``host_profile``); returns those rows."""
     from .kernel_groups import group_times, profiled_kernels, step_groups, step_kernels
 
     n = kw["max_new_tokens"]
@@ -140,36 +140,30 @@ def _profile(model, x, kw, path: str) -> tuple[list[dict], float | None]:
         f.write(f"one decode step's kernels by group ({n} new tokens less 1, over {n - 1} steps):\n")
         f.write(format_table(rows, GROUP_COLUMNS) + "\n\n")
         f.write(step_idle(prof, short, n) + "\n")
-        replay = graph_replay_ms(model, x, kw)
-        f.write(f"one decode-step graph replayed back to back: {replay if replay is None else round(replay, 3)} ms\n\n")
         kernels = [{**r, "kernel": r["kernel"][:110]} for r in step_kernels(long_k, short_k, n)]
         f.write(format_table(kernels, ["us_per_step", "calls_per_step", "group", "kernel"]) + "\n\n")
-        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60))
-    return rows, replay
+        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60) + "\n\n")
+        f.write(host_profile(model, x, kw))
+    return rows
 
 
-def graph_replay_ms(model, x, kw, replays: int = 20) -> float | None:
-    """Milliseconds of one replay of the decode-step graph a generate of ``kw`` captured, replayed back to back
-    over that generate's own KV cache (kept alive here: a replay writes into it): the step's device time plus the
-    graph's launch gaps, without the generate loop's host work between steps. None without a graph."""
-    from ..modules.decode_graphs import decode_graphs_of
-    from ..patching import find_base
+def host_profile(model, x, kw, top: int = 40) -> str:
+    """Where the host's time goes in one generate of ``kw`` (cProfile: the functions by own time and by cumulative
+    time): a decode step whose device idles between launches waits on this Python."""
+    import cProfile
+    import io
+    import pstats
 
-    graphs = decode_graphs_of(find_base(model))
+    prof = cProfile.Profile()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        out = model.generate(input_ids=x, return_dict_in_generate=True, **kw)
-    cache = getattr(out, "past_key_values", None)
-    found = [g for g in (graphs.graphs.values() if graphs is not None else ()) if g.cache_ref() is cache]
-    if cache is None or not found:
-        return None
-    graph = found[-1].graph
-    graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(replays):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / replays * 1e3
+        prof.enable()
+        model.generate(input_ids=x, **kw)
+        torch.cuda.synchronize()
+        prof.disable()
+    out = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=out).sort_stats(key).print_stats(top)
+    return out.getvalue()
 
 
 def step_idle(prof, short, n: int, top: int = 15) -> str:
@@ -211,13 +205,12 @@ def measure(model, providers, *, batch: int, prompt: int, new_tokens: int, runs:
             torch.cuda.reset_peak_memory_stats()
             samples[p].append(infer_once(model, x, kw))
             peaks[p] = max(peaks.get(p, 0.0), torch.cuda.max_memory_allocated() / (1 << 30))
-    groups, replays = {}, {}
+    groups = {}
     for p in providers if profile and new_tokens > 1 else ():
         if profiled is not None and p not in profiled:
             continue
-        groups[p], replays[p] = _profile(model, x, {**gen, **_select(model, p)},
-                                         f"{profile}_{p.replace(':', '-')}_b{batch}.txt")
-        print(f"{p}, batch {batch}: one decode step's kernels by group (a graph replay: {replays[p]} ms)", flush=True)
+        groups[p] = _profile(model, x, {**gen, **_select(model, p)}, f"{profile}_{p.replace(':', '-')}_b{batch}.txt")
+        print(f"{p}, batch {batch}: one decode step's kernels by group", flush=True)
         print(format_table(groups[p], GROUP_COLUMNS), flush=True)
     _select(model, "hf")
     limit_ms = step_bytes(model, batch, prompt + new_tokens // 2) / (bandwidth * 1e9) * 1e3
@@ -227,7 +220,6 @@ def measure(model, providers, *, batch: int, prompt: int, new_tokens: int, runs:
         rows.append({"provider": p, "batch": batch, **row, "peak_gib": peaks[p]})
         if p in groups:  # the JSON row keeps them, with the run's GPU and versions
             rows[-1]["step_kernel_us"] = {g["group"]: g["us_per_step"] for g in groups[p]}
-            rows[-1]["graph_replay_ms"] = replays[p]
     return [_finish(r, limit_ms, new_tokens) for r in rows]
 
 
