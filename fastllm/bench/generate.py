@@ -52,7 +52,7 @@ PROVIDERS = ("hf", "hf+static", "fastllm", "fastllm:gemv=off", "fastllm:rows=8",
 
 # ``fastllm:...+lut``: every GEMV row count on the byte-permute codes (UNPACK 5; fewest instructions a weight in
 # ``bench sass``), tensor cores, 128 weight rows x one quantization block a step
-LUT_CONFIG = {"DOT": True, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1, "UNPACK": 5, "STEPS": 8}
+LUT_CONFIG = {"DOT": True, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "UNPACK": 5, "STEPS": 8}
 _TILES: dict = {}
 
 

@@ -267,11 +267,12 @@ def _glu_epilogue_kernel(PART, OUT, stride_o, XA_G, B_G, s_g, XA_U, B_U, s_u, st
 
 
 # Tile sizes: the fastest of ``fastllm bench generate --sweep`` (CUDA-graph timings over L2-busting weight copies;
-# docs/benchmarks.md). One row over bytes, 16 weight rows a program and 512-element steps, K split two steps a
-# program; batches on the tensor cores, 64 weight rows a program, 128-element steps, 8 steps a program. The CUDA
-# cores' several-row mode (32-bit words, up to 8 rows' accumulators in registers: ``fastllm bench sass``) lost to
-# the tensor cores at every swept row count, so ``MAX_M`` 1 leaves it to the sweep and to explicit overrides.
-ROW_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 1, "UNPACK": 0, "STEPS": 2}
+# docs/benchmarks.md). One row: the codes by byte permutes (UNPACK 5) on the tensor cores, the row padded to 16, 128
+# weight rows a program, one quantization block a step, 3 stages, K split 8 steps a program; batches on the tensor
+# cores, 64 weight rows a program, 128-element steps, 8 steps a program. The CUDA cores' several-row mode (32-bit
+# words, up to 8 rows' accumulators in registers: ``fastllm bench sass``) lost to the tensor cores at every swept
+# row count, so ``MAX_M`` 1 leaves it to the sweep and to explicit overrides.
+ROW_CONFIG = {"DOT": True, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "UNPACK": 5, "STEPS": 8}
 # a few rows on the CUDA cores (32-bit words, each decoded step serving every row), up to MAX_M rows
 ROWS_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1, "UNPACK": 3, "STEPS": 4, "MAX_M": 1}
 DOT_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 1, "UNPACK": 0, "STEPS": 8}

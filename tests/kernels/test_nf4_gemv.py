@@ -142,16 +142,18 @@ def test_gemv_config_picks_the_path_by_rows(top, monkeypatch):
 
     monkeypatch.setitem(ROWS_CONFIG, "MAX_M", top)  # 1: the CUDA cores' several-row mode off (the default)
     one, few, many = gemv_config(1, 4096, 64), gemv_config(top, 4096, 64), gemv_config(top + 1, 4096, 64)
-    assert (one["DOT"], one["BLOCK_M"]) == (False, 1)
-    assert (few["DOT"], few["UNPACK"], few["BLOCK_M"]) == (False, 3 if top > 1 else few["UNPACK"], next_pow2(top))
+    assert (one["DOT"], one["BLOCK_M"], one["UNPACK"]) == (True, 16, 5)  # the byte permutes, the row padded to 16
+    if top > 1:
+        assert (few["DOT"], few["UNPACK"], few["BLOCK_M"]) == (False, 3, next_pow2(top))
+    assert gemv_config(1, 4096, 64, {"DOT": False})["BLOCK_M"] == 1
     assert many["DOT"] and many["BLOCK_M"] >= 16
     assert gemv_config(3, 4096, 64, {"DOT": True})["DOT"] and not gemv_config(40, 4096, 64, {"DOT": False})["DOT"]
     lut = gemv_config(1, 4096, 64, {"DOT": True, "UNPACK": 5, "BLOCK_K": 256})  # one row on the tensor cores
     assert (lut["DOT"], lut["BLOCK_M"], lut["BLOCK_K"], lut["CHUNK"], lut["UNPACK"]) == (True, 16, 64, 64, 5)
-    assert gemv_config(1, 4096, 64, {"UNPACK": 5})["UNPACK"] == 0
-    split = gemv_config(1, 14336, 64, {"BLOCK_K": 1024, "STEPS": 3})
+    assert gemv_config(1, 4096, 64, {"DOT": False, "UNPACK": 5})["UNPACK"] == 0
+    split = gemv_config(1, 14336, 64, {"DOT": False, "BLOCK_K": 1024, "STEPS": 3})
     assert (split["SPLIT"], split["KS"]) == (5, 3072)  # 14 steps in ranges of 3: the last range 2 steps
-    assert gemv_config(1, 14336, 64, {"BLOCK_K": 1024, "STEPS": 0})["SPLIT"] == 1
+    assert gemv_config(1, 14336, 64, {"DOT": False, "BLOCK_K": 1024, "STEPS": 0})["SPLIT"] == 1
 
 
 def next_pow2(n):
@@ -159,28 +161,28 @@ def next_pow2(n):
 
 
 @pytest.mark.parametrize("m,config", [
-    (1, {"BLOCK_N": 2, "BLOCK_K": 256, "num_warps": 2}),   # one row, 4 quantization blocks a step
-    (1, {"BLOCK_N": 8, "BLOCK_K": 32}),                     # one row, half a block a step
+    (1, {"DOT": False, "BLOCK_N": 2, "BLOCK_K": 256, "num_warps": 2}),   # one row, 4 quantization blocks a step
+    (1, {"DOT": False, "BLOCK_N": 8, "BLOCK_K": 32}),                     # one row, half a block a step
     (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 256, "num_stages": 2}),  # tensor cores, 4 blocks a step (3-D scale)
     (5, {"DOT": True, "BLOCK_N": 64, "BLOCK_K": 32}),                    # tensor cores, half a block a step
-    (1, {"BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 1}),       # each element its own nibble: one row, 4 blocks a step
-    (1, {"BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 1}),        # ... half a block a step
+    (1, {"DOT": False, "BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 1}),  # a nibble per element: one row, 4 blocks a step
+    (1, {"DOT": False, "BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 1}),        # ... half a block a step
     (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 128, "UNPACK": 1}),      # ... tensor cores, 2 blocks a step
     (5, {"DOT": True, "BLOCK_N": 32, "BLOCK_K": 64, "UNPACK": 1}),       # ... tensor cores, one block a step
-    (1, {"BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 2}),       # both values of a byte from the pair table: 4 blocks
-    (1, {"BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 2}),        # ... half a block a step
+    (1, {"DOT": False, "BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 2}),  # a byte's two values from the pair table: 4 blocks
+    (1, {"DOT": False, "BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 2}),        # ... half a block a step
     (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 128, "UNPACK": 2}),      # ... tensor cores, 2 blocks a step
-    (1, {"BLOCK_N": 8, "BLOCK_K": 64, "STEPS": 1}),         # split K: 8 ranges of one step, an epilogue launch
-    (1, {"BLOCK_N": 4, "BLOCK_K": 128, "STEPS": 3}),        # ... ranges of 3 steps, the last one short
+    (1, {"DOT": False, "BLOCK_N": 8, "BLOCK_K": 64, "STEPS": 1}),  # split K: 8 ranges of one step, an epilogue launch
+    (1, {"DOT": False, "BLOCK_N": 4, "BLOCK_K": 128, "STEPS": 3}),        # ... ranges of 3 steps, the last one short
     (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "STEPS": 3}),        # ... tensor cores
     (3, {"DOT": True, "BLOCK_N": 32, "BLOCK_K": 128, "STEPS": 1, "UNPACK": 2}),
-    (1, {"BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 3}),       # 32-bit words, the next step prefetched: 4 blocks
-    (1, {"BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 3}),        # ... half a block a step
-    (1, {"BLOCK_N": 2, "BLOCK_K": 128, "UNPACK": 3, "STEPS": 3}),  # ... split K, the last range short
+    (1, {"DOT": False, "BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 3}),  # 32-bit words, the next step prefetched: 4 blocks
+    (1, {"DOT": False, "BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 3}),        # ... half a block a step
+    (1, {"DOT": False, "BLOCK_N": 2, "BLOCK_K": 128, "UNPACK": 3, "STEPS": 3}),  # ... split K, the last range short
     (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "UNPACK": 3}),  # tensor cores: words are one-row only (bytes there)
-    (1, {"BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 4}),       # bytes summed once after the K loop: 4 blocks a step
-    (1, {"BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 4}),        # ... half a block a step
-    (1, {"BLOCK_N": 2, "BLOCK_K": 128, "UNPACK": 4, "STEPS": 3}),  # ... split K, the last range short
+    (1, {"DOT": False, "BLOCK_N": 4, "BLOCK_K": 256, "UNPACK": 4}),  # bytes summed once after the K loop: 4 blocks
+    (1, {"DOT": False, "BLOCK_N": 8, "BLOCK_K": 32, "UNPACK": 4}),        # ... half a block a step
+    (1, {"DOT": False, "BLOCK_N": 2, "BLOCK_K": 128, "UNPACK": 4, "STEPS": 3}),  # ... split K, the last range short
     (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "UNPACK": 4}),  # tensor cores: lanes are one-row only
     (5, {"DOT": False, "BLOCK_N": 4, "BLOCK_K": 128}),      # several rows on the CUDA cores (words), 2 blocks a step
     (3, {"DOT": False, "BLOCK_N": 8, "BLOCK_K": 32, "STEPS": 3}),  # ... half a block a step, split K
@@ -236,8 +238,8 @@ def test_group_gemv_equals_one_launch_a_projection(m, ns, k, blocksize, config, 
 
 
 @pytest.mark.parametrize("m,config", [
-    (1, {"BLOCK_N": 8, "BLOCK_K": 64, "STEPS": 1}),                      # 8 K ranges of one step
-    (1, {"BLOCK_N": 4, "BLOCK_K": 128, "STEPS": 3}),                     # ... of 3 steps, the last one short
+    (1, {"DOT": False, "BLOCK_N": 8, "BLOCK_K": 64, "STEPS": 1}),                      # 8 K ranges of one step
+    (1, {"DOT": False, "BLOCK_N": 4, "BLOCK_K": 128, "STEPS": 3}),  # ... of 3 steps, the last one short
     (3, {"DOT": False, "BLOCK_N": 8, "BLOCK_K": 32, "STEPS": 3}),        # several rows on the CUDA cores
     (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "STEPS": 3}),        # tensor cores
     (5, {"DOT": True, "BLOCK_N": 16, "BLOCK_K": 64, "UNPACK": 5, "STEPS": 3}),  # block-scaled tensor cores
