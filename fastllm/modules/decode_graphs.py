@@ -258,6 +258,62 @@ def _fresh(out, old, new, clone: bool = True):
     return out
 
 
+class _Tokens:
+    """Small ints standing for large keys parts (every cache tensor's address, the module fingerprint), so a decode
+    step's key hashes and compares in microseconds: a tuple's hash is not cached, and the fingerprint holds an entry
+    per module. Equal parts get equal tokens (a new generate's cache at the old addresses replays the old graph);
+    past ``limit`` parts the table starts again with new numbers (keys of old graphs then miss, and they age out)."""
+
+    def __init__(self, limit: int = 256):
+        self.table: dict = {}
+        self.limit = limit
+        self.next = 0
+
+    def __call__(self, part) -> int:
+        token = self.table.get(part)
+        if token is None:
+            if len(self.table) >= self.limit:
+                self.table.clear()
+            token = self.table[part] = self.next
+            self.next += 1
+        return token
+
+
+class _AddressMemo:
+    """``cache_addresses`` of the cache in use, as a token, recomputed only when that cache's layers no longer hold
+    the tensor objects seen last (by identity, through weak references: the memo keeps no KV tensor alive) or gained
+    an attribute; a static cache's tensors are fixed once allocated, so a decode step costs one identity check a
+    tensor instead of reading every address, shape and dtype."""
+
+    def __init__(self, tokens: _Tokens):
+        self.tokens = tokens
+        self.cache = _dead_ref
+        self.layers: list = []
+        self.token: int | None = None
+
+    def __call__(self, cache) -> int | None:
+        if self.token is not None and self.cache() is cache and self._same(cache.layers):
+            return self.token
+        addresses = cache_addresses(cache)
+        self.token = None if addresses is None else self.tokens(addresses)
+        if self.token is not None:
+            self.cache = weakref.ref(cache)
+            self.layers = [(len(vars(layer)), [(n, weakref.ref(t)) for n, t in vars(layer).items()
+                                               if isinstance(t, torch.Tensor)]) for layer in cache.layers]
+        return self.token
+
+    def _same(self, layers) -> bool:
+        if len(layers) != len(self.layers):
+            return False
+        for layer, (count, refs) in zip(layers, self.layers):
+            if len(vars(layer)) != count:
+                return False
+            for name, ref in refs:
+                if getattr(layer, name, None) is not ref():
+                    return False
+        return True
+
+
 class DecodeGraphs:
     """The decode-step graphs of one model (see the module docstring)."""
 
@@ -271,6 +327,8 @@ class DecodeGraphs:
         self._refused: str | None = None
         self._cache_ref = _dead_ref
         self._capture = _Graph  # tests on the CPU swap in a stand-in for the CUDA capture
+        self._tokens = _Tokens()
+        self._addresses = _AddressMemo(self._tokens)
 
     def step(self, model: nn.Module, args: tuple, kwargs: dict):
         run = type(model).forward.__get__(model)
@@ -313,11 +371,11 @@ class DecodeGraphs:
         return out
 
     def _key(self, model: nn.Module, kwargs: dict, cache) -> tuple | None:
-        addresses = cache_addresses(cache)
+        addresses = self._addresses(cache)  # a token (``_AddressMemo``)
         if addresses is None:
             return None
-        if self._fingerprint is None:  # once after any call that is not a decode step (a prefill)
-            self._fingerprint = module_fingerprint(model)
+        if self._fingerprint is None:  # once after any call that is not a decode step (a prefill); a token
+            self._fingerprint = self._tokens(module_fingerprint(model))
             self._refused = why_not_graphable(model)
         parts = []
         for name, v in kwargs.items():

@@ -415,6 +415,36 @@ def test_workspace_growth_or_clear_recaptures_and_keeps_the_captured_buffer(cpu_
     nf4_ops.clear_workspaces()
 
 
+def test_key_tokens_follow_the_cache_tensors_and_the_fingerprint(model, cpu_as_cuda):
+    """A decode step's key holds small tokens for the cache's addresses and the module fingerprint (hashing the full
+    tuples every step cost more host time than the rest of the key): the same tensors give the same token, also
+    through a new cache object over them; a layer tensor replaced in place, an attribute added, or another cache at
+    other addresses gives a new one; equal fingerprints give equal tokens, a changed module state another."""
+    graphs = DecodeGraphs()
+    a = _fake_cache()
+    kwargs = {"input_ids": torch.tensor([[3]]), "cache": a}
+    first = graphs._key(model, kwargs, a)
+    assert first == graphs._key(model, kwargs, a)
+    again = _FakeCache(a.layers)  # a new cache object over the same layer tensors
+    assert graphs._key(model, {**kwargs, "cache": again}, again)[1] == first[1]
+    a.layers[0].values = torch.zeros(4)  # replaced in place: new addresses
+    assert graphs._key(model, kwargs, a)[1] != first[1]
+    replaced = graphs._key(model, kwargs, a)[1]
+    a.layers[0].extra = torch.zeros(2)  # a new tensor attribute
+    assert graphs._key(model, kwargs, a)[1] not in (first[1], replaced)
+    b = _fake_cache()
+    assert graphs._key(model, {**kwargs, "cache": b}, b)[1] not in (first[1], replaced)
+    assert isinstance(first[1], int) and isinstance(first[3], int)
+    graphs._fingerprint = None  # as after a prefill: looked at again, the same state gives the same token
+    assert graphs._key(model, kwargs, a)[3] == first[3]
+    model.train()
+    try:
+        graphs._fingerprint = None
+        assert graphs._key(model, kwargs, a)[3] != first[3]
+    finally:
+        model.eval()
+
+
 def test_fresh_clones_and_swaps_the_cache():
     captured, current = object(), object()
     t = torch.ones(2)
