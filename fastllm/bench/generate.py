@@ -358,6 +358,9 @@ ROW_SWEEP = [{"DOT": False, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_
 # the codes by byte permutes (UNPACK 5: tensor cores, one quantization block a step), one row padded to 16
 ROW_SWEEP += [{"DOT": True, "BLOCK_N": bn, "BLOCK_K": 64, "num_warps": nw, "num_stages": ns, "UNPACK": 5, "STEPS": st}
               for bn, nw in ((128, 4), (256, 8), (256, 4)) for ns, st in ((1, 4), (1, 8), (3, 8))]
+# around the H100's best (128 rows, 4 warps, 3 stages, 8 steps): longer K ranges, deeper pipelines, smaller tiles
+ROW_SWEEP += [{"DOT": True, "BLOCK_N": bn, "BLOCK_K": 64, "num_warps": nw, "num_stages": ns, "UNPACK": 5, "STEPS": st}
+              for bn, nw, ns, st in ((128, 4, 3, 16), (128, 4, 4, 8), (128, 4, 4, 16), (64, 4, 3, 8), (128, 8, 3, 8))]
 # the 16-entry table (UNPACK 0) next to the pair table: a pair-table gather can touch 16 cache lines a warp
 DOT_SWEEP = [{"DOT": True, "BLOCK_N": bn, "BLOCK_K": 128, "num_stages": ns, "num_warps": 4, "UNPACK": u, "STEPS": st}
              for u, ns, bn, st in ((2, 3, 64, 8), (0, 3, 64, 8), (0, 1, 64, 8), (2, 3, 64, 2), (0, 1, 32, 2))]
